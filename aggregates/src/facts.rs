@@ -1,0 +1,110 @@
+//! The facts Stripe tells us, in the shape the domain needs (not Stripe's wire shape).
+//!
+//! `src/stripe` turns a webhook payload of any API version into these; the aggregate
+//! decides on them and its events carry them to the projections. Everything here is
+//! plain data: no parsing of Stripe's JSON and no IO may ever live in this module.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::status::SubscriptionStatus;
+
+/// Which Stripe event told us a fact, and when Stripe says it happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FactSource {
+    pub stripe_event_id: String,
+    pub stripe_event_type: String,
+    /// Stripe's `created` for the event (one-second resolution).
+    pub created: DateTime<Utc>,
+}
+
+/// A subscription as one Stripe snapshot describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionFacts {
+    pub id: String,
+    pub status: SubscriptionStatus,
+    /// When Stripe created the subscription (not the event): orders a customer's
+    /// subscriptions, newest first.
+    pub created: Option<DateTime<Utc>>,
+    pub price_id: Option<String>,
+    pub product_id: Option<String>,
+    pub lookup_key: Option<String>,
+    pub quantity: Option<u64>,
+    pub current_period_start: Option<DateTime<Utc>>,
+    pub current_period_end: Option<DateTime<Utc>>,
+    pub cancel_at_period_end: bool,
+    pub cancel_at: Option<DateTime<Utc>>,
+    pub canceled_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub trial_start: Option<DateTime<Utc>>,
+    pub trial_end: Option<DateTime<Utc>>,
+    pub latest_invoice_id: Option<String>,
+    pub currency: Option<String>,
+}
+
+/// An invoice's payment facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceFacts {
+    pub id: String,
+    pub status: Option<String>,
+    pub attempt_count: u32,
+    pub next_payment_attempt: Option<DateTime<Utc>>,
+    /// When Stripe created the invoice: the newest invoice is a subscription's latest.
+    pub created: Option<DateTime<Utc>>,
+    pub amount_due: Option<i64>,
+    pub currency: Option<String>,
+}
+
+impl InvoiceFacts {
+    /// How settled an invoice is: a later fact about the same invoice never goes back.
+    pub fn status_rank(&self) -> u8 {
+        match self.status.as_deref() {
+            Some("draft") | None => 0,
+            Some("open") => 1,
+            Some(_) => 2, // paid, uncollectible, void
+        }
+    }
+}
+
+/// A payment intent's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentFacts {
+    pub id: String,
+    pub status: String,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub invoice_id: Option<String>,
+}
+
+/// Who a customer belongs to, as far as one Stripe object says.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerFacts {
+    pub org_id: Option<String>,
+    pub user_id: Option<String>,
+}
+
+impl OwnerFacts {
+    pub fn is_empty(&self) -> bool {
+        self.org_id.is_none() && self.user_id.is_none()
+    }
+}
+
+/// What one Stripe event says, beyond who owns the customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fact {
+    /// A full subscription snapshot (`customer.subscription.*`).
+    Subscription(SubscriptionFacts),
+    /// A subscription invoice's payment state (`invoice.*`).
+    Invoice {
+        subscription_id: String,
+        invoice: InvoiceFacts,
+    },
+    /// A payment intent's outcome (`payment_intent.*`).
+    Payment(PaymentFacts),
+    /// Only ownership (`checkout.session.completed`, `customer.*`).
+    OwnerOnly,
+    /// A handled event that carries nothing the customer's state depends on (for example
+    /// `invoice.upcoming`, whose invoice has no id yet). Recorded, changes nothing.
+    Nothing { reason: String },
+}

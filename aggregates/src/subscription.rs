@@ -1,0 +1,506 @@
+//! The per-customer `Subscription` aggregate: its command, events, errors, `decide` and
+//! `apply`.
+//!
+//! One aggregate per Stripe customer holds every subscription the customer has had,
+//! who the customer belongs to, and the latest payment facts. `decide` is pure and is
+//! the only place that judges a Stripe fact (newer, stale, legal, illegal); `apply` is
+//! infallible and only folds an already-decided event into state. This module must never
+//! do IO, read a clock, or look at Stripe's JSON.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::facts::{Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, SubscriptionFacts};
+use crate::status::{transition, Move, SubscriptionStatus};
+
+/// The one command: record what one Stripe event says about a customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubscriptionCommand {
+    RecordStripeFacts(StripeFacts),
+}
+
+/// Everything the domain needs from one Stripe event, already parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeFacts {
+    pub customer_id: String,
+    pub source: FactSource,
+    pub owner: OwnerFacts,
+    pub fact: Fact,
+}
+
+/// The customer's entitlement-relevant state after an event: what every projection
+/// writes, so that no projection re-derives which subscription is current.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerView {
+    pub customer_id: String,
+    pub org_id: Option<String>,
+    pub user_id: Option<String>,
+    /// The current subscription: the newest non-terminal one, else the newest.
+    pub subscription: Option<SubscriptionFacts>,
+    /// The latest invoice of the current subscription.
+    pub latest_invoice: Option<InvoiceFacts>,
+}
+
+/// Stored events. Their serialized shape is a persistence format: change it only together
+/// with an upcaster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubscriptionEvent {
+    OwnerLinked {
+        source: FactSource,
+        /// The org id, when this event changed it.
+        org_id: Option<String>,
+        /// The user id, when this event changed it.
+        user_id: Option<String>,
+        view: CustomerView,
+    },
+    SubscriptionChanged {
+        source: FactSource,
+        from: Option<SubscriptionStatus>,
+        transition: Move,
+        subscription: SubscriptionFacts,
+        view: CustomerView,
+    },
+    InvoiceRecorded {
+        source: FactSource,
+        subscription_id: String,
+        invoice: InvoiceFacts,
+        view: CustomerView,
+    },
+    PaymentRecorded {
+        source: FactSource,
+        payment: PaymentFacts,
+        view: CustomerView,
+    },
+}
+
+impl SubscriptionEvent {
+    pub fn source(&self) -> &FactSource {
+        match self {
+            Self::OwnerLinked { source, .. }
+            | Self::SubscriptionChanged { source, .. }
+            | Self::InvoiceRecorded { source, .. }
+            | Self::PaymentRecorded { source, .. } => source,
+        }
+    }
+
+    pub fn view(&self) -> &CustomerView {
+        match self {
+            Self::OwnerLinked { view, .. }
+            | Self::SubscriptionChanged { view, .. }
+            | Self::InvoiceRecorded { view, .. }
+            | Self::PaymentRecorded { view, .. } => view,
+        }
+    }
+
+    fn view_mut(&mut self) -> &mut CustomerView {
+        match self {
+            Self::OwnerLinked { view, .. }
+            | Self::SubscriptionChanged { view, .. }
+            | Self::InvoiceRecorded { view, .. }
+            | Self::PaymentRecorded { view, .. } => view,
+        }
+    }
+}
+
+impl DomainEvent for SubscriptionEvent {
+    fn event_type(&self) -> String {
+        match self {
+            Self::OwnerLinked { .. } => "OwnerLinked",
+            Self::SubscriptionChanged { .. } => "SubscriptionChanged",
+            Self::InvoiceRecorded { .. } => "InvoiceRecorded",
+            Self::PaymentRecorded { .. } => "PaymentRecorded",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1".to_owned()
+    }
+}
+
+/// Why a well-formed Stripe fact changed nothing. The webhook is still acknowledged; the
+/// reason is recorded on the inbox row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Rejection {
+    #[error("stale: {subscription_id} was already updated by a fact from {applied} (this one is from {created})")]
+    Stale {
+        subscription_id: String,
+        created: DateTime<Utc>,
+        applied: DateTime<Utc>,
+    },
+    #[error("stale: same second as the applied fact for {subscription_id}, which the table orders after this one ({from} -> {to} not taken)")]
+    SameSecond {
+        subscription_id: String,
+        from: SubscriptionStatus,
+        to: SubscriptionStatus,
+    },
+    #[error("illegal transition for {subscription_id}: {} -> {to}", from.map_or("none", |s| s.as_str()))]
+    IllegalTransition {
+        subscription_id: String,
+        from: Option<SubscriptionStatus>,
+        to: SubscriptionStatus,
+    },
+    #[error("stale: invoice {invoice_id} is older than the invoice facts already held")]
+    StaleInvoice { invoice_id: String },
+    #[error("stale: payment {payment_id} is older than the payment facts already held")]
+    StalePayment { payment_id: String },
+}
+
+/// The aggregate's error: a rejected fact, or a command sent to the wrong aggregate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("command for customer {got} sent to aggregate {expected}")]
+    WrongCustomer { expected: String, got: String },
+}
+
+/// How `decide` judged a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The fact changed state.
+    Applied,
+    /// The same fact is already held (a duplicate delivery, or a re-run after a crash).
+    Duplicate,
+    /// The fact was judged and rejected; state is unchanged (but see [`Decision::events`]:
+    /// ownership carried by the same Stripe event is still recorded).
+    Rejected(Rejection),
+    /// The event carries nothing to record.
+    NothingToRecord(String),
+}
+
+impl Outcome {
+    /// The short name the inbox, metrics and docs use.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Rejected(Rejection::IllegalTransition { .. }) => "illegal",
+            Outcome::Rejected(_) => "stale",
+            Outcome::NothingToRecord(_) => "ignored",
+        }
+    }
+}
+
+/// The result of [`decide`]: the events to store and how the command was judged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub events: Vec<SubscriptionEvent>,
+    pub outcome: Outcome,
+}
+
+/// A value and the Stripe time it was observed at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed<T> {
+    pub value: T,
+    pub observed_at: DateTime<Utc>,
+    pub stripe_event_id: String,
+}
+
+impl<T> Observed<T> {
+    fn new(value: T, source: &FactSource) -> Self {
+        Self {
+            value,
+            observed_at: source.created,
+            stripe_event_id: source.stripe_event_id.clone(),
+        }
+    }
+}
+
+/// What the aggregate holds about one subscription id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    /// The newest snapshot applied; `None` while we only know its invoices.
+    pub snapshot: Option<Observed<SubscriptionFacts>>,
+    pub latest_invoice: Option<Observed<InvoiceFacts>>,
+}
+
+/// The per-customer aggregate (id = Stripe customer id).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub customer_id: Option<String>,
+    pub org: Option<Observed<String>>,
+    pub user: Option<Observed<String>>,
+    pub subscriptions: BTreeMap<String, SubscriptionRecord>,
+    pub last_payment: Option<Observed<PaymentFacts>>,
+}
+
+impl Subscription {
+    /// The current subscription: the newest (by Stripe's subscription `created`, then id)
+    /// non-terminal one, else the newest.
+    pub fn current(&self) -> Option<&Observed<SubscriptionFacts>> {
+        let newest = |terminal_ok: bool| {
+            self.subscriptions
+                .values()
+                .filter_map(|record| record.snapshot.as_ref())
+                .filter(|snap| terminal_ok || !snap.value.status.is_terminal())
+                .max_by(|a, b| (a.value.created, &a.value.id).cmp(&(b.value.created, &b.value.id)))
+        };
+        newest(false).or_else(|| newest(true))
+    }
+
+    /// The view every projection writes.
+    pub fn view(&self) -> CustomerView {
+        let current = self.current();
+        CustomerView {
+            customer_id: self.customer_id.clone().unwrap_or_default(),
+            org_id: self.org.as_ref().map(|o| o.value.clone()),
+            user_id: self.user.as_ref().map(|u| u.value.clone()),
+            subscription: current.map(|snap| snap.value.clone()),
+            latest_invoice: current
+                .and_then(|snap| self.subscriptions.get(&snap.value.id))
+                .and_then(|record| record.latest_invoice.as_ref())
+                .map(|inv| inv.value.clone()),
+        }
+    }
+}
+
+/// Orders two different snapshots of one subscription that share Stripe's `created`
+/// second and status: the later period wins, then the remaining fields, so the winner
+/// does not depend on delivery order.
+fn same_second_key(facts: &SubscriptionFacts) -> impl Ord + '_ {
+    (
+        facts.current_period_end,
+        facts.current_period_start,
+        facts.ended_at,
+        facts.canceled_at,
+        facts.cancel_at,
+        facts.cancel_at_period_end,
+        facts.trial_end,
+        (&facts.latest_invoice_id, &facts.price_id, &facts.product_id, &facts.lookup_key),
+        (facts.quantity, facts.trial_start, facts.created, &facts.currency),
+    )
+}
+
+/// Orders facts about invoices: a newer invoice replaces an older one; for the same
+/// invoice, a later or more settled fact wins.
+fn invoice_key<'a>(invoice: &'a InvoiceFacts, observed_at: DateTime<Utc>) -> impl Ord + 'a {
+    (
+        invoice.created,
+        &invoice.id,
+        observed_at,
+        invoice.status_rank(),
+        invoice.attempt_count,
+        (invoice.next_payment_attempt, &invoice.status, invoice.amount_due, &invoice.currency),
+    )
+}
+
+fn payment_key(payment: &PaymentFacts, observed_at: DateTime<Utc>) -> impl Ord + '_ {
+    (observed_at, &payment.id, &payment.status, payment.amount, &payment.invoice_id, &payment.currency)
+}
+
+/// Judges one Stripe fact against the state. Pure: the same state and command always give
+/// the same decision, which is what makes replays and retries safe.
+pub fn decide(state: &Subscription, command: &SubscriptionCommand) -> Result<Decision, SubscriptionError> {
+    let SubscriptionCommand::RecordStripeFacts(facts) = command;
+    if let Some(expected) = &state.customer_id {
+        if *expected != facts.customer_id {
+            return Err(SubscriptionError::WrongCustomer {
+                expected: expected.clone(),
+                got: facts.customer_id.clone(),
+            });
+        }
+    }
+    let source = &facts.source;
+    let mut drafts = Vec::new();
+
+    // Ownership is its own register (the newest observation wins, ties by value), judged
+    // apart from the main fact so that the result does not depend on which of two
+    // events that both carry it is accepted.
+    let newer = |held: &Option<Observed<String>>, candidate: &Option<String>| match (held, candidate) {
+        (_, None) => None,
+        (None, Some(value)) => Some(value.clone()),
+        (Some(held), Some(value)) => {
+            ((source.created, value) > (held.observed_at, &held.value)).then(|| value.clone())
+        }
+    };
+    let org_id = newer(&state.org, &facts.owner.org_id);
+    let user_id = newer(&state.user, &facts.owner.user_id);
+    if org_id.is_some() || user_id.is_some() {
+        drafts.push(SubscriptionEvent::OwnerLinked {
+            source: source.clone(),
+            org_id,
+            user_id,
+            view: CustomerView::default(),
+        });
+    }
+
+    let outcome = match &facts.fact {
+        Fact::Subscription(subscription) => judge_snapshot(state, source, subscription, &mut drafts),
+        Fact::Invoice { subscription_id, invoice } => {
+            let held = state
+                .subscriptions
+                .get(subscription_id)
+                .and_then(|record| record.latest_invoice.as_ref());
+            let candidate = invoice_key(invoice, source.created);
+            match held.map(|h| invoice_key(&h.value, h.observed_at).cmp(&candidate)) {
+                Some(std::cmp::Ordering::Equal) => Outcome::Duplicate,
+                Some(std::cmp::Ordering::Greater) => Outcome::Rejected(Rejection::StaleInvoice {
+                    invoice_id: invoice.id.clone(),
+                }),
+                None | Some(std::cmp::Ordering::Less) => {
+                    drafts.push(SubscriptionEvent::InvoiceRecorded {
+                        source: source.clone(),
+                        subscription_id: subscription_id.clone(),
+                        invoice: invoice.clone(),
+                        view: CustomerView::default(),
+                    });
+                    Outcome::Applied
+                }
+            }
+        }
+        Fact::Payment(payment) => {
+            let candidate = payment_key(payment, source.created);
+            match state.last_payment.as_ref().map(|h| payment_key(&h.value, h.observed_at).cmp(&candidate)) {
+                Some(std::cmp::Ordering::Equal) => Outcome::Duplicate,
+                Some(std::cmp::Ordering::Greater) => Outcome::Rejected(Rejection::StalePayment {
+                    payment_id: payment.id.clone(),
+                }),
+                None | Some(std::cmp::Ordering::Less) => {
+                    drafts.push(SubscriptionEvent::PaymentRecorded {
+                        source: source.clone(),
+                        payment: payment.clone(),
+                        view: CustomerView::default(),
+                    });
+                    Outcome::Applied
+                }
+            }
+        }
+        Fact::OwnerOnly if drafts.is_empty() && facts.owner.is_empty() => {
+            Outcome::NothingToRecord("the event names no org or user".to_owned())
+        }
+        Fact::OwnerOnly if drafts.is_empty() => Outcome::Duplicate,
+        Fact::OwnerOnly => Outcome::Applied,
+        Fact::Nothing { reason } => Outcome::NothingToRecord(reason.clone()),
+    };
+
+    // Each event carries the view as it stands after that event.
+    let mut next = state.clone();
+    next.customer_id = Some(facts.customer_id.clone());
+    for draft in &mut drafts {
+        next.apply_event(draft);
+        *draft.view_mut() = next.view();
+    }
+    Ok(Decision { events: drafts, outcome })
+}
+
+fn judge_snapshot(
+    state: &Subscription,
+    source: &FactSource,
+    subscription: &SubscriptionFacts,
+    drafts: &mut Vec<SubscriptionEvent>,
+) -> Outcome {
+    let held = state
+        .subscriptions
+        .get(&subscription.id)
+        .and_then(|record| record.snapshot.as_ref());
+    let from = held.map(|h| h.value.status);
+    let to = subscription.status;
+    let id = || subscription.id.clone();
+    let mv = transition(from, to);
+    if let Some(held) = held {
+        if source.created < held.observed_at {
+            return Outcome::Rejected(Rejection::Stale {
+                subscription_id: id(),
+                created: source.created,
+                applied: held.observed_at,
+            });
+        }
+        if source.created == held.observed_at {
+            if held.value == *subscription {
+                return Outcome::Duplicate;
+            }
+            if !mv.is_legal() {
+                return Outcome::Rejected(Rejection::IllegalTransition { subscription_id: id(), from, to });
+            }
+            let (held_rank, rank) = (held.value.status.same_second_rank(), to.same_second_rank());
+            let wins = rank > held_rank
+                || (rank == held_rank && same_second_key(subscription) > same_second_key(&held.value));
+            if !wins {
+                return Outcome::Rejected(Rejection::SameSecond {
+                    subscription_id: id(),
+                    from: held.value.status,
+                    to,
+                });
+            }
+        }
+    }
+    if !mv.is_legal() {
+        return Outcome::Rejected(Rejection::IllegalTransition { subscription_id: id(), from, to });
+    }
+    drafts.push(SubscriptionEvent::SubscriptionChanged {
+        source: source.clone(),
+        from,
+        transition: mv,
+        subscription: subscription.clone(),
+        view: CustomerView::default(),
+    });
+    Outcome::Applied
+}
+
+impl Subscription {
+    /// Folds one decided event into state. Infallible: every judgement was made in
+    /// [`decide`].
+    fn apply_event(&mut self, event: &SubscriptionEvent) {
+        if self.customer_id.is_none() && !event.view().customer_id.is_empty() {
+            self.customer_id = Some(event.view().customer_id.clone());
+        }
+        match event {
+            SubscriptionEvent::OwnerLinked { source, org_id, user_id, .. } => {
+                if let Some(org) = org_id {
+                    self.org = Some(Observed::new(org.clone(), source));
+                }
+                if let Some(user) = user_id {
+                    self.user = Some(Observed::new(user.clone(), source));
+                }
+            }
+            SubscriptionEvent::SubscriptionChanged { source, subscription, .. } => {
+                self.subscriptions.entry(subscription.id.clone()).or_default().snapshot =
+                    Some(Observed::new(subscription.clone(), source));
+            }
+            SubscriptionEvent::InvoiceRecorded { source, subscription_id, invoice, .. } => {
+                self.subscriptions.entry(subscription_id.clone()).or_default().latest_invoice =
+                    Some(Observed::new(invoice.clone(), source));
+            }
+            SubscriptionEvent::PaymentRecorded { source, payment, .. } => {
+                self.last_payment = Some(Observed::new(payment.clone(), source));
+            }
+        }
+    }
+}
+
+impl Aggregate for Subscription {
+    const TYPE: &'static str = "Subscription";
+    type Command = SubscriptionCommand;
+    type Event = SubscriptionEvent;
+    type Error = SubscriptionError;
+    type Services = ();
+
+    /// Only calls [`decide`] and writes its events. A command that records nothing and
+    /// was rejected answers the rejection as an error, as cqrs-es expects.
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        let decision = decide(self, &command)?;
+        if decision.events.is_empty() {
+            if let Outcome::Rejected(rejection) = decision.outcome {
+                return Err(rejection.into());
+            }
+        }
+        for event in decision.events {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        self.apply_event(&event);
+    }
+}

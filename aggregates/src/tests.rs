@@ -1,0 +1,321 @@
+//! Given/when/then for every (from, to) pair of the transition table, and the ordering
+//! rules (stale, same second, duplicates, ownership, invoices).
+
+use chrono::{DateTime, TimeZone, Utc};
+use cqrs_es::test::TestFramework;
+
+use crate::*;
+
+type Framework = TestFramework<Subscription>;
+
+const CUSTOMER: &str = "cus_test";
+const SUB: &str = "sub_test";
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap()
+}
+
+fn source(id: &str, secs: i64) -> FactSource {
+    FactSource {
+        stripe_event_id: id.to_owned(),
+        stripe_event_type: "customer.subscription.updated".to_owned(),
+        created: at(secs),
+    }
+}
+
+fn snapshot(status: SubscriptionStatus) -> SubscriptionFacts {
+    SubscriptionFacts {
+        id: SUB.to_owned(),
+        status,
+        created: Some(at(0)),
+        price_id: Some("price_pro".to_owned()),
+        product_id: Some("prod_pro".to_owned()),
+        lookup_key: None,
+        quantity: Some(1),
+        current_period_start: Some(at(0)),
+        current_period_end: Some(at(30 * 86_400)),
+        cancel_at_period_end: false,
+        cancel_at: None,
+        canceled_at: None,
+        ended_at: None,
+        trial_start: None,
+        trial_end: None,
+        latest_invoice_id: None,
+        currency: Some("usd".to_owned()),
+    }
+}
+
+fn record(event_id: &str, secs: i64, owner: OwnerFacts, fact: Fact) -> SubscriptionCommand {
+    SubscriptionCommand::RecordStripeFacts(StripeFacts {
+        customer_id: CUSTOMER.to_owned(),
+        source: source(event_id, secs),
+        owner,
+        fact,
+    })
+}
+
+fn snap_cmd(event_id: &str, secs: i64, facts: SubscriptionFacts) -> SubscriptionCommand {
+    record(event_id, secs, OwnerFacts::default(), Fact::Subscription(facts))
+}
+
+/// The events that put the subscription in `status` at second `secs`, built by `decide`
+/// itself from an empty state (the `given` of a scenario).
+fn given_status(status: SubscriptionStatus, secs: i64) -> Vec<SubscriptionEvent> {
+    decide(&Subscription::default(), &snap_cmd("evt_given", secs, snapshot(status)))
+        .unwrap()
+        .events
+}
+
+fn fold(events: &[SubscriptionEvent]) -> Subscription {
+    let mut state = Subscription::default();
+    for event in events {
+        cqrs_es::Aggregate::apply(&mut state, event.clone());
+    }
+    state
+}
+
+#[test]
+fn every_pair_of_the_table_as_given_when_then() {
+    let froms = std::iter::once(None).chain(SubscriptionStatus::ALL.into_iter().map(Some));
+    let mut checked = 0;
+    for from in froms {
+        for to in SubscriptionStatus::ALL {
+            let given = from.map(|status| given_status(status, 0)).unwrap_or_default();
+            let mut next = snapshot(to);
+            // A refresh must change something to be more than a duplicate.
+            next.current_period_end = Some(at(60 * 86_400));
+            let when = snap_cmd("evt_when", 100, next.clone());
+            let mv = transition(from, to);
+            let executor = Framework::with(()).given(given.clone());
+            if mv.is_legal() {
+                let mut state = fold(&given);
+                state.customer_id = Some(CUSTOMER.to_owned());
+                let expected_view = {
+                    let mut after = state.clone();
+                    after.subscriptions.entry(SUB.to_owned()).or_default().snapshot = Some(Observed {
+                        value: next.clone(),
+                        observed_at: at(100),
+                        stripe_event_id: "evt_when".to_owned(),
+                    });
+                    after.view()
+                };
+                executor.when(when).then_expect_events(vec![SubscriptionEvent::SubscriptionChanged {
+                    source: source("evt_when", 100),
+                    from,
+                    transition: mv,
+                    subscription: next,
+                    view: expected_view,
+                }]);
+            } else {
+                executor.when(when).then_expect_error(SubscriptionError::Rejected(Rejection::IllegalTransition {
+                    subscription_id: SUB.to_owned(),
+                    from,
+                    to,
+                }));
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 9 * 8);
+}
+
+#[test]
+fn an_older_fact_delivered_late_is_stale() {
+    use SubscriptionStatus::*;
+    Framework::with(())
+        .given(given_status(Active, 50))
+        .when(snap_cmd("evt_old", 10, snapshot(PastDue)))
+        .then_expect_error(SubscriptionError::Rejected(Rejection::Stale {
+            subscription_id: SUB.to_owned(),
+            created: at(10),
+            applied: at(50),
+        }));
+}
+
+#[test]
+fn same_second_incomplete_cannot_undo_activation() {
+    use SubscriptionStatus::*;
+    // Stripe stamped created(incomplete) and updated(active) with one second; delivered
+    // in reverse, the incomplete snapshot must not win.
+    let result = Framework::with(())
+        .given(given_status(Active, 5))
+        .when(snap_cmd("evt_created", 5, snapshot(Incomplete)))
+        .inspect_result();
+    assert_eq!(
+        result,
+        Err(SubscriptionError::Rejected(Rejection::IllegalTransition {
+            subscription_id: SUB.to_owned(),
+            from: Some(Active),
+            to: Incomplete
+        }))
+    );
+    // In order, the same second moves forward.
+    let events = Framework::with(())
+        .given(given_status(Incomplete, 5))
+        .when(snap_cmd("evt_updated", 5, snapshot(Active)))
+        .inspect_result()
+        .unwrap();
+    assert_eq!(events[0].view().subscription.as_ref().unwrap().status, Active);
+}
+
+#[test]
+fn same_second_order_is_decided_by_rank_not_arrival() {
+    use SubscriptionStatus::*;
+    // active and past_due are legal both ways; on one second past_due (higher rank) wins.
+    let rejected = Framework::with(())
+        .given(given_status(PastDue, 7))
+        .when(snap_cmd("evt_a", 7, snapshot(Active)))
+        .inspect_result();
+    assert_eq!(
+        rejected,
+        Err(SubscriptionError::Rejected(Rejection::SameSecond {
+            subscription_id: SUB.to_owned(),
+            from: PastDue,
+            to: Active
+        }))
+    );
+    let accepted = Framework::with(())
+        .given(given_status(Active, 7))
+        .when(snap_cmd("evt_b", 7, snapshot(PastDue)))
+        .inspect_result()
+        .unwrap();
+    assert_eq!(accepted.len(), 1);
+}
+
+#[test]
+fn a_duplicate_snapshot_records_nothing() {
+    use SubscriptionStatus::*;
+    let given = given_status(Active, 3);
+    let decision = decide(&fold(&given), &snap_cmd("evt_again", 3, snapshot(Active))).unwrap();
+    assert_eq!(decision, Decision { events: vec![], outcome: Outcome::Duplicate });
+}
+
+#[test]
+fn a_newer_identical_snapshot_still_advances_the_clock() {
+    use SubscriptionStatus::*;
+    // Without advancing, a past_due fact from second 5 would later win over the
+    // identical active fact from second 9.
+    let mut events = given_status(Active, 1);
+    let state = fold(&events);
+    let decision = decide(&state, &snap_cmd("evt_same", 9, snapshot(Active))).unwrap();
+    assert_eq!(decision.outcome, Outcome::Applied);
+    events.extend(decision.events);
+    let late = decide(&fold(&events), &snap_cmd("evt_late", 5, snapshot(PastDue))).unwrap();
+    assert!(matches!(late.outcome, Outcome::Rejected(Rejection::Stale { .. })));
+}
+
+#[test]
+fn resubscribing_makes_the_new_subscription_current() {
+    use SubscriptionStatus::*;
+    let mut events = given_status(Canceled, 10);
+    let mut fresh = snapshot(Active);
+    fresh.id = "sub_new".to_owned();
+    fresh.created = Some(at(20));
+    let decision = decide(&fold(&events), &snap_cmd("evt_new", 20, fresh)).unwrap();
+    events.extend(decision.events);
+    let view = fold(&events).view();
+    assert_eq!(view.subscription.unwrap().id, "sub_new");
+    // The old one's late cancellation refresh does not displace it.
+    let mut old = snapshot(Canceled);
+    old.ended_at = Some(at(11));
+    let decision = decide(&fold(&events), &snap_cmd("evt_old", 11, old)).unwrap();
+    events.extend(decision.events);
+    assert_eq!(fold(&events).view().subscription.unwrap().id, "sub_new");
+}
+
+#[test]
+fn ownership_converges_whatever_the_order() {
+    let owner = |org: &str| OwnerFacts {
+        org_id: Some(org.to_owned()),
+        user_id: Some("user_1".to_owned()),
+    };
+    let first = record("evt_1", 1, owner("org_a"), Fact::OwnerOnly);
+    let second = record("evt_2", 2, owner("org_b"), Fact::OwnerOnly);
+    for order in [[&first, &second], [&second, &first]] {
+        let mut events = Vec::new();
+        for command in order {
+            events.extend(decide(&fold(&events), command).unwrap().events);
+        }
+        let view = fold(&events).view();
+        assert_eq!(view.org_id.as_deref(), Some("org_b"));
+        assert_eq!(view.user_id.as_deref(), Some("user_1"));
+    }
+    let empty = decide(&Subscription::default(), &record("evt_3", 3, OwnerFacts::default(), Fact::OwnerOnly));
+    assert!(matches!(empty.unwrap().outcome, Outcome::NothingToRecord(_)));
+}
+
+#[test]
+fn a_stale_snapshot_still_records_its_ownership() {
+    use SubscriptionStatus::*;
+    let given = given_status(Active, 50);
+    let command = record(
+        "evt_old",
+        10,
+        OwnerFacts { org_id: Some("org_x".to_owned()), user_id: None },
+        Fact::Subscription(snapshot(Trialing)),
+    );
+    let decision = decide(&fold(&given), &command).unwrap();
+    assert!(matches!(decision.outcome, Outcome::Rejected(Rejection::Stale { .. })));
+    assert_eq!(decision.events.len(), 1);
+    assert_eq!(decision.events[0].view().org_id.as_deref(), Some("org_x"));
+    assert_eq!(decision.events[0].view().subscription.as_ref().unwrap().status, Active);
+}
+
+fn invoice(id: &str, created: i64, status: &str, attempts: u32) -> Fact {
+    Fact::Invoice {
+        subscription_id: SUB.to_owned(),
+        invoice: InvoiceFacts {
+            id: id.to_owned(),
+            status: Some(status.to_owned()),
+            attempt_count: attempts,
+            next_payment_attempt: None,
+            created: Some(at(created)),
+            amount_due: Some(1000),
+            currency: Some("usd".to_owned()),
+        },
+    }
+}
+
+#[test]
+fn invoices_converge_to_the_newest_and_most_settled() {
+    use SubscriptionStatus::*;
+    let commands = [
+        record("evt_i1", 10, OwnerFacts::default(), invoice("in_1", 10, "open", 1)),
+        record("evt_i2", 20, OwnerFacts::default(), invoice("in_1", 10, "paid", 2)),
+        record("evt_i3", 40, OwnerFacts::default(), invoice("in_2", 40, "open", 1)),
+    ];
+    let expected = {
+        let mut events = given_status(Active, 1);
+        for command in &commands {
+            events.extend(decide(&fold(&events), command).unwrap().events);
+        }
+        fold(&events).view()
+    };
+    assert_eq!(expected.latest_invoice.as_ref().unwrap().id, "in_2");
+    for order in [[2, 1, 0], [1, 2, 0], [0, 2, 1]] {
+        // The invoice may even arrive before the subscription it belongs to.
+        let mut events = Vec::new();
+        for i in order {
+            events.extend(decide(&fold(&events), &commands[i]).unwrap().events);
+        }
+        events.extend(decide(&fold(&events), &snap_cmd("evt_given", 1, snapshot(Active))).unwrap().events);
+        assert_eq!(fold(&events).view(), expected);
+    }
+    let stale = decide(
+        &fold(&given_status(Active, 1)),
+        &record("evt_dup", 10, OwnerFacts::default(), invoice("in_1", 10, "open", 1)),
+    )
+    .unwrap();
+    assert_eq!(stale.outcome, Outcome::Applied);
+}
+
+#[test]
+fn a_command_for_another_customer_is_refused() {
+    use SubscriptionStatus::*;
+    let mut state = fold(&given_status(Active, 1));
+    state.customer_id = Some("cus_other".to_owned());
+    assert!(matches!(
+        decide(&state, &snap_cmd("evt_x", 2, snapshot(Active))),
+        Err(SubscriptionError::WrongCustomer { .. })
+    ));
+}
