@@ -1,0 +1,178 @@
+//! The Redis cache: `stripe:customer:{customer_id}` holds the customer's
+//! `SubscriptionInfo` JSON, `stripe:org:{org_id}` and `stripe:user:{user_id}` hold the
+//! customer id; all with a TTL (24 h by default).
+//!
+//! Redis is never the source of truth: every key can be dropped at any time and is
+//! rebuilt from the log (or read through from Postgres). A write never replaces a value
+//! of a newer version, so the cache never goes backwards.
+
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use sqlx::PgConnection;
+
+use crate::catalog::Catalog;
+use crate::info::SubscriptionInfo;
+use crate::log::{newest_per_aggregate, LoggedEvent};
+use crate::runner::{Projection, ProjectionError};
+
+/// Sets the customer value unless the stored one has a newer version, and (re)points the
+/// org and user keys at the customer. Returns 1 when written, 0 when the stored value was
+/// newer.
+const PUT_SCRIPT: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, decoded = pcall(cjson.decode, current)
+  if ok and type(decoded) == 'table' and tonumber(decoded['version']) and tonumber(decoded['version']) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[4], 'EX', ARGV[3])
+end
+return 1
+"#;
+
+/// The key schema, with an optional prefix (tests give each run its own).
+#[derive(Debug, Clone, Default)]
+pub struct CacheKeys {
+    pub prefix: String,
+}
+
+impl CacheKeys {
+    pub fn customer(&self, customer_id: &str) -> String {
+        format!("{}stripe:customer:{customer_id}", self.prefix)
+    }
+    pub fn org(&self, org_id: &str) -> String {
+        format!("{}stripe:org:{org_id}", self.prefix)
+    }
+    pub fn user(&self, user_id: &str) -> String {
+        format!("{}stripe:user:{user_id}", self.prefix)
+    }
+    /// Every key this cache owns, as SCAN patterns.
+    pub fn patterns(&self) -> [String; 3] {
+        [self.customer("*"), self.org("*"), self.user("*")]
+    }
+}
+
+#[derive(Clone)]
+pub struct RedisCache {
+    conn: ConnectionManager,
+    keys: CacheKeys,
+    ttl_secs: u64,
+    catalog: Arc<Catalog>,
+}
+
+impl RedisCache {
+    pub fn new(conn: ConnectionManager, keys: CacheKeys, ttl_secs: u64, catalog: Arc<Catalog>) -> Self {
+        Self { conn, keys, ttl_secs, catalog }
+    }
+
+    pub fn keys(&self) -> &CacheKeys {
+        &self.keys
+    }
+
+    /// The cached answer for a customer; a value that does not decode counts as a miss.
+    pub async fn customer(&self, customer_id: &str) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
+        let raw: Option<String> = self.conn.clone().get(self.keys.customer(customer_id)).await?;
+        Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
+            Ok(info) => Some(info),
+            Err(error) => {
+                tracing::warn!(customer_id, %error, "undecodable cache value, reading through");
+                None
+            }
+        }))
+    }
+
+    /// The customer an org or user key points at.
+    pub async fn customer_id_for(&self, org_id: Option<&str>, user_id: Option<&str>) -> Result<Option<String>, redis::RedisError> {
+        let key = match (org_id, user_id) {
+            (Some(org), _) => self.keys.org(org),
+            (None, Some(user)) => self.keys.user(user),
+            (None, None) => return Ok(None),
+        };
+        self.conn.clone().get(key).await
+    }
+
+    fn put_command(&self, info: &SubscriptionInfo) -> Result<redis::Cmd, serde_json::Error> {
+        let mut keys = vec![self.keys.customer(&info.customer_id)];
+        keys.extend(info.org_id.as_deref().map(|org| self.keys.org(org)));
+        keys.extend(info.user_id.as_deref().map(|user| self.keys.user(user)));
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PUT_SCRIPT)
+            .arg(keys.len())
+            .arg(keys)
+            .arg(serde_json::to_string(info)?)
+            .arg(info.version)
+            .arg(self.ttl_secs)
+            .arg(&info.customer_id);
+        Ok(cmd)
+    }
+
+    /// Writes one answer (read-through after a miss). Returns false when the cache
+    /// already held a newer version.
+    pub async fn put(&self, info: &SubscriptionInfo) -> Result<bool, ProjectionError> {
+        let written: i64 = self.put_command(info)?.query_async(&mut self.conn.clone()).await?;
+        Ok(written == 1)
+    }
+
+    /// Deletes every key this cache owns.
+    pub async fn clear_all(&self) -> Result<u64, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let mut deleted = 0;
+        for pattern in self.keys.patterns() {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                if !keys.is_empty() {
+                    deleted += keys.len() as u64;
+                    let _: () = conn.del(keys).await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+impl Projection for RedisCache {
+    fn name(&self) -> &'static str {
+        "redis_cache"
+    }
+
+    async fn apply(&self, _tx: &mut PgConnection, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
+        let mut pipe = redis::pipe();
+        for logged in newest_per_aggregate(events) {
+            let info = SubscriptionInfo::from_view(
+                logged.event.view(),
+                logged.sequence,
+                logged.event.source().created,
+                &self.catalog,
+            );
+            pipe.add_command(self.put_command(&info)?);
+        }
+        let written: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let refused = written.iter().filter(|w| **w == 0).count();
+        if refused > 0 {
+            tracing::debug!(refused, "cache held newer versions; older writes skipped");
+        }
+        Ok(())
+    }
+
+    async fn clear(&self, _tx: &mut PgConnection) -> Result<(), ProjectionError> {
+        self.clear_all().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! Runs a projection as a checkpointed reader of the log.
+//!
+//! Each batch is read, applied and checkpointed inside one Postgres transaction that
+//! holds the projection's checkpoint row locked, so two replicas never apply the same
+//! projection at once, and a crash between apply and checkpoint only makes the next run
+//! apply the batch again (which projections tolerate: they skip by version). Never use
+//! cqrs-es's in-process queries or `replay_all` for this (see CONVENTIONS.md).
+
+use std::future::Future;
+
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::log::{self, LogError, LoggedEvent, Position};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("projection storage failed")]
+    Database(#[from] sqlx::Error),
+    #[error("the Redis cache failed")]
+    Redis(#[from] redis::RedisError),
+    #[error("cannot encode a projection value")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// A read model built from the log.
+pub trait Projection: Send + Sync {
+    /// The checkpoint's name.
+    fn name(&self) -> &'static str;
+
+    /// Applies a batch, in log order. Must be idempotent: the same events may come again
+    /// after a crash, and any event may come after a newer one of the same aggregate
+    /// was applied.
+    fn apply(&self, tx: &mut PgConnection, events: &[LoggedEvent])
+        -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Deletes everything this projection owns, before a replay from position 0.
+    fn clear(&self, tx: &mut PgConnection) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}
+
+/// What one `catch_up` call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CatchUp {
+    pub applied: u64,
+    pub position: Position,
+    /// Another process holds this projection's checkpoint: nothing was done.
+    pub busy: bool,
+}
+
+async fn ensure_checkpoint(pool: &PgPool, name: &str) -> Result<(), ProjectionError> {
+    sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The checkpoint of `name`, locked for this transaction; `None` when another process
+/// holds it.
+async fn lock_checkpoint(tx: &mut PgConnection, name: &str, wait: bool) -> Result<Option<Position>, ProjectionError> {
+    let sql = if wait {
+        "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
+    } else {
+        "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE SKIP LOCKED"
+    };
+    let Some(row) = sqlx::query(sql).bind(name).fetch_optional(&mut *tx).await? else {
+        return Ok(None);
+    };
+    let tx_id: String = row.get("tx_id");
+    Ok(Some(Position {
+        tx_id: tx_id.parse().map_err(|_| LogError::TxId(tx_id))?,
+        global_seq: row.get("global_seq"),
+    }))
+}
+
+async fn save_checkpoint(tx: &mut PgConnection, name: &str, at: Position) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "UPDATE projection_checkpoints SET tx_id = $2::text::xid8, global_seq = $3, updated_at = now() WHERE name = $1",
+    )
+    .bind(name)
+    .bind(at.tx_id.to_string())
+    .bind(at.global_seq)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Applies everything the log holds past the projection's checkpoint, in batches of
+/// `batch`, calling `progress` after each batch with the number applied so far.
+pub async fn catch_up<P: Projection>(
+    pool: &PgPool,
+    projection: &P,
+    batch: i64,
+    mut progress: impl FnMut(u64) + Send,
+) -> Result<CatchUp, ProjectionError> {
+    ensure_checkpoint(pool, projection.name()).await?;
+    let mut done = CatchUp::default();
+    loop {
+        let mut tx = pool.begin().await?;
+        let horizon = log::read_horizon(&mut tx).await?;
+        let Some(at) = lock_checkpoint(&mut tx, projection.name(), false).await? else {
+            done.busy = true;
+            return Ok(done);
+        };
+        done.position = at;
+        let events = log::read_after(&mut tx, at, horizon, batch).await?;
+        let Some(last) = events.last().map(|e| e.position) else {
+            tx.commit().await?;
+            return Ok(done);
+        };
+        projection.apply(&mut tx, &events).await?;
+        save_checkpoint(&mut tx, projection.name(), last).await?;
+        tx.commit().await?;
+        done.applied += events.len() as u64;
+        done.position = last;
+        progress(done.applied);
+    }
+}
+
+/// Clears what the projection owns and rewinds its checkpoint to position 0, waiting for
+/// any process that is applying it right now. Follow with [`catch_up`].
+pub async fn replay<P: Projection>(pool: &PgPool, projection: &P) -> Result<(), ProjectionError> {
+    ensure_checkpoint(pool, projection.name()).await?;
+    let mut tx = pool.begin().await?;
+    lock_checkpoint(&mut tx, projection.name(), true).await?;
+    projection.clear(&mut tx).await?;
+    save_checkpoint(&mut tx, projection.name(), Position::default()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// How many events each projection is behind the log.
+pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
+    let mut conn = pool.acquire().await?;
+    let at = sqlx::query("SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|row| {
+            let tx_id: String = row.get("tx_id");
+            Position {
+                tx_id: tx_id.parse().unwrap_or_default(),
+                global_seq: row.get("global_seq"),
+            }
+        })
+        .unwrap_or_default();
+    Ok(log::count_after(&mut conn, at).await?)
+}
