@@ -1,1 +1,73 @@
-fn main(){}
+//! The `subledger` command line: parse, build, run. Everything else is in the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use subledger::{startup, telemetry, Application, Services, Settings};
+
+#[derive(Parser)]
+#[command(name = "subledger", version, about = "Stripe subscriptions as an event-sourced ledger")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending migrations, then serve webhooks and the API on SUBLEDGER_LISTEN.
+    Serve,
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// Rebuild every projection (Redis cache, platform tables) from the event log.
+    Replay,
+    /// Feed Stripe events from a file (JSON lines, a JSON array, or a `stripe events list`
+    /// page) through the same path as webhooks, without signatures.
+    Import { file: PathBuf },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let cli = Cli::parse();
+    let settings = Settings::from_env().context("reading configuration")?;
+    match cli.command {
+        Command::Serve => {
+            let app = Application::build(settings).await.context("starting subledger")?;
+            app.run_until_stopped(startup::shutdown_signal()).await.context("serving")?;
+        }
+        Command::Migrate => {
+            let pool = subledger::db::connect(&settings).await.context("connecting to Postgres")?;
+            subledger::db::migrate(&pool).await.context("migrating")?;
+            eprintln!("migrations applied");
+        }
+        Command::Replay => {
+            let services = Services::connect(settings).await.context("connecting")?;
+            let [platform, cache] = services
+                .replay(|name, n| {
+                    eprint!("\r{name}: {n} events applied");
+                    let _ = std::io::stderr().flush();
+                })
+                .await
+                .context("replaying the log")?;
+            eprintln!();
+            if platform.busy || cache.busy {
+                anyhow::bail!("another process is applying projections; run replay again");
+            }
+            eprintln!("replayed {} events into platform_tables and {} into redis_cache", platform.applied, cache.applied);
+        }
+        Command::Import { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let services = Services::connect(settings).await.context("connecting")?;
+            let report = subledger::import::import(&services.pool, &text).await.context("importing")?;
+            let processed = services.ledger.drain().await.context("processing the inbox")?;
+            services.catch_up_projections(|_, _| {}).await.context("updating projections")?;
+            eprintln!(
+                "imported {} new events ({} ignored, {} duplicates); processed {processed}",
+                report.stored, report.ignored, report.duplicates
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The one HTTP error type. Each variant's doc names its status. Internal errors are
+//! logged with their cause chain and answered without detail; no secret ever reaches a
+//! response body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::ledger::error_chain;
+use crate::stripe::{ParseError, SignatureError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the `Stripe-Signature` header is missing, malformed, stale or wrong.
+    #[error("invalid Stripe signature: {0}")]
+    Signature(SignatureError),
+    /// 500: no webhook signing secret is configured (Stripe will retry once it is).
+    #[error("the webhook signing secret is not configured")]
+    NoWebhookSecret,
+    /// 400: the body is not JSON, or not a Stripe event.
+    #[error(transparent)]
+    Payload(#[from] ParseError),
+    /// 400: a request parameter is not valid.
+    #[error("invalid {0}")]
+    InvalidParameter(&'static str),
+    /// 413: the body is larger than the configured limit.
+    #[error("the body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 401: the bearer token is missing or wrong.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// 404: nothing by that id (or no such route).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// 503: Postgres is unreachable; nothing was stored, retry later.
+    #[error("storage is unavailable")]
+    Storage(#[source] sqlx::Error),
+}
+
+impl From<SignatureError> for ApiError {
+    fn from(error: SignatureError) -> Self {
+        match error {
+            SignatureError::NoSecret => ApiError::NoWebhookSecret,
+            other => ApiError::Signature(other),
+        }
+    }
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Signature(_) | ApiError::Payload(_) | ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoWebhookSecret => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Signature(_) => "invalid_signature",
+            ApiError::NoWebhookSecret => "not_configured",
+            ApiError::Payload(_) => "invalid_event",
+            ApiError::InvalidParameter(_) => "invalid_parameter",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Storage(_) => "storage_unavailable",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %error_chain(&self), "request failed");
+        }
+        let body = Json(json!({"error": {"code": self.code(), "message": self.to_string()}}));
+        let mut response = (status, body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("5"));
+        }
+        response
+    }
+}

@@ -1,0 +1,46 @@
+//! The HTTP surface: the Stripe webhook, the `/v1` API, health. Handlers translate
+//! between HTTP and the rest of the crate; they must never judge a Stripe fact
+//! themselves.
+
+pub mod api;
+pub mod error;
+pub mod webhook;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use projections::{Catalog, RedisCache};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::config::Settings;
+
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub cache: RedisCache,
+    pub catalog: Arc<Catalog>,
+    pub settings: Arc<Settings>,
+    /// Wakes the inbox workers when a new event is stored.
+    pub inbox_wake: Arc<Notify>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.max_body_bytes;
+    let v1 = Router::new()
+        .route("/customers/:customer_id/subscription", get(api::customer_subscription))
+        .route("/orgs/:org_id/entitlements", get(api::org_entitlements))
+        .route("/users/:user_id/entitlements", get(api::user_entitlements))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::require_api_token));
+    Router::new()
+        .route("/webhooks/stripe", post(webhook::receive).layer(DefaultBodyLimit::max(max_body)))
+        .route("/healthz", get(|| async { "ok" }))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::NotFound("route".to_owned()) })
+        .with_state(state)
+}

@@ -1,0 +1,18 @@
+//! subledger: Stripe webhooks in, one trusted answer out.
+//!
+//! This crate is the only place that knows HTTP, Stripe's JSON, configuration, Postgres
+//! and Redis wiring. The domain lives in the `aggregates` crate and the read models in
+//! `projections`; see ARCHITECTURE.md for the map.
+
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod import;
+pub mod inbox;
+pub mod ledger;
+pub mod startup;
+pub mod stripe;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use startup::{Application, Services};

@@ -1,0 +1,197 @@
+//! Building and running the application: the services (Postgres, Redis, catalogue,
+//! ledger, projections) and the HTTP server with its background workers.
+//!
+//! `Application::build` binds the listener (port 0 works, for tests) and
+//! `run_until_stopped` serves until the shutdown future resolves, then stops the workers
+//! cleanly. Nothing here knows a route or a Stripe field.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use projections::runner::CatchUp;
+use projections::{catch_up, CacheKeys, Catalog, PlatformTables, Projection, ProjectionError, RedisCache};
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use tokio::sync::{watch, Notify};
+
+use crate::config::Settings;
+use crate::db::{self, DbError};
+use crate::http::{self, AppState};
+use crate::ledger::{error_chain, Ledger};
+
+/// Events applied per projection transaction.
+pub const PROJECTION_BATCH: i64 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Catalog(#[from] projections::CatalogError),
+    #[error("cannot connect to Redis")]
+    Redis(#[from] redis::RedisError),
+    #[error("cannot listen on {0}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+}
+
+/// The long-lived parts every command uses.
+#[derive(Clone)]
+pub struct Services {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub cache: RedisCache,
+    pub platform: PlatformTables,
+    pub catalog: Arc<Catalog>,
+    pub ledger: Ledger,
+}
+
+impl Services {
+    /// Connects to Postgres (creating the database if needed), applies pending
+    /// migrations, loads the catalogue and connects to Redis.
+    pub async fn connect(settings: Settings) -> Result<Self, StartupError> {
+        let pool = db::connect(&settings).await?;
+        db::migrate(&pool).await?;
+        let catalog = Arc::new(match &settings.catalog_path {
+            Some(path) => Catalog::load(path)?,
+            None => Catalog::default(),
+        });
+        let client = redis::Client::open(settings.redis_url.expose_secret())?;
+        let redis = redis::aio::ConnectionManager::new(client).await?;
+        let keys = CacheKeys { prefix: settings.redis_prefix.clone() };
+        let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone());
+        Ok(Self {
+            ledger: Ledger::new(pool.clone(), settings.max_attempts),
+            platform: PlatformTables::new(catalog.clone()),
+            settings: Arc::new(settings),
+            pool,
+            cache,
+            catalog,
+        })
+    }
+
+    /// Brings every projection up to the end of the log. `progress` is called with the
+    /// projection's name and the events applied so far.
+    pub async fn catch_up_projections(&self, mut progress: impl FnMut(&str, u64) + Send) -> Result<[CatchUp; 2], ProjectionError> {
+        let platform = catch_up(&self.pool, &self.platform, PROJECTION_BATCH, |n| progress(self.platform.name(), n)).await?;
+        let cache = catch_up(&self.pool, &self.cache, PROJECTION_BATCH, |n| progress(self.cache.name(), n)).await?;
+        Ok([platform, cache])
+    }
+
+    /// Clears every projection and rebuilds it from position 0.
+    pub async fn replay(&self, progress: impl FnMut(&str, u64) + Send) -> Result<[CatchUp; 2], ProjectionError> {
+        projections::replay(&self.pool, &self.platform).await?;
+        projections::replay(&self.pool, &self.cache).await?;
+        self.catch_up_projections(progress).await
+    }
+
+    /// Keeps projections caught up until `stop`.
+    pub async fn run_projections(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if let Err(error) = self.catch_up_projections(|_, _| {}).await {
+                tracing::warn!(error = %error_chain(&error), "projection catch-up failed; will retry");
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+pub struct Application {
+    services: Services,
+    listener: tokio::net::TcpListener,
+    port: u16,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let listen = settings.listen;
+        let services = Services::connect(settings).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| StartupError::Listen(listen, e))?;
+        let port = listener.local_addr().map_err(|e| StartupError::Listen(listen, e))?.port();
+        if services.settings.webhook_secrets.is_empty() {
+            tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 500 until it is");
+        }
+        if services.settings.api_token.is_none() {
+            tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");
+        }
+        Ok(Self { services, listener, port })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish and stops the
+    /// workers and projections.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let Self { services, listener, .. } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let inbox_wake = Arc::new(Notify::new());
+        let mut tasks = Vec::new();
+        for _ in 0..services.settings.workers {
+            let ledger = services.ledger.clone();
+            tasks.push(tokio::spawn(ledger.run_worker(
+                inbox_wake.clone(),
+                services.settings.poll_interval,
+                stop_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(
+            services.clone().run_projections(services.ledger.committed.clone(), stop_rx.clone()),
+        ));
+        // Rows left pending by a previous run are picked up at once.
+        inbox_wake.notify_one();
+
+        let state = AppState {
+            pool: services.pool.clone(),
+            cache: services.cache.clone(),
+            catalog: services.catalog.clone(),
+            settings: services.settings.clone(),
+            inbox_wake,
+        };
+        tracing::info!(address = %listener.local_addr()?, "subledger serving");
+        let served = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown).await;
+        stop_tx.send_replace(true);
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        tracing::info!("subledger stopped");
+        served
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,400 @@
+//! The lenient Stripe event parser.
+//!
+//! Stripe renders an event at the endpoint's pinned API version, so one deployment sees
+//! several shapes: plans before prices, the billing period on the subscription (before
+//! 2025-03-31) or on its items (basil and later), the invoice's subscription at
+//! `subscription` or at `parent.subscription_details.subscription`, ids or expanded
+//! objects. We read only the fields we need, tolerate every shape we know, and keep the
+//! raw payload elsewhere (the inbox) so nothing is lost if we need more later.
+//!
+//! Parsing never fails on a field we don't need; it fails only when the payload is not a
+//! Stripe event at all.
+
+use aggregates::{
+    Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, StripeFacts, SubscriptionCommand, SubscriptionFacts,
+    SubscriptionStatus,
+};
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Map, Value};
+
+/// The envelope of a Stripe event, with the object it carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StripeEvent {
+    pub id: String,
+    pub event_type: String,
+    pub created: DateTime<Utc>,
+    pub api_version: Option<String>,
+    pub livemode: bool,
+    pub object: Map<String, Value>,
+    pub previous_attributes: Option<Value>,
+}
+
+/// Why a body is not a Stripe event we can record.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("malformed JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("not a Stripe event: {0}")]
+    NotAnEvent(&'static str),
+}
+
+/// What to do with a parsed event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// Run this command on the customer's aggregate.
+    Command { customer_id: String, command: SubscriptionCommand },
+    /// Acknowledge and record, but change nothing (unhandled type, no customer…).
+    Ignore { reason: String },
+}
+
+/// The event types subledger acts on. Everything else is acknowledged and recorded as
+/// ignored.
+pub const HANDLED_TYPES: &[&str] = &[
+    "checkout.session.completed",
+    "customer.created",
+    "customer.updated",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.subscription.pending_update_applied",
+    "customer.subscription.pending_update_expired",
+    "customer.subscription.trial_will_end",
+    "invoice.paid",
+    "invoice.payment_succeeded",
+    "invoice.payment_failed",
+    "invoice.payment_action_required",
+    "invoice.upcoming",
+    "invoice.marked_uncollectible",
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "payment_intent.canceled",
+];
+
+/// Parses a webhook body. Fails only if the body is not JSON or not an event envelope
+/// (`id`, `type`, `created`, `data.object`).
+pub fn parse_event(body: &[u8]) -> Result<StripeEvent, ParseError> {
+    let value: Value = serde_json::from_slice(body)?;
+    event_from_value(value)
+}
+
+/// As [`parse_event`], for a value already decoded (the import command).
+pub fn event_from_value(value: Value) -> Result<StripeEvent, ParseError> {
+    let Value::Object(mut envelope) = value else {
+        return Err(ParseError::NotAnEvent("the body is not a JSON object"));
+    };
+    if let Some(kind) = envelope.get("object") {
+        if kind.as_str() != Some("event") {
+            return Err(ParseError::NotAnEvent("\"object\" is not \"event\""));
+        }
+    }
+    let id = envelope
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+        .ok_or(ParseError::NotAnEvent("no \"id\""))?
+        .to_owned();
+    let event_type = envelope
+        .get("type")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or(ParseError::NotAnEvent("no \"type\""))?
+        .to_owned();
+    let created = envelope
+        .get("created")
+        .and_then(Value::as_i64)
+        .and_then(timestamp)
+        .ok_or(ParseError::NotAnEvent("no valid \"created\""))?;
+    let api_version = envelope.get("api_version").and_then(Value::as_str).map(str::to_owned);
+    let livemode = envelope.get("livemode").and_then(Value::as_bool).unwrap_or(false);
+    let Some(Value::Object(mut data)) = envelope.remove("data") else {
+        return Err(ParseError::NotAnEvent("no \"data\" object"));
+    };
+    let Some(Value::Object(object)) = data.remove("object") else {
+        return Err(ParseError::NotAnEvent("no \"data.object\" object"));
+    };
+    Ok(StripeEvent {
+        id,
+        event_type,
+        created,
+        api_version,
+        livemode,
+        object,
+        previous_attributes: data.remove("previous_attributes"),
+    })
+}
+
+impl StripeEvent {
+    /// The customer the event is about, when it names one.
+    pub fn customer_id(&self) -> Option<String> {
+        if self.event_type.starts_with("customer.") && !self.event_type.starts_with("customer.subscription.") {
+            return str_field(&self.object, "id");
+        }
+        id_of(self.object.get("customer"))
+    }
+
+    fn source(&self) -> FactSource {
+        FactSource {
+            stripe_event_id: self.id.clone(),
+            stripe_event_type: self.event_type.clone(),
+            created: self.created,
+        }
+    }
+}
+
+/// Decides what an event means for the domain. Pure.
+pub fn route(event: &StripeEvent) -> Route {
+    if !HANDLED_TYPES.contains(&event.event_type.as_str()) {
+        return Route::Ignore {
+            reason: format!("event type {} is not handled", event.event_type),
+        };
+    }
+    let Some(customer_id) = event.customer_id() else {
+        return Route::Ignore {
+            reason: "the event names no customer".to_owned(),
+        };
+    };
+    let object = &event.object;
+    let (owner, fact) = match event.event_type.split('.').next() {
+        Some("checkout") => {
+            let mut owner = owner_from_metadata(object.get("metadata"));
+            if owner.org_id.is_none() {
+                owner.org_id = str_field(object, "client_reference_id");
+            }
+            (owner, Fact::OwnerOnly)
+        }
+        Some("customer") if !event.event_type.starts_with("customer.subscription.") => {
+            (owner_from_metadata(object.get("metadata")), Fact::OwnerOnly)
+        }
+        Some("customer") => match subscription_facts(object) {
+            Ok(facts) => (owner_from_metadata(object.get("metadata")), Fact::Subscription(facts)),
+            Err(reason) => return Route::Ignore { reason },
+        },
+        Some("invoice") => invoice_fact(object),
+        Some("payment_intent") => match str_field(object, "id") {
+            Some(id) => (
+                OwnerFacts::default(),
+                Fact::Payment(PaymentFacts {
+                    id,
+                    status: str_field(object, "status").unwrap_or_else(|| event.event_type.replace("payment_intent.", "")),
+                    amount: object.get("amount").and_then(Value::as_i64),
+                    currency: str_field(object, "currency"),
+                    invoice_id: id_of(object.get("invoice")),
+                }),
+            ),
+            None => return Route::Ignore { reason: "payment intent without an id".to_owned() },
+        },
+        _ => unreachable!("HANDLED_TYPES only lists checkout, customer, invoice and payment_intent events"),
+    };
+    Route::Command {
+        customer_id: customer_id.clone(),
+        command: SubscriptionCommand::RecordStripeFacts(StripeFacts {
+            customer_id,
+            source: event.source(),
+            owner,
+            fact,
+        }),
+    }
+}
+
+/// Reads a subscription object of any API version.
+pub fn subscription_facts(object: &Map<String, Value>) -> Result<SubscriptionFacts, String> {
+    let id = str_field(object, "id").ok_or("subscription without an id")?;
+    let status_text = str_field(object, "status").ok_or("subscription without a status")?;
+    let status: SubscriptionStatus = status_text
+        .parse()
+        .map_err(|_| format!("unknown subscription status {status_text:?}"))?;
+    let items: Vec<&Map<String, Value>> = object
+        .get("items")
+        .and_then(|items| items.get("data"))
+        .and_then(Value::as_array)
+        .map(|data| data.iter().filter_map(Value::as_object).collect())
+        .unwrap_or_default();
+    let first_item = items.first().copied();
+    // The price: on the first item (`price`, or `plan` before prices existed), else the
+    // subscription's own legacy `plan`.
+    let price = first_item
+        .and_then(|item| item.get("price").or_else(|| item.get("plan")))
+        .or_else(|| object.get("plan"))
+        .and_then(Value::as_object);
+    // The period: on the subscription before basil, on each item since.
+    let period = |field: &str, pick: fn(i64, i64) -> i64| {
+        ts_field(object, field).or_else(|| {
+            items
+                .iter()
+                .filter_map(|item| item.get(field).and_then(Value::as_i64))
+                .reduce(pick)
+                .and_then(timestamp)
+        })
+    };
+    Ok(SubscriptionFacts {
+        id,
+        status,
+        created: ts_field(object, "created").or_else(|| ts_field(object, "start_date")),
+        price_id: price.and_then(|p| str_field(p, "id")),
+        product_id: price.and_then(|p| id_of(p.get("product"))),
+        lookup_key: price.and_then(|p| str_field(p, "lookup_key")),
+        quantity: first_item
+            .and_then(|item| item.get("quantity"))
+            .or_else(|| object.get("quantity"))
+            .and_then(Value::as_u64),
+        current_period_start: period("current_period_start", i64::min),
+        current_period_end: period("current_period_end", i64::max),
+        cancel_at_period_end: object.get("cancel_at_period_end").and_then(Value::as_bool).unwrap_or(false),
+        cancel_at: ts_field(object, "cancel_at"),
+        canceled_at: ts_field(object, "canceled_at"),
+        ended_at: ts_field(object, "ended_at"),
+        trial_start: ts_field(object, "trial_start"),
+        trial_end: ts_field(object, "trial_end"),
+        latest_invoice_id: id_of(object.get("latest_invoice")),
+        currency: str_field(object, "currency").or_else(|| price.and_then(|p| str_field(p, "currency"))),
+    })
+}
+
+fn invoice_fact(object: &Map<String, Value>) -> (OwnerFacts, Fact) {
+    let parent_details = object
+        .get("parent")
+        .and_then(|parent| parent.get("subscription_details"))
+        .and_then(Value::as_object);
+    let legacy_details = object.get("subscription_details").and_then(Value::as_object);
+    let owner = owner_from_metadata(
+        parent_details
+            .or(legacy_details)
+            .and_then(|details| details.get("metadata")),
+    );
+    let subscription_id = id_of(object.get("subscription")).or_else(|| parent_details.and_then(|d| id_of(d.get("subscription"))));
+    let Some(subscription_id) = subscription_id else {
+        return (owner, Fact::Nothing { reason: "the invoice belongs to no subscription".to_owned() });
+    };
+    let Some(id) = str_field(object, "id") else {
+        return (
+            owner,
+            Fact::Nothing { reason: "an upcoming invoice has no id yet; nothing to record".to_owned() },
+        );
+    };
+    let invoice = InvoiceFacts {
+        id,
+        status: str_field(object, "status"),
+        attempt_count: object.get("attempt_count").and_then(Value::as_u64).unwrap_or(0) as u32,
+        next_payment_attempt: ts_field(object, "next_payment_attempt"),
+        created: ts_field(object, "created").or_else(|| ts_field(object, "date")),
+        amount_due: object.get("amount_due").and_then(Value::as_i64),
+        currency: str_field(object, "currency"),
+    };
+    (owner, Fact::Invoice { subscription_id, invoice })
+}
+
+/// `metadata.organizationId`/`org_id`/`organization_id` and `metadata.userId`/`user_id`.
+fn owner_from_metadata(metadata: Option<&Value>) -> OwnerFacts {
+    let Some(metadata) = metadata.and_then(Value::as_object) else {
+        return OwnerFacts::default();
+    };
+    let pick = |keys: &[&str]| keys.iter().find_map(|key| str_field(metadata, key));
+    OwnerFacts {
+        org_id: pick(&["organizationId", "org_id", "organization_id"]),
+        user_id: pick(&["userId", "user_id"]),
+    }
+}
+
+/// A non-empty string field.
+fn str_field(object: &Map<String, Value>, field: &str) -> Option<String> {
+    object
+        .get(field)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// An id given either as a string or as an expanded object with an `id`.
+fn id_of(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(id) if !id.is_empty() => Some(id.clone()),
+        Value::Object(object) => str_field(object, "id"),
+        _ => None,
+    }
+}
+
+fn ts_field(object: &Map<String, Value>, field: &str) -> Option<DateTime<Utc>> {
+    object.get(field).and_then(Value::as_i64).and_then(timestamp)
+}
+
+fn timestamp(secs: i64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_opt(secs, 0).single()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(event_type: &str, object: Value) -> StripeEvent {
+        let body = json!({"id": "evt_1", "object": "event", "type": event_type, "created": 1_700_000_000,
+            "data": {"object": object}});
+        parse_event(body.to_string().as_bytes()).unwrap()
+    }
+
+    fn facts(route: Route) -> StripeFacts {
+        match route {
+            Route::Command { command: SubscriptionCommand::RecordStripeFacts(facts), .. } => facts,
+            other => panic!("expected a command, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn not_an_event_is_refused() {
+        assert!(matches!(parse_event(b"{"), Err(ParseError::Json(_))));
+        assert!(matches!(parse_event(b"[]"), Err(ParseError::NotAnEvent(_))));
+        assert!(matches!(parse_event(br#"{"id":"evt_1","type":"x","created":1}"#), Err(ParseError::NotAnEvent(_))));
+        assert!(matches!(
+            parse_event(br#"{"id":"cus_1","object":"customer","type":"x","created":1,"data":{"object":{}}}"#),
+            Err(ParseError::NotAnEvent(_))
+        ));
+    }
+
+    #[test]
+    fn the_period_is_read_from_the_subscription_or_its_items() {
+        let legacy = json!({"id": "sub_1", "object": "subscription", "customer": "cus_1", "status": "active",
+            "current_period_start": 100, "current_period_end": 200,
+            "items": {"data": [{"price": {"id": "price_a", "product": "prod_a", "lookup_key": "a"}, "quantity": 2}]}});
+        let basil = json!({"id": "sub_1", "object": "subscription", "customer": "cus_1", "status": "active",
+            "items": {"data": [{"price": {"id": "price_a", "product": {"id": "prod_a"}, "lookup_key": "a"}, "quantity": 2,
+                "current_period_start": 100, "current_period_end": 200}]}});
+        let a = facts(route(&event("customer.subscription.updated", legacy)));
+        let b = facts(route(&event("customer.subscription.updated", basil)));
+        assert_eq!(a.fact, b.fact);
+        let Fact::Subscription(s) = a.fact else { panic!() };
+        assert_eq!(s.current_period_end, timestamp(200));
+        assert_eq!((s.price_id.as_deref(), s.product_id.as_deref(), s.quantity), (Some("price_a"), Some("prod_a"), Some(2)));
+    }
+
+    #[test]
+    fn the_invoice_subscription_is_read_from_both_places() {
+        let legacy = json!({"id": "in_1", "customer": "cus_1", "subscription": "sub_1", "status": "paid", "attempt_count": 1});
+        let basil = json!({"id": "in_1", "customer": "cus_1", "status": "paid", "attempt_count": 1,
+            "parent": {"type": "subscription_details", "subscription_details": {"subscription": "sub_1", "metadata": {"org_id": "org_9"}}}});
+        let a = facts(route(&event("invoice.paid", legacy)));
+        let b = facts(route(&event("invoice.paid", basil)));
+        assert_eq!(a.fact, b.fact);
+        assert_eq!(b.owner.org_id.as_deref(), Some("org_9"));
+    }
+
+    #[test]
+    fn ownership_comes_from_metadata_or_client_reference_id() {
+        let session = json!({"id": "cs_1", "customer": "cus_1", "client_reference_id": "org_1",
+            "metadata": {"userId": "user_1"}});
+        let f = facts(route(&event("checkout.session.completed", session)));
+        assert_eq!(f.owner, OwnerFacts { org_id: Some("org_1".into()), user_id: Some("user_1".into()) });
+        let customer = json!({"id": "cus_2", "object": "customer", "metadata": {"organizationId": "org_2"}});
+        let f = facts(route(&event("customer.updated", customer)));
+        assert_eq!((f.customer_id.as_str(), f.owner.org_id.as_deref()), ("cus_2", Some("org_2")));
+    }
+
+    #[test]
+    fn unhandled_or_customerless_events_are_ignored() {
+        assert!(matches!(route(&event("charge.succeeded", json!({"customer": "cus_1"}))), Route::Ignore { .. }));
+        assert!(matches!(route(&event("checkout.session.completed", json!({"customer": null}))), Route::Ignore { .. }));
+        let upcoming = facts(route(&event("invoice.upcoming", json!({"customer": "cus_1", "subscription": "sub_1"}))));
+        assert!(matches!(upcoming.fact, Fact::Nothing { .. }));
+    }
+}
