@@ -52,9 +52,6 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("replaying the log")?;
             eprintln!();
-            if platform.busy || cache.busy {
-                anyhow::bail!("another process is applying projections; run replay again");
-            }
             eprintln!("replayed {} events into platform_tables and {} into redis_cache", platform.applied, cache.applied);
         }
         Command::Import { file } => {
@@ -62,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
             let services = Services::connect(settings).await.context("connecting")?;
             let report = subledger::import::import(&services.pool, &text).await.context("importing")?;
             let processed = services.ledger.drain().await.context("processing the inbox")?;
-            services.catch_up_projections(|_, _| {}).await.context("updating projections")?;
+            services.catch_up_projections(projections::WhenBusy::Wait, |_, _| {}).await.context("updating projections")?;
             eprintln!(
                 "imported {} new events ({} ignored, {} duplicates); processed {processed}",
                 report.stored, report.ignored, report.duplicates

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use projections::runner::CatchUp;
-use projections::{catch_up, CacheKeys, Catalog, PlatformTables, Projection, ProjectionError, RedisCache};
+use projections::{catch_up, CacheKeys, Catalog, PlatformTables, Projection, ProjectionError, RedisCache, WhenBusy};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
@@ -73,9 +73,16 @@ impl Services {
 
     /// Brings every projection up to the end of the log. `progress` is called with the
     /// projection's name and the events applied so far.
-    pub async fn catch_up_projections(&self, mut progress: impl FnMut(&str, u64) + Send) -> Result<[CatchUp; 2], ProjectionError> {
-        let platform = catch_up(&self.pool, &self.platform, PROJECTION_BATCH, |n| progress(self.platform.name(), n)).await?;
-        let cache = catch_up(&self.pool, &self.cache, PROJECTION_BATCH, |n| progress(self.cache.name(), n)).await?;
+    pub async fn catch_up_projections(
+        &self,
+        when_busy: WhenBusy,
+        mut progress: impl FnMut(&str, u64) + Send,
+    ) -> Result<[CatchUp; 2], ProjectionError> {
+        let platform = catch_up(&self.pool, &self.platform, PROJECTION_BATCH, when_busy, |n| {
+            progress(self.platform.name(), n)
+        })
+        .await?;
+        let cache = catch_up(&self.pool, &self.cache, PROJECTION_BATCH, when_busy, |n| progress(self.cache.name(), n)).await?;
         Ok([platform, cache])
     }
 
@@ -83,7 +90,7 @@ impl Services {
     pub async fn replay(&self, progress: impl FnMut(&str, u64) + Send) -> Result<[CatchUp; 2], ProjectionError> {
         projections::replay(&self.pool, &self.platform).await?;
         projections::replay(&self.pool, &self.cache).await?;
-        self.catch_up_projections(progress).await
+        self.catch_up_projections(WhenBusy::Wait, progress).await
     }
 
     /// Keeps projections caught up until `stop`.
@@ -92,7 +99,7 @@ impl Services {
             if *stop.borrow() {
                 return;
             }
-            if let Err(error) = self.catch_up_projections(|_, _| {}).await {
+            if let Err(error) = self.catch_up_projections(WhenBusy::Skip, |_, _| {}).await {
                 tracing::warn!(error = %error_chain(&error), "projection catch-up failed; will retry");
             }
             tokio::select! {

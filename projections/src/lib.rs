@@ -18,4 +18,4 @@ pub use info::{LatestInvoice, SubscriptionInfo};
 pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;
 pub use redis_cache::{CacheKeys, RedisCache};
-pub use runner::{catch_up, replay, Projection, ProjectionError};
+pub use runner::{catch_up, replay, Projection, ProjectionError, WhenBusy};

@@ -86,12 +86,22 @@ async fn save_checkpoint(tx: &mut PgConnection, name: &str, at: Position) -> Res
     Ok(())
 }
 
+/// What to do when another process holds the projection's checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenBusy {
+    /// Return at once (`CatchUp::busy`): the other process is doing the work.
+    Skip,
+    /// Wait for it, then go on (replays, which must finish the job themselves).
+    Wait,
+}
+
 /// Applies everything the log holds past the projection's checkpoint, in batches of
 /// `batch`, calling `progress` after each batch with the number applied so far.
 pub async fn catch_up<P: Projection>(
     pool: &PgPool,
     projection: &P,
     batch: i64,
+    when_busy: WhenBusy,
     mut progress: impl FnMut(u64) + Send,
 ) -> Result<CatchUp, ProjectionError> {
     ensure_checkpoint(pool, projection.name()).await?;
@@ -99,7 +109,7 @@ pub async fn catch_up<P: Projection>(
     loop {
         let mut tx = pool.begin().await?;
         let horizon = log::read_horizon(&mut tx).await?;
-        let Some(at) = lock_checkpoint(&mut tx, projection.name(), false).await? else {
+        let Some(at) = lock_checkpoint(&mut tx, projection.name(), when_busy == WhenBusy::Wait).await? else {
             done.busy = true;
             return Ok(done);
         };

@@ -1,0 +1,7 @@
+//! Integration tests: the real application over HTTP against real Postgres and Redis.
+
+mod api;
+mod events;
+mod helpers;
+mod replay;
+mod webhook;
