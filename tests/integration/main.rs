@@ -2,6 +2,7 @@
 
 mod api;
 mod events;
+mod fixtures;
 mod helpers;
 mod replay;
 mod webhook;
