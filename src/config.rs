@@ -61,7 +61,13 @@ where
 {
     match var(name) {
         None => Ok(default),
-        Some(raw) => raw.trim().parse().map_err(|e: T::Err| ConfigError::Invalid { name, reason: e.to_string() }),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|e: T::Err| ConfigError::Invalid {
+                name,
+                reason: e.to_string(),
+            }),
     }
 }
 
@@ -80,7 +86,9 @@ impl Settings {
             database_url: var("DATABASE_URL")
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/subledger".to_owned())
                 .into(),
-            redis_url: var("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()).into(),
+            redis_url: var("REDIS_URL")
+                .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
+                .into(),
             redis_prefix: var("SUBLEDGER_REDIS_PREFIX").unwrap_or_default(),
             cache_ttl: Duration::from_secs(parsed("SUBLEDGER_CACHE_TTL_SECS", 86_400)?),
             webhook_secrets: secrets,
@@ -95,10 +103,16 @@ impl Settings {
             poll_interval: Duration::from_millis(parsed("SUBLEDGER_POLL_MS", 500)?),
         };
         if settings.workers == 0 {
-            return Err(ConfigError::Invalid { name: "SUBLEDGER_WORKERS", reason: "must be at least 1".into() });
+            return Err(ConfigError::Invalid {
+                name: "SUBLEDGER_WORKERS",
+                reason: "must be at least 1".into(),
+            });
         }
         if settings.max_attempts < 1 {
-            return Err(ConfigError::Invalid { name: "SUBLEDGER_MAX_ATTEMPTS", reason: "must be at least 1".into() });
+            return Err(ConfigError::Invalid {
+                name: "SUBLEDGER_MAX_ATTEMPTS",
+                reason: "must be at least 1".into(),
+            });
         }
         Ok(settings)
     }

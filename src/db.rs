@@ -29,17 +29,29 @@ pub enum DbError {
 pub async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
     let options = PgConnectOptions::from_str(url).map_err(DbError::Url)?;
     let name = options.get_database().unwrap_or("postgres").to_owned();
-    let mut admin = options.clone().database("postgres").connect().await.map_err(DbError::Connect)?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
         .await
         .map_err(DbError::Connect)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .map_err(DbError::Connect)?;
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        if let Err(error) = sqlx::query(&format!("CREATE DATABASE {quoted}")).execute(&mut admin).await {
+        if let Err(error) = sqlx::query(&format!("CREATE DATABASE {quoted}"))
+            .execute(&mut admin)
+            .await
+        {
             // Another process may have created it between our check and our create.
-            let raced = error.as_database_error().and_then(|e| e.code()).is_some_and(|c| c == "42P04");
+            let raced = error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|c| c == "42P04");
             if !raced {
                 return Err(DbError::Create(name, error));
             }

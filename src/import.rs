@@ -32,33 +32,43 @@ pub struct ImportReport {
 /// The events in `text`, each with its raw bytes; every invalid one is reported.
 pub fn parse_file(text: &str) -> Result<Vec<(StripeEvent, Vec<u8>)>, ImportError> {
     let trimmed = text.trim_start();
-    let values: Vec<(String, Value)> = if trimmed.starts_with('[') || trimmed.starts_with('{') && !looks_like_lines(text) {
-        let value: Value = serde_json::from_str(text).map_err(ImportError::Format)?;
-        let list = match value {
-            Value::Array(items) => items,
-            Value::Object(mut object) if object.get("object").and_then(Value::as_str) == Some("list") => {
-                match object.remove("data") {
-                    Some(Value::Array(items)) => items,
-                    _ => vec![],
+    let values: Vec<(String, Value)> =
+        if trimmed.starts_with('[') || trimmed.starts_with('{') && !looks_like_lines(text) {
+            let value: Value = serde_json::from_str(text).map_err(ImportError::Format)?;
+            let list = match value {
+                Value::Array(items) => items,
+                Value::Object(mut object)
+                    if object.get("object").and_then(Value::as_str) == Some("list") =>
+                {
+                    match object.remove("data") {
+                        Some(Value::Array(items)) => items,
+                        _ => vec![],
+                    }
+                }
+                single => vec![single],
+            };
+            list.into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("item {}", i + 1), v))
+                .collect()
+        } else {
+            let mut values = Vec::new();
+            let mut invalid = Vec::new();
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                match serde_json::from_str(line) {
+                    Ok(value) => values.push((format!("line {}", i + 1), value)),
+                    Err(error) => invalid.push(format!("line {}: {error}", i + 1)),
                 }
             }
-            single => vec![single],
-        };
-        list.into_iter().enumerate().map(|(i, v)| (format!("item {}", i + 1), v)).collect()
-    } else {
-        let mut values = Vec::new();
-        let mut invalid = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            match serde_json::from_str(line) {
-                Ok(value) => values.push((format!("line {}", i + 1), value)),
-                Err(error) => invalid.push(format!("line {}: {error}", i + 1)),
+            if !invalid.is_empty() {
+                return Err(ImportError::Invalid(invalid));
             }
-        }
-        if !invalid.is_empty() {
-            return Err(ImportError::Invalid(invalid));
-        }
-        values
-    };
+            values
+        };
     let mut events = Vec::new();
     let mut invalid = Vec::new();
     for (place, value) in values {
@@ -108,16 +118,29 @@ mod tests {
         let lines = format!("{EVENT}\n\n{}\n", EVENT.replace("evt_1", "evt_2"));
         assert_eq!(parse_file(&lines).unwrap().len(), 2);
         assert_eq!(parse_file(&format!("[{EVENT}, {EVENT}]")).unwrap().len(), 2);
-        assert_eq!(parse_file(&format!(r#"{{"object":"list","data":[{EVENT}],"has_more":false}}"#)).unwrap().len(), 1);
+        assert_eq!(
+            parse_file(&format!(
+                r#"{{"object":"list","data":[{EVENT}],"has_more":false}}"#
+            ))
+            .unwrap()
+            .len(),
+            1
+        );
         assert_eq!(parse_file(&format!("{EVENT}\n")).unwrap().len(), 1);
     }
 
     #[test]
     fn one_bad_event_refuses_the_file() {
         let text = format!("{EVENT}\n{{\"id\":\"evt_2\"}}\nnot json\n");
-        let Err(ImportError::Invalid(errors)) = parse_file(&text) else { panic!() };
+        let Err(ImportError::Invalid(errors)) = parse_file(&text) else {
+            panic!()
+        };
         assert_eq!(errors.len(), 1, "{errors:?}");
-        let Err(ImportError::Invalid(errors)) = parse_file(&format!("{EVENT}\n{{\"id\":\"evt_2\"}}\n")) else { panic!() };
+        let Err(ImportError::Invalid(errors)) =
+            parse_file(&format!("{EVENT}\n{{\"id\":\"evt_2\"}}\n"))
+        else {
+            panic!()
+        };
         assert!(errors[0].starts_with("line 2"), "{errors:?}");
     }
 }

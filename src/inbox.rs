@@ -40,7 +40,12 @@ pub enum Received {
 }
 
 /// Stores an event. Idempotent on Stripe's event id.
-pub async fn record(pool: &PgPool, event: &StripeEvent, raw: &[u8], source: Source) -> Result<Received, sqlx::Error> {
+pub async fn record(
+    pool: &PgPool,
+    event: &StripeEvent,
+    raw: &[u8],
+    source: Source,
+) -> Result<Received, sqlx::Error> {
     let (customer_id, state, outcome, detail) = match route(event) {
         Route::Command { customer_id, .. } => (Some(customer_id), "pending", None, None),
         Route::Ignore { reason } => (event.customer_id(), "done", Some("ignored"), Some(reason)),

@@ -59,7 +59,8 @@ pub struct Processed {
 
 impl Ledger {
     pub fn new(pool: PgPool, max_attempts: i32) -> Self {
-        let store = PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
+        let store =
+            PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
         Self {
             pool,
             store: Arc::new(store),
@@ -69,15 +70,29 @@ impl Ledger {
     }
 
     /// Decides and commits one command, retrying optimistic-concurrency conflicts.
-    pub async fn execute(&self, customer_id: &str, command: &SubscriptionCommand, stripe_event_id: &str) -> Result<Decision, ExecuteError> {
+    pub async fn execute(
+        &self,
+        customer_id: &str,
+        command: &SubscriptionCommand,
+        stripe_event_id: &str,
+    ) -> Result<Decision, ExecuteError> {
         for _ in 0..CONFLICT_RETRIES {
-            let mut context = self.store.load_aggregate(customer_id).await.map_err(ExecuteError::Store)?;
+            let mut context = self
+                .store
+                .load_aggregate(customer_id)
+                .await
+                .map_err(ExecuteError::Store)?;
             let decision = decide(context.aggregate(), command)?;
             if decision.events.is_empty() {
                 return Ok(decision);
             }
-            let metadata = HashMap::from([("stripe_event_id".to_owned(), stripe_event_id.to_owned())]);
-            match self.store.commit(decision.events.clone(), context, metadata).await {
+            let metadata =
+                HashMap::from([("stripe_event_id".to_owned(), stripe_event_id.to_owned())]);
+            match self
+                .store
+                .commit(decision.events.clone(), context, metadata)
+                .await
+            {
                 Ok(_) => {
                     self.committed.notify_one();
                     return Ok(decision);
@@ -121,7 +136,11 @@ impl Ledger {
                 .bind(attempts)
                 .execute(&mut *tx)
                 .await?;
-                Processed { event_id, outcome, detail }
+                Processed {
+                    event_id,
+                    outcome,
+                    detail,
+                }
             }
             Err(error) => {
                 let chain = error_chain(&error);
@@ -139,21 +158,37 @@ impl Ledger {
                 .bind(backoff(attempts).as_secs_f64())
                 .execute(&mut *tx)
                 .await?;
-                Processed { event_id, outcome: "failed".to_owned(), detail: Some(chain) }
+                Processed {
+                    event_id,
+                    outcome: "failed".to_owned(),
+                    detail: Some(chain),
+                }
             }
         };
         tx.commit().await?;
         Ok(Some(processed))
     }
 
-    async fn process_payload(&self, event_id: &str, payload: &[u8]) -> Result<(String, Option<String>), ExecuteError> {
+    async fn process_payload(
+        &self,
+        event_id: &str,
+        payload: &[u8],
+    ) -> Result<(String, Option<String>), ExecuteError> {
         let event = match parse_event(payload) {
             Ok(event) => event,
             // Only parseable events are ever stored; say so rather than retry forever.
-            Err(error) => return Ok(("ignored".to_owned(), Some(format!("stored payload no longer parses: {error}")))),
+            Err(error) => {
+                return Ok((
+                    "ignored".to_owned(),
+                    Some(format!("stored payload no longer parses: {error}")),
+                ))
+            }
         };
         let (customer_id, command) = match route(&event) {
-            Route::Command { customer_id, command } => (customer_id, command),
+            Route::Command {
+                customer_id,
+                command,
+            } => (customer_id, command),
             Route::Ignore { reason } => return Ok(("ignored".to_owned(), Some(reason))),
         };
         let decision = self.execute(&customer_id, &command, event_id).await?;
@@ -165,7 +200,13 @@ impl Ledger {
             Outcome::Rejected(rejection) => Some(rejection.to_string()),
             Outcome::NothingToRecord(reason) => Some(reason.clone()),
         };
-        tracing::info!(event_id, customer_id, event_type = event.event_type, outcome = decision.outcome.label(), "processed");
+        tracing::info!(
+            event_id,
+            customer_id,
+            event_type = event.event_type,
+            outcome = decision.outcome.label(),
+            "processed"
+        );
         Ok((decision.outcome.label().to_owned(), detail))
     }
 
@@ -180,7 +221,12 @@ impl Ledger {
 
     /// One inbox worker: processes rows while there are any, then sleeps until woken or
     /// `poll` passes (rows written by another replica wake nobody here).
-    pub async fn run_worker(self, wake: Arc<Notify>, poll: Duration, mut stop: watch::Receiver<bool>) {
+    pub async fn run_worker(
+        self,
+        wake: Arc<Notify>,
+        poll: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
         loop {
             if *stop.borrow() {
                 return;
@@ -188,7 +234,9 @@ impl Ledger {
             match self.process_next().await {
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
-                Err(error) => tracing::warn!(error = %error_chain(&error), "inbox worker cannot reach the database"),
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "inbox worker cannot reach the database")
+                }
             }
             tokio::select! {
                 _ = wake.notified() => {}

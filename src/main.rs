@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use subledger::{startup, telemetry, Application, Services, Settings};
 
 #[derive(Parser)]
-#[command(name = "subledger", version, about = "Stripe subscriptions as an event-sourced ledger")]
+#[command(
+    name = "subledger",
+    version,
+    about = "Stripe subscriptions as an event-sourced ledger"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,11 +38,17 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("reading configuration")?;
     match cli.command {
         Command::Serve => {
-            let app = Application::build(settings).await.context("starting subledger")?;
-            app.run_until_stopped(startup::shutdown_signal()).await.context("serving")?;
+            let app = Application::build(settings)
+                .await
+                .context("starting subledger")?;
+            app.run_until_stopped(startup::shutdown_signal())
+                .await
+                .context("serving")?;
         }
         Command::Migrate => {
-            let pool = subledger::db::connect(&settings).await.context("connecting to Postgres")?;
+            let pool = subledger::db::connect(&settings)
+                .await
+                .context("connecting to Postgres")?;
             subledger::db::migrate(&pool).await.context("migrating")?;
             eprintln!("migrations applied");
         }
@@ -52,14 +62,27 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("replaying the log")?;
             eprintln!();
-            eprintln!("replayed {} events into platform_tables and {} into redis_cache", platform.applied, cache.applied);
+            eprintln!(
+                "replayed {} events into platform_tables and {} into redis_cache",
+                platform.applied, cache.applied
+            );
         }
         Command::Import { file } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let services = Services::connect(settings).await.context("connecting")?;
-            let report = subledger::import::import(&services.pool, &text).await.context("importing")?;
-            let processed = services.ledger.drain().await.context("processing the inbox")?;
-            services.catch_up_projections(projections::WhenBusy::Wait, |_, _| {}).await.context("updating projections")?;
+            let report = subledger::import::import(&services.pool, &text)
+                .await
+                .context("importing")?;
+            let processed = services
+                .ledger
+                .drain()
+                .await
+                .context("processing the inbox")?;
+            services
+                .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
+                .await
+                .context("updating projections")?;
             eprintln!(
                 "imported {} new events ({} ignored, {} duplicates); processed {processed}",
                 report.stored, report.ignored, report.duplicates

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use projections::runner::CatchUp;
-use projections::{catch_up, CacheKeys, Catalog, PlatformTables, Projection, ProjectionError, RedisCache, WhenBusy};
+use projections::{
+    catch_up, CacheKeys, Catalog, PlatformTables, Projection, ProjectionError, RedisCache, WhenBusy,
+};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
@@ -58,8 +60,18 @@ impl Services {
             None => Catalog::default(),
         });
         let client = redis::Client::open(settings.redis_url.expose_secret())?;
-        let redis = redis::aio::ConnectionManager::new(client).await?;
-        let keys = CacheKeys { prefix: settings.redis_prefix.clone() };
+        // Bounded connection attempts and timeouts: an unreachable Redis is an error in
+        // seconds, never a hang (requests fall back to Postgres when a command fails).
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_factor(2)
+            .set_max_delay(1000)
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(5));
+        let redis = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+        let keys = CacheKeys {
+            prefix: settings.redis_prefix.clone(),
+        };
         let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone());
         Ok(Self {
             ledger: Ledger::new(pool.clone(), settings.max_attempts),
@@ -78,16 +90,26 @@ impl Services {
         when_busy: WhenBusy,
         mut progress: impl FnMut(&str, u64) + Send,
     ) -> Result<[CatchUp; 2], ProjectionError> {
-        let platform = catch_up(&self.pool, &self.platform, PROJECTION_BATCH, when_busy, |n| {
-            progress(self.platform.name(), n)
+        let platform = catch_up(
+            &self.pool,
+            &self.platform,
+            PROJECTION_BATCH,
+            when_busy,
+            |n| progress(self.platform.name(), n),
+        )
+        .await?;
+        let cache = catch_up(&self.pool, &self.cache, PROJECTION_BATCH, when_busy, |n| {
+            progress(self.cache.name(), n)
         })
         .await?;
-        let cache = catch_up(&self.pool, &self.cache, PROJECTION_BATCH, when_busy, |n| progress(self.cache.name(), n)).await?;
         Ok([platform, cache])
     }
 
     /// Clears every projection and rebuilds it from position 0.
-    pub async fn replay(&self, progress: impl FnMut(&str, u64) + Send) -> Result<[CatchUp; 2], ProjectionError> {
+    pub async fn replay(
+        &self,
+        progress: impl FnMut(&str, u64) + Send,
+    ) -> Result<[CatchUp; 2], ProjectionError> {
         projections::replay(&self.pool, &self.platform).await?;
         projections::replay(&self.pool, &self.cache).await?;
         self.catch_up_projections(WhenBusy::Wait, progress).await
@@ -124,14 +146,23 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| StartupError::Listen(listen, e))?;
-        let port = listener.local_addr().map_err(|e| StartupError::Listen(listen, e))?.port();
+        let port = listener
+            .local_addr()
+            .map_err(|e| StartupError::Listen(listen, e))?
+            .port();
         if services.settings.webhook_secrets.is_empty() {
-            tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 500 until it is");
+            tracing::warn!(
+                "STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 500 until it is"
+            );
         }
         if services.settings.api_token.is_none() {
             tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");
         }
-        Ok(Self { services, listener, port })
+        Ok(Self {
+            services,
+            listener,
+            port,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -144,8 +175,13 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then lets in-flight requests finish and stops the
     /// workers and projections.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Self { services, listener, .. } = self;
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Self {
+            services, listener, ..
+        } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let inbox_wake = Arc::new(Notify::new());
         let mut tasks = Vec::new();
@@ -157,9 +193,10 @@ impl Application {
                 stop_rx.clone(),
             )));
         }
-        tasks.push(tokio::spawn(
-            services.clone().run_projections(services.ledger.committed.clone(), stop_rx.clone()),
-        ));
+        tasks.push(tokio::spawn(services.clone().run_projections(
+            services.ledger.committed.clone(),
+            stop_rx.clone(),
+        )));
         // Rows left pending by a previous run are picked up at once.
         inbox_wake.notify_one();
 
@@ -171,7 +208,9 @@ impl Application {
             inbox_wake,
         };
         tracing::info!(address = %listener.local_addr()?, "subledger serving");
-        let served = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown).await;
+        let served = axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(shutdown)
+            .await;
         stop_tx.send_replace(true);
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;

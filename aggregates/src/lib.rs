@@ -12,8 +12,8 @@ pub mod subscription;
 pub use facts::{Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, SubscriptionFacts};
 pub use status::{transition, Move, SubscriptionStatus, TRANSITIONS};
 pub use subscription::{
-    decide, CustomerView, Decision, Observed, Outcome, Rejection, StripeFacts, Subscription, SubscriptionCommand,
-    SubscriptionError, SubscriptionEvent, SubscriptionRecord,
+    decide, CustomerView, Decision, Observed, Outcome, Rejection, StripeFacts, Subscription,
+    SubscriptionCommand, SubscriptionError, SubscriptionEvent, SubscriptionRecord,
 };
 
 #[cfg(test)]

@@ -73,7 +73,10 @@ impl SubscriptionStatus {
     }
 
     fn index(self) -> usize {
-        Self::ALL.iter().position(|s| *s == self).expect("ALL lists every status")
+        Self::ALL
+            .iter()
+            .position(|s| *s == self)
+            .expect("ALL lists every status")
     }
 }
 
@@ -202,8 +205,15 @@ mod tests {
         for status in SubscriptionStatus::ALL {
             assert_eq!(transition(Some(status), status), Move::Refresh);
             if status.is_terminal() {
-                for to in SubscriptionStatus::ALL.into_iter().filter(|to| *to != status) {
-                    assert_eq!(transition(Some(status), to), Move::Illegal, "{status} -> {to}");
+                for to in SubscriptionStatus::ALL
+                    .into_iter()
+                    .filter(|to| *to != status)
+                {
+                    assert_eq!(
+                        transition(Some(status), to),
+                        Move::Illegal,
+                        "{status} -> {to}"
+                    );
                 }
             }
         }
@@ -216,7 +226,8 @@ mod tests {
         for from in SubscriptionStatus::ALL {
             for to in SubscriptionStatus::ALL {
                 if from.same_second_rank() < to.same_second_rank()
-                    && !(from == SubscriptionStatus::IncompleteExpired || to == SubscriptionStatus::IncompleteExpired)
+                    && !(from == SubscriptionStatus::IncompleteExpired
+                        || to == SubscriptionStatus::IncompleteExpired)
                 {
                     assert!(transition(Some(from), to).is_legal(), "{from} -> {to}");
                 }

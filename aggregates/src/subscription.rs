@@ -43,6 +43,9 @@ pub struct CustomerView {
     pub subscription: Option<SubscriptionFacts>,
     /// The latest invoice of the current subscription.
     pub latest_invoice: Option<InvoiceFacts>,
+    /// Stripe's time for the newest fact in this view (so it does not depend on the
+    /// order in which facts arrived).
+    pub as_of: Option<DateTime<Utc>>,
 }
 
 /// Stored events. Their serialized shape is a persistence format: change it only together
@@ -246,15 +249,25 @@ impl Subscription {
     /// The view every projection writes.
     pub fn view(&self) -> CustomerView {
         let current = self.current();
+        let latest_invoice = current
+            .and_then(|snap| self.subscriptions.get(&snap.value.id))
+            .and_then(|record| record.latest_invoice.as_ref());
+        let as_of = [
+            current.map(|s| s.observed_at),
+            latest_invoice.map(|i| i.observed_at),
+            self.org.as_ref().map(|o| o.observed_at),
+            self.user.as_ref().map(|u| u.observed_at),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         CustomerView {
             customer_id: self.customer_id.clone().unwrap_or_default(),
             org_id: self.org.as_ref().map(|o| o.value.clone()),
             user_id: self.user.as_ref().map(|u| u.value.clone()),
             subscription: current.map(|snap| snap.value.clone()),
-            latest_invoice: current
-                .and_then(|snap| self.subscriptions.get(&snap.value.id))
-                .and_then(|record| record.latest_invoice.as_ref())
-                .map(|inv| inv.value.clone()),
+            latest_invoice: latest_invoice.map(|inv| inv.value.clone()),
+            as_of,
         }
     }
 }
@@ -271,8 +284,18 @@ fn same_second_key(facts: &SubscriptionFacts) -> impl Ord + '_ {
         facts.cancel_at,
         facts.cancel_at_period_end,
         facts.trial_end,
-        (&facts.latest_invoice_id, &facts.price_id, &facts.product_id, &facts.lookup_key),
-        (facts.quantity, facts.trial_start, facts.created, &facts.currency),
+        (
+            &facts.latest_invoice_id,
+            &facts.price_id,
+            &facts.product_id,
+            &facts.lookup_key,
+        ),
+        (
+            facts.quantity,
+            facts.trial_start,
+            facts.created,
+            &facts.currency,
+        ),
     )
 }
 
@@ -285,17 +308,32 @@ fn invoice_key<'a>(invoice: &'a InvoiceFacts, observed_at: DateTime<Utc>) -> imp
         observed_at,
         invoice.status_rank(),
         invoice.attempt_count,
-        (invoice.next_payment_attempt, &invoice.status, invoice.amount_due, &invoice.currency),
+        (
+            invoice.next_payment_attempt,
+            &invoice.status,
+            invoice.amount_due,
+            &invoice.currency,
+        ),
     )
 }
 
 fn payment_key(payment: &PaymentFacts, observed_at: DateTime<Utc>) -> impl Ord + '_ {
-    (observed_at, &payment.id, &payment.status, payment.amount, &payment.invoice_id, &payment.currency)
+    (
+        observed_at,
+        &payment.id,
+        &payment.status,
+        payment.amount,
+        &payment.invoice_id,
+        &payment.currency,
+    )
 }
 
 /// Judges one Stripe fact against the state. Pure: the same state and command always give
 /// the same decision, which is what makes replays and retries safe.
-pub fn decide(state: &Subscription, command: &SubscriptionCommand) -> Result<Decision, SubscriptionError> {
+pub fn decide(
+    state: &Subscription,
+    command: &SubscriptionCommand,
+) -> Result<Decision, SubscriptionError> {
     let SubscriptionCommand::RecordStripeFacts(facts) = command;
     if let Some(expected) = &state.customer_id {
         if *expected != facts.customer_id {
@@ -311,13 +349,14 @@ pub fn decide(state: &Subscription, command: &SubscriptionCommand) -> Result<Dec
     // Ownership is its own register (the newest observation wins, ties by value), judged
     // apart from the main fact so that the result does not depend on which of two
     // events that both carry it is accepted.
-    let newer = |held: &Option<Observed<String>>, candidate: &Option<String>| match (held, candidate) {
-        (_, None) => None,
-        (None, Some(value)) => Some(value.clone()),
-        (Some(held), Some(value)) => {
-            ((source.created, value) > (held.observed_at, &held.value)).then(|| value.clone())
-        }
-    };
+    let newer =
+        |held: &Option<Observed<String>>, candidate: &Option<String>| match (held, candidate) {
+            (_, None) => None,
+            (None, Some(value)) => Some(value.clone()),
+            (Some(held), Some(value)) => {
+                ((source.created, value) > (held.observed_at, &held.value)).then(|| value.clone())
+            }
+        };
     let org_id = newer(&state.org, &facts.owner.org_id);
     let user_id = newer(&state.user, &facts.owner.user_id);
     if org_id.is_some() || user_id.is_some() {
@@ -330,8 +369,13 @@ pub fn decide(state: &Subscription, command: &SubscriptionCommand) -> Result<Dec
     }
 
     let outcome = match &facts.fact {
-        Fact::Subscription(subscription) => judge_snapshot(state, source, subscription, &mut drafts),
-        Fact::Invoice { subscription_id, invoice } => {
+        Fact::Subscription(subscription) => {
+            judge_snapshot(state, source, subscription, &mut drafts)
+        }
+        Fact::Invoice {
+            subscription_id,
+            invoice,
+        } => {
             let held = state
                 .subscriptions
                 .get(subscription_id)
@@ -355,7 +399,11 @@ pub fn decide(state: &Subscription, command: &SubscriptionCommand) -> Result<Dec
         }
         Fact::Payment(payment) => {
             let candidate = payment_key(payment, source.created);
-            match state.last_payment.as_ref().map(|h| payment_key(&h.value, h.observed_at).cmp(&candidate)) {
+            match state
+                .last_payment
+                .as_ref()
+                .map(|h| payment_key(&h.value, h.observed_at).cmp(&candidate))
+            {
                 Some(std::cmp::Ordering::Equal) => Outcome::Duplicate,
                 Some(std::cmp::Ordering::Greater) => Outcome::Rejected(Rejection::StalePayment {
                     payment_id: payment.id.clone(),
@@ -385,7 +433,10 @@ pub fn decide(state: &Subscription, command: &SubscriptionCommand) -> Result<Dec
         next.apply_event(draft);
         *draft.view_mut() = next.view();
     }
-    Ok(Decision { events: drafts, outcome })
+    Ok(Decision {
+        events: drafts,
+        outcome,
+    })
 }
 
 fn judge_snapshot(
@@ -415,11 +466,16 @@ fn judge_snapshot(
                 return Outcome::Duplicate;
             }
             if !mv.is_legal() {
-                return Outcome::Rejected(Rejection::IllegalTransition { subscription_id: id(), from, to });
+                return Outcome::Rejected(Rejection::IllegalTransition {
+                    subscription_id: id(),
+                    from,
+                    to,
+                });
             }
             let (held_rank, rank) = (held.value.status.same_second_rank(), to.same_second_rank());
             let wins = rank > held_rank
-                || (rank == held_rank && same_second_key(subscription) > same_second_key(&held.value));
+                || (rank == held_rank
+                    && same_second_key(subscription) > same_second_key(&held.value));
             if !wins {
                 return Outcome::Rejected(Rejection::SameSecond {
                     subscription_id: id(),
@@ -430,7 +486,11 @@ fn judge_snapshot(
         }
     }
     if !mv.is_legal() {
-        return Outcome::Rejected(Rejection::IllegalTransition { subscription_id: id(), from, to });
+        return Outcome::Rejected(Rejection::IllegalTransition {
+            subscription_id: id(),
+            from,
+            to,
+        });
     }
     drafts.push(SubscriptionEvent::SubscriptionChanged {
         source: source.clone(),
@@ -450,7 +510,12 @@ impl Subscription {
             self.customer_id = Some(event.view().customer_id.clone());
         }
         match event {
-            SubscriptionEvent::OwnerLinked { source, org_id, user_id, .. } => {
+            SubscriptionEvent::OwnerLinked {
+                source,
+                org_id,
+                user_id,
+                ..
+            } => {
                 if let Some(org) = org_id {
                     self.org = Some(Observed::new(org.clone(), source));
                 }
@@ -458,15 +523,30 @@ impl Subscription {
                     self.user = Some(Observed::new(user.clone(), source));
                 }
             }
-            SubscriptionEvent::SubscriptionChanged { source, subscription, .. } => {
-                self.subscriptions.entry(subscription.id.clone()).or_default().snapshot =
-                    Some(Observed::new(subscription.clone(), source));
+            SubscriptionEvent::SubscriptionChanged {
+                source,
+                subscription,
+                ..
+            } => {
+                self.subscriptions
+                    .entry(subscription.id.clone())
+                    .or_default()
+                    .snapshot = Some(Observed::new(subscription.clone(), source));
             }
-            SubscriptionEvent::InvoiceRecorded { source, subscription_id, invoice, .. } => {
-                self.subscriptions.entry(subscription_id.clone()).or_default().latest_invoice =
-                    Some(Observed::new(invoice.clone(), source));
+            SubscriptionEvent::InvoiceRecorded {
+                source,
+                subscription_id,
+                invoice,
+                ..
+            } => {
+                self.subscriptions
+                    .entry(subscription_id.clone())
+                    .or_default()
+                    .latest_invoice = Some(Observed::new(invoice.clone(), source));
             }
-            SubscriptionEvent::PaymentRecorded { source, payment, .. } => {
+            SubscriptionEvent::PaymentRecorded {
+                source, payment, ..
+            } => {
                 self.last_payment = Some(Observed::new(payment.clone(), source));
             }
         }

@@ -55,15 +55,23 @@ fn record(event_id: &str, secs: i64, owner: OwnerFacts, fact: Fact) -> Subscript
 }
 
 fn snap_cmd(event_id: &str, secs: i64, facts: SubscriptionFacts) -> SubscriptionCommand {
-    record(event_id, secs, OwnerFacts::default(), Fact::Subscription(facts))
+    record(
+        event_id,
+        secs,
+        OwnerFacts::default(),
+        Fact::Subscription(facts),
+    )
 }
 
 /// The events that put the subscription in `status` at second `secs`, built by `decide`
 /// itself from an empty state (the `given` of a scenario).
 fn given_status(status: SubscriptionStatus, secs: i64) -> Vec<SubscriptionEvent> {
-    decide(&Subscription::default(), &snap_cmd("evt_given", secs, snapshot(status)))
-        .unwrap()
-        .events
+    decide(
+        &Subscription::default(),
+        &snap_cmd("evt_given", secs, snapshot(status)),
+    )
+    .unwrap()
+    .events
 }
 
 fn fold(events: &[SubscriptionEvent]) -> Subscription {
@@ -80,7 +88,9 @@ fn every_pair_of_the_table_as_given_when_then() {
     let mut checked = 0;
     for from in froms {
         for to in SubscriptionStatus::ALL {
-            let given = from.map(|status| given_status(status, 0)).unwrap_or_default();
+            let given = from
+                .map(|status| given_status(status, 0))
+                .unwrap_or_default();
             let mut next = snapshot(to);
             // A refresh must change something to be more than a duplicate.
             next.current_period_end = Some(at(60 * 86_400));
@@ -92,26 +102,34 @@ fn every_pair_of_the_table_as_given_when_then() {
                 state.customer_id = Some(CUSTOMER.to_owned());
                 let expected_view = {
                     let mut after = state.clone();
-                    after.subscriptions.entry(SUB.to_owned()).or_default().snapshot = Some(Observed {
+                    after
+                        .subscriptions
+                        .entry(SUB.to_owned())
+                        .or_default()
+                        .snapshot = Some(Observed {
                         value: next.clone(),
                         observed_at: at(100),
                         stripe_event_id: "evt_when".to_owned(),
                     });
                     after.view()
                 };
-                executor.when(when).then_expect_events(vec![SubscriptionEvent::SubscriptionChanged {
-                    source: source("evt_when", 100),
-                    from,
-                    transition: mv,
-                    subscription: next,
-                    view: expected_view,
-                }]);
+                executor.when(when).then_expect_events(vec![
+                    SubscriptionEvent::SubscriptionChanged {
+                        source: source("evt_when", 100),
+                        from,
+                        transition: mv,
+                        subscription: next,
+                        view: expected_view,
+                    },
+                ]);
             } else {
-                executor.when(when).then_expect_error(SubscriptionError::Rejected(Rejection::IllegalTransition {
-                    subscription_id: SUB.to_owned(),
-                    from,
-                    to,
-                }));
+                executor
+                    .when(when)
+                    .then_expect_error(SubscriptionError::Rejected(Rejection::IllegalTransition {
+                        subscription_id: SUB.to_owned(),
+                        from,
+                        to,
+                    }));
             }
             checked += 1;
         }
@@ -155,7 +173,10 @@ fn same_second_incomplete_cannot_undo_activation() {
         .when(snap_cmd("evt_updated", 5, snapshot(Active)))
         .inspect_result()
         .unwrap();
-    assert_eq!(events[0].view().subscription.as_ref().unwrap().status, Active);
+    assert_eq!(
+        events[0].view().subscription.as_ref().unwrap().status,
+        Active
+    );
 }
 
 #[test]
@@ -187,7 +208,13 @@ fn a_duplicate_snapshot_records_nothing() {
     use SubscriptionStatus::*;
     let given = given_status(Active, 3);
     let decision = decide(&fold(&given), &snap_cmd("evt_again", 3, snapshot(Active))).unwrap();
-    assert_eq!(decision, Decision { events: vec![], outcome: Outcome::Duplicate });
+    assert_eq!(
+        decision,
+        Decision {
+            events: vec![],
+            outcome: Outcome::Duplicate
+        }
+    );
 }
 
 #[test]
@@ -201,7 +228,10 @@ fn a_newer_identical_snapshot_still_advances_the_clock() {
     assert_eq!(decision.outcome, Outcome::Applied);
     events.extend(decision.events);
     let late = decide(&fold(&events), &snap_cmd("evt_late", 5, snapshot(PastDue))).unwrap();
-    assert!(matches!(late.outcome, Outcome::Rejected(Rejection::Stale { .. })));
+    assert!(matches!(
+        late.outcome,
+        Outcome::Rejected(Rejection::Stale { .. })
+    ));
 }
 
 #[test]
@@ -240,8 +270,14 @@ fn ownership_converges_whatever_the_order() {
         assert_eq!(view.org_id.as_deref(), Some("org_b"));
         assert_eq!(view.user_id.as_deref(), Some("user_1"));
     }
-    let empty = decide(&Subscription::default(), &record("evt_3", 3, OwnerFacts::default(), Fact::OwnerOnly));
-    assert!(matches!(empty.unwrap().outcome, Outcome::NothingToRecord(_)));
+    let empty = decide(
+        &Subscription::default(),
+        &record("evt_3", 3, OwnerFacts::default(), Fact::OwnerOnly),
+    );
+    assert!(matches!(
+        empty.unwrap().outcome,
+        Outcome::NothingToRecord(_)
+    ));
 }
 
 #[test]
@@ -251,14 +287,28 @@ fn a_stale_snapshot_still_records_its_ownership() {
     let command = record(
         "evt_old",
         10,
-        OwnerFacts { org_id: Some("org_x".to_owned()), user_id: None },
+        OwnerFacts {
+            org_id: Some("org_x".to_owned()),
+            user_id: None,
+        },
         Fact::Subscription(snapshot(Trialing)),
     );
     let decision = decide(&fold(&given), &command).unwrap();
-    assert!(matches!(decision.outcome, Outcome::Rejected(Rejection::Stale { .. })));
+    assert!(matches!(
+        decision.outcome,
+        Outcome::Rejected(Rejection::Stale { .. })
+    ));
     assert_eq!(decision.events.len(), 1);
     assert_eq!(decision.events[0].view().org_id.as_deref(), Some("org_x"));
-    assert_eq!(decision.events[0].view().subscription.as_ref().unwrap().status, Active);
+    assert_eq!(
+        decision.events[0]
+            .view()
+            .subscription
+            .as_ref()
+            .unwrap()
+            .status,
+        Active
+    );
 }
 
 fn invoice(id: &str, created: i64, status: &str, attempts: u32) -> Fact {
@@ -280,9 +330,24 @@ fn invoice(id: &str, created: i64, status: &str, attempts: u32) -> Fact {
 fn invoices_converge_to_the_newest_and_most_settled() {
     use SubscriptionStatus::*;
     let commands = [
-        record("evt_i1", 10, OwnerFacts::default(), invoice("in_1", 10, "open", 1)),
-        record("evt_i2", 20, OwnerFacts::default(), invoice("in_1", 10, "paid", 2)),
-        record("evt_i3", 40, OwnerFacts::default(), invoice("in_2", 40, "open", 1)),
+        record(
+            "evt_i1",
+            10,
+            OwnerFacts::default(),
+            invoice("in_1", 10, "open", 1),
+        ),
+        record(
+            "evt_i2",
+            20,
+            OwnerFacts::default(),
+            invoice("in_1", 10, "paid", 2),
+        ),
+        record(
+            "evt_i3",
+            40,
+            OwnerFacts::default(),
+            invoice("in_2", 40, "open", 1),
+        ),
     ];
     let expected = {
         let mut events = given_status(Active, 1);
@@ -298,12 +363,21 @@ fn invoices_converge_to_the_newest_and_most_settled() {
         for i in order {
             events.extend(decide(&fold(&events), &commands[i]).unwrap().events);
         }
-        events.extend(decide(&fold(&events), &snap_cmd("evt_given", 1, snapshot(Active))).unwrap().events);
+        events.extend(
+            decide(&fold(&events), &snap_cmd("evt_given", 1, snapshot(Active)))
+                .unwrap()
+                .events,
+        );
         assert_eq!(fold(&events).view(), expected);
     }
     let stale = decide(
         &fold(&given_status(Active, 1)),
-        &record("evt_dup", 10, OwnerFacts::default(), invoice("in_1", 10, "open", 1)),
+        &record(
+            "evt_dup",
+            10,
+            OwnerFacts::default(),
+            invoice("in_1", 10, "open", 1),
+        ),
     )
     .unwrap();
     assert_eq!(stale.outcome, Outcome::Applied);

@@ -39,7 +39,11 @@ impl Default for AccessPolicy {
     /// `active`, `trialing` and `past_due` (Stripe is still retrying) grant access.
     fn default() -> Self {
         Self {
-            grant: vec![SubscriptionStatus::Active, SubscriptionStatus::Trialing, SubscriptionStatus::PastDue],
+            grant: vec![
+                SubscriptionStatus::Active,
+                SubscriptionStatus::Trialing,
+                SubscriptionStatus::PastDue,
+            ],
         }
     }
 }
@@ -100,9 +104,18 @@ impl Catalog {
     /// The plan for a subscription: a catalogue plan naming its price, lookup key or
     /// product (in that order of precedence); otherwise a plan named after the lookup key
     /// or price id, with no features.
-    pub fn plan_for(&self, price_id: Option<&str>, lookup_key: Option<&str>, product_id: Option<&str>) -> Option<Plan> {
+    pub fn plan_for(
+        &self,
+        price_id: Option<&str>,
+        lookup_key: Option<&str>,
+        product_id: Option<&str>,
+    ) -> Option<Plan> {
         let find = |pick: fn(&Plan) -> &Vec<String>, key: Option<&str>| {
-            key.and_then(|key| self.plans.iter().find(|plan| pick(plan).iter().any(|k| k == key)))
+            key.and_then(|key| {
+                self.plans
+                    .iter()
+                    .find(|plan| pick(plan).iter().any(|k| k == key))
+            })
         };
         find(|p| &p.prices, price_id)
             .or_else(|| find(|p| &p.lookup_keys, lookup_key))
@@ -139,7 +152,11 @@ impl Catalog {
                 access_until: None,
             };
         };
-        let plan = self.plan_for(info.price_id.as_deref(), info.lookup_key.as_deref(), info.product_id.as_deref());
+        let plan = self.plan_for(
+            info.price_id.as_deref(),
+            info.lookup_key.as_deref(),
+            info.product_id.as_deref(),
+        );
         let granted = info
             .status
             .parse::<SubscriptionStatus>()
@@ -152,9 +169,17 @@ impl Catalog {
             customer_id: Some(info.customer_id.clone()),
             status: info.status.clone(),
             plan: plan.as_ref().map(|p| p.name.clone()),
-            features: if access { plan.map(|p| p.features).unwrap_or_default() } else { vec![] },
+            features: if access {
+                plan.map(|p| p.features).unwrap_or_default()
+            } else {
+                vec![]
+            },
             access,
-            access_until: if access { info.current_period_end } else { None },
+            access_until: if access {
+                info.current_period_end
+            } else {
+                None
+            },
         }
     }
 }
@@ -212,12 +237,22 @@ mod tests {
             ("incomplete", false),
             ("incomplete_expired", false),
         ] {
-            let e = catalog.entitlement(Some("org_1"), None, Some(&info(status, "price_pro_monthly", 2_000)), now);
+            let e = catalog.entitlement(
+                Some("org_1"),
+                None,
+                Some(&info(status, "price_pro_monthly", 2_000)),
+                now,
+            );
             assert_eq!(e.access, expected, "{status}");
             assert_eq!(e.plan.as_deref(), Some("pro"));
             assert_eq!(e.features.is_empty(), !expected);
         }
-        let expired = catalog.entitlement(None, None, Some(&info("active", "price_pro_monthly", 500)), now);
+        let expired = catalog.entitlement(
+            None,
+            None,
+            Some(&info("active", "price_pro_monthly", 500)),
+            now,
+        );
         assert!(!expired.access);
     }
 
@@ -225,7 +260,12 @@ mod tests {
     fn an_unknown_price_is_its_own_plan_without_features() {
         let catalog = Catalog::parse(SAMPLE).unwrap();
         let now = Utc.timestamp_opt(1_000, 0).unwrap();
-        let e = catalog.entitlement(None, None, Some(&info("active", "price_unknown", 2_000)), now);
+        let e = catalog.entitlement(
+            None,
+            None,
+            Some(&info("active", "price_unknown", 2_000)),
+            now,
+        );
         assert_eq!(e.plan.as_deref(), Some("price_unknown"));
         assert!(e.features.is_empty());
         assert!(e.access);

@@ -59,12 +59,19 @@ pub struct SubscriptionInfo {
 impl SubscriptionInfo {
     pub const NO_SUBSCRIPTION: &'static str = "none";
 
-    pub fn from_view(view: &CustomerView, version: u64, updated_at: DateTime<Utc>, catalog: &Catalog) -> Self {
+    pub fn from_view(
+        view: &CustomerView,
+        version: u64,
+        updated_at: DateTime<Utc>,
+        catalog: &Catalog,
+    ) -> Self {
         let sub = view.subscription.as_ref();
         let mut info = Self {
             customer_id: view.customer_id.clone(),
             subscription_id: sub.map(|s| s.id.clone()),
-            status: sub.map_or(Self::NO_SUBSCRIPTION, |s| s.status.as_str()).to_owned(),
+            status: sub
+                .map_or(Self::NO_SUBSCRIPTION, |s| s.status.as_str())
+                .to_owned(),
             price_id: sub.and_then(|s| s.price_id.clone()),
             product_id: sub.and_then(|s| s.product_id.clone()),
             lookup_key: sub.and_then(|s| s.lookup_key.clone()),
@@ -91,7 +98,11 @@ impl SubscriptionInfo {
     /// catalogue change shows at once, without a replay.
     pub fn resolve_plan(&mut self, catalog: &Catalog) {
         self.plan = catalog
-            .plan_for(self.price_id.as_deref(), self.lookup_key.as_deref(), self.product_id.as_deref())
+            .plan_for(
+                self.price_id.as_deref(),
+                self.lookup_key.as_deref(),
+                self.product_id.as_deref(),
+            )
             .map(|plan| plan.name);
     }
 }

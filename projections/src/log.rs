@@ -47,9 +47,10 @@ pub enum LogError {
 /// The newest transaction id every reader may read up to now: all transactions below it
 /// have finished. Take it before the reading transaction writes anything.
 pub async fn read_horizon(conn: &mut PgConnection) -> Result<u64, LogError> {
-    let horizon: String = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        .fetch_one(conn)
-        .await?;
+    let horizon: String =
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+            .fetch_one(conn)
+            .await?;
     horizon.parse().map_err(|_| LogError::TxId(horizon))
 }
 
@@ -113,7 +114,8 @@ pub async fn count_after(conn: &mut PgConnection, after: Position) -> Result<i64
 /// Keeps, for each aggregate, only its newest event of `events`: every event carries the
 /// whole view, so older ones in the same batch are superseded.
 pub fn newest_per_aggregate(events: &[LoggedEvent]) -> Vec<&LoggedEvent> {
-    let mut newest: std::collections::HashMap<&str, &LoggedEvent> = std::collections::HashMap::new();
+    let mut newest: std::collections::HashMap<&str, &LoggedEvent> =
+        std::collections::HashMap::new();
     for event in events {
         let slot = newest.entry(event.aggregate_id.as_str()).or_insert(event);
         if event.sequence > slot.sequence {

@@ -27,8 +27,16 @@ impl PlatformTables {
     }
 
     /// The stored answer for a customer.
-    pub async fn customer(pool: &PgPool, customer_id: &str) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
-        Self::one(pool, "SELECT info FROM subscriptions WHERE customer_id = $1", customer_id).await
+    pub async fn customer(
+        pool: &PgPool,
+        customer_id: &str,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        Self::one(
+            pool,
+            "SELECT info FROM subscriptions WHERE customer_id = $1",
+            customer_id,
+        )
+        .await
     }
 
     /// The stored answer for the customer an org (or else a user) belongs to; the most
@@ -49,9 +57,15 @@ impl PlatformTables {
         }
     }
 
-    async fn one(pool: &PgPool, sql: &str, key: &str) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
-        let info: Option<sqlx::types::Json<SubscriptionInfo>> =
-            sqlx::query_scalar(sql).bind(key).fetch_optional(pool).await?;
+    async fn one(
+        pool: &PgPool,
+        sql: &str,
+        key: &str,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        let info: Option<sqlx::types::Json<SubscriptionInfo>> = sqlx::query_scalar(sql)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
         Ok(info.map(|json| json.0))
     }
 }
@@ -61,12 +75,20 @@ impl Projection for PlatformTables {
         "platform_tables"
     }
 
-    async fn apply(&self, tx: &mut PgConnection, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[LoggedEvent],
+    ) -> Result<(), ProjectionError> {
         for logged in newest_per_aggregate(events) {
             let info = SubscriptionInfo::from_view(
                 logged.event.view(),
                 logged.sequence,
-                logged.event.source().created,
+                logged
+                    .event
+                    .view()
+                    .as_of
+                    .unwrap_or(logged.event.source().created),
                 &self.catalog,
             );
             sqlx::query(
@@ -104,7 +126,12 @@ impl Projection for PlatformTables {
             }
         }
         for logged in newest.into_values() {
-            let SubscriptionEvent::SubscriptionChanged { subscription: s, source, .. } = &logged.event else {
+            let SubscriptionEvent::SubscriptionChanged {
+                subscription: s,
+                source,
+                ..
+            } = &logged.event
+            else {
                 continue;
             };
             sqlx::query(
@@ -153,7 +180,9 @@ impl Projection for PlatformTables {
     }
 
     async fn clear(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
-        sqlx::query("TRUNCATE subscriptions, merchant_subscriptions").execute(tx).await?;
+        sqlx::query("TRUNCATE subscriptions, merchant_subscriptions")
+            .execute(tx)
+            .await?;
         Ok(())
     }
 }

@@ -66,8 +66,18 @@ pub struct RedisCache {
 }
 
 impl RedisCache {
-    pub fn new(conn: ConnectionManager, keys: CacheKeys, ttl_secs: u64, catalog: Arc<Catalog>) -> Self {
-        Self { conn, keys, ttl_secs, catalog }
+    pub fn new(
+        conn: ConnectionManager,
+        keys: CacheKeys,
+        ttl_secs: u64,
+        catalog: Arc<Catalog>,
+    ) -> Self {
+        Self {
+            conn,
+            keys,
+            ttl_secs,
+            catalog,
+        }
     }
 
     pub fn keys(&self) -> &CacheKeys {
@@ -75,8 +85,15 @@ impl RedisCache {
     }
 
     /// The cached answer for a customer; a value that does not decode counts as a miss.
-    pub async fn customer(&self, customer_id: &str) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
-        let raw: Option<String> = self.conn.clone().get(self.keys.customer(customer_id)).await?;
+    pub async fn customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
+        let raw: Option<String> = self
+            .conn
+            .clone()
+            .get(self.keys.customer(customer_id))
+            .await?;
         Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
             Ok(info) => Some(info),
             Err(error) => {
@@ -87,7 +104,11 @@ impl RedisCache {
     }
 
     /// The customer an org or user key points at.
-    pub async fn customer_id_for(&self, org_id: Option<&str>, user_id: Option<&str>) -> Result<Option<String>, redis::RedisError> {
+    pub async fn customer_id_for(
+        &self,
+        org_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> Result<Option<String>, redis::RedisError> {
         let key = match (org_id, user_id) {
             (Some(org), _) => self.keys.org(org),
             (None, Some(user)) => self.keys.user(user),
@@ -114,7 +135,10 @@ impl RedisCache {
     /// Writes one answer (read-through after a miss). Returns false when the cache
     /// already held a newer version.
     pub async fn put(&self, info: &SubscriptionInfo) -> Result<bool, ProjectionError> {
-        let written: i64 = self.put_command(info)?.query_async(&mut self.conn.clone()).await?;
+        let written: i64 = self
+            .put_command(info)?
+            .query_async(&mut self.conn.clone())
+            .await?;
         Ok(written == 1)
     }
 
@@ -152,13 +176,21 @@ impl Projection for RedisCache {
         "redis_cache"
     }
 
-    async fn apply(&self, _tx: &mut PgConnection, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        _tx: &mut PgConnection,
+        events: &[LoggedEvent],
+    ) -> Result<(), ProjectionError> {
         let mut pipe = redis::pipe();
         for logged in newest_per_aggregate(events) {
             let info = SubscriptionInfo::from_view(
                 logged.event.view(),
                 logged.sequence,
-                logged.event.source().created,
+                logged
+                    .event
+                    .view()
+                    .as_of
+                    .unwrap_or(logged.event.source().created),
                 &self.catalog,
             );
             pipe.add_command(self.put_command(&info)?);

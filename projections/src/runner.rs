@@ -32,11 +32,17 @@ pub trait Projection: Send + Sync {
     /// Applies a batch, in log order. Must be idempotent: the same events may come again
     /// after a crash, and any event may come after a newer one of the same aggregate
     /// was applied.
-    fn apply(&self, tx: &mut PgConnection, events: &[LoggedEvent])
-        -> impl Future<Output = Result<(), ProjectionError>> + Send;
+    fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[LoggedEvent],
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
     /// Deletes everything this projection owns, before a replay from position 0.
-    fn clear(&self, tx: &mut PgConnection) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+    fn clear(
+        &self,
+        tx: &mut PgConnection,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
 
 /// What one `catch_up` call did.
@@ -58,7 +64,11 @@ async fn ensure_checkpoint(pool: &PgPool, name: &str) -> Result<(), ProjectionEr
 
 /// The checkpoint of `name`, locked for this transaction; `None` when another process
 /// holds it.
-async fn lock_checkpoint(tx: &mut PgConnection, name: &str, wait: bool) -> Result<Option<Position>, ProjectionError> {
+async fn lock_checkpoint(
+    tx: &mut PgConnection,
+    name: &str,
+    wait: bool,
+) -> Result<Option<Position>, ProjectionError> {
     let sql = if wait {
         "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
     } else {
@@ -74,7 +84,11 @@ async fn lock_checkpoint(tx: &mut PgConnection, name: &str, wait: bool) -> Resul
     }))
 }
 
-async fn save_checkpoint(tx: &mut PgConnection, name: &str, at: Position) -> Result<(), ProjectionError> {
+async fn save_checkpoint(
+    tx: &mut PgConnection,
+    name: &str,
+    at: Position,
+) -> Result<(), ProjectionError> {
     sqlx::query(
         "UPDATE projection_checkpoints SET tx_id = $2::text::xid8, global_seq = $3, updated_at = now() WHERE name = $1",
     )
@@ -109,7 +123,12 @@ pub async fn catch_up<P: Projection>(
     loop {
         let mut tx = pool.begin().await?;
         let horizon = log::read_horizon(&mut tx).await?;
-        let Some(at) = lock_checkpoint(&mut tx, projection.name(), when_busy == WhenBusy::Wait).await? else {
+        let Some(at) =
+            lock_checkpoint(&mut tx, projection.name(), when_busy == WhenBusy::Wait).await?
+        else {
+            // End the transaction now: a dropped one is only rolled back when its
+            // connection is next used.
+            tx.rollback().await?;
             done.busy = true;
             return Ok(done);
         };
@@ -143,17 +162,19 @@ pub async fn replay<P: Projection>(pool: &PgPool, projection: &P) -> Result<(), 
 /// How many events each projection is behind the log.
 pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
     let mut conn = pool.acquire().await?;
-    let at = sqlx::query("SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *conn)
-        .await?
-        .map(|row| {
-            let tx_id: String = row.get("tx_id");
-            Position {
-                tx_id: tx_id.parse().unwrap_or_default(),
-                global_seq: row.get("global_seq"),
-            }
-        })
-        .unwrap_or_default();
+    let at = sqlx::query(
+        "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?
+    .map(|row| {
+        let tx_id: String = row.get("tx_id");
+        Position {
+            tx_id: tx_id.parse().unwrap_or_default(),
+            global_seq: row.get("global_seq"),
+        }
+    })
+    .unwrap_or_default();
     Ok(log::count_after(&mut conn, at).await?)
 }

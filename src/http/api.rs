@@ -15,14 +15,23 @@ use subtle::ConstantTimeEq;
 use super::{ApiError, AppState};
 
 /// Requires `Authorization: Bearer $SUBLEDGER_API_TOKEN`, compared in constant time.
-pub async fn require_api_token(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_api_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let presented = request
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let ok = match (&state.settings.api_token, presented) {
-        (Some(expected), Some(presented)) => bool::from(expected.expose_secret().as_bytes().ct_eq(presented.as_bytes())),
+        (Some(expected), Some(presented)) => bool::from(
+            expected
+                .expose_secret()
+                .as_bytes()
+                .ct_eq(presented.as_bytes()),
+        ),
         _ => false,
     };
     if !ok {
@@ -33,7 +42,11 @@ pub async fn require_api_token(State(state): State<AppState>, request: Request, 
 
 /// Stripe-shaped ids: letters, digits, `_` and `-`, at most 255 characters.
 fn valid_id(id: &str, what: &'static str) -> Result<(), ApiError> {
-    let ok = !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let ok = !id.is_empty()
+        && id.len() <= 255
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -53,38 +66,67 @@ pub async fn customer_subscription(
     Ok(Json(info))
 }
 
-pub async fn org_entitlements(State(state): State<AppState>, Path(org_id): Path<String>) -> Result<Json<Entitlement>, ApiError> {
+pub async fn org_entitlements(
+    State(state): State<AppState>,
+    Path(org_id): Path<String>,
+) -> Result<Json<Entitlement>, ApiError> {
     valid_id(&org_id, "org id")?;
     let info = read_owner(&state, Some(&org_id), None).await?;
-    Ok(Json(state.catalog.entitlement(Some(&org_id), None, info.as_ref(), chrono::Utc::now())))
+    Ok(Json(state.catalog.entitlement(
+        Some(&org_id),
+        None,
+        info.as_ref(),
+        chrono::Utc::now(),
+    )))
 }
 
-pub async fn user_entitlements(State(state): State<AppState>, Path(user_id): Path<String>) -> Result<Json<Entitlement>, ApiError> {
+pub async fn user_entitlements(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+) -> Result<Json<Entitlement>, ApiError> {
     valid_id(&user_id, "user id")?;
     let info = read_owner(&state, None, Some(&user_id)).await?;
-    Ok(Json(state.catalog.entitlement(None, Some(&user_id), info.as_ref(), chrono::Utc::now())))
+    Ok(Json(state.catalog.entitlement(
+        None,
+        Some(&user_id),
+        info.as_ref(),
+        chrono::Utc::now(),
+    )))
 }
 
 /// Cache first, then the table (writing the answer back to the cache).
-pub async fn read_customer(state: &AppState, customer_id: &str) -> Result<Option<SubscriptionInfo>, ApiError> {
+pub async fn read_customer(
+    state: &AppState,
+    customer_id: &str,
+) -> Result<Option<SubscriptionInfo>, ApiError> {
     match state.cache.customer(customer_id).await {
         Ok(Some(info)) => return Ok(Some(info)),
         Ok(None) => {}
         Err(error) => tracing::warn!(%error, "cache read failed; reading Postgres"),
     }
-    let info = PlatformTables::customer(&state.pool, customer_id).await.map_err(ApiError::Storage)?;
+    let info = PlatformTables::customer(&state.pool, customer_id)
+        .await
+        .map_err(ApiError::Storage)?;
     if let Some(info) = &info {
         write_back(state, info).await;
     }
     Ok(info)
 }
 
-async fn read_owner(state: &AppState, org_id: Option<&str>, user_id: Option<&str>) -> Result<Option<SubscriptionInfo>, ApiError> {
+async fn read_owner(
+    state: &AppState,
+    org_id: Option<&str>,
+    user_id: Option<&str>,
+) -> Result<Option<SubscriptionInfo>, ApiError> {
     let cached = match state.cache.customer_id_for(org_id, user_id).await {
-        Ok(Some(customer_id)) => state.cache.customer(&customer_id).await.unwrap_or_else(|error| {
-            tracing::warn!(%error, "cache read failed; reading Postgres");
-            None
-        }),
+        Ok(Some(customer_id)) => state
+            .cache
+            .customer(&customer_id)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "cache read failed; reading Postgres");
+                None
+            }),
         Ok(None) => None,
         Err(error) => {
             tracing::warn!(%error, "cache read failed; reading Postgres");
@@ -99,7 +141,9 @@ async fn read_owner(state: &AppState, org_id: Option<&str>, user_id: Option<&str
             return Ok(Some(info));
         }
     }
-    let info = PlatformTables::for_owner(&state.pool, org_id, user_id).await.map_err(ApiError::Storage)?;
+    let info = PlatformTables::for_owner(&state.pool, org_id, user_id)
+        .await
+        .map_err(ApiError::Storage)?;
     if let Some(info) = &info {
         write_back(state, info).await;
     }

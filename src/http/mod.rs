@@ -33,12 +33,21 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
     let v1 = Router::new()
-        .route("/customers/:customer_id/subscription", get(api::customer_subscription))
+        .route(
+            "/customers/:customer_id/subscription",
+            get(api::customer_subscription),
+        )
         .route("/orgs/:org_id/entitlements", get(api::org_entitlements))
         .route("/users/:user_id/entitlements", get(api::user_entitlements))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::require_api_token));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::require_api_token,
+        ));
     Router::new()
-        .route("/webhooks/stripe", post(webhook::receive).layer(DefaultBodyLimit::max(max_body)))
+        .route(
+            "/webhooks/stripe",
+            post(webhook::receive).layer(DefaultBodyLimit::max(max_body)),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })

@@ -24,8 +24,15 @@ pub async fn receive(
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(state.settings.max_body_bytes),
         _ => ApiError::InvalidParameter("body"),
     })?;
-    let secrets: Vec<&str> = state.settings.webhook_secrets.iter().map(|s| s.expose_secret()).collect();
-    let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+    let secrets: Vec<&str> = state
+        .settings
+        .webhook_secrets
+        .iter()
+        .map(|s| s.expose_secret())
+        .collect();
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
     verify_signature(
         signature,
         &body,
@@ -40,6 +47,14 @@ pub async fn receive(
     if received == Received::Stored {
         state.inbox_wake.notify_one();
     }
-    tracing::info!(event_id = event.id, event_type = event.event_type, ?received, "webhook received");
-    Ok((StatusCode::OK, Json(json!({"received": true, "event_id": event.id, "result": received}))))
+    tracing::info!(
+        event_id = event.id,
+        event_type = event.event_type,
+        ?received,
+        "webhook received"
+    );
+    Ok((
+        StatusCode::OK,
+        Json(json!({"received": true, "event_id": event.id, "result": received})),
+    ))
 }

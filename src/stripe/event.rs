@@ -11,8 +11,8 @@
 //! Stripe event at all.
 
 use aggregates::{
-    Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, StripeFacts, SubscriptionCommand, SubscriptionFacts,
-    SubscriptionStatus,
+    Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, StripeFacts, SubscriptionCommand,
+    SubscriptionFacts, SubscriptionStatus,
 };
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
@@ -42,7 +42,10 @@ pub enum ParseError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
     /// Run this command on the customer's aggregate.
-    Command { customer_id: String, command: SubscriptionCommand },
+    Command {
+        customer_id: String,
+        command: SubscriptionCommand,
+    },
     /// Acknowledge and record, but change nothing (unhandled type, no customer…).
     Ignore { reason: String },
 }
@@ -106,8 +109,14 @@ pub fn event_from_value(value: Value) -> Result<StripeEvent, ParseError> {
         .and_then(Value::as_i64)
         .and_then(timestamp)
         .ok_or(ParseError::NotAnEvent("no valid \"created\""))?;
-    let api_version = envelope.get("api_version").and_then(Value::as_str).map(str::to_owned);
-    let livemode = envelope.get("livemode").and_then(Value::as_bool).unwrap_or(false);
+    let api_version = envelope
+        .get("api_version")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let livemode = envelope
+        .get("livemode")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let Some(Value::Object(mut data)) = envelope.remove("data") else {
         return Err(ParseError::NotAnEvent("no \"data\" object"));
     };
@@ -128,7 +137,9 @@ pub fn event_from_value(value: Value) -> Result<StripeEvent, ParseError> {
 impl StripeEvent {
     /// The customer the event is about, when it names one.
     pub fn customer_id(&self) -> Option<String> {
-        if self.event_type.starts_with("customer.") && !self.event_type.starts_with("customer.subscription.") {
+        if self.event_type.starts_with("customer.")
+            && !self.event_type.starts_with("customer.subscription.")
+        {
             return str_field(&self.object, "id");
         }
         id_of(self.object.get("customer"))
@@ -168,7 +179,10 @@ pub fn route(event: &StripeEvent) -> Route {
             (owner_from_metadata(object.get("metadata")), Fact::OwnerOnly)
         }
         Some("customer") => match subscription_facts(object) {
-            Ok(facts) => (owner_from_metadata(object.get("metadata")), Fact::Subscription(facts)),
+            Ok(facts) => (
+                owner_from_metadata(object.get("metadata")),
+                Fact::Subscription(facts),
+            ),
             Err(reason) => return Route::Ignore { reason },
         },
         Some("invoice") => invoice_fact(object),
@@ -177,15 +191,22 @@ pub fn route(event: &StripeEvent) -> Route {
                 OwnerFacts::default(),
                 Fact::Payment(PaymentFacts {
                     id,
-                    status: str_field(object, "status").unwrap_or_else(|| event.event_type.replace("payment_intent.", "")),
+                    status: str_field(object, "status")
+                        .unwrap_or_else(|| event.event_type.replace("payment_intent.", "")),
                     amount: object.get("amount").and_then(Value::as_i64),
                     currency: str_field(object, "currency"),
                     invoice_id: id_of(object.get("invoice")),
                 }),
             ),
-            None => return Route::Ignore { reason: "payment intent without an id".to_owned() },
+            None => {
+                return Route::Ignore {
+                    reason: "payment intent without an id".to_owned(),
+                }
+            }
         },
-        _ => unreachable!("HANDLED_TYPES only lists checkout, customer, invoice and payment_intent events"),
+        _ => unreachable!(
+            "HANDLED_TYPES only lists checkout, customer, invoice and payment_intent events"
+        ),
     };
     Route::Command {
         customer_id: customer_id.clone(),
@@ -241,14 +262,18 @@ pub fn subscription_facts(object: &Map<String, Value>) -> Result<SubscriptionFac
             .and_then(Value::as_u64),
         current_period_start: period("current_period_start", i64::min),
         current_period_end: period("current_period_end", i64::max),
-        cancel_at_period_end: object.get("cancel_at_period_end").and_then(Value::as_bool).unwrap_or(false),
+        cancel_at_period_end: object
+            .get("cancel_at_period_end")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         cancel_at: ts_field(object, "cancel_at"),
         canceled_at: ts_field(object, "canceled_at"),
         ended_at: ts_field(object, "ended_at"),
         trial_start: ts_field(object, "trial_start"),
         trial_end: ts_field(object, "trial_end"),
         latest_invoice_id: id_of(object.get("latest_invoice")),
-        currency: str_field(object, "currency").or_else(|| price.and_then(|p| str_field(p, "currency"))),
+        currency: str_field(object, "currency")
+            .or_else(|| price.and_then(|p| str_field(p, "currency"))),
     })
 }
 
@@ -257,32 +282,51 @@ fn invoice_fact(object: &Map<String, Value>) -> (OwnerFacts, Fact) {
         .get("parent")
         .and_then(|parent| parent.get("subscription_details"))
         .and_then(Value::as_object);
-    let legacy_details = object.get("subscription_details").and_then(Value::as_object);
+    let legacy_details = object
+        .get("subscription_details")
+        .and_then(Value::as_object);
     let owner = owner_from_metadata(
         parent_details
             .or(legacy_details)
             .and_then(|details| details.get("metadata")),
     );
-    let subscription_id = id_of(object.get("subscription")).or_else(|| parent_details.and_then(|d| id_of(d.get("subscription"))));
+    let subscription_id = id_of(object.get("subscription"))
+        .or_else(|| parent_details.and_then(|d| id_of(d.get("subscription"))));
     let Some(subscription_id) = subscription_id else {
-        return (owner, Fact::Nothing { reason: "the invoice belongs to no subscription".to_owned() });
+        return (
+            owner,
+            Fact::Nothing {
+                reason: "the invoice belongs to no subscription".to_owned(),
+            },
+        );
     };
     let Some(id) = str_field(object, "id") else {
         return (
             owner,
-            Fact::Nothing { reason: "an upcoming invoice has no id yet; nothing to record".to_owned() },
+            Fact::Nothing {
+                reason: "an upcoming invoice has no id yet; nothing to record".to_owned(),
+            },
         );
     };
     let invoice = InvoiceFacts {
         id,
         status: str_field(object, "status"),
-        attempt_count: object.get("attempt_count").and_then(Value::as_u64).unwrap_or(0) as u32,
+        attempt_count: object
+            .get("attempt_count")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as u32,
         next_payment_attempt: ts_field(object, "next_payment_attempt"),
         created: ts_field(object, "created").or_else(|| ts_field(object, "date")),
         amount_due: object.get("amount_due").and_then(Value::as_i64),
         currency: str_field(object, "currency"),
     };
-    (owner, Fact::Invoice { subscription_id, invoice })
+    (
+        owner,
+        Fact::Invoice {
+            subscription_id,
+            invoice,
+        },
+    )
 }
 
 /// `metadata.organizationId`/`org_id`/`organization_id` and `metadata.userId`/`user_id`.
@@ -316,7 +360,10 @@ fn id_of(value: Option<&Value>) -> Option<String> {
 }
 
 fn ts_field(object: &Map<String, Value>, field: &str) -> Option<DateTime<Utc>> {
-    object.get(field).and_then(Value::as_i64).and_then(timestamp)
+    object
+        .get(field)
+        .and_then(Value::as_i64)
+        .and_then(timestamp)
 }
 
 fn timestamp(secs: i64) -> Option<DateTime<Utc>> {
@@ -336,7 +383,10 @@ mod tests {
 
     fn facts(route: Route) -> StripeFacts {
         match route {
-            Route::Command { command: SubscriptionCommand::RecordStripeFacts(facts), .. } => facts,
+            Route::Command {
+                command: SubscriptionCommand::RecordStripeFacts(facts),
+                ..
+            } => facts,
             other => panic!("expected a command, got {other:?}"),
         }
     }
@@ -345,7 +395,10 @@ mod tests {
     fn not_an_event_is_refused() {
         assert!(matches!(parse_event(b"{"), Err(ParseError::Json(_))));
         assert!(matches!(parse_event(b"[]"), Err(ParseError::NotAnEvent(_))));
-        assert!(matches!(parse_event(br#"{"id":"evt_1","type":"x","created":1}"#), Err(ParseError::NotAnEvent(_))));
+        assert!(matches!(
+            parse_event(br#"{"id":"evt_1","type":"x","created":1}"#),
+            Err(ParseError::NotAnEvent(_))
+        ));
         assert!(matches!(
             parse_event(br#"{"id":"cus_1","object":"customer","type":"x","created":1,"data":{"object":{}}}"#),
             Err(ParseError::NotAnEvent(_))
@@ -363,9 +416,14 @@ mod tests {
         let a = facts(route(&event("customer.subscription.updated", legacy)));
         let b = facts(route(&event("customer.subscription.updated", basil)));
         assert_eq!(a.fact, b.fact);
-        let Fact::Subscription(s) = a.fact else { panic!() };
+        let Fact::Subscription(s) = a.fact else {
+            panic!()
+        };
         assert_eq!(s.current_period_end, timestamp(200));
-        assert_eq!((s.price_id.as_deref(), s.product_id.as_deref(), s.quantity), (Some("price_a"), Some("prod_a"), Some(2)));
+        assert_eq!(
+            (s.price_id.as_deref(), s.product_id.as_deref(), s.quantity),
+            (Some("price_a"), Some("prod_a"), Some(2))
+        );
     }
 
     #[test]
@@ -384,17 +442,39 @@ mod tests {
         let session = json!({"id": "cs_1", "customer": "cus_1", "client_reference_id": "org_1",
             "metadata": {"userId": "user_1"}});
         let f = facts(route(&event("checkout.session.completed", session)));
-        assert_eq!(f.owner, OwnerFacts { org_id: Some("org_1".into()), user_id: Some("user_1".into()) });
-        let customer = json!({"id": "cus_2", "object": "customer", "metadata": {"organizationId": "org_2"}});
+        assert_eq!(
+            f.owner,
+            OwnerFacts {
+                org_id: Some("org_1".into()),
+                user_id: Some("user_1".into())
+            }
+        );
+        let customer =
+            json!({"id": "cus_2", "object": "customer", "metadata": {"organizationId": "org_2"}});
         let f = facts(route(&event("customer.updated", customer)));
-        assert_eq!((f.customer_id.as_str(), f.owner.org_id.as_deref()), ("cus_2", Some("org_2")));
+        assert_eq!(
+            (f.customer_id.as_str(), f.owner.org_id.as_deref()),
+            ("cus_2", Some("org_2"))
+        );
     }
 
     #[test]
     fn unhandled_or_customerless_events_are_ignored() {
-        assert!(matches!(route(&event("charge.succeeded", json!({"customer": "cus_1"}))), Route::Ignore { .. }));
-        assert!(matches!(route(&event("checkout.session.completed", json!({"customer": null}))), Route::Ignore { .. }));
-        let upcoming = facts(route(&event("invoice.upcoming", json!({"customer": "cus_1", "subscription": "sub_1"}))));
+        assert!(matches!(
+            route(&event("charge.succeeded", json!({"customer": "cus_1"}))),
+            Route::Ignore { .. }
+        ));
+        assert!(matches!(
+            route(&event(
+                "checkout.session.completed",
+                json!({"customer": null})
+            )),
+            Route::Ignore { .. }
+        ));
+        let upcoming = facts(route(&event(
+            "invoice.upcoming",
+            json!({"customer": "cus_1", "subscription": "sub_1"}),
+        )));
         assert!(matches!(upcoming.fact, Fact::Nothing { .. }));
     }
 }

@@ -9,14 +9,21 @@ use crate::helpers::spawn_app;
 async fn v1_needs_the_bearer_token() {
     let app = spawn_app("auth").await;
     for token in [None, Some("wrong"), Some("")] {
-        let mut request = app.client.get(format!("{}/v1/orgs/org_1/entitlements", app.address));
+        let mut request = app
+            .client
+            .get(format!("{}/v1/orgs/org_1/entitlements", app.address));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 401, "{token:?}");
     }
-    let health = app.client.get(format!("{}/healthz", app.address)).send().await.unwrap();
+    let health = app
+        .client
+        .get(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     app.stop().await;
 }
@@ -24,12 +31,29 @@ async fn v1_needs_the_bearer_token() {
 #[tokio::test]
 async fn unknown_customers_are_404_and_unknown_orgs_have_no_access() {
     let app = spawn_app("unknown").await;
-    assert_eq!(app.get("/v1/customers/cus_never/subscription").await.status(), 404);
-    assert_eq!(app.get("/v1/customers/bad%20id/subscription").await.status(), 400);
+    assert_eq!(
+        app.get("/v1/customers/cus_never/subscription")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.get("/v1/customers/bad%20id/subscription")
+            .await
+            .status(),
+        400
+    );
     assert_eq!(app.get("/v1/nothing-here").await.status(), 404);
-    for path in ["/v1/orgs/org_never/entitlements", "/v1/users/user_never/entitlements"] {
+    for path in [
+        "/v1/orgs/org_never/entitlements",
+        "/v1/users/user_never/entitlements",
+    ] {
         let e = app.get_json(path).await;
-        assert_eq!((e["access"].as_bool(), e["status"].as_str()), (Some(false), Some("none")), "{path}");
+        assert_eq!(
+            (e["access"].as_bool(), e["status"].as_str()),
+            (Some(false), Some("none")),
+            "{path}"
+        );
     }
     app.stop().await;
 }
@@ -38,11 +62,35 @@ async fn unknown_customers_are_404_and_unknown_orgs_have_no_access() {
 async fn entitlements_follow_the_subscription_and_the_catalogue() {
     let app = spawn_app("ent").await;
     let steps = [
-        ("evt_1", "customer.subscription.created", 0, "trialing", true),
+        (
+            "evt_1",
+            "customer.subscription.created",
+            0,
+            "trialing",
+            true,
+        ),
         ("evt_2", "customer.subscription.updated", 10, "active", true),
-        ("evt_3", "customer.subscription.updated", 20, "past_due", true),
-        ("evt_4", "customer.subscription.updated", 30, "unpaid", false),
-        ("evt_5", "customer.subscription.deleted", 40, "canceled", false),
+        (
+            "evt_3",
+            "customer.subscription.updated",
+            20,
+            "past_due",
+            true,
+        ),
+        (
+            "evt_4",
+            "customer.subscription.updated",
+            30,
+            "unpaid",
+            false,
+        ),
+        (
+            "evt_5",
+            "customer.subscription.deleted",
+            40,
+            "canceled",
+            false,
+        ),
     ];
     for (id, kind, dt, status, access) in steps {
         let body = sub_event(id, kind, T0 + dt, "sub_e", "cus_e", status, "org_e");
@@ -59,18 +107,37 @@ async fn entitlements_follow_the_subscription_and_the_catalogue() {
         assert_eq!(by_user["status"], status);
     }
     // Resubscribing makes the new subscription current.
-    let body = sub_event("evt_6", "customer.subscription.created", T0 + 50, "sub_f", "cus_e", "active", "org_e");
+    let body = sub_event(
+        "evt_6",
+        "customer.subscription.created",
+        T0 + 50,
+        "sub_f",
+        "cus_e",
+        "active",
+        "org_e",
+    );
     app.post_webhook(&body).await;
     app.settle().await;
     let info = app.get_json("/v1/customers/cus_e/subscription").await;
-    assert_eq!((info["subscription_id"].as_str(), info["status"].as_str()), (Some("sub_f"), Some("active")));
+    assert_eq!(
+        (info["subscription_id"].as_str(), info["status"].as_str()),
+        (Some("sub_f"), Some("active"))
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn with_the_cache_wiped_reads_are_still_right_and_refill_it() {
     let app = spawn_app("wipe").await;
-    let body = sub_event("evt_w", "customer.subscription.created", T0, "sub_w", "cus_w", "active", "org_w");
+    let body = sub_event(
+        "evt_w",
+        "customer.subscription.created",
+        T0,
+        "sub_w",
+        "cus_w",
+        "active",
+        "org_w",
+    );
     app.post_webhook(&body).await;
     app.settle().await;
     let before = app.get_json("/v1/customers/cus_w/subscription").await;
@@ -78,10 +145,17 @@ async fn with_the_cache_wiped_reads_are_still_right_and_refill_it() {
     assert!(app.redis_get("stripe:customer:cus_w").await.is_some());
     app.wipe_cache().await;
     assert!(app.redis_keys().await.is_empty());
-    assert_eq!(app.get_json("/v1/customers/cus_w/subscription").await, before);
-    assert_eq!(app.get_json("/v1/orgs/org_w/entitlements").await, ent_before);
+    assert_eq!(
+        app.get_json("/v1/customers/cus_w/subscription").await,
+        before
+    );
+    assert_eq!(
+        app.get_json("/v1/orgs/org_w/entitlements").await,
+        ent_before
+    );
     // Read-through wrote the answer back, with its TTL.
-    let cached: Value = serde_json::from_str(&app.redis_get("stripe:customer:cus_w").await.unwrap()).unwrap();
+    let cached: Value =
+        serde_json::from_str(&app.redis_get("stripe:customer:cus_w").await.unwrap()).unwrap();
     assert_eq!(cached, before);
     let ttl: i64 = redis::cmd("TTL")
         .arg(format!("{}stripe:customer:cus_w", app.prefix))
@@ -96,14 +170,29 @@ async fn with_the_cache_wiped_reads_are_still_right_and_refill_it() {
 async fn the_cache_never_goes_back_to_an_older_version() {
     let app = spawn_app("ver").await;
     for (id, dt, status) in [("evt_v1", 0, "trialing"), ("evt_v2", 10, "active")] {
-        app.post_webhook(&sub_event(id, "customer.subscription.updated", T0 + dt, "sub_v", "cus_v", status, "org_v")).await;
+        app.post_webhook(&sub_event(
+            id,
+            "customer.subscription.updated",
+            T0 + dt,
+            "sub_v",
+            "cus_v",
+            status,
+            "org_v",
+        ))
+        .await;
         app.settle().await;
     }
     let current = app.get_json("/v1/customers/cus_v/subscription").await;
     let mut older: projections::SubscriptionInfo = serde_json::from_value(current.clone()).unwrap();
     older.version -= 1;
     older.status = "trialing".into();
-    assert!(!app.services.cache.put(&older).await.unwrap(), "an older version is refused");
-    assert_eq!(app.get_json("/v1/customers/cus_v/subscription").await, current);
+    assert!(
+        !app.services.cache.put(&older).await.unwrap(),
+        "an older version is refused"
+    );
+    assert_eq!(
+        app.get_json("/v1/customers/cus_v/subscription").await,
+        current
+    );
     app.stop().await;
 }

@@ -27,7 +27,21 @@ pub fn subscription(sub: &str, customer: &str, status: &str, period_end: i64, or
     })
 }
 
-pub fn sub_event(id: &str, event_type: &str, created: i64, sub: &str, customer: &str, status: &str, org: &str) -> Vec<u8> {
+pub fn sub_event(
+    id: &str,
+    event_type: &str,
+    created: i64,
+    sub: &str,
+    customer: &str,
+    status: &str,
+    org: &str,
+) -> Vec<u8> {
     let far = chrono::Utc::now().timestamp() + 30 * 86_400;
-    serde_json::to_vec(&envelope(id, event_type, created, subscription(sub, customer, status, far, org))).unwrap()
+    serde_json::to_vec(&envelope(
+        id,
+        event_type,
+        created,
+        subscription(sub, customer, status, far, org),
+    ))
+    .unwrap()
 }

@@ -22,9 +22,11 @@ struct Fixture {
 }
 
 fn fixtures_dir() -> PathBuf {
-    std::env::var("SUBLEDGER_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/stripe-events")
-    })
+    std::env::var("SUBLEDGER_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/stripe-events")
+        })
 }
 
 fn load() -> Vec<Fixture> {
@@ -33,7 +35,12 @@ fn load() -> Vec<Fixture> {
         .unwrap_or_else(|e| panic!("the shared fixtures are at {}: {e}", dir.display()));
     let mut lines = manifest.lines();
     let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("column {name}"));
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("column {name}"))
+    };
     let (file, index, id, kind, status, customer, sub) = (
         col("local_file"),
         col("event_index"),
@@ -72,13 +79,23 @@ fn every_fixture_parses_and_routes_as_its_manifest_says() {
     let mut commands = 0;
     for f in &fixtures {
         let event = parse_event(&f.body).unwrap_or_else(|e| panic!("{}: {e}", f.file));
-        assert_eq!((event.id.as_str(), event.event_type.as_str()), (f.event_id.as_str(), f.event_type.as_str()));
+        assert_eq!(
+            (event.id.as_str(), event.event_type.as_str()),
+            (f.event_id.as_str(), f.event_type.as_str())
+        );
         let handled = HANDLED_TYPES.contains(&f.event_type.as_str());
         match route(&event) {
             Route::Ignore { reason } => {
-                assert!(!handled || f.customer_id.is_empty(), "{}: ignored ({reason})", f.file);
+                assert!(
+                    !handled || f.customer_id.is_empty(),
+                    "{}: ignored ({reason})",
+                    f.file
+                );
             }
-            Route::Command { customer_id, command: SubscriptionCommand::RecordStripeFacts(facts) } => {
+            Route::Command {
+                customer_id,
+                command: SubscriptionCommand::RecordStripeFacts(facts),
+            } => {
                 commands += 1;
                 assert!(handled, "{}", f.file);
                 assert_eq!(customer_id, f.customer_id, "{}", f.file);
@@ -89,7 +106,10 @@ fn every_fixture_parses_and_routes_as_its_manifest_says() {
                         assert!(s.price_id.is_some(), "{}: price or plan", f.file);
                         assert!(s.current_period_end.is_some(), "{}: period", f.file);
                     }
-                    Fact::Invoice { subscription_id, invoice } => {
+                    Fact::Invoice {
+                        subscription_id,
+                        invoice,
+                    } => {
                         assert_eq!(*subscription_id, f.subscription_id, "{}", f.file);
                         assert!(invoice.id.starts_with("in_"), "{}", f.file);
                     }
@@ -100,7 +120,8 @@ fn every_fixture_parses_and_routes_as_its_manifest_says() {
                     ),
                     Fact::Payment(p) => assert!(p.id.starts_with("pi_"), "{}", f.file),
                     Fact::OwnerOnly => assert!(
-                        f.event_type.starts_with("customer.") || f.event_type == "checkout.session.completed",
+                        f.event_type.starts_with("customer.")
+                            || f.event_type == "checkout.session.completed",
                         "{}",
                         f.file
                     ),
@@ -121,10 +142,25 @@ async fn every_fixture_is_acknowledged_and_processed_through_the_webhook() {
     }
     app.settle().await;
     let distinct: std::collections::HashSet<_> = fixtures.iter().map(|f| &f.event_id).collect();
-    assert_eq!(app.count("SELECT count(*) FROM inbox").await, distinct.len() as i64);
-    assert_eq!(app.count("SELECT count(*) FROM inbox WHERE state <> 'done'").await, 0);
-    assert_eq!(app.count("SELECT count(*) FROM inbox WHERE outcome = 'failed'").await, 0);
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox").await,
+        distinct.len() as i64
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox WHERE state <> 'done'")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox WHERE outcome = 'failed'")
+            .await,
+        0
+    );
     // Zeroed ids make many fixtures duplicates of each other; the distinct ones apply.
-    assert!(app.count("SELECT count(*) FROM inbox WHERE outcome = 'applied'").await >= 10);
+    assert!(
+        app.count("SELECT count(*) FROM inbox WHERE outcome = 'applied'")
+            .await
+            >= 10
+    );
     app.stop().await;
 }

@@ -22,7 +22,8 @@ pub const TOKEN: &str = "test-api-token";
 static TRACING: Once = Once::new();
 
 fn base_database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 fn redis_url() -> String {
@@ -58,10 +59,14 @@ pub fn test_settings(tag: &str) -> (Settings, String, String) {
     settings.database_url = SecretString::from(format!("{url}/{db_name}"));
     settings.redis_url = SecretString::from(redis_url());
     settings.redis_prefix = prefix.clone();
-    settings.webhook_secrets = vec![SecretString::from(OLD_SECRET.to_owned()), SecretString::from(SECRET.to_owned())];
+    settings.webhook_secrets = vec![
+        SecretString::from(OLD_SECRET.to_owned()),
+        SecretString::from(SECRET.to_owned()),
+    ];
     settings.api_token = Some(SecretString::from(TOKEN.to_owned()));
     settings.listen = "127.0.0.1:0".parse().unwrap();
-    settings.catalog_path = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/catalog.example.toml").into());
+    settings.catalog_path =
+        Some(concat!(env!("CARGO_MANIFEST_DIR"), "/catalog.example.toml").into());
     settings.poll_interval = Duration::from_millis(50);
     settings.max_body_bytes = 64 * 1024;
     (settings, db_name, prefix)
@@ -74,8 +79,12 @@ pub async fn spawn_app(tag: &str) -> TestApp {
 
 pub async fn spawn_with(settings: Settings, db_name: String, prefix: String) -> TestApp {
     let redis_client = redis::Client::open(redis_url()).unwrap();
-    let redis = redis::aio::ConnectionManager::new(redis_client).await.expect("Redis is running");
-    let app = Application::build(settings).await.expect("the application starts");
+    let redis = redis::aio::ConnectionManager::new(redis_client)
+        .await
+        .expect("Redis is running");
+    let app = Application::build(settings)
+        .await
+        .expect("the application starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let services = app.services().clone();
     let pool = services.pool.clone();
@@ -103,7 +112,11 @@ impl TestApp {
         self.post_webhook_with(body, Some(&header)).await
     }
 
-    pub async fn post_webhook_with(&self, body: &[u8], signature: Option<&str>) -> reqwest::Response {
+    pub async fn post_webhook_with(
+        &self,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> reqwest::Response {
         let mut request = self
             .client
             .post(format!("{}/webhooks/stripe", self.address))
@@ -135,12 +148,17 @@ impl TestApp {
     pub async fn settle(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE state = 'pending'")
-                .fetch_one(&self.pool)
+            let pending: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM inbox WHERE state = 'pending'")
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap();
+            let lag_platform = projections::runner::lag(&self.pool, "platform_tables")
                 .await
                 .unwrap();
-            let lag_platform = projections::runner::lag(&self.pool, "platform_tables").await.unwrap();
-            let lag_cache = projections::runner::lag(&self.pool, "redis_cache").await.unwrap();
+            let lag_cache = projections::runner::lag(&self.pool, "redis_cache")
+                .await
+                .unwrap();
             if pending == 0 && lag_platform == 0 && lag_cache == 0 {
                 return;
             }
@@ -153,7 +171,10 @@ impl TestApp {
     }
 
     /// (state, outcome, detail) of an inbox row.
-    pub async fn inbox_row(&self, event_id: &str) -> Option<(String, Option<String>, Option<String>)> {
+    pub async fn inbox_row(
+        &self,
+        event_id: &str,
+    ) -> Option<(String, Option<String>, Option<String>)> {
         sqlx::query("SELECT state, outcome, detail FROM inbox WHERE event_id = $1")
             .bind(event_id)
             .fetch_optional(&self.pool)
@@ -175,7 +196,11 @@ impl TestApp {
     }
 
     pub async fn redis_get(&self, key: &str) -> Option<String> {
-        self.redis.clone().get(format!("{}{key}", self.prefix)).await.unwrap()
+        self.redis
+            .clone()
+            .get(format!("{}{key}", self.prefix))
+            .await
+            .unwrap()
     }
 
     pub async fn wipe_cache(&self) {

@@ -1,8 +1,11 @@
 //! Integration tests: the real application over HTTP against real Postgres and Redis.
 
 mod api;
+mod cli;
 mod events;
 mod fixtures;
 mod helpers;
+mod lifecycle;
 mod replay;
+mod stripe_sim;
 mod webhook;

@@ -10,7 +10,15 @@ use crate::helpers::{spawn_app, OLD_SECRET, SECRET};
 #[tokio::test]
 async fn signature_cases_are_answered_400_and_store_nothing() {
     let app = spawn_app("sig").await;
-    let body = sub_event("evt_sig", "customer.subscription.created", T0, "sub_1", "cus_1", "active", "org_1");
+    let body = sub_event(
+        "evt_sig",
+        "customer.subscription.created",
+        T0,
+        "sub_1",
+        "cus_1",
+        "active",
+        "org_1",
+    );
     let now = chrono::Utc::now().timestamp();
     let cases: Vec<(&str, Option<String>)> = vec![
         ("missing", None),
@@ -31,7 +39,9 @@ async fn signature_cases_are_answered_400_and_store_nothing() {
     assert_eq!(app.count("SELECT count(*) FROM inbox").await, 0);
 
     // Within tolerance, and signed by the secret being rotated out: accepted.
-    let response = app.post_webhook_with(&body, Some(&sign(OLD_SECRET, now - 290, &body))).await;
+    let response = app
+        .post_webhook_with(&body, Some(&sign(OLD_SECRET, now - 290, &body)))
+        .await;
     assert_eq!(response.status(), 200);
     app.stop().await;
 }
@@ -42,8 +52,14 @@ async fn bad_bodies_are_refused_with_clear_errors() {
     for (name, body) in [
         ("not json", b"{not json".to_vec()),
         ("array", b"[]".to_vec()),
-        ("not an event", br#"{"id":"cus_1","object":"customer"}"#.to_vec()),
-        ("no data.object", br#"{"id":"evt_1","object":"event","type":"x","created":1,"data":{}}"#.to_vec()),
+        (
+            "not an event",
+            br#"{"id":"cus_1","object":"customer"}"#.to_vec(),
+        ),
+        (
+            "no data.object",
+            br#"{"id":"evt_1","object":"event","type":"x","created":1,"data":{}}"#.to_vec(),
+        ),
     ] {
         let response = app.post_webhook(&body).await;
         assert_eq!(response.status(), 400, "{name}");
@@ -62,7 +78,15 @@ async fn bad_bodies_are_refused_with_clear_errors() {
 #[tokio::test]
 async fn a_duplicate_is_acknowledged_and_does_nothing() {
     let app = spawn_app("dup").await;
-    let body = sub_event("evt_dup", "customer.subscription.created", T0, "sub_1", "cus_dup", "active", "org_dup");
+    let body = sub_event(
+        "evt_dup",
+        "customer.subscription.created",
+        T0,
+        "sub_1",
+        "cus_dup",
+        "active",
+        "org_dup",
+    );
     for expected in ["stored", "duplicate", "duplicate"] {
         let response = app.post_webhook(&body).await;
         assert_eq!(response.status(), 200);
@@ -71,21 +95,36 @@ async fn a_duplicate_is_acknowledged_and_does_nothing() {
     }
     app.settle().await;
     assert_eq!(app.count("SELECT count(*) FROM inbox").await, 1);
-    assert_eq!(app.count("SELECT count(*) FROM events").await, 2, "one OwnerLinked, one SubscriptionChanged");
+    assert_eq!(
+        app.count("SELECT count(*) FROM events").await,
+        2,
+        "one OwnerLinked, one SubscriptionChanged"
+    );
     let info = app.get_json("/v1/customers/cus_dup/subscription").await;
-    assert_eq!((info["status"].as_str(), info["version"].as_u64()), (Some("active"), Some(2)));
+    assert_eq!(
+        (info["status"].as_str(), info["version"].as_u64()),
+        (Some("active"), Some(2))
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn unhandled_types_are_acknowledged_and_recorded_as_ignored() {
     let app = spawn_app("ign").await;
-    let body = serde_json::to_vec(&envelope("evt_charge", "charge.succeeded", T0, json!({"id": "ch_1", "customer": "cus_1"})))
-        .unwrap();
+    let body = serde_json::to_vec(&envelope(
+        "evt_charge",
+        "charge.succeeded",
+        T0,
+        json!({"id": "ch_1", "customer": "cus_1"}),
+    ))
+    .unwrap();
     let response = app.post_webhook(&body).await;
     assert_eq!(response.status(), 200);
     let (state, outcome, detail) = app.inbox_row("evt_charge").await.unwrap();
-    assert_eq!((state.as_str(), outcome.as_deref()), ("done", Some("ignored")));
+    assert_eq!(
+        (state.as_str(), outcome.as_deref()),
+        ("done", Some("ignored"))
+    );
     assert!(detail.unwrap().contains("not handled"));
     assert_eq!(app.count("SELECT count(*) FROM events").await, 0);
     app.stop().await;
@@ -94,14 +133,41 @@ async fn unhandled_types_are_acknowledged_and_recorded_as_ignored() {
 #[tokio::test]
 async fn stale_and_illegal_moves_are_acknowledged_and_recorded_with_their_outcome() {
     let app = spawn_app("rej").await;
-    let active = sub_event("evt_a", "customer.subscription.updated", T0 + 10, "sub_1", "cus_rej", "active", "org_rej");
-    let older = sub_event("evt_b", "customer.subscription.updated", T0 + 5, "sub_1", "cus_rej", "past_due", "org_rej");
-    let backwards = sub_event("evt_c", "customer.subscription.updated", T0 + 20, "sub_1", "cus_rej", "incomplete", "org_rej");
+    let active = sub_event(
+        "evt_a",
+        "customer.subscription.updated",
+        T0 + 10,
+        "sub_1",
+        "cus_rej",
+        "active",
+        "org_rej",
+    );
+    let older = sub_event(
+        "evt_b",
+        "customer.subscription.updated",
+        T0 + 5,
+        "sub_1",
+        "cus_rej",
+        "past_due",
+        "org_rej",
+    );
+    let backwards = sub_event(
+        "evt_c",
+        "customer.subscription.updated",
+        T0 + 20,
+        "sub_1",
+        "cus_rej",
+        "incomplete",
+        "org_rej",
+    );
     for body in [&active, &older, &backwards] {
         assert_eq!(app.post_webhook(body).await.status(), 200);
         app.settle().await;
     }
-    assert_eq!(app.inbox_row("evt_a").await.unwrap().1.as_deref(), Some("applied"));
+    assert_eq!(
+        app.inbox_row("evt_a").await.unwrap().1.as_deref(),
+        Some("applied")
+    );
     let (_, outcome, detail) = app.inbox_row("evt_b").await.unwrap();
     assert_eq!(outcome.as_deref(), Some("stale"));
     assert!(detail.unwrap().contains("already updated"));
@@ -116,10 +182,24 @@ async fn stale_and_illegal_moves_are_acknowledged_and_recorded_with_their_outcom
 #[tokio::test]
 async fn when_postgres_cannot_store_the_webhook_answers_503_and_stripe_retries() {
     let app = spawn_app("down").await;
-    let body = sub_event("evt_down", "customer.subscription.created", T0, "sub_1", "cus_down", "active", "org_down");
+    let body = sub_event(
+        "evt_down",
+        "customer.subscription.created",
+        T0,
+        "sub_1",
+        "cus_down",
+        "active",
+        "org_down",
+    );
     // A real outage of this test's database: cut its connections and take it away.
     let admin = app.admin_pool().await;
-    sqlx::query(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", app.db_name)).execute(&admin).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+        app.db_name
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
         .bind(&app.db_name)
         .execute(&admin)
@@ -130,10 +210,19 @@ async fn when_postgres_cannot_store_the_webhook_answers_503_and_stripe_retries()
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["code"], "storage_unavailable");
     // Stripe's retry succeeds once the database is back.
-    sqlx::query(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", app.db_name)).execute(&admin).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+        app.db_name
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
     let response = app.post_webhook(&body).await;
     assert_eq!(response.status(), 200);
     app.settle().await;
-    assert_eq!(app.get_json("/v1/customers/cus_down/subscription").await["status"], "active");
+    assert_eq!(
+        app.get_json("/v1/customers/cus_down/subscription").await["status"],
+        "active"
+    );
     app.stop().await;
 }

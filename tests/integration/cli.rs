@@ -1,0 +1,184 @@
+//! The `subledger` binary itself: import, replay, migrate, and a clean stop on SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use serde_json::json;
+
+use crate::events::{envelope, subscription, T0};
+use crate::helpers::{spawn_app, test_settings, TOKEN};
+
+/// Runs a command to completion off the test's runtime thread, so the in-process app keeps
+/// serving while the binary works against its database.
+async fn run(mut command: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn run_subledger(
+    settings: &subledger::Settings,
+    args: &[&std::ffi::OsStr],
+) -> std::process::Output {
+    let mut command = subledger(settings);
+    command.args(args);
+    run(command).await
+}
+
+fn subledger(settings: &subledger::Settings) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_subledger"));
+    command
+        .env("DATABASE_URL", settings.database_url.expose_secret())
+        .env("REDIS_URL", settings.redis_url.expose_secret())
+        .env("SUBLEDGER_REDIS_PREFIX", &settings.redis_prefix)
+        .env("SUBLEDGER_CATALOG", settings.catalog_path.as_ref().unwrap())
+        .env("SUBLEDGER_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn");
+    command
+}
+
+#[tokio::test]
+async fn import_then_replay_through_the_binary() {
+    let app = spawn_app("cli").await;
+    let settings = {
+        let (mut s, _, _) = test_settings("unused");
+        s.database_url = format!("postgres://postgres@127.0.0.1:5432/{}", app.db_name).into();
+        s.redis_prefix = app.prefix.clone();
+        s
+    };
+    let far = chrono::Utc::now().timestamp() + 86_400;
+    let events = [
+        envelope(
+            "evt_i1",
+            "customer.subscription.created",
+            T0,
+            subscription("sub_i", "cus_i", "trialing", far, "org_i"),
+        ),
+        envelope(
+            "evt_i2",
+            "customer.subscription.updated",
+            T0 + 60,
+            subscription("sub_i", "cus_i", "active", far, "org_i"),
+        ),
+        envelope(
+            "evt_i3",
+            "charge.succeeded",
+            T0 + 61,
+            json!({"id": "ch_1", "customer": "cus_i"}),
+        ),
+    ];
+    let lines: String = events.iter().map(|e| format!("{e}\n")).collect();
+    let dir = std::env::temp_dir().join(&app.prefix.replace(':', "_"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("events.jsonl");
+    std::fs::write(&good, &lines).unwrap();
+
+    // A file with one bad event changes nothing.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, format!("{lines}{{\"id\": \"evt_x\"}}\n")).unwrap();
+    let out = run_subledger(&settings, &["import".as_ref(), &bad.as_os_str()]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 4"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(app.count("SELECT count(*) FROM inbox").await, 0);
+
+    let out = run_subledger(&settings, &["import".as_ref(), &good.as_os_str()]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("imported 2 new events (1 ignored, 0 duplicates)"),
+        "{stderr}"
+    );
+    app.settle().await;
+    let info = app.get_json("/v1/customers/cus_i/subscription").await;
+    assert_eq!(info["status"], "active");
+
+    // Again: all duplicates.
+    let out = run_subledger(&settings, &["import".as_ref(), &good.as_os_str()]).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 new events (0 ignored, 3 duplicates)"));
+
+    app.wipe_cache().await;
+    let out = run_subledger(&settings, &["replay".as_ref()]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("replayed"), "{stderr}");
+    assert!(
+        app.redis_get("stripe:customer:cus_i").await.is_some(),
+        "replay rebuilt the cache"
+    );
+    assert_eq!(app.get_json("/v1/customers/cus_i/subscription").await, info);
+    std::fs::remove_dir_all(&dir).ok();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn replay_fails_loudly_when_it_cannot_reach_redis() {
+    let app = spawn_app("clifail").await;
+    let (mut settings, _, _) = test_settings("unused");
+    settings.database_url = format!("postgres://postgres@127.0.0.1:5432/{}", app.db_name).into();
+    settings.redis_url = "redis://127.0.0.1:1".to_owned().into();
+    let out = run_subledger(&settings, &["replay".as_ref()]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Redis"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn serve_migrates_serves_and_stops_cleanly_on_sigterm() {
+    let (settings, db_name, prefix) = test_settings("serve");
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut child = subledger(&settings)
+        .arg("serve")
+        .env("SUBLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("STRIPE_WEBHOOK_SECRET", "whsec_x")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..200 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+        {
+            up = r.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "serve answered /healthz");
+    let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{db_name}"))
+        .await
+        .unwrap();
+    let migrated: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(migrated >= 1);
+    let kill = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut status = None;
+    for _ in 0..200 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = status.expect("serve stopped after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let _ = prefix;
+}
