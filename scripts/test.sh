@@ -6,13 +6,18 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
 
-# Test databases and keys left by earlier runs (kept for inspection until now).
+# Test databases and keys left by earlier runs (kept for inspection until now). Their
+# names carry their creation time; anything under an hour old may belong to a run still
+# going on beside this one, so it stays.
+cutoff=$(( $(date +%s) - 3600 ))
 psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
-  "SELECT datname FROM pg_database WHERE datname LIKE 'subledger\_test\_%'" |
+  "SELECT datname FROM pg_database WHERE datname ~ '^subledger_test_[0-9]+_' AND split_part(datname, '_', 3)::bigint < $cutoff" |
   while read -r db; do
     psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
   done
-redis-cli -h 127.0.0.1 --scan --pattern 'test:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 del >/dev/null
+redis-cli -h 127.0.0.1 --scan --pattern 'test:*' |
+  awk -F: -v cutoff="$cutoff" '$2 ~ /^[0-9]+$/ && $2 < cutoff' |
+  xargs -r -n 500 redis-cli -h 127.0.0.1 del >/dev/null
 
 # The domain crate stays pure: no IO crate in its normal dependencies.
 io=$(cargo tree -p aggregates -e normal --prefix none | grep -oE '^(sqlx|redis|axum|hyper|reqwest|tokio-postgres) ' | sort -u || true)

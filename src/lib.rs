@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod startup;
 pub mod stripe;
 pub mod telemetry;
+pub mod transitions;
 
 pub use config::Settings;
 pub use startup::{Application, Services};

@@ -29,12 +29,21 @@ enum Command {
     /// Feed Stripe events from a file (JSON lines, a JSON array, or a `stripe events list`
     /// page) through the same path as webhooks, without signatures.
     Import { file: PathBuf },
+    /// Print the transition table the aggregate runs.
+    Transitions {
+        #[arg(long, value_enum, default_value = "text")]
+        format: subledger::transitions::Format,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init();
     let cli = Cli::parse();
+    if let Command::Transitions { format } = cli.command {
+        print!("{}", subledger::transitions::render(format));
+        return Ok(());
+    }
     let settings = Settings::from_env().context("reading configuration")?;
     match cli.command {
         Command::Serve => {
@@ -88,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 report.stored, report.ignored, report.duplicates
             );
         }
+        Command::Transitions { .. } => unreachable!("handled before reading settings"),
     }
     Ok(())
 }

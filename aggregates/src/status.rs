@@ -139,20 +139,10 @@ impl Move {
 use Move::{CatchUp as C, First as F, Illegal as X, Refresh as R, Step as S};
 
 /// The transition table. Rows are the status we hold (`None`: no fact about this
-/// subscription id yet), columns follow [`SubscriptionStatus::ALL`]:
+/// subscription id yet), columns follow [`SubscriptionStatus::ALL`]; `F` first, `S` step,
+/// `C` catch-up, `R` refresh, `X` illegal. `subledger transitions` prints it with names,
+/// and ARCHITECTURE.md carries that print (a test keeps the two equal).
 ///
-/// ```text
-///                     incomplete  inc_expired  trialing  active  past_due  canceled  unpaid  paused
-/// (none)              F           F            F         F       F         F         F       F
-/// incomplete          R           S            C         S       C         S         C       C
-/// incomplete_expired  X           R            X         X       X         X         X       X
-/// trialing            X           X            R         S       S         S         C       S
-/// active              X           X            S         R       S         S         C       S
-/// past_due            X           X            C         S       R         S         S       S
-/// canceled            X           X            X         X       X         R         X       X
-/// unpaid              X           X            C         S       C         S         R       C
-/// paused              X           X            C         S       C         S         C       R
-/// ```
 /// Nothing goes back to `incomplete`; only `incomplete` expires; `canceled` and
 /// `incomplete_expired` are terminal for their subscription id (a customer who comes back
 /// gets a new subscription id).

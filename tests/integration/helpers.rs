@@ -49,9 +49,12 @@ pub fn test_settings(tag: &str) -> (Settings, String, String) {
             subledger::telemetry::init();
         }
     });
+    // The creation time is in the names so that the test command can clear what earlier
+    // runs left behind without touching a run still going on beside it.
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let db_name = format!("subledger_test_{tag}_{}", &id[..12]);
-    let prefix = format!("test:{}:", &id[..12]);
+    let now = chrono::Utc::now().timestamp();
+    let db_name = format!("subledger_test_{now}_{tag}_{}", &id[..8]);
+    let prefix = format!("test:{now}:{}:", &id[..8]);
     let mut url = base_database_url();
     let cut = url.rfind('/').expect("DATABASE_URL names a database");
     url.truncate(cut);
