@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
+use crate::log::LoggedEvent;
 
 /// The latest invoice of the current subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +93,13 @@ impl SubscriptionInfo {
         };
         info.resolve_plan(catalog);
         info
+    }
+
+    /// The answer as of a logged event: its view, at its aggregate version.
+    pub fn from_logged(logged: &LoggedEvent, catalog: &Catalog) -> Self {
+        let view = logged.event.view();
+        let updated_at = view.as_of.unwrap_or(logged.event.source().created);
+        Self::from_view(view, logged.sequence, updated_at, catalog)
     }
 
     /// Names the plan from the catalogue. The API calls this again on every read, so a

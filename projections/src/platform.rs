@@ -81,16 +81,7 @@ impl Projection for PlatformTables {
         events: &[LoggedEvent],
     ) -> Result<(), ProjectionError> {
         for logged in newest_per_aggregate(events) {
-            let info = SubscriptionInfo::from_view(
-                logged.event.view(),
-                logged.sequence,
-                logged
-                    .event
-                    .view()
-                    .as_of
-                    .unwrap_or(logged.event.source().created),
-                &self.catalog,
-            );
+            let info = SubscriptionInfo::from_logged(logged, &self.catalog);
             sqlx::query(
                 "INSERT INTO subscriptions (customer_id, org_id, user_id, subscription_id, status, price_id, \
                     current_period_end, info, version, updated_at) \

@@ -183,16 +183,7 @@ impl Projection for RedisCache {
     ) -> Result<(), ProjectionError> {
         let mut pipe = redis::pipe();
         for logged in newest_per_aggregate(events) {
-            let info = SubscriptionInfo::from_view(
-                logged.event.view(),
-                logged.sequence,
-                logged
-                    .event
-                    .view()
-                    .as_of
-                    .unwrap_or(logged.event.source().created),
-                &self.catalog,
-            );
+            let info = SubscriptionInfo::from_logged(logged, &self.catalog);
             pipe.add_command(self.put_command(&info)?);
         }
         let written: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
