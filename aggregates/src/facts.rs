@@ -42,6 +42,39 @@ pub struct SubscriptionFacts {
     pub currency: Option<String>,
 }
 
+/// The card (or other method) a subscription charges by default, as Stripe's API shows it
+/// when `default_payment_method` is expanded. Webhook payloads carry only its id, so only
+/// a sync records this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentMethodFacts {
+    pub id: String,
+    /// `card.brand` (for example `visa`), or the method's `type` when it is not a card.
+    pub brand: Option<String>,
+    pub last4: Option<String>,
+}
+
+/// What Stripe's API answered when we asked it about a customer's subscriptions: the
+/// truth as of `fetched_at`. Stripe stamps no `created` on an API answer, so the caller
+/// stamps the time it sent the request (whole seconds, the resolution of Stripe's own
+/// `created`), and the aggregate orders the snapshot by it; it never reads a clock itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiSnapshot {
+    pub customer_id: String,
+    /// Our id for this sync (becomes the events' `stripe_event_id`, e.g. `sync_…`).
+    pub sync_id: String,
+    /// Which API call produced it (becomes the events' `stripe_event_type`, e.g.
+    /// `api.subscriptions.list`).
+    pub api_call: String,
+    /// When the request was sent, truncated to the second.
+    pub fetched_at: DateTime<Utc>,
+    /// Ownership the listed objects carry (their metadata).
+    pub owner: OwnerFacts,
+    /// Every subscription the answer listed, each with its default payment method when
+    /// Stripe expanded it. Subscriptions we hold that the answer does not list are left
+    /// alone: a page of a backfill lists only some of a customer's subscriptions.
+    pub subscriptions: Vec<(SubscriptionFacts, Option<PaymentMethodFacts>)>,
+}
+
 /// An invoice's payment facts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvoiceFacts {

@@ -9,7 +9,10 @@ pub mod facts;
 pub mod status;
 pub mod subscription;
 
-pub use facts::{Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, SubscriptionFacts};
+pub use facts::{
+    ApiSnapshot, Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, PaymentMethodFacts,
+    SubscriptionFacts,
+};
 pub use status::{transition, Move, SubscriptionStatus, TRANSITIONS};
 pub use subscription::{
     decide, CustomerView, Decision, Observed, Outcome, Rejection, StripeFacts, Subscription,

@@ -14,13 +14,22 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::facts::{Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, SubscriptionFacts};
+use crate::facts::{
+    ApiSnapshot, Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, PaymentMethodFacts,
+    SubscriptionFacts,
+};
 use crate::status::{transition, Move, SubscriptionStatus};
 
-/// The one command: record what one Stripe event says about a customer.
+/// The commands: record what one Stripe event says about a customer, or reconcile with
+/// what Stripe's API answered when we asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SubscriptionCommand {
     RecordStripeFacts(StripeFacts),
+    /// Stripe's API is the truth as of the time the request was sent: each listed
+    /// subscription that differs from what we hold is recorded as
+    /// [`SubscriptionEvent::SubscriptionReconciled`], unless we hold a fact newer than the
+    /// request (see [`decide`] for the ordering rule).
+    Reconcile(ApiSnapshot),
 }
 
 /// Everything the domain needs from one Stripe event, already parsed.
@@ -46,6 +55,11 @@ pub struct CustomerView {
     /// Stripe's time for the newest fact in this view (so it does not depend on the
     /// order in which facts arrived).
     pub as_of: Option<DateTime<Utc>>,
+    /// The current subscription's default payment method, as the last sync saw it.
+    /// Absent from events written before syncs existed (and skipped when empty, so those
+    /// events' JSON is unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_method: Option<PaymentMethodFacts>,
 }
 
 /// Stored events. Their serialized shape is a persistence format: change it only together
@@ -78,6 +92,20 @@ pub enum SubscriptionEvent {
         payment: PaymentFacts,
         view: CustomerView,
     },
+    /// A subscription as Stripe's API showed it, recorded because it differed from what we
+    /// held. `source` names the sync (`stripe_event_id` = our sync id, `stripe_event_type`
+    /// = the API call) and `created` is when the request was sent.
+    SubscriptionReconciled {
+        source: FactSource,
+        from: Option<SubscriptionStatus>,
+        /// What the transition table calls this move. Recorded for the reader; the API's
+        /// answer is taken even when the table calls it illegal, because it is the truth
+        /// and what we held was not.
+        transition: Move,
+        subscription: SubscriptionFacts,
+        payment_method: Option<PaymentMethodFacts>,
+        view: CustomerView,
+    },
 }
 
 impl SubscriptionEvent {
@@ -86,7 +114,8 @@ impl SubscriptionEvent {
             Self::OwnerLinked { source, .. }
             | Self::SubscriptionChanged { source, .. }
             | Self::InvoiceRecorded { source, .. }
-            | Self::PaymentRecorded { source, .. } => source,
+            | Self::PaymentRecorded { source, .. }
+            | Self::SubscriptionReconciled { source, .. } => source,
         }
     }
 
@@ -95,7 +124,8 @@ impl SubscriptionEvent {
             Self::OwnerLinked { view, .. }
             | Self::SubscriptionChanged { view, .. }
             | Self::InvoiceRecorded { view, .. }
-            | Self::PaymentRecorded { view, .. } => view,
+            | Self::PaymentRecorded { view, .. }
+            | Self::SubscriptionReconciled { view, .. } => view,
         }
     }
 
@@ -104,7 +134,8 @@ impl SubscriptionEvent {
             Self::OwnerLinked { view, .. }
             | Self::SubscriptionChanged { view, .. }
             | Self::InvoiceRecorded { view, .. }
-            | Self::PaymentRecorded { view, .. } => view,
+            | Self::PaymentRecorded { view, .. }
+            | Self::SubscriptionReconciled { view, .. } => view,
         }
     }
 }
@@ -116,6 +147,7 @@ impl DomainEvent for SubscriptionEvent {
             Self::SubscriptionChanged { .. } => "SubscriptionChanged",
             Self::InvoiceRecorded { .. } => "InvoiceRecorded",
             Self::PaymentRecorded { .. } => "PaymentRecorded",
+            Self::SubscriptionReconciled { .. } => "SubscriptionReconciled",
         }
         .to_owned()
     }
@@ -220,6 +252,9 @@ pub struct SubscriptionRecord {
     /// The newest snapshot applied; `None` while we only know its invoices.
     pub snapshot: Option<Observed<SubscriptionFacts>>,
     pub latest_invoice: Option<Observed<InvoiceFacts>>,
+    /// The default payment method the last sync that recorded this subscription saw.
+    #[serde(default)]
+    pub payment_method: Option<PaymentMethodFacts>,
 }
 
 /// The per-customer aggregate (id = Stripe customer id).
@@ -249,9 +284,8 @@ impl Subscription {
     /// The view every projection writes.
     pub fn view(&self) -> CustomerView {
         let current = self.current();
-        let latest_invoice = current
-            .and_then(|snap| self.subscriptions.get(&snap.value.id))
-            .and_then(|record| record.latest_invoice.as_ref());
+        let record = current.and_then(|snap| self.subscriptions.get(&snap.value.id));
+        let latest_invoice = record.and_then(|record| record.latest_invoice.as_ref());
         let as_of = [
             current.map(|s| s.observed_at),
             latest_invoice.map(|i| i.observed_at),
@@ -268,6 +302,7 @@ impl Subscription {
             subscription: current.map(|snap| snap.value.clone()),
             latest_invoice: latest_invoice.map(|inv| inv.value.clone()),
             as_of,
+            payment_method: record.and_then(|record| record.payment_method.clone()),
         }
     }
 }
@@ -328,22 +363,49 @@ fn payment_key(payment: &PaymentFacts, observed_at: DateTime<Utc>) -> impl Ord +
     )
 }
 
-/// Judges one Stripe fact against the state. Pure: the same state and command always give
-/// the same decision, which is what makes replays and retries safe.
+impl ApiSnapshot {
+    /// The source its events carry: our sync id, the API call, and the request's time.
+    pub fn source(&self) -> FactSource {
+        FactSource {
+            stripe_event_id: self.sync_id.clone(),
+            stripe_event_type: self.api_call.clone(),
+            created: self.fetched_at,
+        }
+    }
+}
+
+/// Judges one Stripe fact (or one API answer) against the state. Pure: the same state and
+/// command always give the same decision, which is what makes replays and retries safe.
+///
+/// An API answer is ordered against webhook facts by the time its request was sent, `T`,
+/// per subscription, by the same rule as two webhooks: a held fact with `created > T` is
+/// newer than the answer and is kept (the answer may predate that change); with `created
+/// < T` the answer is newer and is taken, even where the table would call the move
+/// illegal (what we held was wrong); in the same second the table and the rank decide,
+/// exactly as for two webhooks, and a loss is answered as the rejection so that the
+/// caller asks again later. Once taken, the snapshot is held as observed at `T`, so a
+/// webhook older than `T` that arrives late is stale and cannot undo it.
 pub fn decide(
     state: &Subscription,
     command: &SubscriptionCommand,
 ) -> Result<Decision, SubscriptionError> {
-    let SubscriptionCommand::RecordStripeFacts(facts) = command;
+    let (customer_id, source, owner) = match command {
+        SubscriptionCommand::RecordStripeFacts(facts) => {
+            (&facts.customer_id, facts.source.clone(), &facts.owner)
+        }
+        SubscriptionCommand::Reconcile(snapshot) => {
+            (&snapshot.customer_id, snapshot.source(), &snapshot.owner)
+        }
+    };
     if let Some(expected) = &state.customer_id {
-        if *expected != facts.customer_id {
+        if expected != customer_id {
             return Err(SubscriptionError::WrongCustomer {
                 expected: expected.clone(),
-                got: facts.customer_id.clone(),
+                got: customer_id.clone(),
             });
         }
     }
-    let source = &facts.source;
+    let source = &source;
     let mut drafts = Vec::new();
 
     // Ownership is its own register (the newest observation wins, ties by value), judged
@@ -357,8 +419,8 @@ pub fn decide(
                 ((source.created, value) > (held.observed_at, &held.value)).then(|| value.clone())
             }
         };
-    let org_id = newer(&state.org, &facts.owner.org_id);
-    let user_id = newer(&state.user, &facts.owner.user_id);
+    let org_id = newer(&state.org, &owner.org_id);
+    let user_id = newer(&state.user, &owner.user_id);
     if org_id.is_some() || user_id.is_some() {
         drafts.push(SubscriptionEvent::OwnerLinked {
             source: source.clone(),
@@ -368,6 +430,13 @@ pub fn decide(
         });
     }
 
+    let facts = match command {
+        SubscriptionCommand::RecordStripeFacts(facts) => facts,
+        SubscriptionCommand::Reconcile(snapshot) => {
+            let outcome = judge_api_snapshot(state, source, snapshot, &mut drafts);
+            return Ok(finish(state, customer_id, drafts, outcome));
+        }
+    };
     let outcome = match &facts.fact {
         Fact::Subscription(subscription) => {
             judge_snapshot(state, source, subscription, &mut drafts)
@@ -425,18 +494,104 @@ pub fn decide(
         Fact::OwnerOnly => Outcome::Applied,
         Fact::Nothing { reason } => Outcome::NothingToRecord(reason.clone()),
     };
+    Ok(finish(state, customer_id, drafts, outcome))
+}
 
-    // Each event carries the view as it stands after that event.
+/// Fills each drafted event with the view as it stands after that event.
+fn finish(
+    state: &Subscription,
+    customer_id: &str,
+    mut drafts: Vec<SubscriptionEvent>,
+    outcome: Outcome,
+) -> Decision {
     let mut next = state.clone();
-    next.customer_id = Some(facts.customer_id.clone());
+    next.customer_id = Some(customer_id.to_owned());
     for draft in &mut drafts {
         next.apply_event(draft);
         *draft.view_mut() = next.view();
     }
-    Ok(Decision {
+    Decision {
         events: drafts,
         outcome,
-    })
+    }
+}
+
+/// Orders two different snapshots of one subscription observed in the same second: the
+/// table first (an illegal move loses), then the status rank, then the snapshot's fields,
+/// so that the winner never depends on which arrived first.
+fn same_second_order(
+    held: &SubscriptionFacts,
+    candidate: &SubscriptionFacts,
+) -> Result<(), Rejection> {
+    let (from, to) = (held.status, candidate.status);
+    if !transition(Some(from), to).is_legal() {
+        return Err(Rejection::IllegalTransition {
+            subscription_id: candidate.id.clone(),
+            from: Some(from),
+            to,
+        });
+    }
+    let (held_rank, rank) = (from.same_second_rank(), to.same_second_rank());
+    let wins = rank > held_rank
+        || (rank == held_rank && same_second_key(candidate) > same_second_key(held));
+    if wins {
+        Ok(())
+    } else {
+        Err(Rejection::SameSecond {
+            subscription_id: candidate.id.clone(),
+            from,
+            to,
+        })
+    }
+}
+
+/// Judges an API answer, subscription by subscription (see [`decide`] for the rule).
+/// Only what differs is recorded: an answer equal to what we hold records nothing.
+fn judge_api_snapshot(
+    state: &Subscription,
+    source: &FactSource,
+    snapshot: &ApiSnapshot,
+    drafts: &mut Vec<SubscriptionEvent>,
+) -> Outcome {
+    let owner_recorded = !drafts.is_empty();
+    let mut recorded = false;
+    let mut lost_tie = None;
+    for (subscription, payment_method) in &snapshot.subscriptions {
+        let record = state.subscriptions.get(&subscription.id);
+        let held = record.and_then(|record| record.snapshot.as_ref());
+        let held_method = record.and_then(|record| record.payment_method.as_ref());
+        let same = held.is_some_and(|held| held.value == *subscription);
+        if same && held_method == payment_method.as_ref() {
+            continue;
+        }
+        if let Some(held) = held {
+            // A webhook fact newer than our request: the answer may predate it.
+            if held.observed_at > source.created {
+                continue;
+            }
+            if held.observed_at == source.created && !same {
+                if let Err(rejection) = same_second_order(&held.value, subscription) {
+                    lost_tie.get_or_insert(rejection);
+                    continue;
+                }
+            }
+        }
+        let from = held.map(|held| held.value.status);
+        drafts.push(SubscriptionEvent::SubscriptionReconciled {
+            source: source.clone(),
+            from,
+            transition: transition(from, subscription.status),
+            subscription: subscription.clone(),
+            payment_method: payment_method.clone(),
+            view: CustomerView::default(),
+        });
+        recorded = true;
+    }
+    match lost_tie {
+        _ if recorded || owner_recorded => Outcome::Applied,
+        Some(rejection) => Outcome::Rejected(rejection),
+        None => Outcome::Duplicate,
+    }
 }
 
 fn judge_snapshot(
@@ -465,23 +620,8 @@ fn judge_snapshot(
             if held.value == *subscription {
                 return Outcome::Duplicate;
             }
-            if !mv.is_legal() {
-                return Outcome::Rejected(Rejection::IllegalTransition {
-                    subscription_id: id(),
-                    from,
-                    to,
-                });
-            }
-            let (held_rank, rank) = (held.value.status.same_second_rank(), to.same_second_rank());
-            let wins = rank > held_rank
-                || (rank == held_rank
-                    && same_second_key(subscription) > same_second_key(&held.value));
-            if !wins {
-                return Outcome::Rejected(Rejection::SameSecond {
-                    subscription_id: id(),
-                    from: held.value.status,
-                    to,
-                });
+            if let Err(rejection) = same_second_order(&held.value, subscription) {
+                return Outcome::Rejected(rejection);
             }
         }
     }
@@ -548,6 +688,19 @@ impl Subscription {
                 source, payment, ..
             } => {
                 self.last_payment = Some(Observed::new(payment.clone(), source));
+            }
+            SubscriptionEvent::SubscriptionReconciled {
+                source,
+                subscription,
+                payment_method,
+                ..
+            } => {
+                let record = self
+                    .subscriptions
+                    .entry(subscription.id.clone())
+                    .or_default();
+                record.snapshot = Some(Observed::new(subscription.clone(), source));
+                record.payment_method = payment_method.clone();
             }
         }
     }

@@ -393,3 +393,214 @@ fn a_command_for_another_customer_is_refused() {
         Err(SubscriptionError::WrongCustomer { .. })
     ));
 }
+
+// --- Reconcile: what Stripe's API answered, ordered by the time the request was sent ---
+
+fn api_snapshot(
+    secs: i64,
+    subscriptions: Vec<(SubscriptionFacts, Option<PaymentMethodFacts>)>,
+) -> SubscriptionCommand {
+    SubscriptionCommand::Reconcile(ApiSnapshot {
+        customer_id: CUSTOMER.to_owned(),
+        sync_id: format!("sync_{secs}"),
+        api_call: "api.subscriptions.list".to_owned(),
+        fetched_at: at(secs),
+        owner: OwnerFacts::default(),
+        subscriptions,
+    })
+}
+
+fn api_source(secs: i64) -> FactSource {
+    FactSource {
+        stripe_event_id: format!("sync_{secs}"),
+        stripe_event_type: "api.subscriptions.list".to_owned(),
+        created: at(secs),
+    }
+}
+
+fn visa() -> PaymentMethodFacts {
+    PaymentMethodFacts {
+        id: "pm_1".to_owned(),
+        brand: Some("visa".to_owned()),
+        last4: Some("4242".to_owned()),
+    }
+}
+
+/// The events `decide` makes for `command` after `given`.
+fn decided(given: &[SubscriptionEvent], command: &SubscriptionCommand) -> Decision {
+    let mut state = fold(given);
+    state.customer_id = Some(CUSTOMER.to_owned());
+    decide(&state, command).unwrap()
+}
+
+#[test]
+fn reconcile_records_a_subscription_whose_webhooks_never_came() {
+    use SubscriptionStatus::*;
+    let command = api_snapshot(100, vec![(snapshot(Active), Some(visa()))]);
+    let decision = decided(&[], &command);
+    let [SubscriptionEvent::SubscriptionReconciled {
+        from: None,
+        transition: Move::First,
+        view,
+        ..
+    }] = decision.events.as_slice()
+    else {
+        panic!("expected one SubscriptionReconciled, got {decision:?}");
+    };
+    assert_eq!(view.subscription.as_ref().map(|s| s.status), Some(Active));
+    assert_eq!(view.payment_method, Some(visa()));
+    assert_eq!(view.as_of, Some(at(100)));
+    Framework::with(())
+        .given_no_previous_events()
+        .when(command)
+        .then_expect_events(decision.events);
+}
+
+#[test]
+fn reconcile_records_what_differs_and_nothing_else() {
+    use SubscriptionStatus::*;
+    let given = given_status(Active, 10);
+    // Same as held: nothing to record.
+    Framework::with(())
+        .given(given.clone())
+        .when(api_snapshot(100, vec![(snapshot(Active), None)]))
+        .then_expect_events(vec![]);
+    assert_eq!(
+        decided(&given, &api_snapshot(100, vec![(snapshot(Active), None)])).outcome,
+        Outcome::Duplicate
+    );
+    // Differs: recorded, as a step of the table.
+    let events = decided(&given, &api_snapshot(100, vec![(snapshot(PastDue), None)])).events;
+    Framework::with(())
+        .given(given)
+        .when(api_snapshot(100, vec![(snapshot(PastDue), None)]))
+        .then_expect_events(events.clone());
+    assert!(matches!(
+        events.as_slice(),
+        [SubscriptionEvent::SubscriptionReconciled {
+            from: Some(Active),
+            transition: Move::Step,
+            source,
+            ..
+        }] if *source == api_source(100)
+    ));
+}
+
+#[test]
+fn a_late_older_webhook_cannot_undo_a_reconcile() {
+    use SubscriptionStatus::*;
+    // Webhooks said active at 10; the API said canceled when asked at 100; a past_due
+    // webhook from 50 arrives only now. It happened before the API answered: stale.
+    let mut given = given_status(Active, 10);
+    let mut state = fold(&given);
+    state.customer_id = Some(CUSTOMER.to_owned());
+    given.extend(
+        decide(&state, &api_snapshot(100, vec![(snapshot(Canceled), None)]))
+            .unwrap()
+            .events,
+    );
+    Framework::with(())
+        .given(given.clone())
+        .when(snap_cmd("evt_late", 50, snapshot(PastDue)))
+        .then_expect_error(SubscriptionError::Rejected(Rejection::Stale {
+            subscription_id: SUB.to_owned(),
+            created: at(50),
+            applied: at(100),
+        }));
+    // A webhook from after the request is judged by the table as usual (canceled is
+    // terminal, so even a newer active is refused).
+    Framework::with(())
+        .given(given)
+        .when(snap_cmd("evt_newer", 150, snapshot(Active)))
+        .then_expect_error(SubscriptionError::Rejected(Rejection::IllegalTransition {
+            subscription_id: SUB.to_owned(),
+            from: Some(Canceled),
+            to: Active,
+        }));
+}
+
+#[test]
+fn a_webhook_newer_than_the_request_is_kept() {
+    use SubscriptionStatus::*;
+    // The API answer may predate a change whose webhook already came: keep the webhook.
+    Framework::with(())
+        .given(given_status(PastDue, 200))
+        .when(api_snapshot(100, vec![(snapshot(Active), None)]))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn reconcile_takes_the_api_answer_even_where_the_table_says_illegal() {
+    use SubscriptionStatus::*;
+    // We held canceled (wrongly); Stripe's API says active: the API is the truth.
+    let given = given_status(Canceled, 10);
+    let events = decided(&given, &api_snapshot(100, vec![(snapshot(Active), None)])).events;
+    assert!(matches!(
+        events.as_slice(),
+        [SubscriptionEvent::SubscriptionReconciled {
+            from: Some(Canceled),
+            transition: Move::Illegal,
+            ..
+        }]
+    ));
+    Framework::with(())
+        .given(given)
+        .when(api_snapshot(100, vec![(snapshot(Active), None)]))
+        .then_expect_events(events);
+}
+
+#[test]
+fn reconcile_in_the_same_second_as_a_webhook_is_ordered_like_two_webhooks() {
+    use SubscriptionStatus::*;
+    // Same second, illegal move: the answer may predate the webhook; refused, and the
+    // caller asks again later.
+    Framework::with(())
+        .given(given_status(Active, 100))
+        .when(api_snapshot(100, vec![(snapshot(Incomplete), None)]))
+        .then_expect_error(SubscriptionError::Rejected(Rejection::IllegalTransition {
+            subscription_id: SUB.to_owned(),
+            from: Some(Active),
+            to: Incomplete,
+        }));
+    // Same second, canceled outranks active: taken.
+    let given = given_status(Active, 100);
+    let command = api_snapshot(100, vec![(snapshot(Canceled), None)]);
+    let events = decided(&given, &command).events;
+    assert_eq!(events.len(), 1);
+    Framework::with(())
+        .given(given)
+        .when(command)
+        .then_expect_events(events);
+}
+
+#[test]
+fn a_changed_payment_method_alone_is_recorded() {
+    use SubscriptionStatus::*;
+    let given = given_status(Active, 10);
+    let command = api_snapshot(100, vec![(snapshot(Active), Some(visa()))]);
+    let decision = decided(&given, &command);
+    assert_eq!(decision.outcome, Outcome::Applied);
+    assert_eq!(decision.events[0].view().payment_method, Some(visa()));
+    // Asked again: the same answer records nothing.
+    let mut after = given.clone();
+    after.extend(decision.events);
+    Framework::with(())
+        .given(after)
+        .when(api_snapshot(200, vec![(snapshot(Active), Some(visa()))]))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn reconcile_for_another_customer_is_refused() {
+    let SubscriptionCommand::Reconcile(mut snapshot) = api_snapshot(100, vec![]) else {
+        unreachable!()
+    };
+    snapshot.customer_id = "cus_other".to_owned();
+    Framework::with(())
+        .given(given_status(SubscriptionStatus::Active, 10))
+        .when(SubscriptionCommand::Reconcile(snapshot))
+        .then_expect_error(SubscriptionError::WrongCustomer {
+            expected: CUSTOMER.to_owned(),
+            got: "cus_other".to_owned(),
+        });
+}

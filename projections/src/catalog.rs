@@ -211,6 +211,7 @@ mod tests {
             org_id: Some("org_1".into()),
             user_id: None,
             latest_invoice: None,
+            payment_method: None,
             version: 1,
             updated_at: Utc.timestamp_opt(0, 0).unwrap(),
         }

@@ -2,7 +2,7 @@
 //!
 //! Built from an event's `CustomerView` only; it must never look anything up.
 
-use aggregates::{CustomerView, InvoiceFacts};
+use aggregates::{CustomerView, InvoiceFacts, PaymentMethodFacts};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +51,10 @@ pub struct SubscriptionInfo {
     pub org_id: Option<String>,
     pub user_id: Option<String>,
     pub latest_invoice: Option<LatestInvoice>,
+    /// The current subscription's default payment method, as the last sync saw it
+    /// (webhooks carry only its id). Absent from answers stored before syncs existed.
+    #[serde(default)]
+    pub payment_method: Option<PaymentMethodFacts>,
     /// The aggregate version (event sequence) this answer reflects.
     pub version: u64,
     /// Stripe's time for the newest fact behind this answer.
@@ -88,6 +92,7 @@ impl SubscriptionInfo {
             org_id: view.org_id.clone(),
             user_id: view.user_id.clone(),
             latest_invoice: view.latest_invoice.as_ref().map(LatestInvoice::from),
+            payment_method: view.payment_method.clone(),
             version,
             updated_at,
         };

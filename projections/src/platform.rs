@@ -109,7 +109,10 @@ impl Projection for PlatformTables {
         // The mirror: the newest snapshot of each subscription in the batch.
         let mut newest: HashMap<&str, &LoggedEvent> = HashMap::new();
         for logged in events {
-            if let SubscriptionEvent::SubscriptionChanged { subscription, .. } = &logged.event {
+            // A reconciled snapshot (from Stripe's API) is a snapshot like any other here.
+            if let SubscriptionEvent::SubscriptionChanged { subscription, .. }
+            | SubscriptionEvent::SubscriptionReconciled { subscription, .. } = &logged.event
+            {
                 let slot = newest.entry(subscription.id.as_str()).or_insert(logged);
                 if logged.sequence > slot.sequence {
                     *slot = logged;
@@ -117,11 +120,16 @@ impl Projection for PlatformTables {
             }
         }
         for logged in newest.into_values() {
-            let SubscriptionEvent::SubscriptionChanged {
+            let (SubscriptionEvent::SubscriptionChanged {
                 subscription: s,
                 source,
                 ..
-            } = &logged.event
+            }
+            | SubscriptionEvent::SubscriptionReconciled {
+                subscription: s,
+                source,
+                ..
+            }) = &logged.event
             else {
                 continue;
             };
