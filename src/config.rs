@@ -49,6 +49,31 @@ pub struct Settings {
     /// `SUBLEDGER_POLL_MS`: how often workers and projections look for work they were not
     /// told about (another replica's) (default 500).
     pub poll_interval: Duration,
+    /// `STRIPE_SECRET_KEY`: the API key. Unset: no sync, checkout, portal or reconciler
+    /// (their endpoints answer 503).
+    pub stripe_secret_key: Option<SecretString>,
+    /// `STRIPE_API_BASE` (default `https://api.stripe.com`).
+    pub stripe_api_base: String,
+    /// `SUBLEDGER_STRIPE_TIMEOUT_MS`: timeout of each Stripe HTTP attempt (default 10000).
+    pub stripe_timeout: Duration,
+    /// `SUBLEDGER_STRIPE_RETRIES`: retries of a safe Stripe failure (default 2).
+    pub stripe_retries: u32,
+    /// `SUBLEDGER_STRIPE_BACKOFF_MS`: wait before the first retry, doubled each time
+    /// (default 250).
+    pub stripe_backoff: Duration,
+    /// `SUBLEDGER_SYNC_RETRY_MS`: wait before retrying a failed sync, doubled after each
+    /// further failure, at most one hour (default 5000).
+    pub sync_retry_base: Duration,
+    /// `SUBLEDGER_RECONCILE_INTERVAL_SECS`: the periodic reconciler syncs customers whose
+    /// state is older than this, and flagged ones (default 3600; 0 turns it off).
+    pub reconcile_interval: Option<Duration>,
+    /// `SUBLEDGER_PUBLIC_URL`: where browsers reach subledger. When set, checkout and
+    /// portal sessions return through `/checkout/success` and `/portal/return` (which sync
+    /// before redirecting to the caller's URL).
+    pub public_url: Option<String>,
+    /// `SUBLEDGER_REDIRECT_ORIGINS`: comma-separated origins (`https://app.example.com`)
+    /// the success and portal-return pages may redirect to; relative paths always may.
+    pub redirect_origins: Vec<String>,
 }
 
 fn var(name: &'static str) -> Option<String> {
@@ -101,6 +126,26 @@ impl Settings {
             max_attempts: parsed("SUBLEDGER_MAX_ATTEMPTS", 8)?,
             db_pool_size: parsed("SUBLEDGER_DB_POOL", 16)?,
             poll_interval: Duration::from_millis(parsed("SUBLEDGER_POLL_MS", 500)?),
+            stripe_secret_key: var("STRIPE_SECRET_KEY").map(SecretString::from),
+            stripe_api_base: var("STRIPE_API_BASE")
+                .unwrap_or_else(|| crate::stripe::client::DEFAULT_API_BASE.to_owned()),
+            stripe_timeout: Duration::from_millis(parsed("SUBLEDGER_STRIPE_TIMEOUT_MS", 10_000)?),
+            stripe_retries: parsed("SUBLEDGER_STRIPE_RETRIES", 2)?,
+            stripe_backoff: Duration::from_millis(parsed("SUBLEDGER_STRIPE_BACKOFF_MS", 250)?),
+            sync_retry_base: Duration::from_millis(parsed("SUBLEDGER_SYNC_RETRY_MS", 5_000)?),
+            reconcile_interval: match parsed("SUBLEDGER_RECONCILE_INTERVAL_SECS", 3_600u64)? {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
+            public_url: var("SUBLEDGER_PUBLIC_URL").map(|url| url.trim_end_matches('/').to_owned()),
+            redirect_origins: var("SUBLEDGER_REDIRECT_ORIGINS")
+                .map(|raw| {
+                    raw.split(',')
+                        .map(|origin| origin.trim().trim_end_matches('/').to_owned())
+                        .filter(|origin| !origin.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         if settings.workers == 0 {
             return Err(ConfigError::Invalid {

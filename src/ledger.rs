@@ -23,6 +23,10 @@ use crate::stripe::{parse_event, route, Route};
 /// How many times a command is retried after losing an optimistic-concurrency race.
 const CONFLICT_RETRIES: usize = 20;
 
+/// How long after an ambiguous webhook its sync runs: long enough for the second a tie
+/// happened in to pass, so the sync's answer is ordered after it.
+const WEBHOOK_SYNC_DELAY: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError {
     #[error("the aggregate refused the command")]
@@ -192,6 +196,27 @@ impl Ledger {
             Route::Ignore { reason } => return Ok(("ignored".to_owned(), Some(reason))),
         };
         let decision = self.execute(&customer_id, &command, event_id).await?;
+        // An ambiguous move is not guessed at: ask Stripe's API for the truth (issue 3).
+        let previous_status = event
+            .previous_attributes
+            .as_ref()
+            .and_then(|previous| previous.get("status"))
+            .and_then(serde_json::Value::as_str)
+            .and_then(|status| status.parse().ok());
+        if let Some(reason) = crate::sync::webhook_needs_sync(&decision, previous_status) {
+            tracing::info!(event_id, customer_id, reason, "requesting a sync");
+            if let Err(error) = crate::sync::request_sync(
+                &self.pool,
+                &customer_id,
+                crate::sync::SyncSource::Webhook,
+                WEBHOOK_SYNC_DELAY,
+            )
+            .await
+            {
+                // The periodic reconciler will still get there.
+                tracing::warn!(event_id, error = %error_chain(&error), "cannot request a sync");
+            }
+        }
         let detail = match &decision.outcome {
             Outcome::Applied | Outcome::Duplicate => None,
             Outcome::Rejected(rejection) if !decision.events.is_empty() => {

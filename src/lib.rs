@@ -12,6 +12,7 @@ pub mod inbox;
 pub mod ledger;
 pub mod startup;
 pub mod stripe;
+pub mod sync;
 pub mod telemetry;
 pub mod transitions;
 

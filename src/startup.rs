@@ -36,6 +36,8 @@ pub enum StartupError {
     Redis(#[from] redis::RedisError),
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
+    #[error("cannot set up the Stripe client")]
+    Stripe(#[from] crate::stripe::client::StripeApiError),
 }
 
 /// The long-lived parts every command uses.
@@ -137,6 +139,7 @@ pub struct Application {
     services: Services,
     listener: tokio::net::TcpListener,
     port: u16,
+    sync: Option<crate::sync::Syncer>,
 }
 
 impl Application {
@@ -158,10 +161,15 @@ impl Application {
         if services.settings.api_token.is_none() {
             tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");
         }
+        let sync = crate::sync::Syncer::new(services.clone())?;
+        if sync.is_none() {
+            tracing::warn!("STRIPE_SECRET_KEY is not set: no sync, checkout, portal or reconciler");
+        }
         Ok(Self {
             services,
             listener,
             port,
+            sync,
         })
     }
 
@@ -180,7 +188,10 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let Self {
-            services, listener, ..
+            services,
+            listener,
+            sync,
+            ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let inbox_wake = Arc::new(Notify::new());
@@ -199,6 +210,20 @@ impl Application {
         )));
         // Rows left pending by a previous run are picked up at once.
         inbox_wake.notify_one();
+        // Syncs with Stripe's API (requested by webhooks, retries, the reconciler).
+        if let Some(sync) = &sync {
+            let sync_wake = Arc::new(Notify::new());
+            tasks.push(tokio::spawn(
+                sync.clone().run_worker(sync_wake.clone(), stop_rx.clone()),
+            ));
+            if let Some(interval) = services.settings.reconcile_interval {
+                tasks.push(tokio::spawn(sync.clone().run_reconciler(
+                    interval,
+                    sync_wake,
+                    stop_rx.clone(),
+                )));
+            }
+        }
 
         let state = AppState {
             pool: services.pool.clone(),
@@ -206,6 +231,7 @@ impl Application {
             catalog: services.catalog.clone(),
             settings: services.settings.clone(),
             inbox_wake,
+            sync,
         };
         tracing::info!(address = %listener.local_addr()?, "subledger serving");
         let served = axum::serve(listener, http::router(state))

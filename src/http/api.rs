@@ -41,7 +41,7 @@ pub async fn require_api_token(
 }
 
 /// Stripe-shaped ids: letters, digits, `_` and `-`, at most 255 characters.
-fn valid_id(id: &str, what: &'static str) -> Result<(), ApiError> {
+pub(crate) fn valid_id(id: &str, what: &'static str) -> Result<(), ApiError> {
     let ok = !id.is_empty()
         && id.len() <= 255
         && id

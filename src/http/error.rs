@@ -36,6 +36,40 @@ pub enum ApiError {
     /// 503: Postgres is unreachable; nothing was stored, retry later.
     #[error("storage is unavailable")]
     Storage(#[source] sqlx::Error),
+    /// 409: the request conflicts with what we hold (the org already has a subscription
+    /// that is not terminal).
+    #[error("{0}")]
+    Conflict(String),
+    /// 503: `STRIPE_SECRET_KEY` is not configured, so nothing can be asked of Stripe.
+    #[error("Stripe's API is not configured")]
+    StripeNotConfigured,
+    /// 400: Stripe refused the request (its message is passed on: it names the parameter,
+    /// never a secret).
+    #[error("Stripe refused the request: {0}")]
+    StripeRefused(String),
+    /// 502: Stripe could not be reached, kept failing, or answered unexpectedly; or what
+    /// it answered could not be recorded.
+    #[error("syncing with Stripe failed")]
+    Sync(#[source] crate::sync::SyncError),
+}
+
+impl From<crate::sync::SyncError> for ApiError {
+    fn from(error: crate::sync::SyncError) -> Self {
+        match error {
+            crate::sync::SyncError::Database(error) => ApiError::Storage(error),
+            crate::sync::SyncError::Stripe(crate::stripe::client::StripeApiError::Refused {
+                message,
+                ..
+            }) => ApiError::StripeRefused(message),
+            other => ApiError::Sync(other),
+        }
+    }
+}
+
+impl From<crate::stripe::client::StripeApiError> for ApiError {
+    fn from(error: crate::stripe::client::StripeApiError) -> Self {
+        crate::sync::SyncError::from(error).into()
+    }
 }
 
 impl From<SignatureError> for ApiError {
@@ -58,6 +92,10 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::StripeNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StripeRefused(_) => StatusCode::BAD_REQUEST,
+            ApiError::Sync(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -71,6 +109,10 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not_found",
             ApiError::Storage(_) => "storage_unavailable",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::StripeNotConfigured => "stripe_not_configured",
+            ApiError::StripeRefused(_) => "stripe_refused",
+            ApiError::Sync(_) => "stripe_unavailable",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! themselves.
 
 pub mod api;
+pub mod checkout;
 pub mod error;
 pub mod webhook;
 
@@ -28,6 +29,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Wakes the inbox workers when a new event is stored.
     pub inbox_wake: Arc<Notify>,
+    /// Syncs with Stripe's API; `None` without `STRIPE_SECRET_KEY`.
+    pub sync: Option<crate::sync::Syncer>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -39,6 +42,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/orgs/:org_id/entitlements", get(api::org_entitlements))
         .route("/users/:user_id/entitlements", get(api::user_entitlements))
+        .route("/customers/:customer_id/sync", post(checkout::sync_customer))
+        .route("/checkout/sessions", post(checkout::create_checkout_session))
+        .route(
+            "/checkout/sessions/:session_id/sync",
+            post(checkout::sync_checkout_session),
+        )
+        .route("/portal/sessions", post(checkout::create_portal_session))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_api_token,
@@ -49,6 +59,8 @@ pub fn router(state: AppState) -> Router {
             post(webhook::receive).layer(DefaultBodyLimit::max(max_body)),
         )
         .route("/healthz", get(|| async { "ok" }))
+        .route("/checkout/success", get(checkout::success_page))
+        .route("/portal/return", get(checkout::portal_return))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
         .with_state(state)

@@ -330,7 +330,7 @@ fn invoice_fact(object: &Map<String, Value>) -> (OwnerFacts, Fact) {
 }
 
 /// `metadata.organizationId`/`org_id`/`organization_id` and `metadata.userId`/`user_id`.
-fn owner_from_metadata(metadata: Option<&Value>) -> OwnerFacts {
+pub(crate) fn owner_from_metadata(metadata: Option<&Value>) -> OwnerFacts {
     let Some(metadata) = metadata.and_then(Value::as_object) else {
         return OwnerFacts::default();
     };
@@ -342,7 +342,7 @@ fn owner_from_metadata(metadata: Option<&Value>) -> OwnerFacts {
 }
 
 /// A non-empty string field.
-fn str_field(object: &Map<String, Value>, field: &str) -> Option<String> {
+pub(crate) fn str_field(object: &Map<String, Value>, field: &str) -> Option<String> {
     object
         .get(field)
         .and_then(Value::as_str)
@@ -351,7 +351,7 @@ fn str_field(object: &Map<String, Value>, field: &str) -> Option<String> {
 }
 
 /// An id given either as a string or as an expanded object with an `id`.
-fn id_of(value: Option<&Value>) -> Option<String> {
+pub(crate) fn id_of(value: Option<&Value>) -> Option<String> {
     match value? {
         Value::String(id) if !id.is_empty() => Some(id.clone()),
         Value::Object(object) => str_field(object, "id"),
@@ -359,7 +359,7 @@ fn id_of(value: Option<&Value>) -> Option<String> {
     }
 }
 
-fn ts_field(object: &Map<String, Value>, field: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn ts_field(object: &Map<String, Value>, field: &str) -> Option<DateTime<Utc>> {
     object
         .get(field)
         .and_then(Value::as_i64)

@@ -85,6 +85,10 @@ fn every_fixture_parses_and_routes_as_its_manifest_says() {
         );
         let handled = HANDLED_TYPES.contains(&f.event_type.as_str());
         match route(&event) {
+            Route::Command {
+                command: SubscriptionCommand::Reconcile(_),
+                ..
+            } => unreachable!("webhooks never route to Reconcile"),
             Route::Ignore { reason } => {
                 assert!(
                     !handled || f.customer_id.is_empty(),
