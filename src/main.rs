@@ -29,6 +29,20 @@ enum Command {
     /// Feed Stripe events from a file (JSON lines, a JSON array, or a `stripe events list`
     /// page) through the same path as webhooks, without signatures.
     Import { file: PathBuf },
+    /// Sync customers from Stripe's API now (source `operator`): one, or every customer
+    /// in the log. Needs STRIPE_SECRET_KEY.
+    Reconcile {
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        customer: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Page through every Stripe subscription (or one customer's) and record what differs.
+    /// Safe to re-run. Needs STRIPE_SECRET_KEY.
+    Backfill {
+        #[arg(long)]
+        customer: Option<String>,
+    },
     /// Print the transition table the aggregate runs.
     Transitions {
         #[arg(long, value_enum, default_value = "text")]
@@ -95,6 +109,66 @@ async fn main() -> anyhow::Result<()> {
             eprintln!(
                 "imported {} new events ({} ignored, {} duplicates); processed {processed}",
                 report.stored, report.ignored, report.duplicates
+            );
+        }
+        Command::Reconcile { customer, all: _ } => {
+            let services = Services::connect(settings).await.context("connecting")?;
+            let syncer = subledger::sync::Syncer::new(services.clone())
+                .context("setting up the Stripe client")?
+                .context("STRIPE_SECRET_KEY is not set")?;
+            let customers: Vec<String> = match customer {
+                Some(customer) => vec![customer],
+                None => sqlx::query_scalar(
+                    "SELECT DISTINCT aggregate_id FROM events ORDER BY aggregate_id",
+                )
+                .fetch_all(&services.pool)
+                .await
+                .context("listing customers")?,
+            };
+            let (mut failed, total) = (0, customers.len());
+            for (i, customer) in customers.iter().enumerate() {
+                match syncer
+                    .sync_customer(customer, subledger::sync::SyncSource::Operator)
+                    .await
+                {
+                    Ok(report) => eprintln!(
+                        "[{}/{total}] {customer}: {} ({} events, {} attempts)",
+                        i + 1,
+                        report.outcome.as_str(),
+                        report.events,
+                        report.attempts
+                    ),
+                    Err(error) => {
+                        failed += 1;
+                        eprintln!("[{}/{total}] {customer}: failed: {error:#}", i + 1);
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {total} syncs failed (recorded; retried by `serve`)");
+            }
+        }
+        Command::Backfill { customer } => {
+            let services = Services::connect(settings).await.context("connecting")?;
+            let syncer = subledger::sync::Syncer::new(services)
+                .context("setting up the Stripe client")?
+                .context("STRIPE_SECRET_KEY is not set")?;
+            let report = syncer
+                .backfill(customer.as_deref(), |r| {
+                    // A progress line: pages and subscriptions so far (Stripe gives no total).
+                    let bar = "#".repeat((r.pages as usize).min(40));
+                    eprint!(
+                        "\r[{bar:<40}] {} pages, {} subscriptions, {} customers, {} events",
+                        r.pages, r.subscriptions, r.customers, r.events
+                    );
+                    let _ = std::io::stderr().flush();
+                })
+                .await
+                .context("backfilling")?;
+            eprintln!();
+            eprintln!(
+                "backfilled {} subscriptions of {} customers over {} pages: {} events recorded, {} unreadable",
+                report.subscriptions, report.customers, report.pages, report.events, report.unreadable
             );
         }
         Command::Transitions { .. } => unreachable!("handled before reading settings"),

@@ -291,7 +291,11 @@ impl Syncer {
         let result = self
             .services
             .ledger
-            .execute(customer_id, &SubscriptionCommand::Reconcile(snapshot), sync_id)
+            .execute(
+                customer_id,
+                &SubscriptionCommand::Reconcile(snapshot),
+                sync_id,
+            )
             .await
             .map_err(SyncError::from);
         (result, attempts)
@@ -476,7 +480,9 @@ impl Syncer {
                     tracing::info!(requested, "reconciler requested syncs");
                     wake.notify_one();
                 }
-                Err(error) => tracing::warn!(error = %error_chain(&error), "reconciler pass failed"),
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "reconciler pass failed")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -527,7 +533,11 @@ impl Syncer {
                 let decision = self
                     .services
                     .ledger
-                    .execute(&customer, &SubscriptionCommand::Reconcile(snapshot), &sync_id)
+                    .execute(
+                        &customer,
+                        &SubscriptionCommand::Reconcile(snapshot),
+                        &sync_id,
+                    )
                     .await?;
                 report.events += decision.events.len() as u64;
                 if seen_customers.insert(customer) {
@@ -555,9 +565,7 @@ fn api_snapshot(
     fetched_at: DateTime<Utc>,
     mut listed: Vec<ListedSubscription>,
 ) -> ApiSnapshot {
-    listed.sort_by(|a, b| {
-        (b.facts.created, &b.facts.id).cmp(&(a.facts.created, &a.facts.id))
-    });
+    listed.sort_by(|a, b| (b.facts.created, &b.facts.id).cmp(&(a.facts.created, &a.facts.id)));
     let owner = listed
         .iter()
         .map(|sub| &sub.owner)

@@ -411,10 +411,14 @@ pub fn decide(
     // Ownership is its own register (the newest observation wins, ties by value), judged
     // apart from the main fact so that the result does not depend on which of two
     // events that both carry it is accepted.
+    // An API answer records only what differs (like its subscriptions); a webhook also
+    // advances the observation time of an unchanged owner.
+    let only_changes = matches!(command, SubscriptionCommand::Reconcile(_));
     let newer =
         |held: &Option<Observed<String>>, candidate: &Option<String>| match (held, candidate) {
             (_, None) => None,
             (None, Some(value)) => Some(value.clone()),
+            (Some(held), Some(value)) if only_changes && held.value == *value => None,
             (Some(held), Some(value)) => {
                 ((source.created, value) > (held.observed_at, &held.value)).then(|| value.clone())
             }

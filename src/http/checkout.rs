@@ -109,7 +109,10 @@ pub async fn create_checkout_session(
         None => {
             // The same org, user and email always give the same key, so two concurrent
             // first checkouts create one customer.
-            let key = derived_key("customer", &[&org_id, &user_id, email.as_deref().unwrap_or("")]);
+            let key = derived_key(
+                "customer",
+                &[&org_id, &user_id, email.as_deref().unwrap_or("")],
+            );
             let customer = syncer
                 .api()
                 .create_customer(&org_id, &user_id, email.as_deref(), &key)
@@ -145,7 +148,14 @@ pub async fn create_checkout_session(
     };
     let key = derived_key(
         "checkout",
-        &[&customer_id, &org_id, &user_id, &price_id, &success_url, &cancel_url],
+        &[
+            &customer_id,
+            &org_id,
+            &user_id,
+            &price_id,
+            &success_url,
+            &cancel_url,
+        ],
     );
     let session = syncer
         .api()
@@ -298,7 +308,9 @@ pub async fn portal_return(
 ) -> Result<Response, ApiError> {
     let redirect = query.redirect.unwrap_or_else(|| "/".to_owned());
     allowed_redirect(&state, &redirect)?;
-    let customer_id = query.customer.ok_or(ApiError::InvalidParameter("customer"))?;
+    let customer_id = query
+        .customer
+        .ok_or(ApiError::InvalidParameter("customer"))?;
     valid_id(&customer_id, "customer")?;
     match syncer(&state) {
         Ok(syncer) => {
@@ -363,7 +375,9 @@ fn allowed_redirect(state: &AppState, url: &str) -> Result<(), ApiError> {
     if relative || configured {
         Ok(())
     } else {
-        Err(ApiError::InvalidParameter("redirect (not an allowed origin)"))
+        Err(ApiError::InvalidParameter(
+            "redirect (not an allowed origin)",
+        ))
     }
 }
 

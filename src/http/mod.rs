@@ -42,8 +42,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/orgs/:org_id/entitlements", get(api::org_entitlements))
         .route("/users/:user_id/entitlements", get(api::user_entitlements))
-        .route("/customers/:customer_id/sync", post(checkout::sync_customer))
-        .route("/checkout/sessions", post(checkout::create_checkout_session))
+        .route(
+            "/customers/:customer_id/sync",
+            post(checkout::sync_customer),
+        )
+        .route(
+            "/checkout/sessions",
+            post(checkout::create_checkout_session),
+        )
         .route(
             "/checkout/sessions/:session_id/sync",
             post(checkout::sync_checkout_session),

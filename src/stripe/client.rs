@@ -248,9 +248,9 @@ impl StripeApi {
         idempotency_key: Option<&str>,
     ) -> Result<Answer<Map<String, Value>>, StripeApiError> {
         let key = match (request.method, idempotency_key) {
-            (StripeMethod::Post, Some(key)) => Some(
-                IdempotencyKey::new(key).map_err(|e| StripeApiError::Config(e.to_string()))?,
-            ),
+            (StripeMethod::Post, Some(key)) => {
+                Some(IdempotencyKey::new(key).map_err(|e| StripeApiError::Config(e.to_string()))?)
+            }
             (StripeMethod::Post, None) => Some(IdempotencyKey::new_uuid_v4()),
             // Stripe ignores idempotency keys on GET and DELETE.
             _ => None,
@@ -297,10 +297,10 @@ impl StripeApi {
                 };
                 return Err(StripeApiError::Refused {
                     status,
-                    code: details
-                        .code
-                        .as_ref()
-                        .map_or_else(|| details.type_.as_str().to_owned(), |c| c.as_str().to_owned()),
+                    code: details.code.as_ref().map_or_else(
+                        || details.type_.as_str().to_owned(),
+                        |c| c.as_str().to_owned(),
+                    ),
                     message: details.message.clone().unwrap_or_default(),
                     attempts,
                 });
@@ -311,7 +311,12 @@ impl StripeApi {
                     last: described,
                 });
             }
-            tracing::warn!(path = request.path, attempts, error = described, "Stripe call failed; retrying");
+            tracing::warn!(
+                path = request.path,
+                attempts,
+                error = described,
+                "Stripe call failed; retrying"
+            );
             tokio::time::sleep(self.options.backoff * 2u32.saturating_pow(attempts - 1)).await;
         }
     }

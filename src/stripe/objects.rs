@@ -46,16 +46,14 @@ pub fn payment_method(value: Option<&Value>) -> Option<PaymentMethodFacts> {
                 brand: card
                     .and_then(|card| str_field(card, "brand"))
                     .or_else(|| str_field(object, "type")),
-                last4: card
-                    .and_then(|card| str_field(card, "last4"))
-                    .or_else(|| {
-                        // Bank debits show their last four too (`sepa_debit.last4`, …).
-                        let kind = str_field(object, "type")?;
-                        object
-                            .get(&kind)
-                            .and_then(Value::as_object)
-                            .and_then(|details| str_field(details, "last4"))
-                    }),
+                last4: card.and_then(|card| str_field(card, "last4")).or_else(|| {
+                    // Bank debits show their last four too (`sepa_debit.last4`, …).
+                    let kind = str_field(object, "type")?;
+                    object
+                        .get(&kind)
+                        .and_then(Value::as_object)
+                        .and_then(|details| str_field(details, "last4"))
+                }),
             })
         }
         _ => None,

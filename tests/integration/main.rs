@@ -3,9 +3,11 @@
 mod api;
 mod cli;
 mod events;
+mod fake_stripe;
 mod fixtures;
 mod helpers;
 mod lifecycle;
 mod replay;
+mod stripe_api;
 mod stripe_sim;
 mod webhook;

@@ -1,0 +1,529 @@
+//! A fake of Stripe's API for the tests: an axum server on port 0 implementing the calls
+//! subledger makes (customers, subscriptions list/retrieve, checkout sessions, billing
+//! portal sessions) with Stripe's JSON shapes (basil: the period on the items) and error
+//! format. It records every request's idempotency key, answers a repeated key with the
+//! first answer (as Stripe does), can fail or delay the next requests to a path, and
+//! builds the webhook events Stripe would send for what it changes, for the test to sign
+//! and deliver whenever it wants.
+//!
+//! Test-only. Stripe is faked here, at its HTTP boundary, and nowhere else.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+/// What to do to the next request on a path.
+#[derive(Debug, Clone)]
+pub enum Injection {
+    /// Answer with this status and Stripe's error body.
+    Status(u16),
+    /// Answer normally after this long.
+    Delay(Duration),
+}
+
+#[derive(Default)]
+struct Inner {
+    seq: u64,
+    customers: BTreeMap<String, Value>,
+    subscriptions: BTreeMap<String, Value>,
+    sessions: BTreeMap<String, Value>,
+    portal_sessions: Vec<Value>,
+    /// Idempotency key → the answer first given for it.
+    idempotent: HashMap<String, (u16, Value)>,
+    /// Every (method, path, idempotency key) seen, in order.
+    requests: Vec<(String, String, Option<String>)>,
+    /// Path prefix → what to do to its next requests.
+    injections: Vec<(String, VecDeque<Injection>)>,
+    /// Path prefix → fail every request with this status until cleared.
+    failing: Vec<(String, u16)>,
+}
+
+#[derive(Clone)]
+pub struct FakeStripe {
+    pub base_url: String,
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+impl FakeStripe {
+    pub async fn start() -> Self {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new()
+            .route("/v1/customers", post(create_customer))
+            .route("/v1/subscriptions", get(list_subscriptions))
+            .route("/v1/subscriptions/:id", get(retrieve_subscription))
+            .route("/v1/checkout/sessions", post(create_session))
+            .route("/v1/checkout/sessions/:id", get(retrieve_session))
+            .route("/v1/billing_portal/sessions", post(create_portal_session))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { base_url, inner }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap()
+    }
+
+    /// The next requests to `path_prefix` get these treatments, in order.
+    pub fn inject(&self, path_prefix: &str, injections: Vec<Injection>) {
+        self.lock()
+            .injections
+            .push((path_prefix.to_owned(), injections.into()));
+    }
+
+    /// Every request to `path_prefix` fails with `status` (until `heal`).
+    pub fn fail_always(&self, path_prefix: &str, status: u16) {
+        self.lock().failing.push((path_prefix.to_owned(), status));
+    }
+
+    pub fn heal(&self) {
+        let mut inner = self.lock();
+        inner.failing.clear();
+        inner.injections.clear();
+    }
+
+    /// (method, path, idempotency key) of every request so far.
+    pub fn requests(&self) -> Vec<(String, String, Option<String>)> {
+        self.lock().requests.clone()
+    }
+
+    pub fn count(&self, what: &str) -> usize {
+        let inner = self.lock();
+        match what {
+            "customers" => inner.customers.len(),
+            "subscriptions" => inner.subscriptions.len(),
+            "sessions" => inner.sessions.len(),
+            "portal_sessions" => inner.portal_sessions.len(),
+            _ => panic!("unknown collection {what}"),
+        }
+    }
+
+    /// Adds a customer and a subscription directly (as if made in Stripe's dashboard, no
+    /// webhook delivered), created `age` seconds ago. Returns the subscription.
+    pub fn add_subscription(
+        &self,
+        customer_id: &str,
+        org_id: &str,
+        status: &str,
+        price: &str,
+        age: i64,
+    ) -> Value {
+        let mut inner = self.lock();
+        inner
+            .customers
+            .entry(customer_id.to_owned())
+            .or_insert_with(|| {
+                json!({"id": customer_id, "object": "customer", "created": now() - age,
+                "metadata": {"organizationId": org_id}})
+            });
+        inner.seq += 1;
+        let id = format!("sub_fake{:06}", inner.seq);
+        let sub = subscription(
+            &id,
+            customer_id,
+            org_id,
+            "user_1",
+            status,
+            price,
+            now() - age,
+        );
+        inner.subscriptions.insert(id, sub.clone());
+        sub
+    }
+
+    /// The customer completes a checkout session: its subscription exists now. Returns the
+    /// webhook events Stripe sends for it (not delivered).
+    pub fn complete_checkout(&self, session_id: &str) -> Vec<Value> {
+        let mut inner = self.lock();
+        let session = inner.sessions.get(session_id).expect("a session").clone();
+        let customer = session["customer"].as_str().unwrap().to_owned();
+        let org = session["metadata"]["organizationId"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let user = session["metadata"]["userId"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let price = session["price"].as_str().unwrap_or("price_pro").to_owned();
+        inner.seq += 1;
+        let id = format!("sub_fake{:06}", inner.seq);
+        let sub = subscription(&id, &customer, &org, &user, "active", &price, now());
+        inner.subscriptions.insert(id.clone(), sub.clone());
+        let mut done = session.clone();
+        done["status"] = json!("complete");
+        done["subscription"] = json!(id);
+        inner.sessions.insert(session_id.to_owned(), done.clone());
+        let events = vec![
+            event(&mut inner, "checkout.session.completed", done, None),
+            event(
+                &mut inner,
+                "customer.subscription.created",
+                webhook_shape(&sub),
+                None,
+            ),
+        ];
+        events
+    }
+
+    /// The customer cancels in the billing portal (at once). Returns the webhook.
+    pub fn cancel_in_portal(&self, subscription_id: &str) -> Value {
+        let mut inner = self.lock();
+        let sub = inner
+            .subscriptions
+            .get_mut(subscription_id)
+            .expect("a subscription");
+        let previous = sub["status"].clone();
+        sub["status"] = json!("canceled");
+        sub["canceled_at"] = json!(now());
+        sub["ended_at"] = json!(now());
+        let sub = sub.clone();
+        event(
+            &mut inner,
+            "customer.subscription.deleted",
+            webhook_shape(&sub),
+            Some(json!({"status": previous})),
+        )
+    }
+
+    pub fn subscription(&self, id: &str) -> Value {
+        self.lock().subscriptions[id].clone()
+    }
+}
+
+/// A subscription as the API shows it (with the default payment method expanded).
+fn subscription(
+    id: &str,
+    customer: &str,
+    org: &str,
+    user: &str,
+    status: &str,
+    price: &str,
+    created: i64,
+) -> Value {
+    json!({
+        "id": id, "object": "subscription", "customer": customer, "status": status,
+        "created": created, "start_date": created, "currency": "usd",
+        "cancel_at_period_end": false, "cancel_at": null, "canceled_at": null, "ended_at": null,
+        "trial_start": null, "trial_end": null, "latest_invoice": format!("in_{id}"),
+        "metadata": {"organizationId": org, "userId": user},
+        "default_payment_method": {"id": format!("pm_{id}"), "object": "payment_method", "type": "card",
+            "card": {"brand": "visa", "last4": "4242"}},
+        "items": {"object": "list", "data": [{"id": format!("si_{id}"), "object": "subscription_item",
+            "price": {"id": price, "object": "price", "product": "prod_pro", "lookup_key": null, "currency": "usd"},
+            "quantity": 1, "current_period_start": created, "current_period_end": created + 30 * 86_400}],
+            "has_more": false}
+    })
+}
+
+/// Webhooks carry `default_payment_method` as an id.
+fn webhook_shape(sub: &Value) -> Value {
+    let mut sub = sub.clone();
+    if let Some(id) = sub["default_payment_method"]["id"]
+        .as_str()
+        .map(str::to_owned)
+    {
+        sub["default_payment_method"] = json!(id);
+    }
+    sub
+}
+
+fn event(inner: &mut Inner, kind: &str, object: Value, previous: Option<Value>) -> Value {
+    inner.seq += 1;
+    let mut data = json!({"object": object});
+    if let Some(previous) = previous {
+        data["previous_attributes"] = previous;
+    }
+    json!({"id": format!("evt_fake{:06}", inner.seq), "object": "event", "type": kind,
+        "created": now(), "api_version": "2025-03-31.basil", "livemode": false, "data": data})
+}
+
+fn stripe_error(status: u16, kind: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap(),
+        Json(json!({"error": {"type": kind, "message": message}})),
+    )
+        .into_response()
+}
+
+/// Records the request and applies injections. `Err` is the answer to give instead.
+async fn intercept(
+    state: &Arc<Mutex<Inner>>,
+    method: &str,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<Option<String>, Response> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let action = {
+        let mut inner = state.lock().unwrap();
+        inner
+            .requests
+            .push((method.to_owned(), path.to_owned(), key.clone()));
+        let failing = inner
+            .failing
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map(|(_, status)| Injection::Status(*status));
+        failing.or_else(|| {
+            inner
+                .injections
+                .iter_mut()
+                .find(|(prefix, queue)| path.starts_with(prefix.as_str()) && !queue.is_empty())
+                .and_then(|(_, queue)| queue.pop_front())
+        })
+    };
+    match action {
+        Some(Injection::Status(429)) => Err(stripe_error(
+            429,
+            "rate_limit_error",
+            "Too many requests hit the API too quickly.",
+        )),
+        Some(Injection::Status(status)) => Err(stripe_error(
+            status,
+            "api_error",
+            "Something went wrong on Stripe's end.",
+        )),
+        Some(Injection::Delay(delay)) => {
+            tokio::time::sleep(delay).await;
+            Ok(key)
+        }
+        None => Ok(key),
+    }
+}
+
+/// Answers a POST: the stored answer for a repeated idempotency key, else `make`'s.
+fn idempotent(
+    state: &Arc<Mutex<Inner>>,
+    key: Option<String>,
+    make: impl FnOnce(&mut Inner) -> (u16, Value),
+) -> Response {
+    let mut inner = state.lock().unwrap();
+    let (status, body) = match key.as_ref().and_then(|k| inner.idempotent.get(k)) {
+        Some(stored) => stored.clone(),
+        None => {
+            let answer = make(&mut inner);
+            if let Some(key) = key {
+                inner.idempotent.insert(key, answer.clone());
+            }
+            answer
+        }
+    };
+    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
+}
+
+/// Stripe's form encoding (`a[b][0][c]=v`), flattened to bracketed keys.
+fn form(body: &str) -> HashMap<String, String> {
+    body.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+async fn create_customer(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let key = match intercept(&state, "POST", "/v1/customers", &headers).await {
+        Ok(key) => key,
+        Err(response) => return response,
+    };
+    let params = form(&body);
+    idempotent(&state, key, |inner| {
+        inner.seq += 1;
+        let id = format!("cus_fake{:06}", inner.seq);
+        let customer = json!({"id": id, "object": "customer", "created": now(),
+            "email": params.get("email"),
+            "metadata": {"organizationId": params.get("metadata[organizationId]"),
+                "userId": params.get("metadata[userId]")}});
+        inner.customers.insert(id, customer.clone());
+        (200, customer)
+    })
+}
+
+async fn list_subscriptions(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Err(response) = intercept(&state, "GET", "/v1/subscriptions", &headers).await {
+        return response;
+    }
+    let params = form(query.as_deref().unwrap_or(""));
+    let limit: usize = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(10)
+        .min(100);
+    let inner = state.lock().unwrap();
+    // Newest first, as Stripe lists them.
+    let mut all: Vec<&Value> = inner
+        .subscriptions
+        .values()
+        .filter(|sub| {
+            params
+                .get("customer")
+                .map_or(true, |c| sub["customer"].as_str() == Some(c))
+        })
+        .collect();
+    all.sort_by(|a, b| {
+        (b["created"].as_i64(), b["id"].as_str()).cmp(&(a["created"].as_i64(), a["id"].as_str()))
+    });
+    let start = match params.get("starting_after") {
+        Some(after) => all
+            .iter()
+            .position(|sub| sub["id"].as_str() == Some(after))
+            .map_or(all.len(), |i| i + 1),
+        None => 0,
+    };
+    let expand = params
+        .iter()
+        .any(|(k, v)| k.starts_with("expand") && v == "data.default_payment_method");
+    let page: Vec<Value> = all
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|sub| {
+            if expand {
+                (*sub).clone()
+            } else {
+                webhook_shape(sub)
+            }
+        })
+        .collect();
+    let has_more = start + page.len() < all.len();
+    Json(json!({"object": "list", "url": "/v1/subscriptions", "has_more": has_more, "data": page}))
+        .into_response()
+}
+
+async fn retrieve_subscription(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(response) = intercept(&state, "GET", "/v1/subscriptions/", &headers).await {
+        return response;
+    }
+    match state.lock().unwrap().subscriptions.get(&id) {
+        Some(sub) => Json(webhook_shape(sub)).into_response(),
+        None => stripe_error(
+            404,
+            "invalid_request_error",
+            &format!("No such subscription: '{id}'"),
+        ),
+    }
+}
+
+async fn create_session(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let key = match intercept(&state, "POST", "/v1/checkout/sessions", &headers).await {
+        Ok(key) => key,
+        Err(response) => return response,
+    };
+    let params = form(&body);
+    idempotent(&state, key, |inner| {
+        let Some(customer) = params
+            .get("customer")
+            .filter(|c| inner.customers.contains_key(*c))
+        else {
+            return (
+                400,
+                json!({"error": {"type": "invalid_request_error", "message": "No such customer"}}),
+            );
+        };
+        inner.seq += 1;
+        let id = format!("cs_test_fake{:06}", inner.seq);
+        let session = json!({"id": id, "object": "checkout.session", "mode": params.get("mode"),
+            "status": "open", "created": now(), "customer": customer,
+            "client_reference_id": params.get("client_reference_id"),
+            "url": format!("https://checkout.stripe.test/c/pay/{id}"),
+            "success_url": params.get("success_url"), "cancel_url": params.get("cancel_url"),
+            "price": params.get("line_items[0][price]"),
+            "metadata": {"organizationId": params.get("metadata[organizationId]"),
+                "userId": params.get("metadata[userId]")},
+            "subscription_data_metadata": {
+                "organizationId": params.get("subscription_data[metadata][organizationId]"),
+                "userId": params.get("subscription_data[metadata][userId]")}});
+        inner.sessions.insert(id, session.clone());
+        (200, session)
+    })
+}
+
+async fn retrieve_session(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(response) = intercept(&state, "GET", "/v1/checkout/sessions/", &headers).await {
+        return response;
+    }
+    match state.lock().unwrap().sessions.get(&id) {
+        Some(session) => Json(session.clone()).into_response(),
+        None => stripe_error(
+            404,
+            "invalid_request_error",
+            &format!("No such checkout.session: '{id}'"),
+        ),
+    }
+}
+
+async fn create_portal_session(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let key = match intercept(&state, "POST", "/v1/billing_portal/sessions", &headers).await {
+        Ok(key) => key,
+        Err(response) => return response,
+    };
+    let params = form(&body);
+    idempotent(&state, key, |inner| {
+        inner.seq += 1;
+        let session = json!({"id": format!("bps_fake{:06}", inner.seq), "object": "billing_portal.session",
+            "customer": params.get("customer"), "return_url": params.get("return_url"),
+            "url": format!("https://billing.stripe.test/p/session/{}", inner.seq), "created": now()});
+        inner.portal_sessions.push(session.clone());
+        (200, session)
+    })
+}
