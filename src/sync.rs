@@ -228,14 +228,7 @@ impl Syncer {
         }
         result?;
         if events > 0 {
-            if let Err(error) = self
-                .services
-                .catch_up_projections(WhenBusy::Wait, |_, _| {})
-                .await
-            {
-                // The projection loop catches up on its own; only freshness suffers.
-                tracing::warn!(error = %error_chain(&error), "projection catch-up after a sync failed");
-            }
+            self.settle_projections().await;
         }
         Ok(SyncReport {
             sync_id,
@@ -247,6 +240,33 @@ impl Syncer {
             consecutive_failures,
             flagged,
         })
+    }
+
+    /// Brings the projections up to the end of the log, so that a read right after a sync
+    /// shows it. A catch-up alone is not enough: the reader skips events of transactions
+    /// younger than the oldest one still running (an inbox worker's, a concurrent
+    /// request's), so this retries for up to two seconds. Failures only cost freshness:
+    /// the projection loop catches up on its own.
+    pub async fn settle_projections(&self) {
+        use projections::Projection;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Err(error) = self
+                .services
+                .catch_up_projections(WhenBusy::Wait, |_, _| {})
+                .await
+            {
+                tracing::warn!(error = %error_chain(&error), "projection catch-up after a sync failed");
+                return;
+            }
+            let pool = &self.services.pool;
+            let platform = projections::runner::lag(pool, self.services.platform.name()).await;
+            let cache = projections::runner::lag(pool, self.services.cache.name()).await;
+            if matches!((platform, cache), (Ok(0), Ok(0))) || Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Lists every subscription of the customer (all pages) and runs `Reconcile`.

@@ -42,6 +42,10 @@ pub async fn sync_customer(
 
 /// The customer's answer after a sync (a customer Stripe lists nothing for has none).
 async fn answer(state: &AppState, customer_id: &str) -> Result<Json<SubscriptionInfo>, ApiError> {
+    // What this request (or a concurrent one) recorded must be visible to the read.
+    if let Some(syncer) = &state.sync {
+        syncer.settle_projections().await;
+    }
     let info = read_customer(state, customer_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("customer {customer_id}")))?;
@@ -354,11 +358,7 @@ async fn record_owner(
         .map_err(|e| ApiError::Sync(e.into()))?;
     if !decision.events.is_empty() {
         // So that the next lookup by org (a second click) finds the mapping.
-        syncer
-            .services()
-            .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
-            .await
-            .map_err(|e| ApiError::Sync(e.into()))?;
+        syncer.settle_projections().await;
     }
     Ok(())
 }
