@@ -68,11 +68,13 @@ async fn replay_equals_live() {
         .replay(|name, n| seen.push((name.to_owned(), n)))
         .await
         .unwrap();
-    // The running server's own projection loop may apply some batches between ours;
-    // together they apply the whole log, and the replay returns only when it is done.
+    // The running server's own projection loop may apply some batches between ours (or
+    // all of them: it may take the whole log between the reset and our catch-up, so a
+    // count of zero here is not a failure); together they apply the whole log, and the
+    // replay returns only when it is done, which the lag and snapshot checks below prove.
     assert!(
-        platform.applied + cache.applied > 0 && !seen.is_empty(),
-        "progress was reported"
+        platform.applied + cache.applied == 0 || !seen.is_empty(),
+        "progress was reported for what the replay applied"
     );
     let events = app.count("SELECT count(*) FROM events").await as u64;
     assert!(platform.applied <= events && cache.applied <= events);
