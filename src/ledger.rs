@@ -11,14 +11,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aggregates::{decide, Decision, Outcome, Subscription, SubscriptionCommand, SubscriptionError};
+use aggregates::{
+    decide, Decision, Outcome, Subscription, SubscriptionCommand, SubscriptionError,
+    SubscriptionStatus,
+};
 use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{AggregateContext, AggregateError, EventStore};
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventStore};
 use postgres_es::PostgresEventRepository;
 use sqlx::{PgPool, Row};
 use tokio::sync::{watch, Notify};
 
 use crate::stripe::{parse_event, route, Route};
+
+/// Inbox rows a worker claims at once.
+const BATCH: i64 = 64;
 
 /// How many times a command is retried after losing an optimistic-concurrency race.
 const CONFLICT_RETRIES: usize = 20;
@@ -78,28 +84,50 @@ impl Ledger {
         &self,
         customer_id: &str,
         command: &SubscriptionCommand,
-        stripe_event_id: &str,
+        source_id: &str,
     ) -> Result<Decision, ExecuteError> {
+        let mut decisions = self
+            .execute_many(customer_id, std::slice::from_ref(command), &[source_id])
+            .await?;
+        Ok(decisions.pop().expect("one decision per command"))
+    }
+
+    /// Decides several commands for one customer in order, against one load of its
+    /// aggregate, and commits all their events in one transaction. On an
+    /// optimistic-concurrency conflict the whole group is reloaded and decided again, so
+    /// each decision is always made against the state the log really holds.
+    pub async fn execute_many(
+        &self,
+        customer_id: &str,
+        commands: &[SubscriptionCommand],
+        source_ids: &[&str],
+    ) -> Result<Vec<Decision>, ExecuteError> {
+        // Which Stripe events (or API reads) the committed events came from.
+        let metadata = HashMap::from([("sources".to_owned(), source_ids.join(","))]);
         for _ in 0..CONFLICT_RETRIES {
             let mut context = self
                 .store
                 .load_aggregate(customer_id)
                 .await
                 .map_err(ExecuteError::Store)?;
-            let decision = decide(context.aggregate(), command)?;
-            if decision.events.is_empty() {
-                return Ok(decision);
+            let mut state = context.aggregate().clone();
+            let mut decisions = Vec::with_capacity(commands.len());
+            let mut events = Vec::new();
+            for command in commands {
+                let decision = decide(&state, command)?;
+                for event in &decision.events {
+                    state.apply(event.clone());
+                }
+                events.extend(decision.events.iter().cloned());
+                decisions.push(decision);
             }
-            let metadata =
-                HashMap::from([("stripe_event_id".to_owned(), stripe_event_id.to_owned())]);
-            match self
-                .store
-                .commit(decision.events.clone(), context, metadata)
-                .await
-            {
+            if events.is_empty() {
+                return Ok(decisions);
+            }
+            match self.store.commit(events, context, metadata.clone()).await {
                 Ok(_) => {
                     self.committed.notify_one();
-                    return Ok(decision);
+                    return Ok(decisions);
                 }
                 Err(AggregateError::AggregateConflict) => {
                     // Someone else committed first: reload and decide again.
@@ -111,137 +139,194 @@ impl Ledger {
         Err(ExecuteError::Conflict(CONFLICT_RETRIES))
     }
 
-    /// Claims and processes one due inbox row. `Ok(None)` when nothing is due.
-    pub async fn process_next(&self) -> Result<Option<Processed>, ProcessError> {
+    /// Claims up to `limit` due inbox rows, processes them (grouped per customer: one
+    /// aggregate load and one commit per customer) and records each row's outcome, all
+    /// in the claiming transaction. Returns what each row gave; empty when nothing is due.
+    pub async fn process_batch(&self, limit: i64) -> Result<Vec<Processed>, ProcessError> {
         let mut tx = self.pool.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT event_id, payload, attempts FROM inbox \
+        let rows = sqlx::query(
+            "SELECT event_id, payload FROM inbox \
              WHERE state = 'pending' AND next_attempt_at <= now() \
-             ORDER BY next_attempt_at, stripe_created LIMIT 1 FOR UPDATE SKIP LOCKED",
+             ORDER BY next_attempt_at, stripe_created LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let event_id: String = row.get("event_id");
-        let payload: String = row.get("payload");
-        let attempts: i32 = row.get::<i32, _>("attempts") + 1;
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
 
-        let processed = match self.process_payload(&event_id, payload.as_bytes()).await {
-            Ok((outcome, detail)) => {
-                sqlx::query(
-                    "UPDATE inbox SET state = 'done', outcome = $2, detail = $3, attempts = $4, \
-                        last_error = NULL, processed_at = now() WHERE event_id = $1",
-                )
-                .bind(&event_id)
-                .bind(&outcome)
-                .bind(&detail)
-                .bind(attempts)
-                .execute(&mut *tx)
-                .await?;
-                Processed {
-                    event_id,
-                    outcome,
-                    detail,
+        // Route every row; commands are grouped per customer, in the claimed order.
+        let mut results: Vec<(String, Result<(String, Option<String>), String>)> = Vec::new();
+        type Item = (
+            String,
+            String,
+            SubscriptionCommand,
+            Option<SubscriptionStatus>,
+        );
+        let mut groups: Vec<(String, Vec<Item>)> = Vec::new();
+        for row in rows {
+            let event_id: String = row.get("event_id");
+            let payload: String = row.get("payload");
+            let event = match parse_event(payload.as_bytes()) {
+                Ok(event) => event,
+                // Only parseable events are ever stored; say so rather than retry forever.
+                Err(error) => {
+                    let detail = format!("stored payload no longer parses: {error}");
+                    results.push((event_id, Ok(("ignored".to_owned(), Some(detail)))));
+                    continue;
                 }
-            }
-            Err(error) => {
-                let chain = error_chain(&error);
-                let dead = attempts >= self.max_attempts;
-                tracing::warn!(event_id, attempts, dead, error = %chain, "processing failed");
-                sqlx::query(
-                    "UPDATE inbox SET state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, attempts = $2, \
-                        last_error = $4, outcome = CASE WHEN $3 THEN 'failed' END, \
-                        next_attempt_at = now() + make_interval(secs => $5) WHERE event_id = $1",
-                )
-                .bind(&event_id)
-                .bind(attempts)
-                .bind(dead)
-                .bind(&chain)
-                .bind(backoff(attempts).as_secs_f64())
-                .execute(&mut *tx)
-                .await?;
-                Processed {
-                    event_id,
-                    outcome: "failed".to_owned(),
-                    detail: Some(chain),
+            };
+            match route(&event) {
+                Route::Ignore { reason } => {
+                    results.push((event_id, Ok(("ignored".to_owned(), Some(reason)))))
                 }
-            }
-        };
-        tx.commit().await?;
-        Ok(Some(processed))
-    }
-
-    async fn process_payload(
-        &self,
-        event_id: &str,
-        payload: &[u8],
-    ) -> Result<(String, Option<String>), ExecuteError> {
-        let event = match parse_event(payload) {
-            Ok(event) => event,
-            // Only parseable events are ever stored; say so rather than retry forever.
-            Err(error) => {
-                return Ok((
-                    "ignored".to_owned(),
-                    Some(format!("stored payload no longer parses: {error}")),
-                ))
-            }
-        };
-        let (customer_id, command) = match route(&event) {
-            Route::Command {
-                customer_id,
-                command,
-            } => (customer_id, command),
-            Route::Ignore { reason } => return Ok(("ignored".to_owned(), Some(reason))),
-        };
-        let decision = self.execute(&customer_id, &command, event_id).await?;
-        // An ambiguous move is not guessed at: ask Stripe's API for the truth (issue 3).
-        let previous_status = event
-            .previous_attributes
-            .as_ref()
-            .and_then(|previous| previous.get("status"))
-            .and_then(serde_json::Value::as_str)
-            .and_then(|status| status.parse().ok());
-        if let Some(reason) = crate::sync::webhook_needs_sync(&decision, previous_status) {
-            tracing::info!(event_id, customer_id, reason, "requesting a sync");
-            if let Err(error) = crate::sync::request_sync(
-                &self.pool,
-                &customer_id,
-                crate::sync::SyncSource::Webhook,
-                WEBHOOK_SYNC_DELAY,
-            )
-            .await
-            {
-                // The periodic reconciler will still get there.
-                tracing::warn!(event_id, error = %error_chain(&error), "cannot request a sync");
+                Route::Command {
+                    customer_id,
+                    command,
+                } => {
+                    // What Stripe says the status was before this change, to notice a
+                    // move from a state we never held (issue 3: ask for a sync).
+                    let previous_status = event
+                        .previous_attributes
+                        .as_ref()
+                        .and_then(|previous| previous.get("status"))
+                        .and_then(serde_json::Value::as_str)
+                        .and_then(|status| status.parse().ok());
+                    let item = (event_id, event.event_type, command, previous_status);
+                    match groups.iter_mut().find(|(c, _)| *c == customer_id) {
+                        Some((_, items)) => items.push(item),
+                        None => groups.push((customer_id, vec![item])),
+                    }
+                }
             }
         }
-        let detail = match &decision.outcome {
-            Outcome::Applied | Outcome::Duplicate => None,
-            Outcome::Rejected(rejection) if !decision.events.is_empty() => {
-                Some(format!("{rejection} (ownership it carried was recorded)"))
+        for (customer_id, items) in groups {
+            let commands: Vec<SubscriptionCommand> =
+                items.iter().map(|(_, _, c, _)| c.clone()).collect();
+            let ids: Vec<&str> = items.iter().map(|(id, _, _, _)| id.as_str()).collect();
+            match self.execute_many(&customer_id, &commands, &ids).await {
+                Ok(decisions) => {
+                    for ((event_id, event_type, _, previous_status), decision) in
+                        items.into_iter().zip(decisions)
+                    {
+                        self.sync_if_ambiguous(&event_id, &customer_id, &decision, previous_status)
+                            .await;
+                        tracing::info!(
+                            event_id,
+                            customer_id,
+                            event_type,
+                            outcome = decision.outcome.label(),
+                            "processed"
+                        );
+                        results.push((
+                            event_id,
+                            Ok((decision.outcome.label().to_owned(), detail_of(&decision))),
+                        ));
+                    }
+                }
+                Err(error) => {
+                    let chain = error_chain(&error);
+                    for (event_id, _, _, _) in items {
+                        results.push((event_id, Err(chain.clone())));
+                    }
+                }
             }
-            Outcome::Rejected(rejection) => Some(rejection.to_string()),
-            Outcome::NothingToRecord(reason) => Some(reason.clone()),
+        }
+
+        let mut processed = Vec::with_capacity(results.len());
+        let (mut done_ids, mut done_outcomes, mut done_details) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for (event_id, result) in results {
+            match result {
+                Ok((outcome, detail)) => {
+                    done_ids.push(event_id.clone());
+                    done_outcomes.push(outcome.clone());
+                    done_details.push(detail.clone());
+                    processed.push(Processed {
+                        event_id,
+                        outcome,
+                        detail,
+                    });
+                }
+                Err(chain) => {
+                    let attempts: i32 = sqlx::query_scalar(
+                        "UPDATE inbox SET attempts = attempts + 1, last_error = $2, \
+                            next_attempt_at = now() + make_interval(secs => least(power(2, least(attempts + 1, 12)), 3600)::float8) \
+                         WHERE event_id = $1 RETURNING attempts",
+                    )
+                    .bind(&event_id)
+                    .bind(&chain)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let dead = attempts >= self.max_attempts;
+                    if dead {
+                        sqlx::query("UPDATE inbox SET state = 'dead', outcome = 'failed' WHERE event_id = $1")
+                            .bind(&event_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tracing::warn!(event_id, attempts, dead, error = %chain, "processing failed");
+                    processed.push(Processed {
+                        event_id,
+                        outcome: "failed".to_owned(),
+                        detail: Some(chain),
+                    });
+                }
+            }
+        }
+        if !done_ids.is_empty() {
+            sqlx::query(
+                "UPDATE inbox SET state = 'done', outcome = u.outcome, detail = u.detail, \
+                    attempts = inbox.attempts + 1, last_error = NULL, processed_at = now() \
+                 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(event_id, outcome, detail) \
+                 WHERE inbox.event_id = u.event_id",
+            )
+            .bind(&done_ids)
+            .bind(&done_outcomes)
+            .bind(&done_details)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(processed)
+    }
+
+    /// An ambiguous move is not guessed at: ask Stripe's API for the truth (issue 3).
+    async fn sync_if_ambiguous(
+        &self,
+        event_id: &str,
+        customer_id: &str,
+        decision: &Decision,
+        previous_status: Option<SubscriptionStatus>,
+    ) {
+        let Some(reason) = crate::sync::webhook_needs_sync(decision, previous_status) else {
+            return;
         };
-        tracing::info!(
-            event_id,
+        tracing::info!(event_id, customer_id, reason, "requesting a sync");
+        if let Err(error) = crate::sync::request_sync(
+            &self.pool,
             customer_id,
-            event_type = event.event_type,
-            outcome = decision.outcome.label(),
-            "processed"
-        );
-        Ok((decision.outcome.label().to_owned(), detail))
+            crate::sync::SyncSource::Webhook,
+            WEBHOOK_SYNC_DELAY,
+        )
+        .await
+        {
+            // The periodic reconciler will still get there.
+            tracing::warn!(event_id, error = %error_chain(&error), "cannot request a sync");
+        }
     }
 
     /// Processes due rows until none is left (for `import` and tests).
     pub async fn drain(&self) -> Result<u64, ProcessError> {
         let mut count = 0;
-        while self.process_next().await?.is_some() {
-            count += 1;
+        loop {
+            let batch = self.process_batch(BATCH).await?;
+            if batch.is_empty() {
+                return Ok(count);
+            }
+            count += batch.len() as u64;
         }
-        Ok(count)
     }
 
     /// One inbox worker: processes rows while there are any, then sleeps until woken or
@@ -256,9 +341,9 @@ impl Ledger {
             if *stop.borrow() {
                 return;
             }
-            match self.process_next().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => {}
+            match self.process_batch(BATCH).await {
+                Ok(batch) if !batch.is_empty() => continue,
+                Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), "inbox worker cannot reach the database")
                 }
@@ -272,9 +357,15 @@ impl Ledger {
     }
 }
 
-/// Exponential backoff for failed processing: 1 s, 2 s, 4 s … capped at one hour.
-pub fn backoff(attempts: i32) -> Duration {
-    Duration::from_secs(1u64 << attempts.clamp(0, 12) as u32).min(Duration::from_secs(3600))
+fn detail_of(decision: &Decision) -> Option<String> {
+    match &decision.outcome {
+        Outcome::Applied | Outcome::Duplicate => None,
+        Outcome::Rejected(rejection) if !decision.events.is_empty() => {
+            Some(format!("{rejection} (ownership it carried was recorded)"))
+        }
+        Outcome::Rejected(rejection) => Some(rejection.to_string()),
+        Outcome::NothingToRecord(reason) => Some(reason.clone()),
+    }
 }
 
 /// An error and its causes, one line.

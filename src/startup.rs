@@ -24,7 +24,7 @@ use crate::http::{self, AppState};
 use crate::ledger::{error_chain, Ledger};
 
 /// Events applied per projection transaction.
-pub const PROJECTION_BATCH: i64 = 1000;
+pub const PROJECTION_BATCH: i64 = 5000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {

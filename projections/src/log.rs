@@ -62,7 +62,7 @@ pub async fn read_after(
     limit: i64,
 ) -> Result<Vec<LoggedEvent>, LogError> {
     let rows = sqlx::query(
-        "SELECT aggregate_id, sequence, payload, tx_id::text AS tx_id, global_seq \
+        "SELECT aggregate_id, sequence, payload::text AS payload, tx_id::text AS tx_id, global_seq \
          FROM events \
          WHERE aggregate_type = 'Subscription' \
            AND (tx_id, global_seq) > ($1::text::xid8, $2) \
@@ -80,9 +80,9 @@ pub async fn read_after(
         .map(|row| {
             let aggregate_id: String = row.get("aggregate_id");
             let sequence: i64 = row.get("sequence");
-            let payload: serde_json::Value = row.get("payload");
+            let payload: &str = row.get("payload");
             let tx_id: String = row.get("tx_id");
-            let event = serde_json::from_value(payload).map_err(|source| LogError::Decode {
+            let event = serde_json::from_str(payload).map_err(|source| LogError::Decode {
                 aggregate_id: aggregate_id.clone(),
                 sequence,
                 source,

@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aggregates::SubscriptionEvent;
+use aggregates::{FactSource, SubscriptionEvent, SubscriptionFacts};
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
 use crate::catalog::Catalog;
@@ -80,101 +81,126 @@ impl Projection for PlatformTables {
         tx: &mut PgConnection,
         events: &[LoggedEvent],
     ) -> Result<(), ProjectionError> {
-        for logged in newest_per_aggregate(events) {
-            let info = SubscriptionInfo::from_logged(logged, &self.catalog);
+        // One multi-row upsert per table and batch (arrays unnested server-side): a replay
+        // of a million events is a few hundred statements, not a million.
+        let infos: Vec<SubscriptionInfo> = newest_per_aggregate(events)
+            .into_iter()
+            .map(|logged| SubscriptionInfo::from_logged(logged, &self.catalog))
+            .collect();
+        if !infos.is_empty() {
+            let mut json = Vec::with_capacity(infos.len());
+            for info in &infos {
+                json.push(serde_json::to_string(info)?);
+            }
             sqlx::query(
                 "INSERT INTO subscriptions (customer_id, org_id, user_id, subscription_id, status, price_id, \
                     current_period_end, info, version, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 SELECT u.customer_id, u.org_id, u.user_id, u.subscription_id, u.status, u.price_id, \
+                    u.current_period_end, u.info::jsonb, u.version, u.updated_at \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                    $7::timestamptz[], $8::text[], $9::int8[], $10::timestamptz[]) \
+                    AS u(customer_id, org_id, user_id, subscription_id, status, price_id, current_period_end, \
+                    info, version, updated_at) \
                  ON CONFLICT (customer_id) DO UPDATE SET org_id = EXCLUDED.org_id, user_id = EXCLUDED.user_id, \
                     subscription_id = EXCLUDED.subscription_id, status = EXCLUDED.status, price_id = EXCLUDED.price_id, \
                     current_period_end = EXCLUDED.current_period_end, info = EXCLUDED.info, \
                     version = EXCLUDED.version, updated_at = EXCLUDED.updated_at \
                  WHERE subscriptions.version < EXCLUDED.version",
             )
-            .bind(&info.customer_id)
-            .bind(&info.org_id)
-            .bind(&info.user_id)
-            .bind(&info.subscription_id)
-            .bind(&info.status)
-            .bind(&info.price_id)
-            .bind(info.current_period_end)
-            .bind(sqlx::types::Json(&info))
-            .bind(info.version as i64)
-            .bind(info.updated_at)
+            .bind(infos.iter().map(|i| i.customer_id.clone()).collect::<Vec<_>>())
+            .bind(infos.iter().map(|i| i.org_id.clone()).collect::<Vec<_>>())
+            .bind(infos.iter().map(|i| i.user_id.clone()).collect::<Vec<_>>())
+            .bind(infos.iter().map(|i| i.subscription_id.clone()).collect::<Vec<_>>())
+            .bind(infos.iter().map(|i| i.status.clone()).collect::<Vec<_>>())
+            .bind(infos.iter().map(|i| i.price_id.clone()).collect::<Vec<_>>())
+            .bind(infos.iter().map(|i| i.current_period_end).collect::<Vec<_>>())
+            .bind(json)
+            .bind(infos.iter().map(|i| i.version as i64).collect::<Vec<_>>())
+            .bind(infos.iter().map(|i| i.updated_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
 
         // The mirror: the newest snapshot of each subscription in the batch.
-        let mut newest: HashMap<&str, &LoggedEvent> = HashMap::new();
+        let mut newest: HashMap<&str, (&LoggedEvent, &SubscriptionFacts, &FactSource)> =
+            HashMap::new();
         for logged in events {
             // A reconciled snapshot (from Stripe's API) is a snapshot like any other here.
-            if let SubscriptionEvent::SubscriptionChanged { subscription, .. }
-            | SubscriptionEvent::SubscriptionReconciled { subscription, .. } = &logged.event
-            {
-                let slot = newest.entry(subscription.id.as_str()).or_insert(logged);
-                if logged.sequence > slot.sequence {
-                    *slot = logged;
-                }
-            }
-        }
-        for logged in newest.into_values() {
-            let (SubscriptionEvent::SubscriptionChanged {
-                subscription: s,
+            if let SubscriptionEvent::SubscriptionChanged {
+                subscription,
                 source,
                 ..
             }
             | SubscriptionEvent::SubscriptionReconciled {
-                subscription: s,
+                subscription,
                 source,
                 ..
-            }) = &logged.event
-            else {
-                continue;
-            };
-            sqlx::query(
-                "INSERT INTO merchant_subscriptions (subscription_id, customer_id, status, price_id, product_id, \
-                    lookup_key, quantity, currency, created, current_period_start, current_period_end, \
-                    cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_start, trial_end, \
-                    latest_invoice_id, stripe_event_id, stripe_created, version) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
-                 ON CONFLICT (subscription_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, \
-                    status = EXCLUDED.status, price_id = EXCLUDED.price_id, product_id = EXCLUDED.product_id, \
-                    lookup_key = EXCLUDED.lookup_key, quantity = EXCLUDED.quantity, currency = EXCLUDED.currency, \
-                    created = EXCLUDED.created, current_period_start = EXCLUDED.current_period_start, \
-                    current_period_end = EXCLUDED.current_period_end, \
-                    cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, \
-                    canceled_at = EXCLUDED.canceled_at, ended_at = EXCLUDED.ended_at, \
-                    trial_start = EXCLUDED.trial_start, trial_end = EXCLUDED.trial_end, \
-                    latest_invoice_id = EXCLUDED.latest_invoice_id, stripe_event_id = EXCLUDED.stripe_event_id, \
-                    stripe_created = EXCLUDED.stripe_created, version = EXCLUDED.version \
-                 WHERE merchant_subscriptions.version < EXCLUDED.version",
-            )
-            .bind(&s.id)
-            .bind(&logged.aggregate_id)
-            .bind(s.status.as_str())
-            .bind(&s.price_id)
-            .bind(&s.product_id)
-            .bind(&s.lookup_key)
-            .bind(s.quantity.map(|q| q as i64))
-            .bind(&s.currency)
-            .bind(s.created)
-            .bind(s.current_period_start)
-            .bind(s.current_period_end)
-            .bind(s.cancel_at_period_end)
-            .bind(s.cancel_at)
-            .bind(s.canceled_at)
-            .bind(s.ended_at)
-            .bind(s.trial_start)
-            .bind(s.trial_end)
-            .bind(&s.latest_invoice_id)
-            .bind(&source.stripe_event_id)
-            .bind(source.created)
-            .bind(logged.sequence as i64)
-            .execute(&mut *tx)
-            .await?;
+            } = &logged.event
+            {
+                let slot = newest.entry(subscription.id.as_str()).or_insert((
+                    logged,
+                    subscription,
+                    source,
+                ));
+                if logged.sequence > slot.0.sequence {
+                    *slot = (logged, subscription, source);
+                }
+            }
         }
+        if newest.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<_> = newest.into_values().collect();
+        let text = |f: fn(&SubscriptionFacts) -> Option<String>| {
+            rows.iter().map(|(_, s, _)| f(s)).collect::<Vec<_>>()
+        };
+        let time = |f: fn(&SubscriptionFacts) -> Option<DateTime<Utc>>| {
+            rows.iter().map(|(_, s, _)| f(s)).collect::<Vec<_>>()
+        };
+        sqlx::query(
+            "INSERT INTO merchant_subscriptions (subscription_id, customer_id, status, price_id, product_id, \
+                lookup_key, quantity, currency, created, current_period_start, current_period_end, \
+                cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_start, trial_end, \
+                latest_invoice_id, stripe_event_id, stripe_created, version) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                $7::int8[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::bool[], \
+                $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], \
+                $18::text[], $19::text[], $20::timestamptz[], $21::int8[]) \
+             ON CONFLICT (subscription_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, \
+                status = EXCLUDED.status, price_id = EXCLUDED.price_id, product_id = EXCLUDED.product_id, \
+                lookup_key = EXCLUDED.lookup_key, quantity = EXCLUDED.quantity, currency = EXCLUDED.currency, \
+                created = EXCLUDED.created, current_period_start = EXCLUDED.current_period_start, \
+                current_period_end = EXCLUDED.current_period_end, \
+                cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, \
+                canceled_at = EXCLUDED.canceled_at, ended_at = EXCLUDED.ended_at, \
+                trial_start = EXCLUDED.trial_start, trial_end = EXCLUDED.trial_end, \
+                latest_invoice_id = EXCLUDED.latest_invoice_id, stripe_event_id = EXCLUDED.stripe_event_id, \
+                stripe_created = EXCLUDED.stripe_created, version = EXCLUDED.version \
+             WHERE merchant_subscriptions.version < EXCLUDED.version",
+        )
+        .bind(text(|s| Some(s.id.clone())))
+        .bind(rows.iter().map(|(l, _, _)| l.aggregate_id.clone()).collect::<Vec<_>>())
+        .bind(text(|s| Some(s.status.as_str().to_owned())))
+        .bind(text(|s| s.price_id.clone()))
+        .bind(text(|s| s.product_id.clone()))
+        .bind(text(|s| s.lookup_key.clone()))
+        .bind(rows.iter().map(|(_, s, _)| s.quantity.map(|q| q as i64)).collect::<Vec<_>>())
+        .bind(text(|s| s.currency.clone()))
+        .bind(time(|s| s.created))
+        .bind(time(|s| s.current_period_start))
+        .bind(time(|s| s.current_period_end))
+        .bind(rows.iter().map(|(_, s, _)| s.cancel_at_period_end).collect::<Vec<_>>())
+        .bind(time(|s| s.cancel_at))
+        .bind(time(|s| s.canceled_at))
+        .bind(time(|s| s.ended_at))
+        .bind(time(|s| s.trial_start))
+        .bind(time(|s| s.trial_end))
+        .bind(text(|s| s.latest_invoice_id.clone()))
+        .bind(rows.iter().map(|(_, _, src)| src.stripe_event_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(_, _, src)| src.created).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(l, _, _)| l.sequence as i64).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
         Ok(())
     }
 

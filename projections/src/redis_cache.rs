@@ -35,6 +35,11 @@ end
 return 1
 "#;
 
+fn put_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(PUT_SCRIPT))
+}
+
 /// The key schema, with an optional prefix (tests give each run its own).
 #[derive(Debug, Clone, Default)]
 pub struct CacheKeys {
@@ -117,12 +122,14 @@ impl RedisCache {
         self.conn.clone().get(key).await
     }
 
+    /// The script call that writes `info`, by the script's hash (`EVALSHA`): the script
+    /// must have been loaded (every batch loads it first; `put` falls back by itself).
     fn put_command(&self, info: &SubscriptionInfo) -> Result<redis::Cmd, serde_json::Error> {
         let mut keys = vec![self.keys.customer(&info.customer_id)];
         keys.extend(info.org_id.as_deref().map(|org| self.keys.org(org)));
         keys.extend(info.user_id.as_deref().map(|user| self.keys.user(user)));
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(PUT_SCRIPT)
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(put_script().get_hash())
             .arg(keys.len())
             .arg(keys)
             .arg(serde_json::to_string(info)?)
@@ -182,6 +189,9 @@ impl Projection for RedisCache {
         events: &[LoggedEvent],
     ) -> Result<(), ProjectionError> {
         let mut pipe = redis::pipe();
+        // Loading is idempotent and cheap; it makes every EVALSHA below find the script,
+        // even on a Redis that restarted since the last batch.
+        pipe.cmd("SCRIPT").arg("LOAD").arg(PUT_SCRIPT).ignore();
         for logged in newest_per_aggregate(events) {
             let info = SubscriptionInfo::from_logged(logged, &self.catalog);
             pipe.add_command(self.put_command(&info)?);

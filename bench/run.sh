@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The benchmark: one command, one run, every figure (see benches/harness.rs).
+#   ./bench/run.sh            full run (3000 customers, 1M-event replay, 10-minute soak, peer)
+#   ./bench/run.sh --quick    a short smoke run
+# Options pass through: --customers N --read-secs N --replay-events N --soak-secs N
+# --no-peer --no-write. Figures are printed and appended to BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+ensure_services
+command -v pgbench >/dev/null || apt_install postgresql-client
+command -v redis-benchmark >/dev/null || apt_install redis-tools
+if [[ " $* " != *" --no-peer "* ]]; then
+  command -v npm >/dev/null || apt_install nodejs npm
+  (cd bench/peer && npm ci --no-audit --no-fund --silent)
+fi
+exec cargo bench --bench harness -- "$@"

@@ -1,0 +1,651 @@
+//! subledger's benchmark harness: ingestion, entitlement reads, replay, memory and a
+//! peer, measured in one run on this machine, each beside its hardware ceiling.
+//!
+//! Run with `./bench/run.sh` (which sets up the services and the peer). It starts the
+//! release `subledger serve` as a child process against a fresh `subledger_bench`
+//! database and Redis prefix, drives it over loopback only, prints every figure and
+//! appends a row to BENCHMARKS.md. It reports numbers; it asserts nothing.
+
+#[path = "../tests/integration/stripe_sim.rs"]
+mod stripe_sim;
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use stripe_sim::{shuffle_with_duplicates, sign, simulate, SimEvent};
+
+const SECRET: &str = "whsec_bench";
+const TOKEN: &str = "bench-token";
+const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";
+const DB: &str = "subledger_bench";
+const PEER_DB: &str = "subledger_bench_peer";
+
+struct Options {
+    customers: usize,
+    read_secs: u64,
+    replay_events: i64,
+    soak_secs: u64,
+    peer: bool,
+    write: bool,
+}
+
+impl Options {
+    fn from_args() -> Self {
+        let args: Vec<String> = std::env::args().collect();
+        let value = |name: &str, default: u64| -> u64 {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let quick = args.iter().any(|a| a == "--quick");
+        Self {
+            customers: value("--customers", if quick { 300 } else { 3000 }) as usize,
+            read_secs: value("--read-secs", if quick { 3 } else { 10 }),
+            replay_events: value("--replay-events", if quick { 100_000 } else { 1_000_000 }) as i64,
+            soak_secs: value("--soak-secs", if quick { 20 } else { 600 }),
+            peer: !args.iter().any(|a| a == "--no-peer"),
+            write: !args.iter().any(|a| a == "--no-write"),
+        }
+    }
+}
+
+/// Peak and current resident memory of a process, sampled in the background.
+struct RssSampler {
+    peak_kib: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let peak_kib = Arc::new(AtomicU64::new(rss_kib(pid)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (peak, halt) = (peak_kib.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Self { peak_kib, stop }
+    }
+
+    fn finish(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+fn percentile(sorted_micros: &[u64], p: f64) -> f64 {
+    if sorted_micros.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_micros.len() as f64 - 1.0) * p).round() as usize;
+    sorted_micros[i] as f64 / 1000.0
+}
+
+async fn recreate_database(name: &str) -> PgPool {
+    let admin = PgPool::connect(&format!("{PG_BASE}/postgres"))
+        .await
+        .expect("Postgres runs");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    PgPool::connect(&format!("{PG_BASE}/{name}")).await.unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_server(port: u16, prefix: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_subledger"))
+        .arg("serve")
+        .env("DATABASE_URL", format!("{PG_BASE}/{DB}"))
+        .env("SUBLEDGER_REDIS_PREFIX", prefix)
+        .env("SUBLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("STRIPE_WEBHOOK_SECRET", SECRET)
+        .env("SUBLEDGER_API_TOKEN", TOKEN)
+        .env(
+            "SUBLEDGER_CATALOG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/catalog.example.toml"),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the release binary starts")
+}
+
+async fn wait_until_up(client: &reqwest::Client, base: &str) {
+    for _ in 0..600 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} never answered");
+}
+
+/// Sends every body with `concurrency` keep-alive connections; returns the latencies (µs)
+/// of 2xx answers and the count of other answers.
+async fn send_all(
+    client: &reqwest::Client,
+    url: &str,
+    bodies: Vec<Vec<u8>>,
+    concurrency: usize,
+) -> (Vec<u64>, u64) {
+    let queue = Arc::new(Mutex::new(VecDeque::from(bodies)));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (queue, failures, client, url) = (
+            queue.clone(),
+            failures.clone(),
+            client.clone(),
+            url.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let Some(body) = queue.lock().unwrap().pop_front() else {
+                    break;
+                };
+                let header = sign(SECRET, chrono::Utc::now().timestamp(), &body);
+                let started = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("stripe-signature", header)
+                    .body(body)
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        latencies.push(started.elapsed().as_micros() as u64);
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort_unstable();
+    (all, failures.load(Ordering::Relaxed))
+}
+
+/// Waits until the inbox is drained and every projection has read the whole log.
+async fn wait_caught_up(pool: &PgPool) {
+    loop {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE state = 'pending'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        let lag_a = projections::runner::lag(pool, "platform_tables")
+            .await
+            .unwrap_or(1);
+        let lag_b = projections::runner::lag(pool, "redis_cache")
+            .await
+            .unwrap_or(1);
+        if pending == 0 && lag_a == 0 && lag_b == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn run_capture(command: &mut Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Durable single-row inserts of a ~1.5 KB JSON row at 32 clients: the ingestion ceiling.
+async fn pgbench_ceiling() -> f64 {
+    let pool = recreate_database("subledger_bench_ceiling").await;
+    sqlx::query("CREATE TABLE ceiling (id bigserial PRIMARY KEY, body jsonb NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let script = std::env::temp_dir().join("subledger_ceiling.sql");
+    std::fs::write(
+        &script,
+        "\\set n random(1, 1000000000)\nINSERT INTO ceiling (body) VALUES (jsonb_build_object('id', :n, 'type', 'customer.subscription.updated', 'pad', repeat('x', 1450)));\n",
+    )
+    .unwrap();
+    let out = run_capture(
+        Command::new("pgbench")
+            .args([
+                "-n",
+                "-c",
+                "32",
+                "-j",
+                "2",
+                "-T",
+                "10",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-f",
+            ])
+            .arg(&script)
+            .arg("subledger_bench_ceiling"),
+    );
+    out.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("pgbench said: {out}"))
+}
+
+/// `redis-benchmark -t get -c 50 -d 600`: the read ceiling.
+fn redis_ceiling() -> f64 {
+    let out = run_capture(
+        Command::new("redis-benchmark")
+            .args(["-t", "get", "-c", "50", "-d", "600", "-n", "300000", "-q"]),
+    );
+    out.split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .find(|w| w[1] == "requests")
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or_else(|| panic!("redis-benchmark said: {out}"))
+}
+
+#[derive(Default)]
+struct Figures {
+    rows: Vec<(String, String)>,
+}
+
+impl Figures {
+    fn add(&mut self, name: &str, value: String) {
+        println!("{name:<44} {value}");
+        self.rows.push((name.to_owned(), value));
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let options = Options::from_args();
+    let mut figures = Figures::default();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+
+    // The workload: realistic lifecycles, shuffled, with about 3 % duplicates.
+    let sim = simulate(20261125, options.customers, 1_760_000_000);
+    let events = shuffle_with_duplicates(&sim.events, 7, 0.03);
+    let bodies: Vec<Vec<u8>> = events.iter().map(SimEvent::to_bytes).collect();
+    let orgs: Vec<String> = sim.truth.iter().map(|t| t.org_id.clone()).collect();
+    println!(
+        "workload: {} customers, {} deliveries ({} distinct events)",
+        options.customers,
+        bodies.len(),
+        sim.events.len()
+    );
+
+    // 1. Ingestion.
+    let ceiling = pgbench_ceiling().await;
+    let pool = recreate_database(DB).await;
+    let prefix = format!("bench:{}:", chrono::Utc::now().timestamp());
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = start_server(port, &prefix);
+    wait_until_up(&client, &base).await;
+    let rss = RssSampler::start(server.id());
+    let started = Instant::now();
+    let (latencies, failures) = send_all(
+        &client,
+        &format!("{base}/webhooks/stripe"),
+        bodies.clone(),
+        32,
+    )
+    .await;
+    let acked_in = started.elapsed();
+    wait_caught_up(&pool).await;
+    let end_to_end = started.elapsed();
+    let ingest_rss = rss.finish();
+    let ack_rate = latencies.len() as f64 / acked_in.as_secs_f64();
+    let e2e_rate = bodies.len() as f64 / end_to_end.as_secs_f64();
+    figures.add(
+        "ingest: acknowledged/s (32 connections)",
+        format!("{ack_rate:.0} ({failures} non-2xx)"),
+    );
+    figures.add(
+        "ingest: ack latency p50 / p99",
+        format!(
+            "{:.2} ms / {:.2} ms",
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99)
+        ),
+    );
+    figures.add(
+        "ingest: end-to-end events/s (projections caught up)",
+        format!("{e2e_rate:.0}"),
+    );
+    figures.add(
+        "ingest ceiling: pgbench 1.5 KB inserts/s (32 clients)",
+        format!("{ceiling:.0}"),
+    );
+    figures.add(
+        "ingest: end-to-end / ceiling (goal >= 0.30)",
+        format!("{:.2}", e2e_rate / ceiling),
+    );
+    figures.add("ingest: peak RSS", format!("{ingest_rss:.1} MiB"));
+
+    // 2. Entitlement reads.
+    let rss = RssSampler::start(server.id());
+    let deadline = Instant::now() + Duration::from_secs(options.read_secs);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (client, base, orgs, next) = (client.clone(), base.clone(), orgs.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize % orgs.len();
+                let started = Instant::now();
+                match client
+                    .get(format!("{base}/v1/orgs/{}/entitlements", orgs[i]))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        latencies.push(started.elapsed().as_micros() as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut reads = Vec::new();
+    let mut read_errors = 0;
+    for task in tasks {
+        let (l, e) = task.await.unwrap();
+        reads.extend(l);
+        read_errors += e;
+    }
+    reads.sort_unstable();
+    let read_rss = rss.finish();
+    let read_rate = reads.len() as f64 / options.read_secs as f64;
+    let redis_max = redis_ceiling();
+    figures.add(
+        "reads: entitlements req/s (50 connections)",
+        format!("{read_rate:.0} ({read_errors} errors)"),
+    );
+    figures.add(
+        "reads: p50 / p99 (goal p99 <= 5 ms)",
+        format!(
+            "{:.2} ms / {:.2} ms",
+            percentile(&reads, 0.5),
+            percentile(&reads, 0.99)
+        ),
+    );
+    figures.add(
+        "reads ceiling: redis-benchmark GET -c 50 -d 600",
+        format!("{redis_max:.0}"),
+    );
+    figures.add(
+        "reads: req/s / ceiling (goal >= 0.25)",
+        format!("{:.2}", read_rate / redis_max),
+    );
+    figures.add("reads: peak RSS", format!("{read_rss:.1} MiB"));
+
+    // 4. Soak at half the measured ingest rate (memory steady, not growing).
+    let soak_rate = (e2e_rate / 2.0).max(1.0);
+    let soak_sim = simulate(
+        99,
+        (soak_rate as usize * options.soak_secs as usize) / 12 + 10,
+        1_770_000_000,
+    );
+    let mut soak_bodies: VecDeque<Vec<u8>> =
+        soak_sim.events.iter().map(SimEvent::to_bytes).collect();
+    let mut samples = Vec::new();
+    let soak_start = Instant::now();
+    let mut sent = 0u64;
+    while soak_start.elapsed() < Duration::from_secs(options.soak_secs) {
+        let due = (soak_start.elapsed().as_secs_f64() * soak_rate) as u64;
+        let batch: Vec<Vec<u8>> = (sent..due)
+            .filter_map(|_| soak_bodies.pop_front())
+            .collect();
+        sent = due;
+        if !batch.is_empty() {
+            send_all(&client, &format!("{base}/webhooks/stripe"), batch, 8).await;
+        }
+        if samples.len() as u64 <= soak_start.elapsed().as_secs() / 5 {
+            samples.push(rss_kib(server.id()) as f64 / 1024.0);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_caught_up(&pool).await;
+    let tenth = (samples.len() / 10).max(1);
+    let first: f64 = samples[..tenth].iter().sum::<f64>() / tenth as f64;
+    let last: f64 = samples[samples.len() - tenth..].iter().sum::<f64>() / tenth as f64;
+    figures.add(
+        &format!(
+            "soak: {} s at {soak_rate:.0} events/s, RSS first→last 10 %",
+            options.soak_secs
+        ),
+        format!(
+            "{first:.1} → {last:.1} MiB (max {:.1})",
+            samples.iter().cloned().fold(0.0, f64::max)
+        ),
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // 3. Replay: grow the log to the target size by copying customers, then rebuild.
+    let have: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let copies = (options.replay_events + have - 1) / have.max(1) - 1;
+    if copies > 0 {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             SELECT aggregate_type, aggregate_id || '_c' || k, sequence, event_type, event_version, \
+                    replace(payload::text, '\"customer_id\":\"' || aggregate_id || '\"', \
+                            '\"customer_id\":\"' || aggregate_id || '_c' || k || '\"')::json, metadata \
+             FROM events, generate_series(1, $1::int) AS k ORDER BY k, global_seq",
+        )
+        .bind(copies as i32)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut replay = Command::new(env!("CARGO_BIN_EXE_subledger"));
+    replay
+        .arg("replay")
+        .env("DATABASE_URL", format!("{PG_BASE}/{DB}"))
+        .env("SUBLEDGER_REDIS_PREFIX", &prefix)
+        .env(
+            "SUBLEDGER_CATALOG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/catalog.example.toml"),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let started = Instant::now();
+    let child = replay.spawn().unwrap();
+    let rss = RssSampler::start(child.id());
+    let status = child.wait_with_output().unwrap().status;
+    let replay_time = started.elapsed();
+    let replay_rss = rss.finish();
+    figures.add(
+        "replay: events/s (goal >= 100000)",
+        format!(
+            "{:.0} ({total} events in {:.1} s, exit {status})",
+            total as f64 / replay_time.as_secs_f64(),
+            replay_time.as_secs_f64()
+        ),
+    );
+    figures.add("replay: peak RSS", format!("{replay_rss:.1} MiB"));
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+
+    // 5. The peer, same signed events, same concurrency.
+    if options.peer {
+        let peer_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peer");
+        recreate_database(PEER_DB).await;
+        let peer_port = free_port();
+        let mut peer = Command::new("node")
+            .arg("server.cjs")
+            .arg(peer_port.to_string())
+            .arg(format!("{PG_BASE}/{PEER_DB}"))
+            .arg(SECRET)
+            .current_dir(peer_dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("node runs the peer (./bench/run.sh installs it)");
+        let peer_base = format!("http://127.0.0.1:{peer_port}");
+        for _ in 0..600 {
+            if client.get(&peer_base).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rss = RssSampler::start(peer.id());
+        let started = Instant::now();
+        let (ok, failed) = send_all(
+            &client,
+            &format!("{peer_base}/webhooks"),
+            bodies.clone(),
+            32,
+        )
+        .await;
+        let elapsed = started.elapsed();
+        let peer_rss = rss.finish();
+        let peer_rate = bodies.len() as f64 / elapsed.as_secs_f64();
+        figures.add(
+            "peer: stripe-sync-engine events/s (32 connections)",
+            format!("{peer_rate:.0} ({} ok, {failed} refused)", ok.len()),
+        );
+        figures.add(
+            "peer: ack latency p50 / p99",
+            format!(
+                "{:.2} ms / {:.2} ms",
+                percentile(&ok, 0.5),
+                percentile(&ok, 0.99)
+            ),
+        );
+        figures.add(
+            "subledger end-to-end / peer",
+            format!("{:.2}", e2e_rate / peer_rate),
+        );
+        figures.add("peer: peak RSS", format!("{peer_rss:.1} MiB"));
+        let _ = peer.kill();
+        let _ = peer.wait();
+    }
+
+    if options.write {
+        write_benchmarks_md(
+            &figures,
+            &std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        );
+    }
+}
+
+fn write_benchmarks_md(figures: &Figures, args: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
+    let mut text = std::fs::read_to_string(path).unwrap_or_else(|_| {
+        "# Benchmarks\n\nEach run of `./bench/run.sh` appends a section; older rows are kept.\n"
+            .to_owned()
+    });
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
+        .unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let _ = writeln!(
+        text,
+        "\n## {} — `./bench/run.sh {args}`\n\nMachine: {cores} cores ({cpu}), {mem} GiB; PostgreSQL and Redis on the same machine; load generator in the same machine.\n\n| figure | value |\n| --- | --- |",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+    );
+    for (name, value) in &figures.rows {
+        let _ = writeln!(text, "| {name} | {value} |");
+    }
+    std::fs::write(path, text).unwrap();
+    println!("appended to BENCHMARKS.md");
+}
