@@ -160,11 +160,15 @@ async fn every_fixture_is_acknowledged_and_processed_through_the_webhook() {
             .await,
         0
     );
-    // Zeroed ids make many fixtures duplicates of each other; the distinct ones apply.
+    // Zeroed ids make many fixtures share a customer, so whether one of them is applied or
+    // judged stale depends on processing order; that every handled one was judged does not.
+    let judged =
+        "SELECT count(*) FROM inbox WHERE outcome IN ('applied', 'duplicate', 'stale', 'illegal')";
+    assert!(app.count(judged).await >= 10);
     assert!(
         app.count("SELECT count(*) FROM inbox WHERE outcome = 'applied'")
             .await
-            >= 10
+            >= 1
     );
     app.stop().await;
 }
