@@ -11,12 +11,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aggregates::{decide, Decision, Outcome, Subscription, SubscriptionCommand, SubscriptionError};
+use aggregates::{
+    decide, Decision, Move, Outcome, Subscription, SubscriptionCommand, SubscriptionError,
+    SubscriptionEvent,
+};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateContext, AggregateError, EventStore};
 use postgres_es::PostgresEventRepository;
 use sqlx::{PgPool, Row};
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
 use crate::stripe::{parse_event, route, Route};
 
@@ -111,7 +115,8 @@ impl Ledger {
     pub async fn process_next(&self) -> Result<Option<Processed>, ProcessError> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query(
-            "SELECT event_id, payload, attempts FROM inbox \
+            "SELECT event_id, event_type, customer_id, payload, attempts, \
+                extract(epoch FROM now() - received_at)::float8 AS waited FROM inbox \
              WHERE state = 'pending' AND next_attempt_at <= now() \
              ORDER BY next_attempt_at, stripe_created LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
@@ -123,9 +128,36 @@ impl Ledger {
         let event_id: String = row.get("event_id");
         let payload: String = row.get("payload");
         let attempts: i32 = row.get::<i32, _>("attempts") + 1;
+        let event_type: String = row.get("event_type");
+        let waited = Duration::from_secs_f64(row.get::<f64, _>("waited").max(0.0));
+        // One span per webhook processed: logs inside it carry the event, and its outcome
+        // is recorded once known.
+        let span = tracing::info_span!(
+            "webhook",
+            event_id = %event_id,
+            event_type = %event_type,
+            customer_id = row.get::<Option<String>, _>("customer_id").unwrap_or_default(),
+            attempt = attempts,
+            outcome = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
 
-        let processed = match self.process_payload(&event_id, payload.as_bytes()).await {
-            Ok((outcome, detail)) => {
+        let result = self
+            .process_payload(&event_id, payload.as_bytes())
+            .instrument(span.clone())
+            .await;
+        let took = started.elapsed();
+        let processed = match result {
+            Ok((outcome, detail, catch_up)) => {
+                span.record("outcome", outcome.as_str());
+                span.in_scope(|| tracing::info!(detail, "webhook processed"));
+                crate::metrics::webhook_processed(
+                    &event_type,
+                    &outcome,
+                    took,
+                    waited + took,
+                    catch_up,
+                );
                 sqlx::query(
                     "UPDATE inbox SET state = 'done', outcome = $2, detail = $3, attempts = $4, \
                         last_error = NULL, processed_at = now() WHERE event_id = $1",
@@ -145,7 +177,16 @@ impl Ledger {
             Err(error) => {
                 let chain = error_chain(&error);
                 let dead = attempts >= self.max_attempts;
-                tracing::warn!(event_id, attempts, dead, error = %chain, "processing failed");
+                span.record("outcome", "failed");
+                span.in_scope(|| tracing::warn!(dead, error = %chain, "webhook processing failed"));
+                crate::metrics::webhook_processed(
+                    &event_type,
+                    "failed",
+                    took,
+                    waited + took,
+                    false,
+                );
+                crate::metrics::webhook_failed(&event_type, dead);
                 sqlx::query(
                     "UPDATE inbox SET state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, attempts = $2, \
                         last_error = $4, outcome = CASE WHEN $3 THEN 'failed' END, \
@@ -173,7 +214,7 @@ impl Ledger {
         &self,
         event_id: &str,
         payload: &[u8],
-    ) -> Result<(String, Option<String>), ExecuteError> {
+    ) -> Result<(String, Option<String>, bool), ExecuteError> {
         let event = match parse_event(payload) {
             Ok(event) => event,
             // Only parseable events are ever stored; say so rather than retry forever.
@@ -181,6 +222,7 @@ impl Ledger {
                 return Ok((
                     "ignored".to_owned(),
                     Some(format!("stored payload no longer parses: {error}")),
+                    false,
                 ))
             }
         };
@@ -189,7 +231,7 @@ impl Ledger {
                 customer_id,
                 command,
             } => (customer_id, command),
-            Route::Ignore { reason } => return Ok(("ignored".to_owned(), Some(reason))),
+            Route::Ignore { reason } => return Ok(("ignored".to_owned(), Some(reason), false)),
         };
         let decision = self.execute(&customer_id, &command, event_id).await?;
         let detail = match &decision.outcome {
@@ -200,14 +242,17 @@ impl Ledger {
             Outcome::Rejected(rejection) => Some(rejection.to_string()),
             Outcome::NothingToRecord(reason) => Some(reason.clone()),
         };
-        tracing::info!(
-            event_id,
-            customer_id,
-            event_type = event.event_type,
-            outcome = decision.outcome.label(),
-            "processed"
-        );
-        Ok((decision.outcome.label().to_owned(), detail))
+        // A catch-up move means events between the two states have not arrived (yet).
+        let catch_up = decision.events.iter().any(|e| {
+            matches!(
+                e,
+                SubscriptionEvent::SubscriptionChanged {
+                    transition: Move::CatchUp,
+                    ..
+                }
+            )
+        });
+        Ok((decision.outcome.label().to_owned(), detail, catch_up))
     }
 
     /// Processes due rows until none is left (for `import` and tests).

@@ -1,7 +1,8 @@
-//! The HTTP surface: the Stripe webhook, the `/v1` API, health. Handlers translate
+//! The HTTP surface: the Stripe webhook, the `/v1` API, health, metrics, the admin page. Handlers translate
 //! between HTTP and the rest of the crate; they must never judge a Stripe fact
 //! themselves.
 
+pub mod admin;
 pub mod api;
 pub mod error;
 pub mod webhook;
@@ -49,7 +50,10 @@ pub fn router(state: AppState) -> Router {
             post(webhook::receive).layer(DefaultBodyLimit::max(max_body)),
         )
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(crate::metrics::scrape))
+        .merge(admin::router(state.clone()))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .with_state(state)
 }
