@@ -1,11 +1,13 @@
 //! Integration tests: the real application over HTTP against real Postgres and Redis.
 
+mod admin_browser;
 mod api;
 mod cli;
 mod events;
 mod fixtures;
 mod helpers;
 mod lifecycle;
+mod ops;
 mod replay;
 mod stripe_sim;
 mod webhook;
