@@ -14,7 +14,9 @@ use std::fmt::Write as _;
 use aggregates::{Move, Subscription, SubscriptionEvent, SubscriptionStatus};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use projections::{Catalog, Entitlement, PlatformTables, RedisCache, SubscriptionInfo};
+use projections::{
+    Catalog, Entitlement, LoggedEvent, PlatformTables, Position, RedisCache, SubscriptionInfo,
+};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
 
@@ -165,7 +167,7 @@ pub async fn inspect(
     now: DateTime<Utc>,
 ) -> Result<CustomerReport, InspectError> {
     let rows = sqlx::query(
-        "SELECT sequence, event_type, payload, recorded_at FROM events \
+        "SELECT sequence, payload, recorded_at, tx_id::text AS tx_id, global_seq FROM events \
          WHERE aggregate_type = 'Subscription' AND aggregate_id = $1 ORDER BY sequence",
     )
     .bind(customer_id)
@@ -173,7 +175,7 @@ pub async fn inspect(
     .await?;
     let mut state = Subscription::default();
     let mut timeline = Vec::with_capacity(rows.len());
-    let mut last: Option<(i64, SubscriptionEvent)> = None;
+    let mut last: Option<LoggedEvent> = None;
     for row in rows {
         let sequence: i64 = row.get("sequence");
         let payload: Value = row.get("payload");
@@ -208,17 +210,19 @@ pub async fn inspect(
             change: describe(&event),
         });
         state.apply(event.clone());
-        last = Some((sequence, event));
+        let tx_id: String = row.get("tx_id");
+        last = Some(LoggedEvent {
+            aggregate_id: customer_id.to_owned(),
+            sequence: sequence as u64,
+            position: Position {
+                tx_id: tx_id.parse().unwrap_or_default(),
+                global_seq: row.get("global_seq"),
+            },
+            event,
+        });
     }
     // The same construction the projections use, so equal inputs give equal answers.
-    let log = last.map(|(sequence, event)| {
-        SubscriptionInfo::from_view(
-            event.view(),
-            sequence as u64,
-            event.view().as_of.unwrap_or(event.source().created),
-            catalog,
-        )
-    });
+    let log = last.map(|logged| SubscriptionInfo::from_logged(&logged, catalog));
 
     let inbox = inbox_rows(
         pool,
