@@ -72,6 +72,17 @@ pub struct CacheEntry {
     pub ttl_secs: i64,
 }
 
+impl CacheEntry {
+    /// The TTL for people: `absent`, `no TTL`, or seconds left.
+    pub fn ttl_text(&self) -> String {
+        match self.ttl_secs {
+            -2 => "absent".to_owned(),
+            -1 => "no TTL".to_owned(),
+            s => format!("TTL {s} s"),
+        }
+    }
+}
+
 /// A field on which the log, the table and the cache do not all agree (`None`: that
 /// copy does not exist).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -601,15 +612,11 @@ pub fn render_text(report: &CustomerReport) -> String {
         let _ = writeln!(w, "Redis cannot be read: {error}");
     }
     for key in &report.cache_keys {
-        let ttl = match key.ttl_secs {
-            -2 => "absent".to_owned(),
-            -1 => "no TTL".to_owned(),
-            s => format!("TTL {s}s"),
-        };
         let _ = writeln!(
             w,
-            "redis {} ({ttl}): {}",
+            "redis {} ({}): {}",
             key.key,
+            key.ttl_text(),
             or_dash(key.value.as_deref())
         );
     }

@@ -499,15 +499,11 @@ fn customer_body(report: &CustomerReport) -> String {
     }
     b.push_str("<table><tr><th>Redis key</th><th>TTL</th><th>value</th></tr>");
     for key in &report.cache_keys {
-        let ttl = match key.ttl_secs {
-            -2 => "absent".to_owned(),
-            -1 => "none".to_owned(),
-            s => format!("{s} s"),
-        };
         let _ = write!(
             b,
-            "<tr><td class=mono>{}</td><td>{ttl}</td><td class=mono>{}</td></tr>",
+            "<tr><td class=mono>{}</td><td>{}</td><td class=mono>{}</td></tr>",
             esc(&key.key),
+            key.ttl_text(),
             opt(key.value.as_deref())
         );
     }

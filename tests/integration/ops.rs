@@ -590,18 +590,21 @@ async fn inspect_and_explain_tell_what_happened_and_flag_a_stale_cache() {
         s.redis_prefix = app.prefix.clone();
         s
     };
+    // stdout of the binary, once it succeeded.
     let cli = |args: &'static [&'static str]| {
         let mut command = subledger(&settings);
         command.args(args);
-        run(command)
+        async move {
+            let out = run(command).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        }
     };
-    let out = cli(&["inspect", "cus_i"]).await;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = cli(&["inspect", "cus_i"]).await;
     assert!(text.contains("sub_i: none -> trialing (first)"), "{text}");
     assert!(text.contains("sub_i: trialing -> active (step)"), "{text}");
     assert!(
@@ -634,24 +637,21 @@ async fn inspect_and_explain_tell_what_happened_and_flag_a_stale_cache() {
     )
     .await
     .unwrap();
-    let out = cli(&["inspect", "cus_i"]).await;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let text = cli(&["inspect", "cus_i"]).await;
     assert!(text.contains("DIFFERENCES"), "{text}");
     assert!(
         text.contains("! status: \"active\" | \"active\" | \"trialing\""),
         "{text}"
     );
 
-    let out = cli(&["explain", "cus_i"]).await;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let text = cli(&["explain", "cus_i"]).await;
     assert!(text.starts_with("cus_i has access: subscription sub_i is active, which grants access, until its period ends at "), "{text}");
     assert!(
         text.contains("Note: the cache or the table differ from the log on status, version"),
         "{text}"
     );
-    let out = cli(&["explain", "cus_unknown"]).await;
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        cli(&["explain", "cus_unknown"]).await.trim(),
         "cus_unknown lacks access: subledger holds no event about this customer."
     );
     app.stop().await;
