@@ -26,6 +26,18 @@ if [ -n "$io" ]; then
   exit 1
 fi
 
+# The alert rules are unit-tested with promtool (Debian's prometheus package ships it),
+# and the admin page is tested in headless Chromium: install both when absent.
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test: installing ${missing[*]} from Debian's packages" >&2
+  apt_install "${missing[@]}"
+fi
+promtool check rules ops/alerts.yml
+promtool test rules ops/alerts.test.yml
+
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 cargo test --workspace --all-targets "$@"

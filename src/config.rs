@@ -33,6 +33,8 @@ pub struct Settings {
     pub signature_tolerance_secs: i64,
     /// `SUBLEDGER_API_TOKEN`: the bearer token for `/v1`. Unset: `/v1` refuses everyone.
     pub api_token: Option<SecretString>,
+    /// `SUBLEDGER_ADMIN_TOKEN`: the token for `/admin`. Unset: `/admin` refuses everyone.
+    pub admin_token: Option<SecretString>,
     /// `SUBLEDGER_CATALOG`: the catalogue TOML (default: no plans, the default policy).
     pub catalog_path: Option<PathBuf>,
     /// `SUBLEDGER_LISTEN` (default `127.0.0.1:8080`).
@@ -119,6 +121,7 @@ impl Settings {
             webhook_secrets: secrets,
             signature_tolerance_secs: parsed("SUBLEDGER_SIGNATURE_TOLERANCE_SECS", 300)?,
             api_token: var("SUBLEDGER_API_TOKEN").map(SecretString::from),
+            admin_token: var("SUBLEDGER_ADMIN_TOKEN").map(SecretString::from),
             catalog_path: var("SUBLEDGER_CATALOG").map(PathBuf::from),
             listen: parsed("SUBLEDGER_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             max_body_bytes: parsed("SUBLEDGER_MAX_BODY_BYTES", 1024 * 1024)?,

@@ -39,6 +39,16 @@ pub enum Received {
     Duplicate,
 }
 
+impl Received {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Received::Stored => "stored",
+            Received::Ignored => "ignored",
+            Received::Duplicate => "duplicate",
+        }
+    }
+}
+
 /// Stores an event. Idempotent on Stripe's event id.
 pub async fn record(
     pool: &PgPool,

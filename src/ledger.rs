@@ -9,11 +9,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aggregates::{
-    decide, Decision, Outcome, Subscription, SubscriptionCommand, SubscriptionError,
-    SubscriptionStatus,
+    decide, Decision, Move, Outcome, Subscription, SubscriptionCommand, SubscriptionError,
+    SubscriptionEvent, SubscriptionStatus,
 };
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventStore};
@@ -145,7 +145,8 @@ impl Ledger {
     pub async fn process_batch(&self, limit: i64) -> Result<Vec<Processed>, ProcessError> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT event_id, payload FROM inbox \
+            "SELECT event_id, event_type, customer_id, payload, attempts, \
+                extract(epoch FROM now() - received_at)::float8 AS waited FROM inbox \
              WHERE state = 'pending' AND next_attempt_at <= now() \
              ORDER BY next_attempt_at, stripe_created LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -157,29 +158,44 @@ impl Ledger {
         }
 
         // Route every row; commands are grouped per customer, in the claimed order.
-        let mut results: Vec<(String, Result<(String, Option<String>), String>)> = Vec::new();
-        type Item = (
-            String,
-            String,
-            SubscriptionCommand,
-            Option<SubscriptionStatus>,
-        );
+        let mut claimed: HashMap<String, Claimed> = HashMap::new();
+        let mut results: Vec<RowResult> = Vec::new();
         let mut groups: Vec<(String, Vec<Item>)> = Vec::new();
         for row in rows {
             let event_id: String = row.get("event_id");
+            let event_type: String = row.get("event_type");
+            let attempt = row.get::<i32, _>("attempts") + 1;
+            // One span per webhook processed: logs inside it carry the event, and its
+            // outcome is recorded once known.
+            let span = tracing::info_span!(
+                "webhook",
+                event_id = %event_id,
+                event_type = %event_type,
+                customer_id = row.get::<Option<String>, _>("customer_id").unwrap_or_default(),
+                attempt,
+                outcome = tracing::field::Empty,
+            );
+            claimed.insert(
+                event_id.clone(),
+                Claimed {
+                    event_type,
+                    waited: Duration::from_secs_f64(row.get::<f64, _>("waited").max(0.0)),
+                    span,
+                },
+            );
             let payload: String = row.get("payload");
             let event = match parse_event(payload.as_bytes()) {
                 Ok(event) => event,
                 // Only parseable events are ever stored; say so rather than retry forever.
                 Err(error) => {
                     let detail = format!("stored payload no longer parses: {error}");
-                    results.push((event_id, Ok(("ignored".to_owned(), Some(detail)))));
+                    results.push(RowResult::done(event_id, "ignored", Some(detail)));
                     continue;
                 }
             };
             match route(&event) {
                 Route::Ignore { reason } => {
-                    results.push((event_id, Ok(("ignored".to_owned(), Some(reason)))))
+                    results.push(RowResult::done(event_id, "ignored", Some(reason)))
                 }
                 Route::Command {
                     customer_id,
@@ -193,7 +209,7 @@ impl Ledger {
                         .and_then(|previous| previous.get("status"))
                         .and_then(serde_json::Value::as_str)
                         .and_then(|status| status.parse().ok());
-                    let item = (event_id, event.event_type, command, previous_status);
+                    let item = (event_id, command, previous_status);
                     match groups.iter_mut().find(|(c, _)| *c == customer_id) {
                         Some((_, items)) => items.push(item),
                         None => groups.push((customer_id, vec![item])),
@@ -203,32 +219,47 @@ impl Ledger {
         }
         for (customer_id, items) in groups {
             let commands: Vec<SubscriptionCommand> =
-                items.iter().map(|(_, _, c, _)| c.clone()).collect();
-            let ids: Vec<&str> = items.iter().map(|(id, _, _, _)| id.as_str()).collect();
-            match self.execute_many(&customer_id, &commands, &ids).await {
+                items.iter().map(|(_, c, _)| c.clone()).collect();
+            let ids: Vec<&str> = items.iter().map(|(id, _, _)| id.as_str()).collect();
+            let started = Instant::now();
+            let executed = self.execute_many(&customer_id, &commands, &ids).await;
+            let took = started.elapsed();
+            match executed {
                 Ok(decisions) => {
-                    for ((event_id, event_type, _, previous_status), decision) in
+                    for ((event_id, _, previous_status), decision) in
                         items.into_iter().zip(decisions)
                     {
                         self.sync_if_ambiguous(&event_id, &customer_id, &decision, previous_status)
                             .await;
-                        tracing::info!(
+                        // A catch-up move means events between the two states have not
+                        // arrived (yet).
+                        let catch_up = decision.events.iter().any(|e| {
+                            matches!(
+                                e,
+                                SubscriptionEvent::SubscriptionChanged {
+                                    transition: Move::CatchUp,
+                                    ..
+                                }
+                            )
+                        });
+                        let mut result = RowResult::done(
                             event_id,
-                            customer_id,
-                            event_type,
-                            outcome = decision.outcome.label(),
-                            "processed"
+                            decision.outcome.label(),
+                            detail_of(&decision),
                         );
-                        results.push((
-                            event_id,
-                            Ok((decision.outcome.label().to_owned(), detail_of(&decision))),
-                        ));
+                        (result.took, result.catch_up) = (took, catch_up);
+                        results.push(result);
                     }
                 }
                 Err(error) => {
                     let chain = error_chain(&error);
-                    for (event_id, _, _, _) in items {
-                        results.push((event_id, Err(chain.clone())));
+                    for (event_id, _, _) in items {
+                        results.push(RowResult {
+                            event_id,
+                            outcome: Err(chain.clone()),
+                            took,
+                            catch_up: false,
+                        });
                     }
                 }
             }
@@ -237,9 +268,26 @@ impl Ledger {
         let mut processed = Vec::with_capacity(results.len());
         let (mut done_ids, mut done_outcomes, mut done_details) =
             (Vec::new(), Vec::new(), Vec::new());
-        for (event_id, result) in results {
-            match result {
+        for RowResult {
+            event_id,
+            outcome,
+            took,
+            catch_up,
+        } in results
+        {
+            let row = &claimed[&event_id];
+            match outcome {
                 Ok((outcome, detail)) => {
+                    row.span.record("outcome", outcome.as_str());
+                    row.span
+                        .in_scope(|| tracing::info!(detail, "webhook processed"));
+                    crate::metrics::webhook_processed(
+                        &row.event_type,
+                        &outcome,
+                        took,
+                        row.waited + took,
+                        catch_up,
+                    );
                     done_ids.push(event_id.clone());
                     done_outcomes.push(outcome.clone());
                     done_details.push(detail.clone());
@@ -266,7 +314,17 @@ impl Ledger {
                             .execute(&mut *tx)
                             .await?;
                     }
-                    tracing::warn!(event_id, attempts, dead, error = %chain, "processing failed");
+                    row.span.record("outcome", "failed");
+                    row.span
+                        .in_scope(|| tracing::warn!(attempts, dead, error = %chain, "webhook processing failed"));
+                    crate::metrics::webhook_processed(
+                        &row.event_type,
+                        "failed",
+                        took,
+                        row.waited + took,
+                        false,
+                    );
+                    crate::metrics::webhook_failed(&row.event_type, dead);
                     processed.push(Processed {
                         event_id,
                         outcome: "failed".to_owned(),
@@ -365,6 +423,36 @@ fn detail_of(decision: &Decision) -> Option<String> {
         }
         Outcome::Rejected(rejection) => Some(rejection.to_string()),
         Outcome::NothingToRecord(reason) => Some(reason.clone()),
+    }
+}
+
+/// A claimed inbox row's command, with the status Stripe says it moved from.
+type Item = (String, SubscriptionCommand, Option<SubscriptionStatus>);
+
+/// What processing needs to know about a claimed row besides its command.
+struct Claimed {
+    event_type: String,
+    /// From receipt to claim.
+    waited: Duration,
+    span: tracing::Span,
+}
+
+/// One row's result: its outcome and detail, or the error chain of a failure.
+struct RowResult {
+    event_id: String,
+    outcome: Result<(String, Option<String>), String>,
+    took: Duration,
+    catch_up: bool,
+}
+
+impl RowResult {
+    fn done(event_id: String, outcome: &str, detail: Option<String>) -> Self {
+        Self {
+            event_id,
+            outcome: Ok((outcome.to_owned(), detail)),
+            took: Duration::ZERO,
+            catch_up: false,
+        }
     }
 }
 

@@ -43,6 +43,12 @@ enum Command {
         #[arg(long)]
         customer: Option<String>,
     },
+    /// Show everything about one customer: state, every event in the log with the move it
+    /// made, the inbox's outcomes (rejections and why), and the Redis value and TTL beside
+    /// the table row, with differences flagged.
+    Inspect { customer_id: String },
+    /// Say in a sentence why a customer has or lacks access.
+    Explain { customer_id: String },
     /// Print the transition table the aggregate runs.
     Transitions {
         #[arg(long, value_enum, default_value = "text")]
@@ -59,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let settings = Settings::from_env().context("reading configuration")?;
+    let explain_only = matches!(cli.command, Command::Explain { .. });
     match cli.command {
         Command::Serve => {
             let app = Application::build(settings)
@@ -170,6 +177,23 @@ async fn main() -> anyhow::Result<()> {
                 "backfilled {} subscriptions of {} customers over {} pages: {} events recorded, {} unreadable",
                 report.subscriptions, report.customers, report.pages, report.events, report.unreadable
             );
+        }
+        Command::Inspect { customer_id } | Command::Explain { customer_id } => {
+            let services = Services::connect(settings).await.context("connecting")?;
+            let report = subledger::inspect::inspect(
+                &services.pool,
+                &services.cache,
+                &services.catalog,
+                &customer_id,
+                chrono::Utc::now(),
+            )
+            .await
+            .context("reading the customer")?;
+            if explain_only {
+                println!("{}", report.explanation);
+            } else {
+                print!("{}", subledger::inspect::render_text(&report));
+            }
         }
         Command::Transitions { .. } => unreachable!("handled before reading settings"),
     }

@@ -6,8 +6,9 @@
 //! rebuilt from the log (or read through from Postgres). A write never replaces a value
 //! of a newer version, so the cache never goes backwards.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
+use prometheus::{register_int_counter_vec, IntCounterVec};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use sqlx::PgConnection;
@@ -39,6 +40,22 @@ fn put_script() -> &'static redis::Script {
     static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     SCRIPT.get_or_init(|| redis::Script::new(PUT_SCRIPT))
 }
+/// Writes the version guard refused because Redis already held a newer answer, by writer
+/// (`projection` or `read_through`). Registered in prometheus' default registry, which
+/// `GET /metrics` serves. A steady trickle is normal (read-through writes racing the
+/// projection); it only ever means an older answer was kept out.
+pub static STALE_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let counter = register_int_counter_vec!(
+        "subledger_cache_stale_writes_total",
+        "Cache writes refused because Redis held a newer version",
+        &["writer"]
+    )
+    .expect("the metric is registered once");
+    for writer in ["projection", "read_through"] {
+        counter.with_label_values(&[writer]);
+    }
+    counter
+});
 
 /// The key schema, with an optional prefix (tests give each run its own).
 #[derive(Debug, Clone, Default)]
@@ -146,7 +163,30 @@ impl RedisCache {
             .put_command(info)?
             .query_async(&mut self.conn.clone())
             .await?;
+        if written != 1 {
+            STALE_WRITES.with_label_values(&["read_through"]).inc();
+        }
         Ok(written == 1)
+    }
+
+    /// Whether Redis answers at all (for metrics and health).
+    pub async fn ping(&self) -> Result<(), redis::RedisError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn.clone())
+            .await
+            .map(|_| ())
+    }
+
+    /// A key's raw value and its remaining TTL in seconds (-1: no TTL, -2: no key), for
+    /// the operators' inspectors. `key` is the full key, prefix included.
+    pub async fn inspect_key(&self, key: &str) -> Result<(Option<String>, i64), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let (value, ttl): (Option<String>, i64) = redis::pipe()
+            .get(key)
+            .ttl(key)
+            .query_async(&mut conn)
+            .await?;
+        Ok((value, ttl))
     }
 
     /// Deletes every key this cache owns.
@@ -199,6 +239,9 @@ impl Projection for RedisCache {
         let written: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
         let refused = written.iter().filter(|w| **w == 0).count();
         if refused > 0 {
+            STALE_WRITES
+                .with_label_values(&["projection"])
+                .inc_by(refused as u64);
             tracing::debug!(refused, "cache held newer versions; older writes skipped");
         }
         Ok(())

@@ -13,6 +13,7 @@ use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
+use crate::metrics::{self, CacheRead};
 
 /// Requires `Authorization: Bearer $SUBLEDGER_API_TOKEN`, compared in constant time.
 pub async fn require_api_token(
@@ -100,9 +101,15 @@ pub async fn read_customer(
     customer_id: &str,
 ) -> Result<Option<SubscriptionInfo>, ApiError> {
     match state.cache.customer(customer_id).await {
-        Ok(Some(info)) => return Ok(Some(info)),
-        Ok(None) => {}
-        Err(error) => tracing::warn!(%error, "cache read failed; reading Postgres"),
+        Ok(Some(info)) => {
+            metrics::cache_read(CacheRead::Hit);
+            return Ok(Some(info));
+        }
+        Ok(None) => metrics::cache_read(CacheRead::Miss),
+        Err(error) => {
+            metrics::cache_read(CacheRead::Fallback);
+            tracing::warn!(%error, "cache read failed; reading Postgres")
+        }
     }
     let info = PlatformTables::customer(&state.pool, customer_id)
         .await
@@ -118,17 +125,20 @@ async fn read_owner(
     org_id: Option<&str>,
     user_id: Option<&str>,
 ) -> Result<Option<SubscriptionInfo>, ApiError> {
+    let mut failed = false;
     let cached = match state.cache.customer_id_for(org_id, user_id).await {
         Ok(Some(customer_id)) => state
             .cache
             .customer(&customer_id)
             .await
             .unwrap_or_else(|error| {
+                failed = true;
                 tracing::warn!(%error, "cache read failed; reading Postgres");
                 None
             }),
         Ok(None) => None,
         Err(error) => {
+            failed = true;
             tracing::warn!(%error, "cache read failed; reading Postgres");
             None
         }
@@ -138,9 +148,15 @@ async fn read_owner(
         let matches = org_id.map_or(true, |org| info.org_id.as_deref() == Some(org))
             && user_id.map_or(true, |user| info.user_id.as_deref() == Some(user));
         if matches {
+            metrics::cache_read(CacheRead::Hit);
             return Ok(Some(info));
         }
     }
+    metrics::cache_read(if failed {
+        CacheRead::Fallback
+    } else {
+        CacheRead::Miss
+    });
     let info = PlatformTables::for_owner(&state.pool, org_id, user_id)
         .await
         .map_err(ApiError::Storage)?;
@@ -152,6 +168,10 @@ async fn read_owner(
 
 async fn write_back(state: &AppState, info: &SubscriptionInfo) {
     if let Err(error) = state.cache.put(info).await {
+        metrics::METRICS
+            .cache_write_failures
+            .with_label_values(&["read_through"])
+            .inc();
         tracing::warn!(error = %crate::ledger::error_chain(&error), "cache write-back failed");
     }
 }

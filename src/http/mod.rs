@@ -1,7 +1,8 @@
-//! The HTTP surface: the Stripe webhook, the `/v1` API, health. Handlers translate
+//! The HTTP surface: the Stripe webhook, the `/v1` API, health, metrics, the admin page. Handlers translate
 //! between HTTP and the rest of the crate; they must never judge a Stripe fact
 //! themselves.
 
+pub mod admin;
 pub mod api;
 pub mod checkout;
 pub mod error;
@@ -67,7 +68,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/checkout/success", get(checkout::success_page))
         .route("/portal/return", get(checkout::portal_return))
+        .route("/metrics", get(crate::metrics::scrape))
+        .merge(admin::router(state.clone()))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .with_state(state)
 }

@@ -47,12 +47,15 @@ pub async fn receive(
     if received == Received::Stored {
         state.inbox_wake.notify_one();
     }
-    tracing::info!(
+    crate::metrics::webhook_received(&event, received);
+    tracing::info_span!(
+        "webhook",
         event_id = event.id,
         event_type = event.event_type,
-        ?received,
-        "webhook received"
-    );
+        customer_id = event.customer_id().unwrap_or_default(),
+        outcome = received.as_str(),
+    )
+    .in_scope(|| tracing::info!("webhook received"));
     Ok((
         StatusCode::OK,
         Json(json!({"received": true, "event_id": event.id, "result": received})),

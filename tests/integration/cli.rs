@@ -11,7 +11,7 @@ use crate::helpers::{spawn_app, test_settings, TOKEN};
 
 /// Runs a command to completion off the test's runtime thread, so the in-process app keeps
 /// serving while the binary works against its database.
-async fn run(mut command: Command) -> std::process::Output {
+pub(crate) async fn run(mut command: Command) -> std::process::Output {
     tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap()
@@ -26,7 +26,7 @@ async fn run_subledger(
     run(command).await
 }
 
-fn subledger(settings: &subledger::Settings) -> Command {
+pub(crate) fn subledger(settings: &subledger::Settings) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_subledger"));
     command
         .env("DATABASE_URL", settings.database_url.expose_secret())

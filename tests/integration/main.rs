@@ -1,5 +1,6 @@
 //! Integration tests: the real application over HTTP against real Postgres and Redis.
 
+mod admin_browser;
 mod api;
 mod cli;
 mod events;
@@ -7,6 +8,7 @@ mod fake_stripe;
 mod fixtures;
 mod helpers;
 mod lifecycle;
+mod ops;
 mod replay;
 mod stripe_api;
 mod stripe_sim;

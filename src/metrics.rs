@@ -1,0 +1,384 @@
+//! Prometheus metrics: what operators and the alert rules (`ops/alerts.yml`) watch.
+//!
+//! Every metric lives in prometheus' default registry (the `projections` crate registers
+//! its cache stale-write counter there too) and is served as text by `GET /metrics`.
+//! Counters and histograms are fed where things happen (webhook receipt, inbox
+//! processing, cache reads, HTTP requests); gauges that describe stored state (inbox
+//! depth, oldest pending row, projection lag, whether Redis answers) are read fresh from
+//! Postgres and Redis at each scrape, so they are right even on a replica that processed
+//! nothing. Every series an alert or the dashboard names is created at zero on first use
+//! of this module, so a rule can be evaluated before the first event arrives.
+//!
+//! This module only observes: it must never change what the service does, and a failure
+//! to measure must never fail a request or a webhook.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus::{
+    exponential_buckets, register_histogram_vec, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, Encoder, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    TextEncoder,
+};
+use sqlx::PgPool;
+
+use crate::http::AppState;
+use crate::inbox::Received;
+use crate::ledger::error_chain;
+use crate::stripe::StripeEvent;
+
+/// The outcomes a processed webhook can have (as the inbox records them).
+pub const OUTCOMES: [&str; 6] = [
+    "applied",
+    "duplicate",
+    "stale",
+    "illegal",
+    "ignored",
+    "failed",
+];
+/// Where a sync can come from (issue 3 feeds these; they exist now so alerts are testable).
+pub const SYNC_SOURCES: [&str; 5] = [
+    "webhook",
+    "success_page",
+    "portal_return",
+    "reconciler",
+    "operator",
+];
+/// The projections whose lag is measured, by checkpoint name.
+pub const PROJECTIONS: [&str; 2] = ["platform_tables", "redis_cache"];
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register_int_counter_vec!(name, help, labels).expect("metric names are registered once")
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    register_histogram_vec!(name, help, labels, buckets).expect("metric names are registered once")
+}
+
+/// 1 ms … ~65 s, doubling: processing and request latencies.
+fn latency_buckets() -> Vec<f64> {
+    exponential_buckets(0.001, 2.0, 17).expect("valid buckets")
+}
+
+/// 0.1 s … ~3.6 h, quadrupling: delays between Stripe, our inbox and processing.
+fn delay_buckets() -> Vec<f64> {
+    exponential_buckets(0.1, 4.0, 9).expect("valid buckets")
+}
+
+pub struct Metrics {
+    pub webhooks_received: IntCounterVec,
+    pub webhooks_processed: IntCounterVec,
+    pub webhook_processing_seconds: HistogramVec,
+    pub webhook_delay_seconds: HistogramVec,
+    pub webhook_event_age_seconds: HistogramVec,
+    pub webhooks_out_of_order: IntCounterVec,
+    pub webhook_retries: IntCounterVec,
+    pub webhook_dead_letters: IntCounterVec,
+    pub inbox_depth: IntGaugeVec,
+    pub inbox_oldest_pending_age_seconds: IntGauge,
+    pub syncs: IntCounterVec,
+    pub sync_duration_seconds: HistogramVec,
+    pub sync_flagged_customers: IntGauge,
+    pub cache_requests: IntCounterVec,
+    pub cache_write_failures: IntCounterVec,
+    pub cache_up: IntGauge,
+    pub projection_lag_events: IntGaugeVec,
+    pub http_request_duration_seconds: HistogramVec,
+}
+
+/// The process's metrics, registered on first use.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = Metrics {
+        webhooks_received: counter(
+            "subledger_webhooks_received_total",
+            "Stripe events accepted by POST /webhooks/stripe, by type and what the inbox made of them (stored, duplicate, ignored)",
+            &["type", "result"],
+        ),
+        webhooks_processed: counter(
+            "subledger_webhooks_processed_total",
+            "Stripe events processed, by type and outcome (applied, duplicate, stale, illegal, ignored, failed)",
+            &["type", "outcome"],
+        ),
+        webhook_processing_seconds: histogram(
+            "subledger_webhook_processing_seconds",
+            "Time to judge and commit one inbox row",
+            &["type"],
+            latency_buckets(),
+        ),
+        webhook_delay_seconds: histogram(
+            "subledger_webhook_delay_seconds",
+            "Time from storing an event in the inbox to finishing its processing (retries included)",
+            &["type"],
+            delay_buckets(),
+        ),
+        webhook_event_age_seconds: histogram(
+            "subledger_webhook_event_age_seconds",
+            "Age of an event (Stripe's created) when its webhook reached us",
+            &["type"],
+            delay_buckets(),
+        ),
+        webhooks_out_of_order: counter(
+            "subledger_webhooks_out_of_order_total",
+            "Events that arrived out of order: stale (older than what is held) or catch_up (a move whose intermediate events had not arrived)",
+            &["kind"],
+        ),
+        webhook_retries: counter(
+            "subledger_webhook_retries_total",
+            "Processing attempts that failed and were scheduled again",
+            &["type"],
+        ),
+        webhook_dead_letters: counter(
+            "subledger_webhook_dead_letters_total",
+            "Inbox rows dead-lettered after SUBLEDGER_MAX_ATTEMPTS failed attempts",
+            &["type"],
+        ),
+        inbox_depth: register_int_gauge_vec!(
+            "subledger_inbox_depth",
+            "Inbox rows by state (pending: waiting or retrying; dead: dead-lettered)",
+            &["state"]
+        )
+        .expect("registered once"),
+        inbox_oldest_pending_age_seconds: register_int_gauge!(
+            "subledger_inbox_oldest_pending_age_seconds",
+            "Age of the oldest pending inbox row (0 when none)"
+        )
+        .expect("registered once"),
+        syncs: counter(
+            "subledger_syncs_total",
+            "Syncs from Stripe's API, by source and outcome (ok, failed)",
+            &["source", "outcome"],
+        ),
+        sync_duration_seconds: histogram(
+            "subledger_sync_duration_seconds",
+            "Duration of one sync from Stripe's API",
+            &["source"],
+            latency_buckets(),
+        ),
+        sync_flagged_customers: register_int_gauge!(
+            "subledger_sync_flagged_customers",
+            "Customers whose sync failed more than 3 times in a row"
+        )
+        .expect("registered once"),
+        cache_requests: counter(
+            "subledger_cache_requests_total",
+            "API reads by cache result: hit, miss (read from Postgres), fallback (Redis failed, read from Postgres)",
+            &["result"],
+        ),
+        cache_write_failures: counter(
+            "subledger_cache_write_failures_total",
+            "Read-through writes to Redis that failed",
+            &["op"],
+        ),
+        cache_up: register_int_gauge!(
+            "subledger_cache_up",
+            "1 when Redis answered PING at the last scrape, else 0"
+        )
+        .expect("registered once"),
+        projection_lag_events: register_int_gauge_vec!(
+            "subledger_projection_lag_events",
+            "Events in the log that a projection has not applied yet",
+            &["projection"]
+        )
+        .expect("registered once"),
+        http_request_duration_seconds: histogram(
+            "subledger_http_request_duration_seconds",
+            "HTTP request latency by route (the matched pattern, never a raw path) and status",
+            &["method", "route", "status"],
+            latency_buckets(),
+        ),
+    };
+    // Create the series the alert rules and the dashboard name, at zero.
+    for outcome in OUTCOMES {
+        m.webhooks_processed.with_label_values(&["none", outcome]);
+    }
+    for kind in ["stale", "catch_up"] {
+        m.webhooks_out_of_order.with_label_values(&[kind]);
+    }
+    m.webhook_retries.with_label_values(&["none"]);
+    m.webhook_dead_letters.with_label_values(&["none"]);
+    for state in ["pending", "dead"] {
+        m.inbox_depth.with_label_values(&[state]);
+    }
+    for source in SYNC_SOURCES {
+        for outcome in ["ok", "failed"] {
+            m.syncs.with_label_values(&[source, outcome]);
+        }
+        m.sync_duration_seconds.with_label_values(&[source]);
+    }
+    for result in ["hit", "miss", "fallback"] {
+        m.cache_requests.with_label_values(&[result]);
+    }
+    m.cache_write_failures.with_label_values(&["read_through"]);
+    for projection in PROJECTIONS {
+        m.projection_lag_events.with_label_values(&[projection]);
+    }
+    LazyLock::force(&projections::redis_cache::STALE_WRITES);
+    m
+});
+
+/// Records one processed inbox row.
+pub fn webhook_processed(
+    event_type: &str,
+    outcome: &str,
+    took: Duration,
+    since_received: Duration,
+    catch_up: bool,
+) {
+    let m = &*METRICS;
+    m.webhooks_processed
+        .with_label_values(&[event_type, outcome])
+        .inc();
+    m.webhook_processing_seconds
+        .with_label_values(&[event_type])
+        .observe(took.as_secs_f64());
+    if outcome != "failed" {
+        m.webhook_delay_seconds
+            .with_label_values(&[event_type])
+            .observe(since_received.as_secs_f64());
+    }
+    if outcome == "stale" {
+        m.webhooks_out_of_order.with_label_values(&["stale"]).inc();
+    }
+    if catch_up {
+        m.webhooks_out_of_order
+            .with_label_values(&["catch_up"])
+            .inc();
+    }
+}
+
+/// Records a webhook the inbox accepted. An event type we do not handle is finished at
+/// once (outcome `ignored`), so it is counted as processed here: it never reaches a worker.
+pub fn webhook_received(event: &StripeEvent, received: Received) {
+    let m = &*METRICS;
+    let event_type = event.event_type.as_str();
+    m.webhooks_received
+        .with_label_values(&[event_type, received.as_str()])
+        .inc();
+    if received == Received::Ignored {
+        m.webhooks_processed
+            .with_label_values(&[event_type, "ignored"])
+            .inc();
+    }
+    if received != Received::Duplicate {
+        let age = (chrono::Utc::now() - event.created)
+            .num_milliseconds()
+            .max(0);
+        m.webhook_event_age_seconds
+            .with_label_values(&[event_type])
+            .observe(age as f64 / 1000.0);
+    }
+}
+
+/// Records a failed attempt: a retry, or a dead letter when `dead`.
+pub fn webhook_failed(event_type: &str, dead: bool) {
+    let m = &*METRICS;
+    if dead {
+        m.webhook_dead_letters
+            .with_label_values(&[event_type])
+            .inc();
+    } else {
+        m.webhook_retries.with_label_values(&[event_type]).inc();
+    }
+}
+
+/// What an API read found in the cache.
+#[derive(Debug, Clone, Copy)]
+pub enum CacheRead {
+    Hit,
+    Miss,
+    Fallback,
+}
+
+pub fn cache_read(result: CacheRead) {
+    let label = match result {
+        CacheRead::Hit => "hit",
+        CacheRead::Miss => "miss",
+        CacheRead::Fallback => "fallback",
+    };
+    METRICS.cache_requests.with_label_values(&[label]).inc();
+}
+
+/// Axum middleware: request latency by matched route. Requests that matched no route are
+/// counted under `unmatched`, so a scan of random paths cannot create unbounded series.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    METRICS
+        .http_request_duration_seconds
+        .with_label_values(&[&method, &route, response.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Reads the gauges that describe stored state.
+async fn refresh_gauges(state: &AppState) {
+    let m = &*METRICS;
+    if let Err(error) = refresh_inbox(&state.pool).await {
+        tracing::warn!(error = %error_chain(&error), "cannot measure the inbox");
+    }
+    for projection in PROJECTIONS {
+        match projections::runner::lag(&state.pool, projection).await {
+            Ok(lag) => m
+                .projection_lag_events
+                .with_label_values(&[projection])
+                .set(lag),
+            Err(error) => {
+                tracing::warn!(projection, error = %error_chain(&error), "cannot measure projection lag")
+            }
+        }
+    }
+    // A bounded wait: a hung Redis must not hang the scrape (it then counts as down).
+    let up = matches!(
+        tokio::time::timeout(Duration::from_secs(2), state.cache.ping()).await,
+        Ok(Ok(()))
+    );
+    m.cache_up.set(i64::from(up));
+}
+
+async fn refresh_inbox(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let m = &*METRICS;
+    let (pending, dead, oldest): (i64, i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead'), \
+            extract(epoch FROM now() - min(received_at) FILTER (WHERE state = 'pending'))::float8 \
+         FROM inbox WHERE state IN ('pending', 'dead')",
+    )
+    .fetch_one(pool)
+    .await?;
+    m.inbox_depth.with_label_values(&["pending"]).set(pending);
+    m.inbox_depth.with_label_values(&["dead"]).set(dead);
+    m.inbox_oldest_pending_age_seconds
+        .set(oldest.unwrap_or(0.0).max(0.0) as i64);
+    Ok(())
+}
+
+/// The metrics as Prometheus text.
+pub fn render() -> String {
+    LazyLock::force(&METRICS);
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&prometheus::gather(), &mut out)
+        .expect("the text encoder writes to memory");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+/// `GET /metrics`.
+pub async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
+    refresh_gauges(&state).await;
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(),
+    )
+}
