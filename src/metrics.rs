@@ -40,7 +40,7 @@ pub const OUTCOMES: [&str; 6] = [
     "ignored",
     "failed",
 ];
-/// Where a sync can come from (issue 3 feeds these; they exist now so alerts are testable).
+/// Where a sync can come from.
 pub const SYNC_SOURCES: [&str; 5] = [
     "webhook",
     "success_page",
@@ -48,6 +48,8 @@ pub const SYNC_SOURCES: [&str; 5] = [
     "reconciler",
     "operator",
 ];
+/// How a sync can end (`sync::SyncOutcome`).
+pub const SYNC_OUTCOMES: [&str; 4] = ["applied", "unchanged", "ambiguous", "failed"];
 /// The projections whose lag is measured, by checkpoint name.
 pub const PROJECTIONS: [&str; 2] = ["platform_tables", "redis_cache"];
 
@@ -204,7 +206,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         m.inbox_depth.with_label_values(&[state]);
     }
     for source in SYNC_SOURCES {
-        for outcome in ["ok", "failed"] {
+        for outcome in SYNC_OUTCOMES {
             m.syncs.with_label_values(&[source, outcome]);
         }
         m.sync_duration_seconds.with_label_values(&[source]);
@@ -357,7 +359,21 @@ async fn refresh_inbox(pool: &PgPool) -> Result<(), sqlx::Error> {
     m.inbox_depth.with_label_values(&["dead"]).set(dead);
     m.inbox_oldest_pending_age_seconds
         .set(oldest.unwrap_or(0.0).max(0.0) as i64);
+    let flagged: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync_customers WHERE flagged_at IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+    m.sync_flagged_customers.set(flagged);
     Ok(())
+}
+
+/// One sync from Stripe's API finished.
+pub fn sync_finished(source: &str, outcome: &str, duration: Duration) {
+    let m = &*METRICS;
+    m.syncs.with_label_values(&[source, outcome]).inc();
+    m.sync_duration_seconds
+        .with_label_values(&[source])
+        .observe(duration.as_secs_f64());
 }
 
 /// The metrics as Prometheus text.

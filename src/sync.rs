@@ -208,8 +208,7 @@ impl Syncer {
                 started_at,
             )
             .await?;
-        // TODO(issue 5): feed subledger_syncs_total{source,outcome} and the duration
-        // histogram from here.
+        crate::metrics::sync_finished(source.as_str(), outcome.as_str(), duration);
         tracing::info!(
             customer_id,
             source = source.as_str(),

@@ -234,6 +234,7 @@ pub async fn home(
                     esc(&hit.matched_on)
                 );
                 body.push_str(&customer_body(&report));
+                body.push_str(&sync_log(&state.pool, Some(&hit.customer_id)).await?);
             }
             hits => {
                 body.push_str("<section><h2>Customers</h2><table><tr><th>customer</th><th>matched on</th><th>org</th><th>user</th><th>subscription</th><th>status</th></tr>");
@@ -275,13 +276,58 @@ pub async fn home(
         "<section><h2>Latest webhooks</h2>{}</section>",
         inbox_table(&recent, true)
     );
-    body.push_str(SYNC_LOG);
+    body.push_str(&sync_log(&state.pool, None).await?);
     Ok(page("Overview", &body))
 }
 
-const SYNC_LOG: &str = "<section><h2>Sync log</h2><p class=dim>Empty: this build does not sync from \
-    Stripe's API yet, so there is no sync to list. Syncs (by source, outcome, duration and attempts) \
-    will appear here once they are recorded.</p></section>";
+/// The latest syncs from Stripe's API (`sync_attempts`), for one customer or for all,
+/// with the customers currently flagged (more than 3 failures in a row).
+async fn sync_log(pool: &sqlx::PgPool, customer_id: Option<&str>) -> Result<String, ApiError> {
+    let rows: Vec<(String, String, String, Option<String>, i32, i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT customer_id, source, outcome, detail, attempts, duration_ms, started_at FROM sync_attempts \
+         WHERE $1::text IS NULL OR customer_id = $1 ORDER BY started_at DESC, id DESC LIMIT 50",
+    )
+    .bind(customer_id)
+    .fetch_all(pool)
+    .await
+    .map_err(ApiError::Storage)?;
+    let flagged: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT customer_id, consecutive_failures, last_error FROM sync_customers \
+         WHERE flagged_at IS NOT NULL AND ($1::text IS NULL OR customer_id = $1) ORDER BY flagged_at DESC LIMIT 50",
+    )
+    .bind(customer_id)
+    .fetch_all(pool)
+    .await
+    .map_err(ApiError::Storage)?;
+    let mut b = format!("<section><h2>Sync log ({})</h2>", rows.len());
+    for (customer, failures, error) in &flagged {
+        let _ = write!(
+            b,
+            "<p class=bad>Flagged: {} failed {failures} syncs in a row ({}).</p>",
+            esc(customer),
+            opt(error.as_deref())
+        );
+    }
+    if rows.is_empty() {
+        b.push_str("<p class=dim>No sync from Stripe's API has been recorded here yet.</p>");
+    } else {
+        b.push_str("<table><tr><th>started</th><th>customer</th><th>source</th><th>outcome</th><th>attempts</th><th>duration</th><th>detail</th></tr>");
+        for (customer, source, outcome, detail, attempts, duration_ms, started) in &rows {
+            let _ = write!(
+                b,
+                "<tr><td class=mono>{}</td><td class=mono>{}</td><td>{}</td><td>{}</td><td>{attempts}</td><td>{duration_ms} ms</td><td>{}</td></tr>",
+                started.to_rfc3339(),
+                esc(customer),
+                esc(source),
+                esc(outcome),
+                opt(detail.as_deref())
+            );
+        }
+        b.push_str("</table>");
+    }
+    b.push_str("</section>");
+    Ok(b)
+}
 
 async fn report(state: &AppState, customer_id: &str) -> Result<CustomerReport, ApiError> {
     inspect::inspect(
@@ -310,7 +356,9 @@ pub async fn customer(
     if report.is_unknown() {
         return Err(ApiError::NotFound(format!("customer {customer_id}")));
     }
-    Ok(page(&customer_id, &customer_body(&report)))
+    let mut body = customer_body(&report);
+    body.push_str(&sync_log(&state.pool, Some(&customer_id)).await?);
+    Ok(page(&customer_id, &body))
 }
 
 /// `POST /admin/inbox/{event_id}/redrive`: puts a dead-lettered row back in the queue.
@@ -523,7 +571,6 @@ fn customer_body(report: &CustomerReport) -> String {
         report.inbox.len(),
         inbox_table(&report.inbox, false)
     );
-    b.push_str(SYNC_LOG);
     b
 }
 

@@ -12,6 +12,7 @@ use subledger::sync::Syncer;
 
 use crate::fake_stripe::{FakeStripe, Injection};
 use crate::helpers::{spawn_with, test_settings, TestApp, TOKEN};
+use crate::ops::ADMIN;
 
 async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     let fake = FakeStripe::start().await;
@@ -26,6 +27,7 @@ async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     settings.reconcile_interval = None;
     settings.public_url = Some("https://billing.example.test".to_owned());
     settings.redirect_origins = vec!["https://app.example.test".to_owned()];
+    settings.admin_token = Some(SecretString::from(ADMIN.to_owned()));
     (spawn_with(settings, db_name, prefix).await, fake)
 }
 
@@ -285,6 +287,39 @@ async fn a_failing_sync_is_recorded_retried_and_flagged_after_three_failures() {
     assert!(rows[1..]
         .iter()
         .all(|row| row.get::<String, _>("source") == "operator"));
+    // Operators see it: the metrics the alert reads, and the admin page's sync log.
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failed_syncs: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("subledger_syncs_total{")
+                && l.contains("outcome=\"failed\"")
+                && l.contains("source=\"operator\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("the failed operator syncs are counted");
+    assert!(failed_syncs >= 4.0, "{failed_syncs}");
+    let page = app
+        .client
+        .get(format!("{}/admin", app.address))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Flagged: cus_flaky failed"), "{page}");
+    assert!(page.contains("<td>operator</td><td>failed</td><td>3</td>"));
 
     // Stripe recovers: the next retry succeeds and the flag is cleared.
     fake.heal();
