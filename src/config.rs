@@ -33,8 +33,12 @@ pub struct Settings {
     pub signature_tolerance_secs: i64,
     /// `SUBLEDGER_API_TOKEN`: the bearer token for `/v1`. Unset: `/v1` refuses everyone.
     pub api_token: Option<SecretString>,
-    /// `SUBLEDGER_ADMIN_TOKEN`: the token for `/admin`. Unset: `/admin` refuses everyone.
+    /// `SUBLEDGER_ADMIN_TOKEN`: the bearer token for `/admin` and the operator endpoints.
+    /// Unset: they refuse everyone.
     pub admin_token: Option<SecretString>,
+    /// `SUBLEDGER_ORG_TOKENS`: org-scoped bearer tokens, `token=org_id` pairs separated by
+    /// commas. Each may read only `/v1/orgs/{its org}/entitlements`.
+    pub org_tokens: Vec<OrgToken>,
     /// `SUBLEDGER_CATALOG`: the catalogue TOML (default: no plans, the default policy).
     pub catalog_path: Option<PathBuf>,
     /// `SUBLEDGER_LISTEN` (default `127.0.0.1:8080`).
@@ -54,7 +58,8 @@ pub struct Settings {
     /// `STRIPE_SECRET_KEY`: the API key. Unset: no sync, checkout, portal or reconciler
     /// (their endpoints answer 503).
     pub stripe_secret_key: Option<SecretString>,
-    /// `STRIPE_API_BASE` (default `https://api.stripe.com`).
+    /// `STRIPE_API_BASE` (default `https://api.stripe.com`); `/readyz` also checks that it
+    /// can be reached.
     pub stripe_api_base: String,
     /// `SUBLEDGER_STRIPE_TIMEOUT_MS`: timeout of each Stripe HTTP attempt (default 10000).
     pub stripe_timeout: Duration,
@@ -76,6 +81,34 @@ pub struct Settings {
     /// `SUBLEDGER_REDIRECT_ORIGINS`: comma-separated origins (`https://app.example.com`)
     /// the success and portal-return pages may redirect to; relative paths always may.
     pub redirect_origins: Vec<String>,
+}
+
+/// One org-scoped token: whoever presents `token` may read `org_id`'s entitlements only.
+#[derive(Debug, Clone)]
+pub struct OrgToken {
+    pub token: SecretString,
+    pub org_id: String,
+}
+
+/// Parses `token=org_id,token=org_id`. The error never repeats a token.
+fn org_tokens(raw: &str) -> Result<Vec<OrgToken>, ConfigError> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .enumerate()
+        .map(|(i, pair)| match pair.split_once('=') {
+            Some((token, org)) if !token.trim().is_empty() && !org.trim().is_empty() => {
+                Ok(OrgToken {
+                    token: SecretString::from(token.trim().to_owned()),
+                    org_id: org.trim().to_owned(),
+                })
+            }
+            _ => Err(ConfigError::Invalid {
+                name: "SUBLEDGER_ORG_TOKENS",
+                reason: format!("entry {} is not `token=org_id`", i + 1),
+            }),
+        })
+        .collect()
 }
 
 fn var(name: &'static str) -> Option<String> {
@@ -122,6 +155,7 @@ impl Settings {
             signature_tolerance_secs: parsed("SUBLEDGER_SIGNATURE_TOLERANCE_SECS", 300)?,
             api_token: var("SUBLEDGER_API_TOKEN").map(SecretString::from),
             admin_token: var("SUBLEDGER_ADMIN_TOKEN").map(SecretString::from),
+            org_tokens: org_tokens(&var("SUBLEDGER_ORG_TOKENS").unwrap_or_default())?,
             catalog_path: var("SUBLEDGER_CATALOG").map(PathBuf::from),
             listen: parsed("SUBLEDGER_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             max_body_bytes: parsed("SUBLEDGER_MAX_BODY_BYTES", 1024 * 1024)?,
@@ -163,5 +197,24 @@ impl Settings {
             });
         }
         Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    #[test]
+    fn org_tokens_parse_and_bad_entries_are_named_without_their_token() {
+        let tokens = org_tokens(" tok_a=org_a, tok_b = org_b ,").unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens[1].token.expose_secret(), "tok_b");
+        assert_eq!(tokens[1].org_id, "org_b");
+        let error = org_tokens("tok_a=org_a,sekrit_without_org").unwrap_err();
+        assert!(error.to_string().contains("entry 2"), "{error}");
+        assert!(!error.to_string().contains("sekrit"), "{error}");
+        assert!(org_tokens("").unwrap().is_empty());
     }
 }

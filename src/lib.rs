@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod db;
+pub mod dlq;
 pub mod http;
 pub mod import;
 pub mod inbox;

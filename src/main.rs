@@ -49,10 +49,35 @@ enum Command {
     Inspect { customer_id: String },
     /// Say in a sentence why a customer has or lacks access.
     Explain { customer_id: String },
+    /// The dead-letter queue: inbox rows whose processing failed SUBLEDGER_MAX_ATTEMPTS times.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Print the transition table the aggregate runs.
     Transitions {
         #[arg(long, value_enum, default_value = "text")]
         format: subledger::transitions::Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters, oldest first (tab-separated, or JSON lines with --json).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back in the inbox with a fresh attempt budget, then process the
+    /// inbox and update the projections (a running service would do the same within
+    /// SUBLEDGER_POLL_MS).
+    Retry {
+        /// The Stripe event id of one dead letter.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -195,7 +220,85 @@ async fn main() -> anyhow::Result<()> {
                 print!("{}", subledger::inspect::render_text(&report));
             }
         }
+        Command::Dlq { action } => dlq(settings, action).await?,
         Command::Transitions { .. } => unreachable!("handled before reading settings"),
+    }
+    Ok(())
+}
+
+async fn dlq(settings: Settings, action: DlqAction) -> anyhow::Result<()> {
+    use subledger::dlq::{self, Redrive};
+    let services = Services::connect(settings).await.context("connecting")?;
+    match action {
+        DlqAction::List { json } => {
+            let letters = dlq::list(&services.pool)
+                .await
+                .context("reading the dead letters")?;
+            let mut out = std::io::stdout().lock();
+            for letter in &letters {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(letter)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{} attempts\t{}\t{}",
+                        letter.event_id,
+                        letter.event_type,
+                        letter.customer_id.as_deref().unwrap_or("-"),
+                        letter.attempts,
+                        letter.received_at.to_rfc3339(),
+                        letter.last_error.as_deref().unwrap_or("-"),
+                    )?;
+                }
+            }
+            eprintln!("{} dead letters", letters.len());
+        }
+        DlqAction::Retry { id, all } => {
+            let which = match (id, all) {
+                (Some(id), false) => Redrive::One(id),
+                _ => Redrive::All,
+            };
+            let requeued = dlq::retry(&services.pool, &which)
+                .await
+                .context("re-queueing dead letters")?;
+            if let Redrive::One(id) = &which {
+                anyhow::ensure!(!requeued.is_empty(), "{id} is not a dead letter");
+            }
+            services
+                .ledger
+                .drain()
+                .await
+                .context("processing the inbox")?;
+            services
+                .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
+                .await
+                .context("updating projections")?;
+            let still_dead: std::collections::HashSet<String> = dlq::list(&services.pool)
+                .await
+                .context("reading the dead letters")?
+                .into_iter()
+                .map(|letter| letter.event_id)
+                .collect();
+            let mut failed = 0;
+            for event_id in &requeued {
+                let outcome: Option<(String, Option<String>)> =
+                    sqlx::query_as("SELECT state, outcome FROM inbox WHERE event_id = $1")
+                        .bind(event_id)
+                        .fetch_optional(&services.pool)
+                        .await
+                        .context("reading the inbox")?;
+                let (state, outcome) = outcome.unwrap_or_default();
+                if state != "done" || still_dead.contains(event_id) {
+                    failed += 1;
+                }
+                println!("{event_id}\t{state}\t{}", outcome.as_deref().unwrap_or("-"));
+            }
+            eprintln!(
+                "re-queued {} dead letters; {} processed, {failed} failed again (retried with backoff)",
+                requeued.len(),
+                requeued.len() - failed
+            );
+        }
     }
     Ok(())
 }

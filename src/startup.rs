@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use projections::runner::CatchUp;
 use projections::{
-    catch_up, CacheKeys, Catalog, PlatformTables, Projection, ProjectionError, RedisCache, WhenBusy,
+    catch_up, CacheKeys, Catalog, LazyConnection, PlatformTables, Projection, ProjectionError,
+    RedisCache, WhenBusy,
 };
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -32,7 +33,7 @@ pub enum StartupError {
     Db(#[from] DbError),
     #[error(transparent)]
     Catalog(#[from] projections::CatalogError),
-    #[error("cannot connect to Redis")]
+    #[error("REDIS_URL is not a valid Redis URL")]
     Redis(#[from] redis::RedisError),
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
@@ -53,7 +54,8 @@ pub struct Services {
 
 impl Services {
     /// Connects to Postgres (creating the database if needed), applies pending
-    /// migrations, loads the catalogue and connects to Redis.
+    /// migrations and loads the catalogue. Redis is connected on first use, so a Redis
+    /// outage never stops the service from starting.
     pub async fn connect(settings: Settings) -> Result<Self, StartupError> {
         let pool = db::connect(&settings).await?;
         db::migrate(&pool).await?;
@@ -63,14 +65,16 @@ impl Services {
         });
         let client = redis::Client::open(settings.redis_url.expose_secret())?;
         // Bounded connection attempts and timeouts: an unreachable Redis is an error in
-        // seconds, never a hang (requests fall back to Postgres when a command fails).
+        // seconds, never a hang (requests fall back to Postgres when a command fails). The
+        // connection is made on first use, so subledger starts and serves while Redis is
+        // down, and the cache projection retries until it is back.
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_number_of_retries(2)
             .set_factor(2)
             .set_max_delay(1000)
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(Duration::from_secs(5));
-        let redis = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+        let redis = LazyConnection::new(client, config);
         let keys = CacheKeys {
             prefix: settings.redis_prefix.clone(),
         };

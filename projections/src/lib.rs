@@ -17,5 +17,5 @@ pub use catalog::{Catalog, CatalogError, Entitlement};
 pub use info::{LatestInvoice, SubscriptionInfo};
 pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;
-pub use redis_cache::{CacheKeys, RedisCache};
+pub use redis_cache::{CacheKeys, LazyConnection, RedisCache};
 pub use runner::{catch_up, replay, Projection, ProjectionError, WhenBusy};

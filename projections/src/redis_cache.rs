@@ -5,11 +5,15 @@
 //! Redis is never the source of truth: every key can be dropped at any time and is
 //! rebuilt from the log (or read through from Postgres). A write never replaces a value
 //! of a newer version, so the cache never goes backwards.
+//!
+//! The connection is made on first use and again after a failure ([`LazyConnection`]), so
+//! the service starts and serves without Redis and picks it up when it comes back.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus::{register_int_counter_vec, IntCounterVec};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use sqlx::PgConnection;
 
@@ -79,9 +83,69 @@ impl CacheKeys {
     }
 }
 
+/// How long after a failed connection attempt callers get an error at once instead of a new
+/// attempt: during an outage a request pays for at most one failed connect per interval.
+const CONNECT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// A Redis connection made on first use. Until one succeeds every use tries again (at most
+/// once per [`CONNECT_RETRY_AFTER`]); once made, the `ConnectionManager` reconnects by
+/// itself after Redis goes away and comes back.
+#[derive(Clone)]
+pub struct LazyConnection {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    conn: Arc<tokio::sync::OnceCell<ConnectionManager>>,
+    failed_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl LazyConnection {
+    pub fn new(client: redis::Client, config: ConnectionManagerConfig) -> Self {
+        Self {
+            client,
+            config,
+            conn: Arc::new(tokio::sync::OnceCell::new()),
+            failed_at: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The connection, connecting first if there is none yet.
+    pub async fn get(&self) -> Result<ConnectionManager, redis::RedisError> {
+        if let Some(conn) = self.conn.get() {
+            return Ok(conn.clone());
+        }
+        let recently_failed = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some_and(|at| at.elapsed() < CONNECT_RETRY_AFTER);
+        if recently_failed {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "Redis is unreachable (the last connection attempt failed)",
+            )));
+        }
+        let made = self
+            .conn
+            .get_or_try_init(|| {
+                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+            })
+            .await;
+        match made {
+            Ok(conn) => Ok(conn.clone()),
+            Err(error) => {
+                *self
+                    .failed_at
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+                Err(error)
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct RedisCache {
-    conn: ConnectionManager,
+    conn: LazyConnection,
     keys: CacheKeys,
     ttl_secs: u64,
     catalog: Arc<Catalog>,
@@ -89,7 +153,7 @@ pub struct RedisCache {
 
 impl RedisCache {
     pub fn new(
-        conn: ConnectionManager,
+        conn: LazyConnection,
         keys: CacheKeys,
         ttl_secs: u64,
         catalog: Arc<Catalog>,
@@ -113,7 +177,8 @@ impl RedisCache {
     ) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
         let raw: Option<String> = self
             .conn
-            .clone()
+            .get()
+            .await?
             .get(self.keys.customer(customer_id))
             .await?;
         Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
@@ -136,7 +201,7 @@ impl RedisCache {
             (None, Some(user)) => self.keys.user(user),
             (None, None) => return Ok(None),
         };
-        self.conn.clone().get(key).await
+        self.conn.get().await?.get(key).await
     }
 
     /// The script call that writes `info`, by the script's hash (`EVALSHA`): the script
@@ -161,7 +226,7 @@ impl RedisCache {
     pub async fn put(&self, info: &SubscriptionInfo) -> Result<bool, ProjectionError> {
         let written: i64 = self
             .put_command(info)?
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn.get().await?)
             .await?;
         if written != 1 {
             STALE_WRITES.with_label_values(&["read_through"]).inc();
@@ -172,7 +237,7 @@ impl RedisCache {
     /// Whether Redis answers at all (for metrics and health).
     pub async fn ping(&self) -> Result<(), redis::RedisError> {
         redis::cmd("PING")
-            .query_async::<String>(&mut self.conn.clone())
+            .query_async::<String>(&mut self.conn.get().await?)
             .await
             .map(|_| ())
     }
@@ -180,7 +245,7 @@ impl RedisCache {
     /// A key's raw value and its remaining TTL in seconds (-1: no TTL, -2: no key), for
     /// the operators' inspectors. `key` is the full key, prefix included.
     pub async fn inspect_key(&self, key: &str) -> Result<(Option<String>, i64), redis::RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let (value, ttl): (Option<String>, i64) = redis::pipe()
             .get(key)
             .ttl(key)
@@ -191,7 +256,7 @@ impl RedisCache {
 
     /// Deletes every key this cache owns.
     pub async fn clear_all(&self) -> Result<u64, redis::RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let mut deleted = 0;
         for pattern in self.keys.patterns() {
             let mut cursor: u64 = 0;
@@ -236,7 +301,7 @@ impl Projection for RedisCache {
             let info = SubscriptionInfo::from_logged(logged, &self.catalog);
             pipe.add_command(self.put_command(&info)?);
         }
-        let written: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let written: Vec<i64> = pipe.query_async(&mut self.conn.get().await?).await?;
         let refused = written.iter().filter(|w| **w == 0).count();
         if refused > 0 {
             STALE_WRITES

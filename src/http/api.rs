@@ -2,44 +2,15 @@
 //!
 //! Reads go to Redis first and fall back to the Postgres projection when a key is
 //! missing (or Redis is down), writing the answer back for next time. Redis is never
-//! trusted over Postgres: a cached value that names another org is ignored.
+//! trusted over Postgres: a cached value that names another org is ignored. Who may call
+//! which route is decided before these handlers run (`auth::require_reader`).
 
-use axum::extract::{Path, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::{Path, State};
 use axum::Json;
 use projections::{Entitlement, PlatformTables, SubscriptionInfo};
-use secrecy::ExposeSecret;
-use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 use crate::metrics::{self, CacheRead};
-
-/// Requires `Authorization: Bearer $SUBLEDGER_API_TOKEN`, compared in constant time.
-pub async fn require_api_token(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let presented = request
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = match (&state.settings.api_token, presented) {
-        (Some(expected), Some(presented)) => bool::from(
-            expected
-                .expose_secret()
-                .as_bytes()
-                .ct_eq(presented.as_bytes()),
-        ),
-        _ => false,
-    };
-    if !ok {
-        return Err(ApiError::Unauthorized);
-    }
-    Ok(next.run(request).await)
-}
 
 /// Stripe-shaped ids: letters, digits, `_` and `-`, at most 255 characters.
 pub(crate) fn valid_id(id: &str, what: &'static str) -> Result<(), ApiError> {

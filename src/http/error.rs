@@ -30,6 +30,9 @@ pub enum ApiError {
     /// 401: the bearer token is missing or wrong.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// 403: the token is valid but may not read this (an org-scoped token, another org).
+    #[error("this token may not read that")]
+    Forbidden,
     /// 404: nothing by that id (or no such route).
     #[error("{0} not found")]
     NotFound(String),
@@ -90,6 +93,7 @@ impl ApiError {
             ApiError::NoWebhookSecret => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -107,6 +111,7 @@ impl ApiError {
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Storage(_) => "storage_unavailable",
             ApiError::Conflict(_) => "conflict",

@@ -4,8 +4,11 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod checkout;
 pub mod error;
+pub mod health;
+pub mod ops;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -58,7 +61,15 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/sessions", post(checkout::create_portal_session))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            api::require_api_token,
+            auth::require_reader,
+        ));
+    let ops = Router::new()
+        .route("/ops/dead-letters", get(ops::dead_letters))
+        .route("/ops/dead-letters/retry", post(ops::retry_all))
+        .route("/ops/dead-letters/:event_id/retry", post(ops::retry_one))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin_token,
         ));
     Router::new()
         .route(
@@ -70,7 +81,9 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/return", get(checkout::portal_return))
         .route("/metrics", get(crate::metrics::scrape))
         .merge(admin::router(state.clone()))
+        .route("/readyz", get(health::readyz))
         .nest("/v1", v1)
+        .merge(ops)
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
         .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .with_state(state)

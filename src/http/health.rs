@@ -1,0 +1,221 @@
+//! `GET /readyz`: can this replica do its job right now, and how far behind is it?
+//!
+//! Checks Postgres, Redis and Stripe's API (a TCP connection to `STRIPE_API_BASE`'s host)
+//! at once, each bounded by [`CHECK_TIMEOUT`], and reports the inbox depth and projection
+//! lag. 503 when Postgres cannot be reached (nothing can be acknowledged); 200 `degraded`
+//! when only Redis or Stripe cannot (webhooks are still stored, reads fall back to
+//! Postgres). It must stay cheap (no Stripe request, no TLS) and never put an error's text
+//! in its body: errors can carry connection details, so they are logged, not shown.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Serialize;
+
+use super::AppState;
+
+/// The longest any one check may take.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The projections whose lag is reported (their checkpoint names).
+const PROJECTIONS: [&str; 2] = ["platform_tables", "redis_cache"];
+
+#[derive(Debug, Serialize)]
+pub struct Readiness {
+    /// `ok`, `degraded` (Redis or Stripe unreachable) or `unavailable` (Postgres unreachable).
+    pub status: &'static str,
+    pub checks: Checks,
+    /// Absent when Postgres cannot be reached.
+    pub inbox: Option<InboxDepth>,
+    /// Events each projection has still to apply; absent when Postgres cannot be reached.
+    pub projections: Option<Vec<ProjectionLag>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Checks {
+    pub postgres: Check,
+    pub redis: Check,
+    pub stripe: Check,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub reachable: bool,
+    pub latency_ms: f64,
+    /// `timeout` or `error` when not reachable (the detail is in the log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+    /// What was checked, when it helps (Stripe's `host:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct InboxDepth {
+    pub pending: i64,
+    pub dead: i64,
+    pub oldest_pending_age_secs: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProjectionLag {
+    pub name: &'static str,
+    pub lag: i64,
+}
+
+/// Runs `check` within [`CHECK_TIMEOUT`], timing it and logging (never returning) its error.
+async fn timed<E: std::error::Error>(
+    what: &'static str,
+    check: impl std::future::Future<Output = Result<(), E>>,
+) -> Check {
+    let start = Instant::now();
+    let result = tokio::time::timeout(CHECK_TIMEOUT, check).await;
+    let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let error = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => {
+            tracing::warn!(check = what, error = %crate::ledger::error_chain(&error), "readiness check failed");
+            Some("error")
+        }
+        Err(_) => {
+            tracing::warn!(check = what, "readiness check timed out");
+            Some("timeout")
+        }
+    };
+    Check {
+        reachable: error.is_none(),
+        latency_ms,
+        error,
+        target: None,
+    }
+}
+
+/// `host:port` of an `http(s)://` base URL (user info and path dropped); `None` when it is
+/// not one.
+pub fn host_port(base: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = base.split_once("://")?;
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit('@').next()?;
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => port.parse().ok()?,
+            None => default_port,
+        };
+        return Some((host.to_owned(), port));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse().ok()?),
+        None => (authority, default_port),
+    };
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("STRIPE_API_BASE is not an http(s) URL")]
+struct BadBase;
+
+#[derive(Debug, thiserror::Error)]
+enum StripeCheckError {
+    #[error(transparent)]
+    Base(#[from] BadBase),
+    #[error("cannot connect")]
+    Connect(#[from] std::io::Error),
+}
+
+async fn inbox_depth(state: &AppState) -> Result<InboxDepth, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'pending') AS pending, \
+                count(*) FILTER (WHERE state = 'dead') AS dead, \
+                extract(epoch FROM now() - min(received_at) FILTER (WHERE state = 'pending'))::float8 \
+                    AS oldest_pending_age_secs \
+         FROM inbox",
+    )
+    .fetch_one(&state.pool)
+    .await
+}
+
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let target = host_port(&state.settings.stripe_api_base);
+    let (postgres, redis, mut stripe) = tokio::join!(
+        timed("postgres", async {
+            sqlx::query("SELECT 1").execute(&state.pool).await.map(drop)
+        }),
+        timed("redis", state.cache.ping()),
+        timed("stripe", async {
+            let (host, port) = target.clone().ok_or(BadBase)?;
+            tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            Ok::<_, StripeCheckError>(())
+        }),
+    );
+    stripe.target = target.map(|(host, port)| format!("{host}:{port}"));
+
+    let (inbox, projections) = if postgres.reachable {
+        let depth = tokio::time::timeout(CHECK_TIMEOUT, inbox_depth(&state)).await;
+        let mut lags = Vec::new();
+        for name in PROJECTIONS {
+            if let Ok(Ok(lag)) =
+                tokio::time::timeout(CHECK_TIMEOUT, projections::runner::lag(&state.pool, name))
+                    .await
+            {
+                lags.push(ProjectionLag { name, lag });
+            }
+        }
+        (depth.ok().and_then(Result::ok), Some(lags))
+    } else {
+        (None, None)
+    };
+    let (code, status) = if !postgres.reachable {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    } else if !redis.reachable || !stripe.reachable {
+        (StatusCode::OK, "degraded")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    (
+        code,
+        Json(Readiness {
+            status,
+            checks: Checks {
+                postgres,
+                redis,
+                stripe,
+            },
+            inbox,
+            projections,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn stripe_base_urls_give_host_and_port() {
+        let hp = |s| host_port(s).map(|(h, p)| format!("{h}:{p}"));
+        assert_eq!(
+            hp("https://api.stripe.com").as_deref(),
+            Some("api.stripe.com:443")
+        );
+        assert_eq!(
+            hp("http://127.0.0.1:12111/v1").as_deref(),
+            Some("127.0.0.1:12111")
+        );
+        assert_eq!(
+            hp("https://user:pw@host:8443/x").as_deref(),
+            Some("host:8443")
+        );
+        assert_eq!(hp("http://[::1]:9/").as_deref(), Some("::1:9"));
+        assert_eq!(hp("ftp://x"), None);
+        assert_eq!(hp("api.stripe.com"), None);
+        assert_eq!(hp("http://host:notaport"), None);
+    }
+}
