@@ -13,3 +13,5 @@ mod replay;
 mod stripe_api;
 mod stripe_sim;
 mod webhook;
+mod outages;
+mod procs;

@@ -1,0 +1,378 @@
+//! Real processes for fault tests: `subledger serve` (its JSON logs captured to a file, so
+//! tests can read what it said and check it never said a secret), a throwaway Redis and a
+//! throwaway Postgres cluster on free ports that a test can stop and start again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use sqlx::PgPool;
+use subledger::Settings;
+
+use crate::helpers::{SECRET, TOKEN};
+use crate::stripe_sim::sign;
+
+/// Secrets the processes are given, which must never show in a log line or a body.
+pub const ADMIN_TOKEN: &str = "admin-tok-9f8e7d6c5b4a";
+pub const ORG_TOKENS: &str = "orgtok-aaaa1111=org_a,orgtok-bbbb2222=org_b";
+pub const DB_PASSWORD: &str = "pg-pass-0e1d2c3b";
+
+/// A free TCP port on 127.0.0.1 (free when asked; good enough for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch directory named after `tag`, emptied.
+pub fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "subledger-{tag}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `subledger serve` with every secret set, on port 0, logging JSON at info.
+pub fn serve_command(settings: &Settings) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_subledger"));
+    command
+        .arg("serve")
+        .env("DATABASE_URL", settings.database_url.expose_secret())
+        .env("REDIS_URL", settings.redis_url.expose_secret())
+        .env("SUBLEDGER_REDIS_PREFIX", &settings.redis_prefix)
+        .env("SUBLEDGER_CATALOG", settings.catalog_path.as_ref().unwrap())
+        .env("SUBLEDGER_API_TOKEN", TOKEN)
+        .env("SUBLEDGER_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SUBLEDGER_ORG_TOKENS", ORG_TOKENS)
+        .env("STRIPE_WEBHOOK_SECRET", SECRET)
+        .env("STRIPE_API_BASE", &settings.stripe_api_base)
+        .env("SUBLEDGER_LISTEN", "127.0.0.1:0")
+        .env("SUBLEDGER_POLL_MS", "50")
+        .env("SUBLEDGER_MAX_ATTEMPTS", settings.max_attempts.to_string())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info,sqlx=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
+/// A running `subledger serve`.
+pub struct Served {
+    child: Child,
+    pub address: String,
+}
+
+impl Served {
+    /// Starts the command, appending its stderr (the log) to `log`, and waits until it
+    /// says where it listens.
+    pub async fn start(mut command: Command, log: &Path) -> Served {
+        let before = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0) as usize;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = command.stderr(Stdio::from(file)).spawn().unwrap();
+        let mut served = Served {
+            child,
+            address: String::new(),
+        };
+        for _ in 0..600 {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let address = text.get(before..).unwrap_or("").lines().find_map(|line| {
+                let line: Value = serde_json::from_str(line).ok()?;
+                (line["fields"]["message"] == "subledger serving")
+                    .then(|| line["fields"]["address"].as_str().map(str::to_owned))?
+            });
+            if let Some(address) = address {
+                served.address = format!("http://{address}");
+                return served;
+            }
+            if let Some(status) = served.child.try_wait().unwrap() {
+                panic!("serve exited with {status}: {}", &text[before..]);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("serve did not start: {}", std::fs::read_to_string(log).unwrap());
+    }
+
+    /// SIGKILL: no clean-up of any kind.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Posts a signed event; the status, or `None` when no answer came (refused, reset).
+pub async fn post_event(client: &reqwest::Client, address: &str, body: &[u8]) -> Option<u16> {
+    let header = sign(SECRET, chrono::Utc::now().timestamp(), body);
+    client
+        .post(format!("{address}/webhooks/stripe"))
+        .header("stripe-signature", header)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// Posts every body, `limit` at a time, each to `addresses[i % n]`; returns the indexes
+/// of the bodies that were acknowledged (2xx).
+pub async fn post_all(addresses: &[String], bodies: &[Vec<u8>], limit: usize) -> Vec<usize> {
+    let client = reqwest::Client::new();
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(limit));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let permit = semaphore.clone().acquire_owned().await.unwrap();
+        let (client, body) = (client.clone(), body.clone());
+        let address = addresses[i % addresses.len()].clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            (i, post_event(&client, &address, &body).await)
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        if let (i, Some(200)) = result.unwrap() {
+            acked.push(i);
+        }
+    }
+    acked.sort();
+    acked
+}
+
+/// Waits until nothing is pending in the inbox and both projections have read the log.
+pub async fn settle(pool: &PgPool, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let pending: Result<i64, _> =
+            sqlx::query_scalar("SELECT count(*) FROM inbox WHERE state = 'pending'")
+                .fetch_one(pool)
+                .await;
+        let lags = (
+            projections::runner::lag(pool, "platform_tables").await,
+            projections::runner::lag(pool, "redis_cache").await,
+        );
+        if let (Ok(0), (Ok(0), Ok(0))) = (pending.as_ref().map(|p| *p), &lags) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not settled: pending {pending:?}, lags {lags:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The API's answer for each customer, without `version` (it counts events applied, which
+/// depends on delivery order).
+pub async fn answers(address: &str, customers: &[String]) -> BTreeMap<String, Value> {
+    let client = reqwest::Client::new();
+    let mut out = BTreeMap::new();
+    for customer in customers {
+        let response = client
+            .get(format!("{address}/v1/customers/{customer}/subscription"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{customer}");
+        let mut info: Value = response.json().await.unwrap();
+        info.as_object_mut().unwrap().remove("version");
+        out.insert(customer.clone(), info);
+    }
+    out
+}
+
+/// Every secret a process was given.
+pub fn secrets() -> Vec<&'static str> {
+    let mut all = vec![SECRET, TOKEN, ADMIN_TOKEN, DB_PASSWORD];
+    all.extend(ORG_TOKENS.split(',').map(|pair| pair.split('=').next().unwrap()));
+    all
+}
+
+/// Fails when any secret appears in `text`.
+pub fn assert_no_secret(what: &str, text: &str) {
+    for secret in secrets() {
+        assert!(!text.contains(secret), "{what} contains a secret ({} chars in)", text.find(secret).unwrap());
+    }
+}
+
+/// Runs a command as the `postgres` user (initdb and postgres refuse root).
+fn as_postgres(program: &str, args: &[&str]) -> std::process::Output {
+    let output = Command::new("runuser")
+        .args(["-u", "postgres", "--", program])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn pg_bin(name: &str) -> String {
+    let versions = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| {
+            let mut v: Vec<_> = dir.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            v.sort();
+            v
+        })
+        .unwrap_or_default();
+    versions
+        .last()
+        .map(|v| v.join("bin").join(name).display().to_string())
+        .unwrap_or_else(|| name.to_owned())
+}
+
+/// A Postgres cluster of its own (initdb, trust auth) on a free port.
+pub struct ThrowawayPostgres {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl ThrowawayPostgres {
+    pub fn create() -> Self {
+        let dir = scratch("pg");
+        let data = dir.join("data");
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        as_postgres(
+            &pg_bin("initdb"),
+            &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        let pg = Self {
+            dir,
+            port: free_port(),
+        };
+        pg.start();
+        pg
+    }
+
+    /// A URL for `database` on this cluster, with a password it ignores (trust auth), so
+    /// tests can check the password never leaks.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://postgres:{DB_PASSWORD}@127.0.0.1:{}/{database}",
+            self.port
+        )
+    }
+
+    pub fn start(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
+            self.port,
+            self.dir.display()
+        );
+        as_postgres(
+            &pg_bin("pg_ctl"),
+            &[
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-o",
+                &options,
+                "-l",
+                self.dir.join("log").to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops it at once (as a crash would: no checkpoint, connections cut).
+    pub fn stop(&self) {
+        as_postgres(
+            &pg_bin("pg_ctl"),
+            &["-D", self.dir.join("data").to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+}
+
+impl Drop for ThrowawayPostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", &pg_bin("pg_ctl")])
+            .args(["-D", self.dir.join("data").to_str().unwrap(), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis server of its own on a free port, with a password.
+pub struct ThrowawayRedis {
+    child: Option<Child>,
+    pub port: u16,
+    password: &'static str,
+}
+
+impl ThrowawayRedis {
+    pub fn start(password: &'static str) -> Self {
+        let mut redis = Self {
+            child: None,
+            port: free_port(),
+            password,
+        };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://:{}@127.0.0.1:{}", self.password, self.port)
+    }
+
+    /// (Re)starts it empty on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--requirepass", self.password])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on {}", self.port);
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ThrowawayRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
