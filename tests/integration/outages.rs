@@ -58,8 +58,20 @@ async fn with_redis_down_webhooks_are_stored_reads_use_postgres_and_the_cache_ca
         .unwrap();
 
     let (status, ready) = readyz(&client, &serve.address).await;
-    assert_eq!((status, ready["status"].as_str()), (200, Some("ok")), "{ready}");
-    let body = sub_event("evt_r1", "customer.subscription.created", T0, "sub_r1", "cus_r1", "active", "org_r1");
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (200, Some("ok")),
+        "{ready}"
+    );
+    let body = sub_event(
+        "evt_r1",
+        "customer.subscription.created",
+        T0,
+        "sub_r1",
+        "cus_r1",
+        "active",
+        "org_r1",
+    );
     assert_eq!(post_event(&client, &serve.address, &body).await, Some(200));
     settle(&pool, Duration::from_secs(30)).await;
 
@@ -72,8 +84,24 @@ async fn with_redis_down_webhooks_are_stored_reads_use_postgres_and_the_cache_ca
 
     // Webhooks are acknowledged and recorded; processing goes on.
     let events = [
-        sub_event("evt_r2", "customer.subscription.updated", T0 + 10, "sub_r1", "cus_r1", "past_due", "org_r1"),
-        sub_event("evt_r3", "customer.subscription.created", T0 + 20, "sub_r3", "cus_r3", "trialing", "org_r3"),
+        sub_event(
+            "evt_r2",
+            "customer.subscription.updated",
+            T0 + 10,
+            "sub_r1",
+            "cus_r1",
+            "past_due",
+            "org_r1",
+        ),
+        sub_event(
+            "evt_r3",
+            "customer.subscription.created",
+            T0 + 20,
+            "sub_r3",
+            "cus_r3",
+            "trialing",
+            "org_r3",
+        ),
     ];
     for body in &events {
         assert_eq!(post_event(&client, &serve.address, body).await, Some(200));
@@ -84,22 +112,49 @@ async fn with_redis_down_webhooks_are_stored_reads_use_postgres_and_the_cache_ca
             .fetch_one(&pool)
             .await
             .unwrap();
-        let table_lag = projections::runner::lag(&pool, "platform_tables").await.unwrap();
+        let table_lag = projections::runner::lag(&pool, "platform_tables")
+            .await
+            .unwrap();
         if done == 3 && table_lag == 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "not processed while Redis is down");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not processed while Redis is down"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(projections::runner::lag(&pool, "redis_cache").await.unwrap() > 0);
+    assert!(
+        projections::runner::lag(&pool, "redis_cache")
+            .await
+            .unwrap()
+            > 0
+    );
     // Reads answer from Postgres, correctly.
-    let (status, body) = get(&client, format!("{}/v1/customers/cus_r1/subscription", serve.address)).await;
+    let (status, body) = get(
+        &client,
+        format!("{}/v1/customers/cus_r1/subscription", serve.address),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], "past_due");
-    let (status, body) = get(&client, format!("{}/v1/orgs/org_r3/entitlements", serve.address)).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "past_due"
+    );
+    let (status, body) = get(
+        &client,
+        format!("{}/v1/orgs/org_r3/entitlements", serve.address),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let entitlement: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((entitlement["status"].as_str(), entitlement["access"].as_bool()), (Some("trialing"), Some(true)));
+    assert_eq!(
+        (
+            entitlement["status"].as_str(),
+            entitlement["access"].as_bool()
+        ),
+        (Some("trialing"), Some(true))
+    );
 
     // Redis comes back (empty): the cache projection catches up without a restart.
     redis.restart();
@@ -115,17 +170,25 @@ async fn with_redis_down_webhooks_are_stored_reads_use_postgres_and_the_cache_ca
     )
     .await
     .unwrap();
-    let cached: Value = serde_json::from_str(&cached.expect("the missed write reached Redis")).unwrap();
+    let cached: Value =
+        serde_json::from_str(&cached.expect("the missed write reached Redis")).unwrap();
     assert_eq!(cached["status"], "trialing");
     let (status, ready) = readyz(&client, &serve.address).await;
-    assert_eq!((status, ready["status"].as_str()), (200, Some("ok")), "{ready}");
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (200, Some("ok")),
+        "{ready}"
+    );
     assert_eq!(ready["inbox"]["pending"], 0, "{ready}");
 
     drop(serve);
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.contains("redis"), "the outage was logged");
     assert_no_secret("the log", &logs);
-    assert!(!logs.contains("redis-pass-5a4b3c2d"), "the Redis password leaked");
+    assert!(
+        !logs.contains("redis-pass-5a4b3c2d"),
+        "the Redis password leaked"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -146,26 +209,62 @@ async fn with_postgres_down_webhooks_get_503_cached_reads_answer_and_all_resumes
         .await
         .unwrap();
 
-    let first = sub_event("evt_p1", "customer.subscription.created", T0, "sub_p1", "cus_p1", "active", "org_p1");
+    let first = sub_event(
+        "evt_p1",
+        "customer.subscription.created",
+        T0,
+        "sub_p1",
+        "cus_p1",
+        "active",
+        "org_p1",
+    );
     assert_eq!(post_event(&client, &serve.address, &first).await, Some(200));
     settle(&pool, Duration::from_secs(30)).await;
-    let (status, cached) = get(&client, format!("{}/v1/customers/cus_p1/subscription", serve.address)).await;
+    let (status, cached) = get(
+        &client,
+        format!("{}/v1/customers/cus_p1/subscription", serve.address),
+    )
+    .await;
     assert_eq!(status, 200);
 
     postgres.stop();
-    let second = sub_event("evt_p2", "customer.subscription.updated", T0 + 10, "sub_p1", "cus_p1", "canceled", "org_p1");
+    let second = sub_event(
+        "evt_p2",
+        "customer.subscription.updated",
+        T0 + 10,
+        "sub_p1",
+        "cus_p1",
+        "canceled",
+        "org_p1",
+    );
     // Never a 2xx without a durable record.
     let status = post_event(&client, &serve.address, &second).await;
     assert_eq!(status, Some(503));
     let (status, ready) = readyz(&client, &serve.address).await;
-    assert_eq!((status, ready["status"].as_str()), (503, Some("unavailable")), "{ready}");
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (503, Some("unavailable")),
+        "{ready}"
+    );
     // Reads answer from the cache where it has the key ...
-    let (status, body) = get(&client, format!("{}/v1/customers/cus_p1/subscription", serve.address)).await;
+    let (status, body) = get(
+        &client,
+        format!("{}/v1/customers/cus_p1/subscription", serve.address),
+    )
+    .await;
     assert_eq!((status, &body), (200, &cached));
-    let (status, body) = get(&client, format!("{}/v1/orgs/org_p1/entitlements", serve.address)).await;
+    let (status, body) = get(
+        &client,
+        format!("{}/v1/orgs/org_p1/entitlements", serve.address),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     // ... and say so honestly where it has not (never a 404 for what may exist).
-    let (status, body) = get(&client, format!("{}/v1/customers/cus_unknown/subscription", serve.address)).await;
+    let (status, body) = get(
+        &client,
+        format!("{}/v1/customers/cus_unknown/subscription", serve.address),
+    )
+    .await;
     assert_eq!(status, 503, "{body}");
     assert_no_secret("an error body", &body);
 
@@ -181,15 +280,29 @@ async fn with_postgres_down_webhooks_get_503_cached_reads_answer_and_all_resumes
     }
     assert_eq!(stored, Some(200));
     settle(&pool, Duration::from_secs(60)).await;
-    let (status, body) = get(&client, format!("{}/v1/customers/cus_p1/subscription", serve.address)).await;
+    let (status, body) = get(
+        &client,
+        format!("{}/v1/customers/cus_p1/subscription", serve.address),
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], "canceled");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "canceled"
+    );
     let (status, ready) = readyz(&client, &serve.address).await;
-    assert_eq!((status, ready["status"].as_str()), (200, Some("ok")), "{ready}");
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (200, Some("ok")),
+        "{ready}"
+    );
 
     drop(serve);
     let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(logs.contains("storage is unavailable"), "the outage was logged");
+    assert!(
+        logs.contains("storage is unavailable"),
+        "the outage was logged"
+    );
     assert_no_secret("the log", &logs);
     pool.close().await;
     std::fs::remove_dir_all(&dir).ok();

@@ -100,7 +100,10 @@ impl Served {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("serve did not start: {}", std::fs::read_to_string(log).unwrap());
+        panic!(
+            "serve did not start: {}",
+            std::fs::read_to_string(log).unwrap()
+        );
     }
 
     /// SIGKILL: no clean-up of any kind.
@@ -202,14 +205,22 @@ pub async fn answers(address: &str, customers: &[String]) -> BTreeMap<String, Va
 /// Every secret a process was given.
 pub fn secrets() -> Vec<&'static str> {
     let mut all = vec![SECRET, TOKEN, ADMIN_TOKEN, DB_PASSWORD];
-    all.extend(ORG_TOKENS.split(',').map(|pair| pair.split('=').next().unwrap()));
+    all.extend(
+        ORG_TOKENS
+            .split(',')
+            .map(|pair| pair.split('=').next().unwrap()),
+    );
     all
 }
 
 /// Fails when any secret appears in `text`.
 pub fn assert_no_secret(what: &str, text: &str) {
     for secret in secrets() {
-        assert!(!text.contains(secret), "{what} contains a secret ({} chars in)", text.find(secret).unwrap());
+        assert!(
+            !text.contains(secret),
+            "{what} contains a secret ({} chars in)",
+            text.find(secret).unwrap()
+        );
     }
 }
 
@@ -260,7 +271,15 @@ impl ThrowawayPostgres {
             .unwrap();
         as_postgres(
             &pg_bin("initdb"),
-            &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
         );
         let pg = Self {
             dir,
@@ -304,7 +323,14 @@ impl ThrowawayPostgres {
     pub fn stop(&self) {
         as_postgres(
             &pg_bin("pg_ctl"),
-            &["-D", self.dir.join("data").to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
     }
 }
@@ -313,7 +339,13 @@ impl Drop for ThrowawayPostgres {
     fn drop(&mut self) {
         let _ = Command::new("runuser")
             .args(["-u", "postgres", "--", &pg_bin("pg_ctl")])
-            .args(["-D", self.dir.join("data").to_str().unwrap(), "-m", "immediate", "stop"])
+            .args([
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -347,7 +379,14 @@ impl ThrowawayRedis {
     pub fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--requirepass", self.password])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                self.password,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
