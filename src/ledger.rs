@@ -8,6 +8,7 @@
 //! which `decide` answers as a duplicate. This module must never acknowledge anything.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,8 @@ pub struct Ledger {
     max_attempts: i32,
     /// Woken whenever events are committed, so projections catch up at once.
     pub committed: Arc<Notify>,
+    /// How many optimistic-concurrency conflicts this process lost and retried.
+    pub conflicts_retried: Arc<AtomicU64>,
 }
 
 /// What processing one inbox row gave.
@@ -76,6 +79,7 @@ impl Ledger {
             store: Arc::new(store),
             max_attempts,
             committed: Arc::new(Notify::new()),
+            conflicts_retried: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -104,7 +108,7 @@ impl Ledger {
     ) -> Result<Vec<Decision>, ExecuteError> {
         // Which Stripe events (or API reads) the committed events came from.
         let metadata = HashMap::from([("sources".to_owned(), source_ids.join(","))]);
-        for _ in 0..CONFLICT_RETRIES {
+        for attempt in 0..CONFLICT_RETRIES {
             let mut context = self
                 .store
                 .load_aggregate(customer_id)
@@ -131,7 +135,13 @@ impl Ledger {
                 }
                 Err(AggregateError::AggregateConflict) => {
                     // Someone else committed first: reload and decide again.
-                    tokio::task::yield_now().await;
+                    // A short random pause, growing with each loss, so that many
+                    // writers of one hot customer (workers, replicas) stop colliding in
+                    // lockstep instead of exhausting their retries together.
+                    self.conflicts_retried.fetch_add(1, Ordering::Relaxed);
+                    let spread = 1 + 2 * attempt as u64;
+                    let pause = (uuid::Uuid::new_v4().as_u128() as u64) % spread;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
                 Err(error) => return Err(ExecuteError::Store(error)),
             }

@@ -3,6 +3,7 @@
 mod admin_browser;
 mod api;
 mod cli;
+mod dead_letters;
 mod events;
 mod fake_stripe;
 mod fixtures;

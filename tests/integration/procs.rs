@@ -41,9 +41,15 @@ pub fn scratch(tag: &str) -> PathBuf {
 
 /// `subledger serve` with every secret set, on port 0, logging JSON at info.
 pub fn serve_command(settings: &Settings) -> Command {
+    let mut command = subledger_command(settings);
+    command.arg("serve");
+    command
+}
+
+/// The `subledger` binary configured like `settings`, with every secret set.
+pub fn subledger_command(settings: &Settings) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_subledger"));
     command
-        .arg("serve")
         .env("DATABASE_URL", settings.database_url.expose_secret())
         .env("REDIS_URL", settings.redis_url.expose_secret())
         .env("SUBLEDGER_REDIS_PREFIX", &settings.redis_prefix)
@@ -58,8 +64,7 @@ pub fn serve_command(settings: &Settings) -> Command {
         .env("SUBLEDGER_MAX_ATTEMPTS", settings.max_attempts.to_string())
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info,sqlx=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdin(Stdio::null());
     command
 }
 
@@ -79,7 +84,11 @@ impl Served {
             .append(true)
             .open(log)
             .unwrap();
-        let child = command.stderr(Stdio::from(file)).spawn().unwrap();
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap();
         let mut served = Served {
             child,
             address: String::new(),
