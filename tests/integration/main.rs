@@ -14,6 +14,7 @@ mod outages;
 mod processes;
 mod procs;
 mod replay;
+mod security;
 mod stripe_api;
 mod stripe_sim;
 mod webhook;
