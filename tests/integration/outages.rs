@@ -63,6 +63,22 @@ async fn with_redis_down_webhooks_are_stored_reads_use_postgres_and_the_cache_ca
         (200, Some("ok")),
         "{ready}"
     );
+    for check in ["postgres", "redis", "stripe"] {
+        assert_eq!(ready["checks"][check]["reachable"], true, "{ready}");
+        assert!(ready["checks"][check]["latency_ms"].is_f64(), "{ready}");
+    }
+    let stripe_target = settings.stripe_api_base.trim_start_matches("http://");
+    assert_eq!(
+        ready["checks"]["stripe"]["target"], stripe_target,
+        "{ready}"
+    );
+    let lags: Vec<&str> = ready["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(lags, ["platform_tables", "redis_cache"], "{ready}");
     let body = sub_event(
         "evt_r1",
         "customer.subscription.created",
@@ -81,6 +97,7 @@ async fn with_redis_down_webhooks_are_stored_reads_use_postgres_and_the_cache_ca
     assert_eq!(ready["status"], "degraded", "{ready}");
     assert_eq!(ready["checks"]["redis"]["reachable"], false, "{ready}");
     assert_eq!(ready["checks"]["postgres"]["reachable"], true, "{ready}");
+    assert_eq!(ready["checks"]["stripe"]["reachable"], true, "{ready}");
 
     // Webhooks are acknowledged and recorded; processing goes on.
     let events = [
@@ -306,4 +323,23 @@ async fn with_postgres_down_webhooks_get_503_cached_reads_answer_and_all_resumes
     assert_no_secret("the log", &logs);
     pool.close().await;
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn readyz_is_degraded_when_stripe_cannot_be_reached() {
+    // A port nothing listens on: connection refused at once.
+    let (mut settings, db_name, prefix) = test_settings("nostripe");
+    settings.stripe_api_base = format!("http://127.0.0.1:{}", crate::procs::free_port());
+    let app = crate::helpers::spawn_with(settings, db_name, prefix).await;
+    let (status, ready) = readyz(&app.client, &app.address).await;
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (200, Some("degraded")),
+        "{ready}"
+    );
+    assert_eq!(ready["checks"]["stripe"]["reachable"], false, "{ready}");
+    assert_eq!(ready["checks"]["stripe"]["error"], "error", "{ready}");
+    assert_eq!(ready["checks"]["redis"]["reachable"], true, "{ready}");
+    assert_eq!(ready["inbox"]["pending"], 0, "{ready}");
+    app.stop().await;
 }
