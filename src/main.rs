@@ -129,15 +129,7 @@ async fn main() -> anyhow::Result<()> {
             let report = subledger::import::import(&services.pool, &text)
                 .await
                 .context("importing")?;
-            let processed = services
-                .ledger
-                .drain()
-                .await
-                .context("processing the inbox")?;
-            services
-                .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
-                .await
-                .context("updating projections")?;
+            let processed = process_inbox(&services).await?;
             eprintln!(
                 "imported {} new events ({} ignored, {} duplicates); processed {processed}",
                 report.stored, report.ignored, report.duplicates
@@ -226,6 +218,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Processes every due inbox row, then brings the projections up to the end of the log
+/// (what a running service's workers would do), returning the rows processed.
+async fn process_inbox(services: &Services) -> anyhow::Result<u64> {
+    let processed = services
+        .ledger
+        .drain()
+        .await
+        .context("processing the inbox")?;
+    services
+        .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
+        .await
+        .context("updating projections")?;
+    Ok(processed)
+}
+
 async fn dlq(settings: Settings, action: DlqAction) -> anyhow::Result<()> {
     use subledger::dlq::{self, Redrive};
     let services = Services::connect(settings).await.context("connecting")?;
@@ -264,15 +271,7 @@ async fn dlq(settings: Settings, action: DlqAction) -> anyhow::Result<()> {
             if let Redrive::One(id) = &which {
                 anyhow::ensure!(!requeued.is_empty(), "{id} is not a dead letter");
             }
-            services
-                .ledger
-                .drain()
-                .await
-                .context("processing the inbox")?;
-            services
-                .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
-                .await
-                .context("updating projections")?;
+            process_inbox(&services).await?;
             let still_dead: std::collections::HashSet<String> = dlq::list(&services.pool)
                 .await
                 .context("reading the dead letters")?

@@ -3,11 +3,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
 use serde_json::json;
 
 use crate::events::{envelope, subscription, T0};
-use crate::helpers::{spawn_app, test_settings, TOKEN};
+use crate::helpers::{spawn_app, test_settings};
 
 /// Runs a command to completion off the test's runtime thread, so the in-process app keeps
 /// serving while the binary works against its database.
@@ -27,14 +26,8 @@ async fn run_subledger(
 }
 
 pub(crate) fn subledger(settings: &subledger::Settings) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_subledger"));
-    command
-        .env("DATABASE_URL", settings.database_url.expose_secret())
-        .env("REDIS_URL", settings.redis_url.expose_secret())
-        .env("SUBLEDGER_REDIS_PREFIX", &settings.redis_prefix)
-        .env("SUBLEDGER_CATALOG", settings.catalog_path.as_ref().unwrap())
-        .env("SUBLEDGER_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn");
+    let mut command = crate::procs::subledger_command(settings);
+    command.env("RUST_LOG", "warn").env_remove("LOG_FORMAT");
     command
 }
 

@@ -13,7 +13,7 @@ use subledger::stripe::{parse_event, route, Route};
 
 use crate::events::{sub_event, T0};
 use crate::helpers::{spawn_app, spawn_with, test_settings, TestApp, TOKEN};
-use crate::procs::{subledger_command, ADMIN_TOKEN};
+use crate::procs::{send_json, subledger_command, ADMIN_TOKEN};
 use crate::stripe_sim::{simulate, SimEvent};
 
 const REFUSE_POISON: &str = r#"
@@ -141,16 +141,7 @@ async fn failing_rows_back_off_dead_letter_and_are_re_driven() {
         }
         assert_eq!(request.send().await.unwrap().status(), status, "{token:?}");
     }
-    let listed: Value = app
-        .client
-        .get(&url)
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = send_json(app.client.get(&url).bearer_auth(ADMIN_TOKEN)).await;
     let ids: Vec<&str> = listed
         .as_array()
         .unwrap()
@@ -197,16 +188,12 @@ async fn failing_rows_back_off_dead_letter_and_are_re_driven() {
     let (ok, stdout, stderr) = run(retry).await;
     assert!(ok, "{stderr}");
     assert_eq!(stdout.trim(), "evt_poison1\tdone\tapplied", "{stderr}");
-    let redriven: Value = app
-        .client
-        .post(format!("{}/ops/dead-letters/retry", app.address))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let redriven = send_json(
+        app.client
+            .post(format!("{}/ops/dead-letters/retry", app.address))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(redriven["requeued"], serde_json::json!(["evt_poison2"]));
     app.settle().await;
     assert_eq!(

@@ -211,6 +211,11 @@ pub async fn answers(address: &str, customers: &[String]) -> BTreeMap<String, Va
     out
 }
 
+/// Sends a request and decodes its JSON answer.
+pub async fn send_json(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// Every secret a process was given.
 pub fn secrets() -> Vec<&'static str> {
     let mut all = vec![SECRET, TOKEN, ADMIN_TOKEN, DB_PASSWORD];

@@ -5,11 +5,11 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::events::{sub_event, T0};
 use crate::helpers::{test_settings, SECRET, TOKEN};
-use crate::procs::{assert_no_secret, post_event, scratch, serve_command, Served, ADMIN_TOKEN};
+use crate::procs::{
+    assert_no_secret, post_event, scratch, send_json, serve_command, Served, ADMIN_TOKEN,
+};
 use crate::stripe_sim::sign;
 
 const ORG_A: &str = "orgtok-aaaa1111";
@@ -128,15 +128,12 @@ async fn tokens_read_only_what_they_may_and_bad_input_never_gives_a_5xx() {
             }
         }
     }
-    let own: Value = client
-        .get(format!("{base}/v1/orgs/org_a/entitlements"))
-        .bearer_auth(ORG_A)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let own = send_json(
+        client
+            .get(format!("{base}/v1/orgs/org_a/entitlements"))
+            .bearer_auth(ORG_A),
+    )
+    .await;
     assert_eq!(
         (own["customer_id"].as_str(), own["access"].as_bool()),
         (Some("cus_sa"), Some(true))
