@@ -19,6 +19,7 @@ use crate::stripe_sim::sign;
 pub const ADMIN_TOKEN: &str = "admin-tok-9f8e7d6c5b4a";
 pub const ORG_TOKENS: &str = "orgtok-aaaa1111=org_a,orgtok-bbbb2222=org_b";
 pub const DB_PASSWORD: &str = "pg-pass-0e1d2c3b";
+pub const STRIPE_KEY: &str = "sk_test_51NeverLogMe0a9b8c7d";
 
 /// A free TCP port on 127.0.0.1 (free when asked; good enough for a test).
 pub fn free_port() -> u16 {
@@ -218,7 +219,7 @@ pub async fn send_json(request: reqwest::RequestBuilder) -> Value {
 
 /// Every secret a process was given.
 pub fn secrets() -> Vec<&'static str> {
-    let mut all = vec![SECRET, TOKEN, ADMIN_TOKEN, DB_PASSWORD];
+    let mut all = vec![SECRET, TOKEN, ADMIN_TOKEN, DB_PASSWORD, STRIPE_KEY];
     all.extend(
         ORG_TOKENS
             .split(',')

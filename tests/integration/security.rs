@@ -8,7 +8,8 @@ use std::time::Duration;
 use crate::events::{sub_event, T0};
 use crate::helpers::{test_settings, SECRET, TOKEN};
 use crate::procs::{
-    assert_no_secret, post_event, scratch, send_json, serve_command, Served, ADMIN_TOKEN,
+    assert_no_secret, free_port, post_event, scratch, send_json, serve_command, Served,
+    ADMIN_TOKEN, STRIPE_KEY,
 };
 use crate::stripe_sim::sign;
 
@@ -44,7 +45,14 @@ async fn tokens_read_only_what_they_may_and_bad_input_never_gives_a_5xx() {
     let (settings, _, _) = test_settings("security");
     let dir = scratch("security");
     let log = dir.join("serve.log");
-    let serve = Served::start(serve_command(&settings), &log).await;
+    // With a Stripe key and an API nothing answers at, so every sync a webhook asks for
+    // fails and is logged: the key must not be in those lines either.
+    let mut command = serve_command(&settings);
+    command.env("STRIPE_SECRET_KEY", STRIPE_KEY).env(
+        "STRIPE_API_BASE",
+        format!("http://127.0.0.1:{}", free_port()),
+    );
+    let serve = Served::start(command, &log).await;
     let base = serve.address.clone();
     let client = reqwest::Client::new();
     for (event, customer, org) in [("evt_sa", "cus_sa", "org_a"), ("evt_sb", "cus_sb", "org_b")] {
@@ -148,7 +156,25 @@ async fn tokens_read_only_what_they_may_and_bad_input_never_gives_a_5xx() {
     .unwrap();
     assert_eq!(status, 200);
 
-    // Bad input: each is refused with the status named, none with a 5xx.
+    // A sync on demand calls Stripe's API, which is not there: it fails, and neither its
+    // answer nor its log lines carry the key.
+    let (status, body) = status_and_body(
+        client
+            .post(format!("{base}/v1/customers/cus_sa/sync"))
+            .bearer_auth(TOKEN),
+    )
+    .await
+    .unwrap();
+    eprintln!("sync with Stripe unreachable: {status} {body}");
+    assert!(status >= 500, "{status} {body}");
+    assert_no_secret("the failed sync's body", &body);
+
+    // Bad input: each is refused with the status named, none with a 5xx. A fresh connection
+    // for each: a server may close one after refusing an oversized request.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let long_id = "c".repeat(300);
     let signed = |body: &[u8]| sign(SECRET, chrono::Utc::now().timestamp(), body);
     let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
@@ -303,6 +329,10 @@ async fn tokens_read_only_what_they_may_and_bad_input_never_gives_a_5xx() {
     drop(serve);
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        logs.contains(r#""message":"sync""#) && logs.contains(r#""outcome":"failed""#),
+        "the failed sync was logged: {logs}"
+    );
     assert_no_secret("the log", &logs);
     assert!(
         !logs.contains("orgtok-aaaa1112"),
