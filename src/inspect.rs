@@ -487,15 +487,8 @@ pub async fn recent_inbox(pool: &PgPool, limit: i64) -> Result<Vec<InboxEntry>, 
 /// false when no dead row has that id (only dead rows are re-driven: a pending row is
 /// already queued and a done one was judged).
 pub async fn redrive(pool: &PgPool, event_id: &str) -> Result<bool, sqlx::Error> {
-    let updated = sqlx::query(
-        "UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at = now(), outcome = NULL \
-         WHERE event_id = $1 AND state = 'dead'",
-    )
-    .bind(event_id)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(updated == 1)
+    let requeued = crate::dlq::retry(pool, &crate::dlq::Redrive::One(event_id.to_owned())).await?;
+    Ok(!requeued.is_empty())
 }
 
 /// A customer a search found, and by what.

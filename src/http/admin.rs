@@ -49,13 +49,11 @@ fn digest(token: &str) -> String {
 /// Whether `presented` is the admin token, compared in constant time (on digests, so the
 /// comparison does not depend on the lengths either).
 fn token_matches(state: &AppState, presented: &str) -> bool {
-    state.settings.admin_token.as_ref().is_some_and(|expected| {
-        bool::from(
-            digest(expected.expose_secret())
-                .as_bytes()
-                .ct_eq(digest(presented).as_bytes()),
-        )
-    })
+    state
+        .settings
+        .admin_token
+        .as_ref()
+        .is_some_and(|expected| super::auth::token_matches(expected, presented))
 }
 
 fn cookie_matches(state: &AppState, headers: &HeaderMap) -> bool {

@@ -19,9 +19,6 @@ use super::{ApiError, AppState};
 /// The one `/v1` route an org-scoped token may call, as axum names it.
 const ORG_ENTITLEMENTS_ROUTE: &str = "/v1/orgs/:org_id/entitlements";
 
-/// The cookie an operator's browser may carry the admin token in (a page cannot set headers).
-pub const ADMIN_COOKIE: &str = "subledger_admin_token";
-
 /// Who a `/v1` request is from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reader {
@@ -45,17 +42,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|token| !token.is_empty())
-}
-
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(axum::http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value)
 }
 
 /// The reader a presented token stands for. Every configured token is compared (no early
@@ -102,16 +88,15 @@ pub async fn require_reader(
     Ok(next.run(request).await)
 }
 
-/// `/admin` and the operator endpoints: require `SUBLEDGER_ADMIN_TOKEN`, as a bearer token
-/// or in the [`ADMIN_COOKIE`] cookie. Unset, they refuse everyone.
+/// The operator endpoints (`/ops`): require `SUBLEDGER_ADMIN_TOKEN` as a bearer token.
+/// Unset, they refuse everyone. (The `/admin` page has its own login, `admin::require_admin`,
+/// which trades the same token for a cookie.)
 pub async fn require_admin_token(
     State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let headers = request.headers();
-    let presented = bearer(headers).or_else(|| cookie(headers, ADMIN_COOKIE));
-    let ok = match (&state.settings.admin_token, presented) {
+    let ok = match (&state.settings.admin_token, bearer(request.headers())) {
         (Some(expected), Some(presented)) => token_matches(expected, presented),
         _ => false,
     };
@@ -138,16 +123,5 @@ mod tests {
         ] {
             assert!(!token_matches(&expected, wrong), "{wrong:?}");
         }
-    }
-
-    #[test]
-    fn the_admin_cookie_is_found_among_others() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "cookie",
-            "a=1; subledger_admin_token=tok; b=2".parse().unwrap(),
-        );
-        assert_eq!(cookie(&headers, ADMIN_COOKIE), Some("tok"));
-        assert_eq!(cookie(&headers, "missing"), None);
     }
 }

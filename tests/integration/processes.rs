@@ -60,7 +60,7 @@ async fn no_failures(pool: &PgPool) {
 
 #[tokio::test]
 async fn sigkill_during_a_shuffled_load_loses_nothing_acknowledged() {
-    let sim = simulate(4242, 12, START);
+    let sim = simulate(4242, 24, START);
     let customers: Vec<String> = sim.truth.iter().map(|t| t.customer_id.clone()).collect();
     let shuffled = shuffle_with_duplicates(&sim.events, 7, 0.2);
     let expected = in_order_answers(&sim.events, &customers).await;
@@ -76,10 +76,10 @@ async fn sigkill_during_a_shuffled_load_loses_nothing_acknowledged() {
     let mut lost_answers = 0;
     // Each round: start, send what was never acknowledged, SIGKILL at a random moment
     // (mid-request, mid-command or mid-projection), then send again what got no 2xx.
-    for round in 0..6 {
+    for round in 0..8 {
         let mut serve = Served::start(serve_command(&settings), &log).await;
         let addresses = [serve.address.clone()];
-        let kill_after = Duration::from_millis(50 + rng.below(400));
+        let kill_after = Duration::from_millis(20 + rng.below(380));
         let acked = {
             let sending = post_all(&addresses, &pending, 8);
             tokio::pin!(sending);
@@ -142,8 +142,9 @@ fn processed_counts(logs: &[String]) -> HashMap<String, usize> {
             let Ok(line) = serde_json::from_str::<Value>(line) else {
                 continue;
             };
-            if line["fields"]["message"] == "processed" {
-                let id = line["fields"]["event_id"].as_str().unwrap().to_owned();
+            if line["fields"]["message"] == "webhook processed" {
+                // The event id is a field of the `webhook` span the line is logged in.
+                let id = line["span"]["event_id"].as_str().unwrap().to_owned();
                 *counts.entry(id).or_insert(0) += 1;
             }
         }
