@@ -62,12 +62,12 @@ pub async fn read_after(
     limit: i64,
 ) -> Result<Vec<LoggedEvent>, LogError> {
     let rows = sqlx::query(
-        "SELECT aggregate_id, sequence, payload::text AS payload, tx_id::text AS tx_id, global_seq \
+        "SELECT aggregate_id, sequence, payload::text AS payload, tx_id::text AS tx_text, global_seq \
          FROM events \
          WHERE aggregate_type = 'Subscription' \
            AND (tx_id, global_seq) > ($1::text::xid8, $2) \
            AND tx_id < $3::text::xid8 \
-         ORDER BY tx_id, global_seq \
+         ORDER BY events.tx_id, events.global_seq \
          LIMIT $4",
     )
     .bind(after.tx_id.to_string())
@@ -81,7 +81,7 @@ pub async fn read_after(
             let aggregate_id: String = row.get("aggregate_id");
             let sequence: i64 = row.get("sequence");
             let payload: &str = row.get("payload");
-            let tx_id: String = row.get("tx_id");
+            let tx_id: String = row.get("tx_text");
             let event = serde_json::from_str(payload).map_err(|source| LogError::Decode {
                 aggregate_id: aggregate_id.clone(),
                 sequence,

@@ -93,3 +93,57 @@ async fn replay_equals_live() {
     assert_eq!(snapshot(&app).await, live);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_log_is_read_in_transaction_order_across_a_digit_boundary() {
+    // Transaction ids 99 and 100 sort the other way round as text: a reader ordering by
+    // the text would checkpoint past tx 99 and never read it.
+    let app = spawn_app("txorder").await;
+    app.post_webhook(&sub_event(
+        "evt_t",
+        "customer.subscription.updated",
+        T0,
+        "sub_t",
+        "cus_t",
+        "active",
+        "org_t",
+    ))
+    .await;
+    app.settle().await;
+    for (customer, tx) in [("cus_t100", "100"), ("cus_t99", "99")] {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, tx_id) \
+             SELECT aggregate_type, $1, sequence, event_type, event_version, payload, metadata, $2::text::xid8 \
+             FROM events WHERE aggregate_id = 'cus_t' ORDER BY sequence DESC LIMIT 1",
+        )
+        .bind(customer)
+        .bind(tx)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    let mut conn = app.pool.acquire().await.unwrap();
+    let horizon = projections::log::read_horizon(&mut conn).await.unwrap();
+    let mut at = projections::Position::default();
+    let mut read = Vec::new();
+    // One event per batch, so every batch boundary is a checkpoint.
+    while let Some(event) = projections::log::read_after(&mut conn, at, horizon, 1)
+        .await
+        .unwrap()
+        .pop()
+    {
+        at = event.position;
+        read.push((event.position.tx_id, event.aggregate_id));
+    }
+    let copies: Vec<_> = read.iter().filter(|(tx, _)| *tx <= 100).collect();
+    assert_eq!(
+        copies,
+        [&(99, "cus_t99".to_owned()), &(100, "cus_t100".to_owned())],
+        "{read:?}"
+    );
+    assert_eq!(
+        read.len(),
+        app.count("SELECT count(*) FROM events").await as usize
+    );
+    app.stop().await;
+}
