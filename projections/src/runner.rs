@@ -74,14 +74,18 @@ async fn lock_checkpoint(
     } else {
         "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE SKIP LOCKED"
     };
-    let Some(row) = sqlx::query(sql).bind(name).fetch_optional(&mut *tx).await? else {
-        return Ok(None);
-    };
+    let row = sqlx::query(sql).bind(name).fetch_optional(&mut *tx).await?;
+    Ok(row.as_ref().map(checkpoint_position).transpose()?)
+}
+
+/// The position a `projection_checkpoints` row (selected with `tx_id::text AS tx_id`)
+/// holds.
+fn checkpoint_position(row: &sqlx::postgres::PgRow) -> Result<Position, LogError> {
     let tx_id: String = row.get("tx_id");
-    Ok(Some(Position {
+    Ok(Position {
         tx_id: tx_id.parse().map_err(|_| LogError::TxId(tx_id))?,
         global_seq: row.get("global_seq"),
-    }))
+    })
 }
 
 async fn save_checkpoint(
@@ -168,13 +172,10 @@ pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
     .bind(name)
     .fetch_optional(&mut *conn)
     .await?
-    .map(|row| {
-        let tx_id: String = row.get("tx_id");
-        Position {
-            tx_id: tx_id.parse().unwrap_or_default(),
-            global_seq: row.get("global_seq"),
-        }
-    })
+    .as_ref()
+    .map(checkpoint_position)
+    .transpose()?
+    // No checkpoint yet: the projection has read nothing.
     .unwrap_or_default();
     Ok(log::count_after(&mut conn, at).await?)
 }
