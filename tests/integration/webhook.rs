@@ -19,17 +19,22 @@ async fn signature_cases_are_answered_400_and_store_nothing() {
         "active",
         "org_1",
     );
-    let now = chrono::Utc::now().timestamp();
-    let cases: Vec<(&str, Option<String>)> = vec![
-        ("missing", None),
-        ("garbage", Some("nonsense".to_owned())),
-        ("wrong secret", Some(sign("whsec_wrong", now, &body))),
-        ("other body", Some(sign(SECRET, now, b"{}"))),
-        ("stale", Some(sign(SECRET, now - 301, &body))),
-        ("future", Some(sign(SECRET, now + 301, &body))),
-        ("v0 only", Some(format!("t={now},v0=abcdef"))),
+    // Each header is built just before it is sent: a clock read once up front would drift
+    // a second by the later cases and turn "301 s in the future" into 300 s.
+    type Header = fn(i64, &[u8]) -> Option<String>;
+    let cases: Vec<(&str, Header)> = vec![
+        ("missing", |_, _| None),
+        ("garbage", |_, _| Some("nonsense".to_owned())),
+        ("wrong secret", |now, body| {
+            Some(sign("whsec_wrong", now, body))
+        }),
+        ("other body", |now, _| Some(sign(SECRET, now, b"{}"))),
+        ("stale", |now, body| Some(sign(SECRET, now - 301, body))),
+        ("future", |now, body| Some(sign(SECRET, now + 301, body))),
+        ("v0 only", |now, _| Some(format!("t={now},v0=abcdef"))),
     ];
     for (name, header) in cases {
+        let header = header(chrono::Utc::now().timestamp(), &body);
         let response = app.post_webhook_with(&body, header.as_deref()).await;
         assert_eq!(response.status(), 400, "{name}");
         let error: Value = response.json().await.unwrap();
@@ -40,7 +45,14 @@ async fn signature_cases_are_answered_400_and_store_nothing() {
 
     // Within tolerance, and signed by the secret being rotated out: accepted.
     let response = app
-        .post_webhook_with(&body, Some(&sign(OLD_SECRET, now - 290, &body)))
+        .post_webhook_with(
+            &body,
+            Some(&sign(
+                OLD_SECRET,
+                chrono::Utc::now().timestamp() - 290,
+                &body,
+            )),
+        )
         .await;
     assert_eq!(response.status(), 200);
     app.stop().await;
