@@ -47,6 +47,10 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// `SUBLEDGER_WORKERS`: inbox workers (default 4).
     pub workers: usize,
+    /// `SUBLEDGER_AGGREGATE_CACHE`: customers whose aggregate the inbox workers keep in
+    /// memory between batches, so a batch loads only the events after it (default 4096;
+    /// 0 turns it off).
+    pub aggregate_cache: usize,
     /// `SUBLEDGER_MAX_ATTEMPTS`: processing attempts before an inbox row is dead-lettered
     /// (default 8).
     pub max_attempts: i32,
@@ -160,6 +164,7 @@ impl Settings {
             listen: parsed("SUBLEDGER_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             max_body_bytes: parsed("SUBLEDGER_MAX_BODY_BYTES", 1024 * 1024)?,
             workers: parsed("SUBLEDGER_WORKERS", 4)?,
+            aggregate_cache: parsed("SUBLEDGER_AGGREGATE_CACHE", 4096)?,
             max_attempts: parsed("SUBLEDGER_MAX_ATTEMPTS", 8)?,
             db_pool_size: parsed("SUBLEDGER_DB_POOL", 16)?,
             poll_interval: Duration::from_millis(parsed("SUBLEDGER_POLL_MS", 500)?),

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aggregates::{
@@ -17,15 +17,18 @@ use aggregates::{
     SubscriptionEvent, SubscriptionStatus,
 };
 use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventStore};
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, DomainEvent, EventStore};
 use postgres_es::PostgresEventRepository;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::{watch, Notify};
 
 use crate::stripe::{parse_event, route, Route};
 
 /// Inbox rows a worker claims at once.
 const BATCH: i64 = 64;
+
+/// How long a worker waits after a batch that was not full before claiming again.
+const LINGER: Duration = Duration::from_millis(10);
 
 /// How many times a command is retried after losing an optimistic-concurrency race.
 const CONFLICT_RETRIES: usize = 20;
@@ -60,6 +63,8 @@ pub struct Ledger {
     pub committed: Arc<Notify>,
     /// How many optimistic-concurrency conflicts this process lost and retried.
     pub conflicts_retried: Arc<AtomicU64>,
+    /// Aggregates as of a version the log holds, so batches load only newer events.
+    pub cache: Arc<AggregateCache>,
 }
 
 /// What processing one inbox row gave.
@@ -71,7 +76,7 @@ pub struct Processed {
 }
 
 impl Ledger {
-    pub fn new(pool: PgPool, max_attempts: i32) -> Self {
+    pub fn new(pool: PgPool, max_attempts: i32, cache_capacity: usize) -> Self {
         let store =
             PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
         Self {
@@ -80,6 +85,7 @@ impl Ledger {
             max_attempts,
             committed: Arc::new(Notify::new()),
             conflicts_retried: Arc::new(AtomicU64::new(0)),
+            cache: Arc::new(AggregateCache::new(cache_capacity)),
         }
     }
 
@@ -114,17 +120,7 @@ impl Ledger {
                 .load_aggregate(customer_id)
                 .await
                 .map_err(ExecuteError::Store)?;
-            let mut state = context.aggregate().clone();
-            let mut decisions = Vec::with_capacity(commands.len());
-            let mut events = Vec::new();
-            for command in commands {
-                let decision = decide(&state, command)?;
-                for event in &decision.events {
-                    state.apply(event.clone());
-                }
-                events.extend(decision.events.iter().cloned());
-                decisions.push(decision);
-            }
+            let (decisions, events) = decide_all(context.aggregate(), commands)?;
             if events.is_empty() {
                 return Ok(decisions);
             }
@@ -149,18 +145,36 @@ impl Ledger {
         Err(ExecuteError::Conflict(CONFLICT_RETRIES))
     }
 
-    /// Claims up to `limit` due inbox rows, processes them (grouped per customer: one
-    /// aggregate load and one commit per customer) and records each row's outcome, all
-    /// in the claiming transaction. Returns what each row gave; empty when nothing is due.
-    pub async fn process_batch(&self, limit: i64) -> Result<Vec<Processed>, ProcessError> {
+    /// Claims up to `limit` due inbox rows (of one partition of the customers, if given),
+    /// processes them and records each row's outcome, all in the claiming transaction:
+    /// the histories of every customer in the batch are loaded by one query, and the
+    /// events of the whole batch are written with the outcomes, in one commit. If that
+    /// write loses a race with another writer of one of the customers, the batch is
+    /// processed again one customer at a time (one load and commit each, with retries).
+    /// Returns what each row gave; empty when nothing is due.
+    pub async fn process_batch(
+        &self,
+        limit: i64,
+        partition: Option<Partition>,
+    ) -> Result<Vec<Processed>, ProcessError> {
         let mut tx = self.pool.begin().await?;
+        // Always walk `inbox_pending` in order (see migrations/20261125200001): a bitmap
+        // scan, which the planner picks when it believes few rows are pending, visits
+        // the heap page of every entry processed since the last vacuum and never marks
+        // them dead, so each claim of a burst cost more than the one before.
+        sqlx::query("SET LOCAL enable_bitmapscan = off")
+            .execute(&mut *tx)
+            .await?;
         let rows = sqlx::query(
             "SELECT event_id, event_type, customer_id, payload, attempts, \
                 extract(epoch FROM now() - received_at)::float8 AS waited FROM inbox \
              WHERE state = 'pending' AND next_attempt_at <= now() \
+               AND ($2::int8 IS NULL OR abs(hashtext(customer_id)::int8) % $3::int8 = $2::int8) \
              ORDER BY next_attempt_at, stripe_created LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(limit)
+        .bind(partition.map(|p| p.index as i64))
+        .bind(partition.map_or(1, |p| p.of as i64))
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
@@ -227,13 +241,34 @@ impl Ledger {
                 }
             }
         }
-        for (customer_id, items) in groups {
-            let commands: Vec<SubscriptionCommand> =
-                items.iter().map(|(_, c, _)| c.clone()).collect();
-            let ids: Vec<&str> = items.iter().map(|(id, _, _)| id.as_str()).collect();
-            let started = Instant::now();
-            let executed = self.execute_many(&customer_id, &commands, &ids).await;
-            let took = started.elapsed();
+        let started = Instant::now();
+        // Aggregates to remember once (and only if) the batch's events are committed.
+        let mut remember = Vec::new();
+        let executed: Vec<(Result<Vec<Decision>, ExecuteError>, Duration)> =
+            match self.execute_batch(&mut tx, &groups).await? {
+                Some(written) => {
+                    let took = started.elapsed();
+                    remember = written.aggregates;
+                    written
+                        .results
+                        .into_iter()
+                        .map(|result| (result, took))
+                        .collect()
+                }
+                None => {
+                    let mut all = Vec::with_capacity(groups.len());
+                    for (customer_id, items) in &groups {
+                        let commands: Vec<SubscriptionCommand> =
+                            items.iter().map(|(_, c, _)| c.clone()).collect();
+                        let ids: Vec<&str> = items.iter().map(|(id, _, _)| id.as_str()).collect();
+                        let started = Instant::now();
+                        let result = self.execute_many(customer_id, &commands, &ids).await;
+                        all.push((result, started.elapsed()));
+                    }
+                    all
+                }
+            };
+        for ((customer_id, items), (executed, took)) in groups.into_iter().zip(executed) {
             match executed {
                 Ok(decisions) => {
                     for ((event_id, _, previous_status), decision) in
@@ -357,7 +392,49 @@ impl Ledger {
             .await?;
         }
         tx.commit().await?;
+        self.cache.remember(remember);
+        if !processed.is_empty() {
+            self.committed.notify_one();
+        }
         Ok(processed)
+    }
+
+    /// Decides every group against its customer's history and writes all their events,
+    /// inside `tx` (the claiming transaction) under a savepoint. `None` when that could
+    /// not be done (another writer committed to one of the customers first, or the log
+    /// could not be read): the savepoint is rolled back and nothing was written.
+    async fn execute_batch(
+        &self,
+        tx: &mut PgConnection,
+        groups: &[(String, Vec<Item>)],
+    ) -> Result<Option<Written>, sqlx::Error> {
+        if groups.is_empty() {
+            return Ok(Some(Written::default()));
+        }
+        sqlx::query("SAVEPOINT batch").execute(&mut *tx).await?;
+        match decide_and_write(tx, groups, &self.cache).await {
+            Ok(written) => {
+                sqlx::query("RELEASE SAVEPOINT batch")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(Some(written))
+            }
+            Err(error) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT batch")
+                    .execute(&mut *tx)
+                    .await?;
+                if matches!(&error, BatchError::Database(sqlx::Error::Database(e)) if e.is_unique_violation())
+                {
+                    self.conflicts_retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        "a batch lost a race with another writer; one customer at a time"
+                    );
+                } else {
+                    tracing::warn!(error = %error_chain(&error), "cannot write a batch; one customer at a time");
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// An ambiguous move is not guessed at: ask Stripe's API for the truth (issue 3).
@@ -389,7 +466,7 @@ impl Ledger {
     pub async fn drain(&self) -> Result<u64, ProcessError> {
         let mut count = 0;
         loop {
-            let batch = self.process_batch(BATCH).await?;
+            let batch = self.process_batch(BATCH, None).await?;
             if batch.is_empty() {
                 return Ok(count);
             }
@@ -401,7 +478,8 @@ impl Ledger {
     /// `poll` passes (rows written by another replica wake nobody here).
     pub async fn run_worker(
         self,
-        wake: Arc<Notify>,
+        partition: Partition,
+        wake: Arc<WorkerWake>,
         poll: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -409,15 +487,21 @@ impl Ledger {
             if *stop.borrow() {
                 return;
             }
-            match self.process_batch(BATCH).await {
-                Ok(batch) if !batch.is_empty() => continue,
+            match self.process_batch(BATCH, Some(partition)).await {
+                Ok(batch) if batch.len() as i64 == BATCH => continue,
+                Ok(batch) if !batch.is_empty() => {
+                    // Under load, let the next rows gather for a moment: fewer, larger
+                    // batches cost the database far less than many small ones.
+                    tokio::time::sleep(LINGER).await;
+                    continue;
+                }
                 Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), "inbox worker cannot reach the database")
                 }
             }
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = wake.worker(partition.index).notified() => {}
                 _ = tokio::time::sleep(poll) => {}
                 _ = stop.changed() => {}
             }
@@ -433,6 +517,331 @@ fn detail_of(decision: &Decision) -> Option<String> {
         }
         Outcome::Rejected(rejection) => Some(rejection.to_string()),
         Outcome::NothingToRecord(reason) => Some(reason.clone()),
+    }
+}
+
+/// Decides `commands` in order against `state`, each seeing the events of those before.
+/// Returns every decision and all their events.
+fn decide_all(
+    state: &Subscription,
+    commands: &[SubscriptionCommand],
+) -> Result<(Vec<Decision>, Vec<SubscriptionEvent>), SubscriptionError> {
+    let mut state = state.clone();
+    let mut decisions = Vec::with_capacity(commands.len());
+    let mut events = Vec::new();
+    for command in commands {
+        let decision = decide(&state, command)?;
+        for event in &decision.events {
+            state.apply(event.clone());
+        }
+        events.extend(decision.events.iter().cloned());
+        decisions.push(decision);
+    }
+    Ok((decisions, events))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error("the event log failed")]
+    Database(#[from] sqlx::Error),
+    #[error("event {aggregate_id}#{sequence} cannot be encoded or decoded")]
+    Json {
+        aggregate_id: String,
+        sequence: i64,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the history of {0} has a gap at #{1}")]
+    Gap(String, i64),
+}
+
+/// What a batch decided and wrote: each group's decisions (or error), and each
+/// customer's aggregate after the batch with its version, to remember once committed.
+#[derive(Default)]
+struct Written {
+    results: Vec<Result<Vec<Decision>, ExecuteError>>,
+    aggregates: Vec<(String, i64, Subscription)>,
+}
+
+/// Loads the history of every customer in `groups` with one query (only the events after
+/// the version the cache holds, if it holds the customer), decides each group against
+/// its customer's state, and inserts all the new events with one statement, in
+/// (customer, sequence) order so that concurrent batches always lock keys in the same
+/// order. The rows are exactly those postgres-es writes (same columns, sequence =
+/// version after the event, metadata naming the sources), so the event store reads
+/// them back like its own. The primary key refuses an event whose sequence another
+/// writer took first: that is the optimistic-concurrency check.
+async fn decide_and_write(
+    tx: &mut PgConnection,
+    groups: &[(String, Vec<Item>)],
+    cache: &AggregateCache,
+) -> Result<Written, BatchError> {
+    let aggregate_type = Subscription::TYPE;
+    let ids: Vec<String> = groups.iter().map(|(id, _)| id.clone()).collect();
+    let mut loaded = cache.get(&ids);
+    let after: Vec<i64> = ids
+        .iter()
+        .map(|id| loaded.get(id).map_or(0, |(version, _)| *version))
+        .collect();
+    let rows = sqlx::query(
+        "SELECT e.aggregate_id, e.sequence, e.payload::text AS payload \
+         FROM unnest($2::text[], $3::int8[]) AS k(aggregate_id, after) \
+         JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = k.aggregate_id \
+            AND e.sequence > k.after \
+         ORDER BY e.aggregate_id, e.sequence",
+    )
+    .bind(aggregate_type)
+    .bind(&ids)
+    .bind(&after)
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in rows {
+        let aggregate_id: String = row.get("aggregate_id");
+        let sequence: i64 = row.get("sequence");
+        let (version, state) = loaded.entry(aggregate_id.clone()).or_default();
+        if sequence != *version + 1 {
+            return Err(BatchError::Gap(aggregate_id, sequence));
+        }
+        state.apply(decode(&aggregate_id, sequence, row.get("payload"))?);
+        *version = sequence;
+    }
+
+    let mut written = Written::default();
+    let mut new = NewEvents::default();
+    for (customer_id, items) in groups {
+        let (version, mut state) = loaded.remove(customer_id).unwrap_or_default();
+        let commands: Vec<SubscriptionCommand> = items.iter().map(|(_, c, _)| c.clone()).collect();
+        match decide_all(&state, &commands) {
+            Ok((decisions, events)) => {
+                let sources: Vec<&str> = items.iter().map(|(id, _, _)| id.as_str()).collect();
+                let metadata = serde_json::json!({ "sources": sources.join(",") }).to_string();
+                let mut sequence = version;
+                for event in &events {
+                    sequence += 1;
+                    let payload =
+                        serde_json::to_string(event).map_err(|source| BatchError::Json {
+                            aggregate_id: customer_id.clone(),
+                            sequence,
+                            source,
+                        })?;
+                    // The remembered aggregate is folded from the JSON the log will
+                    // hold, exactly as a load from the log would fold it.
+                    state.apply(decode(customer_id, sequence, &payload)?);
+                    new.push(customer_id, sequence, event, payload, &metadata);
+                }
+                written
+                    .aggregates
+                    .push((customer_id.clone(), sequence, state));
+                written.results.push(Ok(decisions));
+            }
+            Err(error) => {
+                written
+                    .aggregates
+                    .push((customer_id.clone(), version, state));
+                written.results.push(Err(ExecuteError::Domain(error)));
+            }
+        }
+    }
+    if !new.aggregate_id.is_empty() {
+        new.sort();
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload::json, u.metadata::json \
+             FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[]) \
+                AS u(aggregate_id, sequence, event_type, event_version, payload, metadata)",
+        )
+        .bind(aggregate_type)
+        .bind(&new.aggregate_id)
+        .bind(&new.sequence)
+        .bind(&new.event_type)
+        .bind(&new.event_version)
+        .bind(&new.payload)
+        .bind(&new.metadata)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(written)
+}
+
+fn decode(
+    aggregate_id: &str,
+    sequence: i64,
+    payload: &str,
+) -> Result<SubscriptionEvent, BatchError> {
+    serde_json::from_str(payload).map_err(|source| BatchError::Json {
+        aggregate_id: aggregate_id.to_owned(),
+        sequence,
+        source,
+    })
+}
+
+/// Customers' aggregates as of a version the log holds: each is the fold of exactly the
+/// stored events 1..=version (decoded from the JSON the log holds), and is remembered
+/// only after those events were committed. Events are never changed or removed, so
+/// folding the events after `version` onto it gives the state a load of the whole
+/// history gives, whoever wrote them (another worker, replica or the event store).
+/// Bounded: past `capacity` customers, the least recently used half is forgotten.
+pub struct AggregateCache {
+    capacity: usize,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    clock: u64,
+    entries: HashMap<String, (i64, Subscription, u64)>,
+}
+
+impl AggregateCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: Mutex::new(CacheInner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The remembered (version, aggregate) of each of `ids` that is held.
+    pub fn get(&self, ids: &[String]) -> HashMap<String, (i64, Subscription)> {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        ids.iter()
+            .filter_map(|id| {
+                let (version, state, used) = inner.entries.get_mut(id)?;
+                *used = now;
+                Some((id.clone(), (*version, state.clone())))
+            })
+            .collect()
+    }
+
+    /// Remembers aggregates whose events up to their version are committed.
+    fn remember(&self, aggregates: Vec<(String, i64, Subscription)>) {
+        if self.capacity == 0 || aggregates.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        for (id, version, state) in aggregates {
+            match inner.entries.get_mut(&id) {
+                Some(held) if held.0 > version => held.2 = now,
+                Some(held) => *held = (version, state, now),
+                None => {
+                    inner.entries.insert(id, (version, state, now));
+                }
+            }
+        }
+        if inner.entries.len() > self.capacity {
+            let mut used: Vec<u64> = inner.entries.values().map(|e| e.2).collect();
+            let keep = self.capacity / 2;
+            let (_, cutoff, _) = used.select_nth_unstable_by(keep, |a, b| b.cmp(a));
+            let cutoff = *cutoff;
+            inner.entries.retain(|_, entry| entry.2 > cutoff);
+        }
+    }
+
+    /// How many customers are remembered.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every remembered (customer, version, aggregate), for checking it against the log.
+    pub fn entries(&self) -> Vec<(String, i64, Subscription)> {
+        self.lock()
+            .entries
+            .iter()
+            .map(|(id, (version, state, _))| (id.clone(), *version, state.clone()))
+            .collect()
+    }
+}
+
+/// The columns of the events a batch writes.
+#[derive(Default)]
+struct NewEvents {
+    aggregate_id: Vec<String>,
+    sequence: Vec<i64>,
+    event_type: Vec<String>,
+    event_version: Vec<String>,
+    payload: Vec<String>,
+    metadata: Vec<String>,
+}
+
+impl NewEvents {
+    fn push(
+        &mut self,
+        aggregate_id: &str,
+        sequence: i64,
+        event: &SubscriptionEvent,
+        payload: String,
+        metadata: &str,
+    ) {
+        self.aggregate_id.push(aggregate_id.to_owned());
+        self.sequence.push(sequence);
+        self.event_type.push(event.event_type());
+        self.event_version.push(event.event_version());
+        self.payload.push(payload);
+        self.metadata.push(metadata.to_owned());
+    }
+
+    /// Into (aggregate_id, sequence) order: the order concurrent writers lock keys in.
+    fn sort(&mut self) {
+        let mut order: Vec<usize> = (0..self.aggregate_id.len()).collect();
+        order.sort_by(|&a, &b| {
+            (&self.aggregate_id[a], self.sequence[a])
+                .cmp(&(&self.aggregate_id[b], self.sequence[b]))
+        });
+        fn permute<T: Clone>(v: &mut Vec<T>, order: &[usize]) {
+            *v = order.iter().map(|&i| v[i].clone()).collect();
+        }
+        permute(&mut self.aggregate_id, &order);
+        permute(&mut self.sequence, &order);
+        permute(&mut self.event_type, &order);
+        permute(&mut self.event_version, &order);
+        permute(&mut self.payload, &order);
+        permute(&mut self.metadata, &order);
+    }
+}
+
+/// Which customers a worker claims rows of: those whose id hashes to `index` of `of`.
+/// Workers of one process take disjoint partitions, so their batches never race for a
+/// customer; workers of other replicas may, and then the batch is retried per customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    pub index: usize,
+    pub of: usize,
+}
+
+/// Wakes the inbox workers of this process. Each worker has its own permit, so one wake
+/// reaches every partition, and a wake that comes while a worker is busy is kept for it.
+pub struct WorkerWake {
+    workers: Vec<Notify>,
+}
+
+impl WorkerWake {
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers: (0..workers.max(1)).map(|_| Notify::new()).collect(),
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for worker in &self.workers {
+            worker.notify_one();
+        }
+    }
+
+    fn worker(&self, index: usize) -> &Notify {
+        &self.workers[index % self.workers.len()]
     }
 }
 

@@ -24,6 +24,9 @@ use crate::db::{self, DbError};
 use crate::http::{self, AppState};
 use crate::ledger::{error_chain, Ledger};
 
+/// Inbox inserts in flight at once (each stores every webhook that queued meanwhile).
+const INBOX_WRITERS: usize = 4;
+
 /// Events applied per projection transaction.
 pub const PROJECTION_BATCH: i64 = 5000;
 
@@ -80,7 +83,11 @@ impl Services {
         };
         let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone());
         Ok(Self {
-            ledger: Ledger::new(pool.clone(), settings.max_attempts),
+            ledger: Ledger::new(
+                pool.clone(),
+                settings.max_attempts,
+                settings.aggregate_cache,
+            ),
             platform: PlatformTables::new(catalog.clone()),
             settings: Arc::new(settings),
             pool,
@@ -198,11 +205,13 @@ impl Application {
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let inbox_wake = Arc::new(Notify::new());
+        let inbox_wake = Arc::new(crate::ledger::WorkerWake::new(services.settings.workers));
         let mut tasks = Vec::new();
-        for _ in 0..services.settings.workers {
+        let workers = services.settings.workers;
+        for index in 0..workers {
             let ledger = services.ledger.clone();
             tasks.push(tokio::spawn(ledger.run_worker(
+                crate::ledger::Partition { index, of: workers },
                 inbox_wake.clone(),
                 services.settings.poll_interval,
                 stop_rx.clone(),
@@ -213,7 +222,7 @@ impl Application {
             stop_rx.clone(),
         )));
         // Rows left pending by a previous run are picked up at once.
-        inbox_wake.notify_one();
+        inbox_wake.wake_all();
         // Syncs with Stripe's API (requested by webhooks, retries, the reconciler).
         if let Some(sync) = &sync {
             let sync_wake = Arc::new(Notify::new());
@@ -235,6 +244,7 @@ impl Application {
             catalog: services.catalog.clone(),
             settings: services.settings.clone(),
             inbox_wake,
+            inbox: crate::inbox::InboxWriter::start(services.pool.clone(), INBOX_WRITERS),
             sync,
         };
         tracing::info!(address = %listener.local_addr()?, "subledger serving");

@@ -373,7 +373,7 @@ pub async fn redrive(
         )));
     }
     tracing::info!(event_id, "dead-lettered event re-driven by an operator");
-    state.inbox_wake.notify_one();
+    state.inbox_wake.wake_all();
     Ok(Redirect::to(&format!(
         "/admin?redriven={}",
         event_id

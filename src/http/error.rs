@@ -39,6 +39,9 @@ pub enum ApiError {
     /// 503: Postgres is unreachable; nothing was stored, retry later.
     #[error("storage is unavailable")]
     Storage(#[source] sqlx::Error),
+    /// 503: the inbox could not store the webhook; nothing was stored, Stripe retries.
+    #[error("storage is unavailable")]
+    Inbox(#[source] crate::inbox::InboxError),
     /// 409: the request conflicts with what we hold (the org already has a subscription
     /// that is not terminal).
     #[error("{0}")]
@@ -95,7 +98,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Storage(_) | ApiError::Inbox(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::StripeNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::StripeRefused(_) => StatusCode::BAD_REQUEST,
@@ -113,7 +116,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
-            ApiError::Storage(_) => "storage_unavailable",
+            ApiError::Storage(_) | ApiError::Inbox(_) => "storage_unavailable",
             ApiError::Conflict(_) => "conflict",
             ApiError::StripeNotConfigured => "stripe_not_configured",
             ApiError::StripeRefused(_) => "stripe_refused",

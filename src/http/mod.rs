@@ -18,7 +18,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use projections::{Catalog, RedisCache};
 use sqlx::PgPool;
-use tokio::sync::Notify;
 
 use crate::config::Settings;
 
@@ -32,7 +31,9 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub settings: Arc<Settings>,
     /// Wakes the inbox workers when a new event is stored.
-    pub inbox_wake: Arc<Notify>,
+    pub inbox_wake: Arc<crate::ledger::WorkerWake>,
+    /// Stores webhooks, many to a commit under load.
+    pub inbox: crate::inbox::InboxWriter,
     /// Syncs with Stripe's API; `None` without `STRIPE_SECRET_KEY`.
     pub sync: Option<crate::sync::Syncer>,
 }

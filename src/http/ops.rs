@@ -25,7 +25,7 @@ async fn redrive(state: &AppState, which: Redrive) -> Result<Json<Value>, ApiErr
         return Err(ApiError::NotFound(format!("dead letter {event_id}")));
     }
     if !requeued.is_empty() {
-        state.inbox_wake.notify_one();
+        state.inbox_wake.wake_all();
     }
     tracing::info!(count = requeued.len(), "dead letters re-driven");
     Ok(Json(json!({ "requeued": requeued })))

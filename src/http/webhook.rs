@@ -3,6 +3,8 @@
 //! The answer is 2xx only after the event is durably stored; processing happens after,
 //! in the inbox workers. This handler must never answer 2xx for an event it did not store.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -12,7 +14,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
-use crate::inbox::{self, Received, Source};
+use crate::inbox::Received;
 use crate::stripe::{parse_event, verify_signature};
 
 pub async fn receive(
@@ -40,12 +42,14 @@ pub async fn receive(
         chrono::Utc::now().timestamp(),
         state.settings.signature_tolerance_secs,
     )?;
-    let event = parse_event(&body)?;
-    let received = inbox::record(&state.pool, &event, &body, Source::Webhook)
+    let event = Arc::new(parse_event(&body)?);
+    let received = state
+        .inbox
+        .store(event.clone(), body)
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::Inbox)?;
     if received == Received::Stored {
-        state.inbox_wake.notify_one();
+        state.inbox_wake.wake_all();
     }
     crate::metrics::webhook_received(&event, received);
     tracing::info_span!(

@@ -2,6 +2,7 @@
 
 mod admin_browser;
 mod api;
+mod batches;
 mod cli;
 mod dead_letters;
 mod events;

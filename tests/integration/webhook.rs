@@ -238,3 +238,56 @@ async fn when_postgres_cannot_store_the_webhook_answers_503_and_stripe_retries()
     );
     app.stop().await;
 }
+
+/// Webhooks are stored many to an insert (the inbox writer's group commit): deliveries
+/// of one event that arrive together, in one batch or in several, store it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deliveries_of_one_event_store_it_once() {
+    let app = spawn_app("concurrent_dups").await;
+    let sim = crate::stripe_sim::simulate(17, 2, T0);
+    let events: Vec<_> = sim.events.iter().take(10).collect();
+    let mut sends = Vec::new();
+    for _ in 0..5 {
+        for event in &events {
+            let (client, address, body) =
+                (app.client.clone(), app.address.clone(), event.to_bytes());
+            sends.push(tokio::spawn(async move {
+                let header = sign(SECRET, chrono::Utc::now().timestamp(), &body);
+                let response = client
+                    .post(format!("{address}/webhooks/stripe"))
+                    .header("stripe-signature", header)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                response.json::<Value>().await.unwrap()
+            }));
+        }
+    }
+    let mut first_time = std::collections::HashMap::<String, usize>::new();
+    for send in sends {
+        let answer = send.await.unwrap();
+        let id = answer["event_id"].as_str().unwrap().to_owned();
+        let counted = first_time.entry(id).or_default();
+        if answer["result"] != "duplicate" {
+            *counted += 1;
+        }
+    }
+    assert_eq!(first_time.len(), events.len());
+    assert!(
+        first_time.values().all(|&n| n == 1),
+        "each event stored exactly once: {first_time:?}"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox").await,
+        events.len() as i64
+    );
+    app.settle().await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox WHERE state <> 'done'")
+            .await,
+        0
+    );
+    app.stop().await;
+}

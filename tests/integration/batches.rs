@@ -1,0 +1,227 @@
+//! The batched write path of the inbox workers (issue 6): many webhooks stored by one
+//! insert, a batch's events written in one statement and commit, and the aggregates
+//! workers remember between batches. Real Postgres; no HTTP here.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use aggregates::{Subscription, SubscriptionEvent};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::EventStore;
+use postgres_es::PostgresEventRepository;
+use subledger::inbox::{self, NewEvent, Received, Source};
+use subledger::stripe::{parse_event, route, Route, StripeEvent};
+use subledger::Services;
+
+use crate::helpers::test_settings;
+use crate::stripe_sim::{shuffle_with_duplicates, simulate, SimEvent, Simulation};
+
+async fn services(tag: &str) -> Services {
+    let (settings, _, _) = test_settings(tag);
+    Services::connect(settings)
+        .await
+        .expect("Postgres is running")
+}
+
+/// Stores `events` in the inbox with one `record_many`, and checks each id not in `seen`
+/// (ids stored before) was stored once and every repeat answered `Duplicate`.
+async fn store_all(services: &Services, events: &[SimEvent], seen: &mut HashSet<String>) {
+    let bodies: Vec<Vec<u8>> = events.iter().map(SimEvent::to_bytes).collect();
+    let parsed: Vec<StripeEvent> = bodies.iter().map(|b| parse_event(b).unwrap()).collect();
+    let new: Vec<NewEvent> = parsed
+        .iter()
+        .zip(&bodies)
+        .map(|(event, raw)| NewEvent {
+            event,
+            raw,
+            source: Source::Import,
+        })
+        .collect();
+    let received = inbox::record_many(&services.pool, &new).await.unwrap();
+    for (event, received) in events.iter().zip(received) {
+        let first = seen.insert(event.id.clone());
+        assert_eq!(
+            received == Received::Duplicate,
+            !first,
+            "{} answered {received:?}",
+            event.id
+        );
+    }
+}
+
+async fn count(services: &Services, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&services.pool)
+        .await
+        .unwrap()
+}
+
+/// Every customer's log is gap-free (1..=n) and its newest event holds Stripe's newest facts.
+async fn assert_log_matches(services: &Services, sim: &Simulation) {
+    for truth in &sim.truth {
+        let sequences: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(&truth.customer_id)
+        .fetch_all(&services.pool)
+        .await
+        .unwrap();
+        assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>());
+        let last: sqlx::types::Json<SubscriptionEvent> = sqlx::query_scalar(
+            "SELECT payload FROM events WHERE aggregate_id = $1 ORDER BY sequence DESC LIMIT 1",
+        )
+        .bind(&truth.customer_id)
+        .fetch_one(&services.pool)
+        .await
+        .unwrap();
+        let sub = last.0.view().subscription.clone().expect("a subscription");
+        assert_eq!(sub.id, truth.subscription_id);
+        assert_eq!(sub.status.as_str(), truth.status);
+        assert_eq!(
+            sub.current_period_end.map(|d| d.timestamp()),
+            Some(truth.current_period_end)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_batches_fall_back_to_one_customer_at_a_time_and_lose_nothing() {
+    let services = services("batchrace").await;
+    let sim = simulate(41, 3, 1_760_000_000);
+    let mut seen = HashSet::new();
+    store_all(
+        &services,
+        &shuffle_with_duplicates(&sim.events, 3, 0.2),
+        &mut seen,
+    )
+    .await;
+    let pending = count(
+        &services,
+        "SELECT count(*) FROM inbox WHERE state = 'pending'",
+    )
+    .await;
+
+    // Hold every write to the log until all four batches have claimed their rows and
+    // loaded the same histories: then all but the first lose the race for some customer.
+    let mut gate = services.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    let mut batches = Vec::new();
+    for _ in 0..4 {
+        let ledger = services.ledger.clone();
+        batches.push(tokio::spawn(async move {
+            ledger.process_batch((pending + 3) / 4, None).await
+        }));
+    }
+    let mut waiting = 0;
+    for _ in 0..400 {
+        waiting = count(
+            &services,
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass",
+        )
+        .await;
+        if waiting >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(waiting >= 2, "only {waiting} batches reached the log");
+    gate.commit().await.unwrap();
+    let mut processed = 0;
+    for batch in batches {
+        processed += batch
+            .await
+            .unwrap()
+            .expect("a batch never fails as a whole")
+            .len();
+    }
+    assert_eq!(processed as i64, pending);
+    assert!(
+        services.ledger.conflicts_retried.load(Ordering::Relaxed) >= 1,
+        "a batch lost the race and was retried per customer"
+    );
+
+    assert_eq!(services.ledger.drain().await.unwrap(), 0);
+    assert_eq!(
+        count(
+            &services,
+            "SELECT count(*) FROM inbox WHERE state <> 'done'"
+        )
+        .await,
+        0
+    );
+    assert_log_matches(&services, &sim).await;
+}
+
+#[tokio::test]
+async fn remembered_aggregates_equal_the_log_folded_from_scratch() {
+    let services = services("aggcache").await;
+    let sim = simulate(43, 6, 1_760_000_000);
+    let events = shuffle_with_duplicates(&sim.events, 5, 0.1);
+    let (early, late) = events.split_at(events.len() * 3 / 5);
+    let mut seen = HashSet::new();
+    store_all(&services, early, &mut seen).await;
+    // Small batches, so customers come back to the cache again and again.
+    while !services
+        .ledger
+        .process_batch(5, None)
+        .await
+        .unwrap()
+        .is_empty()
+    {}
+    assert!(!services.ledger.cache.is_empty());
+
+    // Another writer (the event store itself, as a sync does) moves one customer past the
+    // version this process remembers; the next batches must load what it wrote.
+    let (moved, rest): (Vec<&SimEvent>, Vec<&SimEvent>) = late
+        .iter()
+        .partition(|e| e.customer_id == sim.truth[0].customer_id);
+    let mut written_elsewhere = 0;
+    for event in &moved {
+        let parsed = parse_event(&event.to_bytes()).unwrap();
+        if let Route::Command {
+            customer_id,
+            command,
+        } = route(&parsed)
+        {
+            let decision = services
+                .ledger
+                .execute(&customer_id, &command, &event.id)
+                .await
+                .unwrap();
+            written_elsewhere += decision.events.len();
+        }
+    }
+    assert!(written_elsewhere > 0, "the store wrote past the cache");
+    let rest: Vec<SimEvent> = rest.into_iter().cloned().collect();
+    // The moved customer's events come again (as Stripe retries), with everyone else's.
+    let mut again: Vec<SimEvent> = moved.into_iter().cloned().collect();
+    again.extend(rest);
+    store_all(&services, &again, &mut seen).await;
+    while !services
+        .ledger
+        .process_batch(5, None)
+        .await
+        .unwrap()
+        .is_empty()
+    {}
+
+    let store = PersistedEventStore::<PostgresEventRepository, Subscription>::new_event_store(
+        PostgresEventRepository::new(services.pool.clone()),
+    );
+    let remembered = services.ledger.cache.entries();
+    assert_eq!(remembered.len(), sim.truth.len());
+    for (customer_id, version, state) in remembered {
+        let context = store.load_aggregate(&customer_id).await.unwrap();
+        assert_eq!(version as usize, context.current_sequence, "{customer_id}");
+        assert_eq!(
+            serde_json::to_value(&state).unwrap(),
+            serde_json::to_value(&context.aggregate).unwrap(),
+            "{customer_id}: the remembered aggregate is the fold of its log"
+        );
+    }
+    assert_log_matches(&services, &sim).await;
+}
