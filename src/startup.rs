@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use projections::runner::CatchUp;
 use projections::{
-    catch_up, CacheKeys, Catalog, LazyConnection, PlatformTables, Projection, ProjectionError,
-    RedisCache, WhenBusy,
+    catch_up_pair, CacheKeys, Catalog, LazyConnection, PlatformTables, ProjectionError, RedisCache,
+    WhenBusy,
 };
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -29,6 +29,10 @@ const INBOX_WRITERS: usize = 4;
 
 /// Events applied per projection transaction.
 pub const PROJECTION_BATCH: i64 = 5000;
+
+/// Events read per transaction of a replay: larger, since a batch decodes and writes about
+/// one event per customer in it however many it reads (`projections::log::read_batch`).
+pub const REPLAY_BATCH: i64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -101,21 +105,29 @@ impl Services {
     pub async fn catch_up_projections(
         &self,
         when_busy: WhenBusy,
+        progress: impl FnMut(&str, u64) + Send,
+    ) -> Result<[CatchUp; 2], ProjectionError> {
+        self.catch_up_in_batches(PROJECTION_BATCH, when_busy, progress)
+            .await
+    }
+
+    /// Both projections read the log once while they stand together (see
+    /// [`catch_up_pair`]).
+    async fn catch_up_in_batches(
+        &self,
+        batch: i64,
+        when_busy: WhenBusy,
         mut progress: impl FnMut(&str, u64) + Send,
     ) -> Result<[CatchUp; 2], ProjectionError> {
-        let platform = catch_up(
+        catch_up_pair(
             &self.pool,
             &self.platform,
-            PROJECTION_BATCH,
+            &self.cache,
+            batch,
             when_busy,
-            |n| progress(self.platform.name(), n),
+            &mut progress,
         )
-        .await?;
-        let cache = catch_up(&self.pool, &self.cache, PROJECTION_BATCH, when_busy, |n| {
-            progress(self.cache.name(), n)
-        })
-        .await?;
-        Ok([platform, cache])
+        .await
     }
 
     /// Clears every projection and rebuilds it from position 0.
@@ -125,7 +137,8 @@ impl Services {
     ) -> Result<[CatchUp; 2], ProjectionError> {
         projections::replay(&self.pool, &self.platform).await?;
         projections::replay(&self.pool, &self.cache).await?;
-        self.catch_up_projections(WhenBusy::Wait, progress).await
+        self.catch_up_in_batches(REPLAY_BATCH, WhenBusy::Wait, progress)
+            .await
     }
 
     /// Keeps projections caught up until `stop`.

@@ -9,6 +9,10 @@
 
 use aggregates::SubscriptionEvent;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+use futures_util::TryStreamExt;
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
 /// A place in the log: the (`tx_id`, `global_seq`) of an event. `Position::default()` is
@@ -54,15 +58,167 @@ pub async fn read_horizon(conn: &mut PgConnection) -> Result<u64, LogError> {
     horizon.parse().map_err(|_| LogError::TxId(horizon))
 }
 
-/// Up to `limit` events after `after` whose transaction is below `horizon`.
+/// Up to `limit` events after `after` whose transaction is below `horizon`, every one
+/// decoded.
 pub async fn read_after(
     conn: &mut PgConnection,
     after: Position,
     horizon: u64,
     limit: i64,
 ) -> Result<Vec<LoggedEvent>, LogError> {
-    let rows = sqlx::query(
-        "SELECT aggregate_id, sequence, payload::text AS payload, tx_id::text AS tx_text, global_seq \
+    let rows = fetch_after(conn, after, horizon, limit).await?;
+    rows.iter().map(decode_row).collect()
+}
+
+/// What one read of the log gave a projection.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Of the events read, in log order, those no other event read supersedes: each
+    /// aggregate's newest, and each subscription's newest snapshot. Every projection is
+    /// last-writer-wins on those keys, so applying these is applying everything read.
+    pub events: Vec<LoggedEvent>,
+    /// How many events were read.
+    pub read: usize,
+    /// The position of the last event read (the next checkpoint).
+    pub last: Option<Position>,
+}
+
+/// Reads like [`read_after`], but decodes only the events the batch still needs (see
+/// [`Batch::events`]); the others are skipped after reading their subscription id at most.
+/// A replay reads every event of the log, yet decodes about one per customer per batch.
+pub async fn read_batch(
+    conn: &mut PgConnection,
+    after: Position,
+    horizon: u64,
+    limit: i64,
+) -> Result<Batch, LogError> {
+    // Rows are streamed: each is kept only while it is the newest of its aggregate or
+    // subscription seen so far, so memory holds about one payload per key, not the batch.
+    let mut rows = query_after(after, horizon, limit).fetch(conn);
+    let mut kept: Vec<Option<Kept>> = Vec::new();
+    // How many of the two maps below point at each kept row; at 0 its payload is freed.
+    let mut holders: Vec<u8> = Vec::new();
+    // The newest event of each aggregate, and the newest snapshot of each subscription, by
+    // aggregate sequence (as the projections choose them: a later transaction may hold an
+    // older sequence of the same aggregate; on a tie, the first read).
+    let mut newest_aggregate: HashMap<String, (i64, usize)> = HashMap::new();
+    let mut newest_subscription: HashMap<String, (i64, usize)> = HashMap::new();
+    let (mut read, mut last) = (0, None);
+    while let Some(row) = rows.try_next().await? {
+        read += 1;
+        last = Some(position_of(&row)?);
+        let aggregate_id: &str = row.get("aggregate_id");
+        let sequence: i64 = row.get("sequence");
+        let event_type: &str = row.get("event_type");
+        let payload: &str = row.get("payload");
+        let newer = |held: Option<&(i64, usize)>| held.is_none_or(|(s, _)| sequence > *s);
+        let for_aggregate = newer(newest_aggregate.get(aggregate_id));
+        let subscription = if SNAPSHOT_TYPES.contains(&event_type) {
+            let snapshot: SnapshotOf =
+                serde_json::from_str(payload).map_err(|source| LogError::Decode {
+                    aggregate_id: aggregate_id.to_owned(),
+                    sequence,
+                    source,
+                })?;
+            Some(snapshot.subscription_id()).filter(|id| newer(newest_subscription.get(id)))
+        } else {
+            None
+        };
+        if !for_aggregate && subscription.is_none() {
+            continue;
+        }
+        let index = kept.len();
+        kept.push(Some(Kept {
+            aggregate_id: aggregate_id.to_owned(),
+            sequence,
+            position: last.expect("set above"),
+            payload: payload.to_owned(),
+        }));
+        holders.push(0);
+        let mut hold = |previous: Option<(i64, usize)>| {
+            holders[index] += 1;
+            if let Some((_, previous)) = previous {
+                holders[previous] -= 1;
+                if holders[previous] == 0 {
+                    kept[previous] = None;
+                }
+            }
+        };
+        if for_aggregate {
+            hold(newest_aggregate.insert(aggregate_id.to_owned(), (sequence, index)));
+        }
+        if let Some(id) = subscription {
+            hold(newest_subscription.insert(id, (sequence, index)));
+        }
+    }
+    let events = kept
+        .into_iter()
+        .flatten()
+        .map(|kept| {
+            let event = serde_json::from_str(&kept.payload).map_err(|source| LogError::Decode {
+                aggregate_id: kept.aggregate_id.clone(),
+                sequence: kept.sequence,
+                source,
+            })?;
+            Ok(LoggedEvent {
+                aggregate_id: kept.aggregate_id,
+                sequence: kept.sequence as u64,
+                position: kept.position,
+                event,
+            })
+        })
+        .collect::<Result<_, LogError>>()?;
+    Ok(Batch { events, read, last })
+}
+
+/// A row [`read_batch`] keeps until a newer one of its keys replaces it.
+struct Kept {
+    aggregate_id: String,
+    sequence: i64,
+    position: Position,
+    payload: String,
+}
+
+/// The event types that carry a subscription snapshot (`subscription`).
+const SNAPSHOT_TYPES: [&str; 2] = ["SubscriptionChanged", "SubscriptionReconciled"];
+
+/// Just the subscription id of a snapshot event; serde skips everything else unparsed.
+#[derive(Deserialize)]
+enum SnapshotOf {
+    SubscriptionChanged { subscription: IdOnly },
+    SubscriptionReconciled { subscription: IdOnly },
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
+impl SnapshotOf {
+    fn subscription_id(self) -> String {
+        match self {
+            Self::SubscriptionChanged { subscription }
+            | Self::SubscriptionReconciled { subscription } => subscription.id,
+        }
+    }
+}
+
+async fn fetch_after(
+    conn: &mut PgConnection,
+    after: Position,
+    horizon: u64,
+    limit: i64,
+) -> Result<Vec<PgRow>, LogError> {
+    Ok(query_after(after, horizon, limit).fetch_all(conn).await?)
+}
+
+fn query_after(
+    after: Position,
+    horizon: u64,
+    limit: i64,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(
+        "SELECT aggregate_id, sequence, event_type, payload::text AS payload, tx_id::text AS tx_text, global_seq \
          FROM events \
          WHERE aggregate_type = 'Subscription' \
            AND (tx_id, global_seq) > ($1::text::xid8, $2) \
@@ -74,30 +230,33 @@ pub async fn read_after(
     .bind(after.global_seq)
     .bind(horizon.to_string())
     .bind(limit)
-    .fetch_all(conn)
-    .await?;
-    rows.into_iter()
-        .map(|row| {
-            let aggregate_id: String = row.get("aggregate_id");
-            let sequence: i64 = row.get("sequence");
-            let payload: &str = row.get("payload");
-            let tx_id: String = row.get("tx_text");
-            let event = serde_json::from_str(payload).map_err(|source| LogError::Decode {
-                aggregate_id: aggregate_id.clone(),
-                sequence,
-                source,
-            })?;
-            Ok(LoggedEvent {
-                aggregate_id,
-                sequence: sequence as u64,
-                position: Position {
-                    tx_id: tx_id.parse().map_err(|_| LogError::TxId(tx_id.clone()))?,
-                    global_seq: row.get("global_seq"),
-                },
-                event,
-            })
-        })
-        .collect()
+}
+
+fn position_of(row: &PgRow) -> Result<Position, LogError> {
+    let tx_id: &str = row.get("tx_text");
+    Ok(Position {
+        tx_id: tx_id
+            .parse()
+            .map_err(|_| LogError::TxId(tx_id.to_owned()))?,
+        global_seq: row.get("global_seq"),
+    })
+}
+
+fn decode_row(row: &PgRow) -> Result<LoggedEvent, LogError> {
+    let aggregate_id: String = row.get("aggregate_id");
+    let sequence: i64 = row.get("sequence");
+    let payload: &str = row.get("payload");
+    let event = serde_json::from_str(payload).map_err(|source| LogError::Decode {
+        aggregate_id: aggregate_id.clone(),
+        sequence,
+        source,
+    })?;
+    Ok(LoggedEvent {
+        aggregate_id,
+        sequence: sequence as u64,
+        position: position_of(row)?,
+        event,
+    })
 }
 
 /// How many events the log holds after `after` (for progress and lag).

@@ -31,7 +31,9 @@ pub trait Projection: Send + Sync {
 
     /// Applies a batch, in log order. Must be idempotent: the same events may come again
     /// after a crash, and any event may come after a newer one of the same aggregate
-    /// was applied.
+    /// was applied. A batch is compacted ([`log::Batch::events`]): of the events read it
+    /// holds each aggregate's newest and each subscription's newest snapshot, so a
+    /// projection must be last-writer-wins on those keys.
     fn apply(
         &self,
         tx: &mut PgConnection,
@@ -137,18 +139,155 @@ pub async fn catch_up<P: Projection>(
             return Ok(done);
         };
         done.position = at;
-        let events = log::read_after(&mut tx, at, horizon, batch).await?;
-        let Some(last) = events.last().map(|e| e.position) else {
+        let read = log::read_batch(&mut tx, at, horizon, batch).await?;
+        let Some(last) = read.last else {
             tx.commit().await?;
             return Ok(done);
         };
-        projection.apply(&mut tx, &events).await?;
-        save_checkpoint(&mut tx, projection.name(), last).await?;
+        let applied = async {
+            projection.apply(&mut tx, &read.events).await?;
+            save_checkpoint(&mut tx, projection.name(), last).await
+        }
+        .await;
+        if let Err(error) = applied {
+            // Release the checkpoint now rather than when the connection is next used.
+            tx.rollback().await?;
+            return Err(error);
+        }
         tx.commit().await?;
-        done.applied += events.len() as u64;
+        done.applied += read.read as u64;
         done.position = last;
         progress(done.applied);
     }
+}
+
+/// Like [`catch_up`] for two projections, reading the log once for both while they stand
+/// at the same position (the usual case): each batch is read, applied to `a` then `b`,
+/// and both checkpoints saved, in one transaction. When they stand apart, when either is
+/// busy elsewhere, or when a joint batch fails (say Redis is down: `a` must not wait for
+/// `b`), each goes on alone with [`catch_up`], which also reports the failure.
+pub async fn catch_up_pair<A: Projection, B: Projection>(
+    pool: &PgPool,
+    a: &A,
+    b: &B,
+    batch: i64,
+    when_busy: WhenBusy,
+    mut progress: impl FnMut(&str, u64) + Send,
+) -> Result<[CatchUp; 2], ProjectionError> {
+    ensure_checkpoint(pool, a.name()).await?;
+    ensure_checkpoint(pool, b.name()).await?;
+    let mut done = [CatchUp::default(), CatchUp::default()];
+    let mut next = None;
+    loop {
+        match together(pool, a, b, batch, when_busy, &mut next).await {
+            Ok(Some(Together::Applied { read, last })) => {
+                for (i, name) in [a.name(), b.name()].into_iter().enumerate() {
+                    done[i].applied += read as u64;
+                    done[i].position = last;
+                    progress(name, done[i].applied);
+                }
+            }
+            Ok(Some(Together::CaughtUp(at))) => {
+                done[0].position = at;
+                done[1].position = at;
+                return Ok(done);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let first = catch_up(pool, a, batch, when_busy, |n| progress(a.name(), n)).await;
+    let second = catch_up(pool, b, batch, when_busy, |n| progress(b.name(), n)).await;
+    let (first, second) = (first?, second?);
+    for (total, alone) in done.iter_mut().zip([first, second]) {
+        total.applied += alone.applied;
+        total.position = alone.position;
+        total.busy = alone.busy;
+    }
+    Ok(done)
+}
+
+enum Together {
+    Applied { read: usize, last: Position },
+    CaughtUp(Position),
+}
+
+/// The next batch, being read on another connection while this one is applied.
+type Prefetch = tokio::task::JoinHandle<Result<(Position, log::Batch), ProjectionError>>;
+
+fn prefetch(pool: &PgPool, after: Position, batch: i64) -> Prefetch {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        let horizon = log::read_horizon(&mut conn).await?;
+        Ok((
+            after,
+            log::read_batch(&mut conn, after, horizon, batch).await?,
+        ))
+    })
+}
+
+/// One joint batch; `None` when the two cannot go together now (rolled back, nothing done).
+/// After a full batch, the next one is read meanwhile (`next`), so that reading the log
+/// and writing the projections overlap; it is used only if it starts where both
+/// checkpoints stand when its turn comes, and only if it found something.
+async fn together<A: Projection, B: Projection>(
+    pool: &PgPool,
+    a: &A,
+    b: &B,
+    batch: i64,
+    when_busy: WhenBusy,
+    next: &mut Option<Prefetch>,
+) -> Result<Option<Together>, ProjectionError> {
+    let mut tx = pool.begin().await?;
+    let horizon = log::read_horizon(&mut tx).await?;
+    let wait = when_busy == WhenBusy::Wait;
+    let (Some(at_a), Some(at_b)) = (
+        lock_checkpoint(&mut tx, a.name(), wait).await?,
+        lock_checkpoint(&mut tx, b.name(), wait).await?,
+    ) else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    if at_a != at_b {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let prefetched = match next.take() {
+        Some(handle) => match handle.await {
+            Ok(Ok((from, read))) if from == at_a && read.last.is_some() => Some(read),
+            _ => None,
+        },
+        None => None,
+    };
+    let read = match prefetched {
+        Some(read) => read,
+        None => log::read_batch(&mut tx, at_a, horizon, batch).await?,
+    };
+    let Some(last) = read.last else {
+        tx.commit().await?;
+        return Ok(Some(Together::CaughtUp(at_a)));
+    };
+    if read.read as i64 == batch {
+        *next = Some(prefetch(pool, last, batch));
+    }
+    let applied = async {
+        a.apply(&mut tx, &read.events).await?;
+        b.apply(&mut tx, &read.events).await?;
+        save_checkpoint(&mut tx, a.name(), last).await?;
+        save_checkpoint(&mut tx, b.name(), last).await
+    }
+    .await;
+    if let Err(error) = applied {
+        // Release both checkpoints now: each projection goes on alone next, and a
+        // dropped transaction is only rolled back when its connection is next used.
+        tx.rollback().await?;
+        return Err(error);
+    }
+    tx.commit().await?;
+    Ok(Some(Together::Applied {
+        read: read.read,
+        last,
+    }))
 }
 
 /// Clears what the projection owns and rewinds its checkpoint to position 0, waiting for

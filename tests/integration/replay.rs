@@ -147,3 +147,72 @@ async fn the_log_is_read_in_transaction_order_across_a_digit_boundary() {
     );
     app.stop().await;
 }
+
+/// A batch is read compacted (`log::read_batch`: each customer's newest event and each
+/// subscription's newest snapshot are decoded, the rest skipped). Applying it must build
+/// exactly what applying every event of the log one at a time builds.
+#[tokio::test]
+async fn a_compacted_batch_builds_what_every_event_one_at_a_time_builds() {
+    use projections::Projection;
+
+    let app = spawn_app("compacted").await;
+    let sim = crate::stripe_sim::simulate(23, 8, T0);
+    for event in crate::stripe_sim::shuffle_with_duplicates(&sim.events, 9, 0.1) {
+        assert_eq!(app.post_webhook(&event.to_bytes()).await.status(), 200);
+    }
+    app.settle().await;
+    let live = snapshot(&app).await;
+    assert_eq!(live.0.len(), 8);
+
+    let platform = &app.services.platform;
+    let cache = &app.services.cache;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let horizon = projections::log::read_horizon(&mut conn).await.unwrap();
+    let events = app.count("SELECT count(*) FROM events").await;
+
+    // Every event, one at a time, in log order.
+    sqlx::query("TRUNCATE subscriptions, merchant_subscriptions")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.wipe_cache().await;
+    let all = projections::log::read_after(&mut conn, Default::default(), horizon, events)
+        .await
+        .unwrap();
+    assert_eq!(all.len() as i64, events);
+    for event in &all {
+        platform
+            .apply(&mut conn, std::slice::from_ref(event))
+            .await
+            .unwrap();
+        cache
+            .apply(&mut conn, std::slice::from_ref(event))
+            .await
+            .unwrap();
+    }
+    let one_at_a_time = snapshot(&app).await;
+
+    // The whole log as one compacted batch.
+    sqlx::query("TRUNCATE subscriptions, merchant_subscriptions")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.wipe_cache().await;
+    let batch = projections::log::read_batch(&mut conn, Default::default(), horizon, events)
+        .await
+        .unwrap();
+    assert_eq!(batch.read as i64, events);
+    assert!(
+        batch.events.len() < all.len() / 2,
+        "compaction skipped most events ({} of {})",
+        batch.events.len(),
+        all.len()
+    );
+    platform.apply(&mut conn, &batch.events).await.unwrap();
+    cache.apply(&mut conn, &batch.events).await.unwrap();
+    let compacted = snapshot(&app).await;
+
+    assert_eq!(one_at_a_time, live);
+    assert_eq!(compacted, live);
+    app.stop().await;
+}
