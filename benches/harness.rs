@@ -480,6 +480,17 @@ async fn main() {
             samples.iter().cloned().fold(0.0, f64::max)
         ),
     );
+    // One sample a minute (or a tenth of the soak, if shorter), to show where growth stops.
+    let every = (samples.len() / 10).clamp(1, 12);
+    figures.add(
+        "soak: RSS through the soak (MiB)",
+        samples
+            .iter()
+            .step_by(every)
+            .map(|mib| format!("{mib:.0}"))
+            .collect::<Vec<_>>()
+            .join(" → "),
+    );
     let _ = server.kill();
     let _ = server.wait();
 
@@ -647,9 +658,25 @@ fn write_benchmarks_md(figures: &Figures, args: &str) {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
+    // Which code was measured: the commit, and whether the tree had changes beside it.
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = if git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        ""
+    } else {
+        " with uncommitted changes"
+    };
     let _ = writeln!(
         text,
-        "\n## {} — `./bench/run.sh {args}`\n\nMachine: {cores} cores ({cpu}), {mem} GiB; PostgreSQL and Redis on the same machine; load generator in the same machine.\n\n| figure | value |\n| --- | --- |",
+        "\n## {} — `./bench/run.sh {args}` (commit {commit}{dirty})\n\nMachine: {cores} cores ({cpu}), {mem} GiB; PostgreSQL and Redis on the same machine; load generator in the same machine.\n\n| figure | value |\n| --- | --- |",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
     for (name, value) in &figures.rows {

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use projections::runner::CatchUp;
 use projections::{
-    catch_up_pair, CacheKeys, Catalog, LazyConnection, PlatformTables, ProjectionError, RedisCache,
-    WhenBusy,
+    catch_up_pair, rebuild_pair, CacheKeys, Catalog, LazyConnection, PlatformTables,
+    ProjectionError, RedisCache, WhenBusy,
 };
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -30,8 +30,9 @@ const INBOX_WRITERS: usize = 4;
 /// Events applied per projection transaction.
 pub const PROJECTION_BATCH: i64 = 5000;
 
-/// Events read per transaction of a replay: larger, since a batch decodes and writes about
-/// one event per customer in it however many it reads (`projections::log::read_batch`).
+/// Events read per transaction when a replay catches up with what was committed while it
+/// rebuilt: larger, since a batch decodes and writes about one event per customer in it
+/// however many it reads (`projections::log::read_batch`).
 pub const REPLAY_BATCH: i64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -137,8 +138,14 @@ impl Services {
     ) -> Result<[CatchUp; 2], ProjectionError> {
         projections::replay(&self.pool, &self.platform).await?;
         projections::replay(&self.pool, &self.cache).await?;
-        self.catch_up_in_batches(REPLAY_BATCH, WhenBusy::Wait, progress)
-            .await
+        rebuild_pair(
+            &self.pool,
+            &self.platform,
+            &self.cache,
+            REPLAY_BATCH,
+            progress,
+        )
+        .await
     }
 
     /// Keeps projections caught up until `stop`.

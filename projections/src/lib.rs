@@ -18,4 +18,6 @@ pub use info::{LatestInvoice, SubscriptionInfo};
 pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;
 pub use redis_cache::{CacheKeys, LazyConnection, RedisCache};
-pub use runner::{catch_up, catch_up_pair, replay, Projection, ProjectionError, WhenBusy};
+pub use runner::{
+    catch_up, catch_up_pair, rebuild_pair, replay, Projection, ProjectionError, WhenBusy,
+};

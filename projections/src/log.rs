@@ -171,6 +171,101 @@ pub async fn read_batch(
     Ok(Batch { events, read, last })
 }
 
+/// Which events of the whole log (below `horizon`) a rebuild needs: each aggregate's
+/// newest and each subscription's newest snapshot, chosen as [`read_batch`] chooses them.
+/// Only keys are held, never payloads, so memory grows with customers, not events.
+#[derive(Debug, Default)]
+pub struct Newest {
+    /// The `global_seq` of every event needed, in log order.
+    pub global_seqs: Vec<i64>,
+    /// How many events the log holds below the horizon.
+    pub read: usize,
+    /// The position of the last of them (where the rebuilt projections stand).
+    pub last: Option<Position>,
+}
+
+pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newest, LogError> {
+    // Read in no particular order (a plain scan, no sort of the whole log): the keys'
+    // winners are chosen by sequence, ties by log position, and put in log order after.
+    // Payloads are sent only for snapshots, whose subscription id is read from them.
+    let mut rows = sqlx::query(
+        "SELECT aggregate_id, sequence, \
+            CASE WHEN event_type IN ('SubscriptionChanged', 'SubscriptionReconciled') \
+                THEN payload::text END AS payload, \
+            tx_id::text AS tx_text, global_seq \
+         FROM events \
+         WHERE aggregate_type = 'Subscription' AND tx_id < $1::text::xid8",
+    )
+    .bind(horizon.to_string())
+    .fetch(conn);
+    // (sequence, position) of each key's newest: the higher sequence, then the earlier
+    // position (the first read, as `read_batch` breaks ties).
+    let newer = |candidate: (i64, Position), held: &(i64, Position)| {
+        candidate.0 > held.0 || (candidate.0 == held.0 && candidate.1 < held.1)
+    };
+    let mut newest_aggregate: HashMap<String, (i64, Position)> = HashMap::new();
+    let mut newest_subscription: HashMap<String, (i64, Position)> = HashMap::new();
+    let mut newest = Newest::default();
+    while let Some(row) = rows.try_next().await? {
+        newest.read += 1;
+        let aggregate_id: &str = row.get("aggregate_id");
+        let sequence: i64 = row.get("sequence");
+        let candidate = (sequence, position_of(&row)?);
+        if newest.last.is_none_or(|last| candidate.1 > last) {
+            newest.last = Some(candidate.1);
+        }
+        match newest_aggregate.get_mut(aggregate_id) {
+            Some(held) if newer(candidate, held) => *held = candidate,
+            Some(_) => {}
+            None => {
+                newest_aggregate.insert(aggregate_id.to_owned(), candidate);
+            }
+        }
+        if let Some(payload) = row.get::<Option<&str>, _>("payload") {
+            let snapshot: SnapshotOf =
+                serde_json::from_str(payload).map_err(|source| LogError::Decode {
+                    aggregate_id: aggregate_id.to_owned(),
+                    sequence,
+                    source,
+                })?;
+            match newest_subscription.get_mut(snapshot.subscription_id_ref()) {
+                Some(held) if newer(candidate, held) => *held = candidate,
+                Some(_) => {}
+                None => {
+                    newest_subscription.insert(snapshot.subscription_id(), candidate);
+                }
+            }
+        }
+    }
+    let mut needed: Vec<Position> = newest_aggregate
+        .into_values()
+        .chain(newest_subscription.into_values())
+        .map(|(_, position)| position)
+        .collect();
+    needed.sort_unstable();
+    needed.dedup();
+    newest.global_seqs = needed.into_iter().map(|p| p.global_seq).collect();
+    Ok(newest)
+}
+
+/// The events with these `global_seq`s, decoded, in log order.
+pub async fn read_by_global_seq(
+    conn: &mut PgConnection,
+    global_seqs: &[i64],
+) -> Result<Vec<LoggedEvent>, LogError> {
+    // Sorted here rather than by the server (which would spill the payloads to disk).
+    let rows = sqlx::query(
+        "SELECT aggregate_id, sequence, event_type, payload::text AS payload, tx_id::text AS tx_text, global_seq \
+         FROM events WHERE global_seq = ANY($1)",
+    )
+    .bind(global_seqs)
+    .fetch_all(conn)
+    .await?;
+    let mut events = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
+    events.sort_unstable_by_key(|e| e.position);
+    Ok(events)
+}
+
 /// A row [`read_batch`] keeps until a newer one of its keys replaces it.
 struct Kept {
     aggregate_id: String,
@@ -195,6 +290,13 @@ struct IdOnly {
 }
 
 impl SnapshotOf {
+    fn subscription_id_ref(&self) -> &str {
+        match self {
+            Self::SubscriptionChanged { subscription }
+            | Self::SubscriptionReconciled { subscription } => &subscription.id,
+        }
+    }
+
     fn subscription_id(self) -> String {
         match self {
             Self::SubscriptionChanged { subscription }

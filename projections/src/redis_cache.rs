@@ -288,6 +288,10 @@ impl Projection for RedisCache {
         "redis_cache"
     }
 
+    fn uses_transaction(&self) -> bool {
+        false
+    }
+
     async fn apply(
         &self,
         _tx: &mut PgConnection,

@@ -22,6 +22,8 @@ pub enum ProjectionError {
     Redis(#[from] redis::RedisError),
     #[error("cannot encode a projection value")]
     Encode(#[from] serde_json::Error),
+    #[error("a task reading the log stopped before it finished")]
+    Stopped,
 }
 
 /// A read model built from the log.
@@ -39,6 +41,13 @@ pub trait Projection: Send + Sync {
         tx: &mut PgConnection,
         events: &[LoggedEvent],
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Whether `apply` writes through the transaction it is given. A projection that
+    /// does not (the Redis cache) is applied beside one that does, at the same time, by
+    /// [`catch_up_pair`] and [`rebuild_pair`].
+    fn uses_transaction(&self) -> bool {
+        true
+    }
 
     /// Deletes everything this projection owns, before a replay from position 0.
     fn clear(
@@ -211,6 +220,29 @@ enum Together {
     CaughtUp(Position),
 }
 
+/// Applies `events` to `a`, then `b`; or to both at once when `b` does not write through
+/// the transaction (it is handed an idle connection of its own, which it does not use).
+async fn apply_both<A: Projection, B: Projection>(
+    pool: &PgPool,
+    tx: &mut PgConnection,
+    a: &A,
+    b: &B,
+    events: &[LoggedEvent],
+) -> Result<(), ProjectionError> {
+    // Never wait for a connection while holding the transaction: with none idle, in turn.
+    let idle = if b.uses_transaction() {
+        None
+    } else {
+        pool.try_acquire()
+    };
+    let Some(mut unused) = idle else {
+        a.apply(tx, events).await?;
+        return b.apply(tx, events).await;
+    };
+    let (first, second) = tokio::join!(a.apply(tx, events), b.apply(&mut unused, events));
+    first.and(second)
+}
+
 /// The next batch, being read on another connection while this one is applied.
 type Prefetch = tokio::task::JoinHandle<Result<(Position, log::Batch), ProjectionError>>;
 
@@ -271,8 +303,7 @@ async fn together<A: Projection, B: Projection>(
         *next = Some(prefetch(pool, last, batch));
     }
     let applied = async {
-        a.apply(&mut tx, &read.events).await?;
-        b.apply(&mut tx, &read.events).await?;
+        apply_both(pool, &mut tx, a, b, &read.events).await?;
         save_checkpoint(&mut tx, a.name(), last).await?;
         save_checkpoint(&mut tx, b.name(), last).await
     }
@@ -300,6 +331,95 @@ pub async fn replay<P: Projection>(pool: &PgPool, projection: &P) -> Result<(), 
     save_checkpoint(&mut tx, projection.name(), Position::default()).await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Events decoded and applied per step of [`rebuild_pair`].
+const REBUILD_CHUNK: usize = 20_000;
+
+/// Rebuilds two projections that [`replay`] has just cleared, reading the whole log once
+/// for both: a first pass finds, from keys alone, each aggregate's newest event and each
+/// subscription's newest snapshot (what compacting the whole log as one batch keeps,
+/// [`log::newest_below`]); then only those are read, decoded and applied, in log order,
+/// in chunks, and both checkpoints are saved at the end of the log, in one transaction.
+/// Each customer is written once however long its history, and memory holds keys, not
+/// payloads. If either projection has moved since it was cleared (another process caught
+/// it up meanwhile), it only catches up. Either way it ends with [`catch_up_pair`] for
+/// what was committed meanwhile.
+pub async fn rebuild_pair<A: Projection, B: Projection>(
+    pool: &PgPool,
+    a: &A,
+    b: &B,
+    batch: i64,
+    mut progress: impl FnMut(&str, u64) + Send,
+) -> Result<[CatchUp; 2], ProjectionError> {
+    ensure_checkpoint(pool, a.name()).await?;
+    ensure_checkpoint(pool, b.name()).await?;
+    let mut done = [CatchUp::default(), CatchUp::default()];
+    let mut tx = pool.begin().await?;
+    let horizon = log::read_horizon(&mut tx).await?;
+    let at_a = lock_checkpoint(&mut tx, a.name(), true).await?;
+    let at_b = lock_checkpoint(&mut tx, b.name(), true).await?;
+    let start = Some(Position::default());
+    if at_a == start && at_b == start {
+        let started = std::time::Instant::now();
+        let newest = log::newest_below(&mut tx, horizon).await?;
+        tracing::info!(
+            read = newest.read,
+            needed = newest.global_seqs.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "rebuild: found each key's newest event"
+        );
+        if let Some(last) = newest.last {
+            let applied = async {
+                // Each chunk is read and decoded on another connection while the one
+                // before it is applied.
+                let read_chunk = |chunk: &[i64]| {
+                    let (pool, chunk) = (pool.clone(), chunk.to_vec());
+                    tokio::spawn(async move {
+                        let mut conn = pool.acquire().await?;
+                        Ok::<_, ProjectionError>(log::read_by_global_seq(&mut conn, &chunk).await?)
+                    })
+                };
+                let mut chunks = newest.global_seqs.chunks(REBUILD_CHUNK);
+                let mut next = chunks.next().map(read_chunk);
+                while let Some(reading) = next.take() {
+                    let events = reading.await.map_err(|_| ProjectionError::Stopped)??;
+                    next = chunks.next().map(read_chunk);
+                    apply_both(pool, &mut tx, a, b, &events).await?;
+                }
+                save_checkpoint(&mut tx, a.name(), last).await?;
+                save_checkpoint(&mut tx, b.name(), last).await
+            }
+            .await;
+            if let Err(error) = applied {
+                tx.rollback().await?;
+                return Err(error);
+            }
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "rebuild: applied"
+            );
+            for (i, name) in [a.name(), b.name()].into_iter().enumerate() {
+                done[i] = CatchUp {
+                    applied: newest.read as u64,
+                    position: last,
+                    busy: false,
+                };
+                progress(name, done[i].applied);
+            }
+        }
+    }
+    tx.commit().await?;
+    let rest = catch_up_pair(pool, a, b, batch, WhenBusy::Wait, |name, n| {
+        let i = usize::from(name == b.name());
+        progress(name, done[i].applied + n)
+    })
+    .await?;
+    for (total, more) in done.iter_mut().zip(rest) {
+        total.applied += more.applied;
+        total.position = more.position;
+    }
+    Ok(done)
 }
 
 /// How many events each projection is behind the log.

@@ -50,6 +50,17 @@ async fn store_all(services: &Services, events: &[SimEvent], seen: &mut HashSet<
     }
 }
 
+/// Processes the inbox 5 rows at a time, so customers come back to the cache again and again.
+async fn drain_in_small_batches(services: &Services) {
+    while !services
+        .ledger
+        .process_batch(5, None)
+        .await
+        .unwrap()
+        .is_empty()
+    {}
+}
+
 async fn count(services: &Services, sql: &str) -> i64 {
     sqlx::query_scalar(sql)
         .fetch_one(&services.pool)
@@ -164,14 +175,7 @@ async fn remembered_aggregates_equal_the_log_folded_from_scratch() {
     let (early, late) = events.split_at(events.len() * 3 / 5);
     let mut seen = HashSet::new();
     store_all(&services, early, &mut seen).await;
-    // Small batches, so customers come back to the cache again and again.
-    while !services
-        .ledger
-        .process_batch(5, None)
-        .await
-        .unwrap()
-        .is_empty()
-    {}
+    drain_in_small_batches(&services).await;
     assert!(!services.ledger.cache.is_empty());
 
     // Another writer (the event store itself, as a sync does) moves one customer past the
@@ -201,13 +205,7 @@ async fn remembered_aggregates_equal_the_log_folded_from_scratch() {
     let mut again: Vec<SimEvent> = moved.into_iter().cloned().collect();
     again.extend(rest);
     store_all(&services, &again, &mut seen).await;
-    while !services
-        .ledger
-        .process_batch(5, None)
-        .await
-        .unwrap()
-        .is_empty()
-    {}
+    drain_in_small_batches(&services).await;
 
     let store = PersistedEventStore::<PostgresEventRepository, Subscription>::new_event_store(
         PostgresEventRepository::new(services.pool.clone()),
@@ -224,4 +222,79 @@ async fn remembered_aggregates_equal_the_log_folded_from_scratch() {
         );
     }
     assert_log_matches(&services, &sim).await;
+}
+
+/// `subledger replay` rebuilds both projections from the whole log compacted at once
+/// (`projections::rebuild_pair`): it must build what live, batch-by-batch catching up built.
+#[tokio::test]
+async fn a_rebuild_writes_what_catching_up_batch_by_batch_wrote() {
+    let (settings, _, prefix) = test_settings("rebuild");
+    let services = Services::connect(settings).await.unwrap();
+    let sim = simulate(47, 12, 1_760_000_000);
+    let mut seen = HashSet::new();
+    store_all(
+        &services,
+        &shuffle_with_duplicates(&sim.events, 11, 0.1),
+        &mut seen,
+    )
+    .await;
+    services.ledger.drain().await.unwrap();
+    // Live: many small batches.
+    let [platform, cache] = services
+        .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
+        .await
+        .unwrap();
+    let events = count(&services, "SELECT count(*) FROM events").await as u64;
+    assert_eq!((platform.applied, cache.applied), (events, events));
+    let live = read_models(&services, &prefix).await;
+    assert_eq!(live.0.len(), sim.truth.len());
+
+    let [platform, cache] = services.replay(|_, _| {}).await.unwrap();
+    assert_eq!((platform.applied, cache.applied), (events, events));
+    assert_eq!(read_models(&services, &prefix).await, live);
+}
+
+async fn read_models(
+    services: &Services,
+    prefix: &str,
+) -> (
+    Vec<serde_json::Value>,
+    Vec<serde_json::Value>,
+    Vec<(String, String)>,
+) {
+    let subscriptions = sqlx::query_scalar(
+        "SELECT to_jsonb(s) - 'updated_at' FROM subscriptions s ORDER BY customer_id",
+    )
+    .fetch_all(&services.pool)
+    .await
+    .unwrap();
+    let mirror = sqlx::query_scalar(
+        "SELECT to_jsonb(m) FROM merchant_subscriptions m ORDER BY subscription_id",
+    )
+    .fetch_all(&services.pool)
+    .await
+    .unwrap();
+    let mut redis = redis::Client::open(
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+    )
+    .unwrap()
+    .get_multiplexed_async_connection()
+    .await
+    .unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    keys.sort();
+    let mut cache = Vec::new();
+    for key in keys {
+        let value: String = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        cache.push((key, value));
+    }
+    (subscriptions, mirror, cache)
 }
