@@ -114,12 +114,7 @@ pub async fn read_batch(
         let newer = |held: Option<&(i64, usize)>| held.is_none_or(|(s, _)| sequence > *s);
         let for_aggregate = newer(newest_aggregate.get(aggregate_id));
         let subscription = if SNAPSHOT_TYPES.contains(&event_type) {
-            let snapshot: SnapshotOf =
-                serde_json::from_str(payload).map_err(|source| LogError::Decode {
-                    aggregate_id: aggregate_id.to_owned(),
-                    sequence,
-                    source,
-                })?;
+            let snapshot = SnapshotOf::decode(payload, aggregate_id, sequence)?;
             Some(snapshot.subscription_id()).filter(|id| newer(newest_subscription.get(id)))
         } else {
             None
@@ -222,12 +217,7 @@ pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newes
             }
         }
         if let Some(payload) = row.get::<Option<&str>, _>("payload") {
-            let snapshot: SnapshotOf =
-                serde_json::from_str(payload).map_err(|source| LogError::Decode {
-                    aggregate_id: aggregate_id.to_owned(),
-                    sequence,
-                    source,
-                })?;
+            let snapshot = SnapshotOf::decode(payload, aggregate_id, sequence)?;
             match newest_subscription.get_mut(snapshot.subscription_id_ref()) {
                 Some(held) if newer(candidate, held) => *held = candidate,
                 Some(_) => {}
@@ -290,6 +280,14 @@ struct IdOnly {
 }
 
 impl SnapshotOf {
+    fn decode(payload: &str, aggregate_id: &str, sequence: i64) -> Result<Self, LogError> {
+        serde_json::from_str(payload).map_err(|source| LogError::Decode {
+            aggregate_id: aggregate_id.to_owned(),
+            sequence,
+            source,
+        })
+    }
+
     fn subscription_id_ref(&self) -> &str {
         match self {
             Self::SubscriptionChanged { subscription }

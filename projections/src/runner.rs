@@ -115,6 +115,22 @@ async fn save_checkpoint(
     Ok(())
 }
 
+/// Commits `tx` if `applied` succeeded; otherwise rolls it back at once, releasing the
+/// checkpoints it holds (a dropped transaction is only rolled back when its connection is
+/// next used, and meanwhile would hold them), and returns the error.
+async fn commit_or_roll_back(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    applied: Result<(), ProjectionError>,
+) -> Result<(), ProjectionError> {
+    match applied {
+        Ok(()) => Ok(tx.commit().await?),
+        Err(error) => {
+            tx.rollback().await?;
+            Err(error)
+        }
+    }
+}
+
 /// What to do when another process holds the projection's checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenBusy {
@@ -158,12 +174,7 @@ pub async fn catch_up<P: Projection>(
             save_checkpoint(&mut tx, projection.name(), last).await
         }
         .await;
-        if let Err(error) = applied {
-            // Release the checkpoint now rather than when the connection is next used.
-            tx.rollback().await?;
-            return Err(error);
-        }
-        tx.commit().await?;
+        commit_or_roll_back(tx, applied).await?;
         done.applied += read.read as u64;
         done.position = last;
         progress(done.applied);
@@ -308,13 +319,8 @@ async fn together<A: Projection, B: Projection>(
         save_checkpoint(&mut tx, b.name(), last).await
     }
     .await;
-    if let Err(error) = applied {
-        // Release both checkpoints now: each projection goes on alone next, and a
-        // dropped transaction is only rolled back when its connection is next used.
-        tx.rollback().await?;
-        return Err(error);
-    }
-    tx.commit().await?;
+    // On failure each projection goes on alone next.
+    commit_or_roll_back(tx, applied).await?;
     Ok(Some(Together::Applied {
         read: read.read,
         last,
