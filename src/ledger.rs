@@ -112,8 +112,7 @@ impl Ledger {
         commands: &[SubscriptionCommand],
         source_ids: &[&str],
     ) -> Result<Vec<Decision>, ExecuteError> {
-        // Which Stripe events (or API reads) the committed events came from.
-        let metadata = HashMap::from([("sources".to_owned(), source_ids.join(","))]);
+        let metadata = sources_metadata(source_ids);
         for attempt in 0..CONFLICT_RETRIES {
             let mut context = self
                 .store
@@ -258,9 +257,7 @@ impl Ledger {
                 None => {
                     let mut all = Vec::with_capacity(groups.len());
                     for (customer_id, items) in &groups {
-                        let commands: Vec<SubscriptionCommand> =
-                            items.iter().map(|(_, c, _)| c.clone()).collect();
-                        let ids: Vec<&str> = items.iter().map(|(id, _, _)| id.as_str()).collect();
+                        let (commands, ids) = commands_of(items);
                         let started = Instant::now();
                         let result = self.execute_many(customer_id, &commands, &ids).await;
                         all.push((result, started.elapsed()));
@@ -520,6 +517,20 @@ fn detail_of(decision: &Decision) -> Option<String> {
     }
 }
 
+/// A group's commands, and the ids of the inbox rows they came from.
+fn commands_of(items: &[Item]) -> (Vec<SubscriptionCommand>, Vec<&str>) {
+    items
+        .iter()
+        .map(|(id, command, _)| (command.clone(), id.as_str()))
+        .unzip()
+}
+
+/// The metadata every committed event carries: which Stripe events (or API reads) it
+/// came from.
+fn sources_metadata(source_ids: &[&str]) -> HashMap<String, String> {
+    HashMap::from([("sources".to_owned(), source_ids.join(","))])
+}
+
 /// Decides `commands` in order against `state`, each seeing the events of those before.
 /// Returns every decision and all their events.
 fn decide_all(
@@ -610,11 +621,11 @@ async fn decide_and_write(
     let mut new = NewEvents::default();
     for (customer_id, items) in groups {
         let (version, mut state) = loaded.remove(customer_id).unwrap_or_default();
-        let commands: Vec<SubscriptionCommand> = items.iter().map(|(_, c, _)| c.clone()).collect();
+        let (commands, sources) = commands_of(items);
         match decide_all(&state, &commands) {
             Ok((decisions, events)) => {
-                let sources: Vec<&str> = items.iter().map(|(id, _, _)| id.as_str()).collect();
-                let metadata = serde_json::json!({ "sources": sources.join(",") }).to_string();
+                let metadata = serde_json::to_string(&sources_metadata(&sources))
+                    .expect("a map of strings always serializes");
                 let mut sequence = version;
                 for event in &events {
                     sequence += 1;

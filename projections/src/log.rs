@@ -98,23 +98,26 @@ pub async fn read_batch(
     let mut kept: Vec<Option<Kept>> = Vec::new();
     // How many of the two maps below point at each kept row; at 0 its payload is freed.
     let mut holders: Vec<u8> = Vec::new();
-    // The newest event of each aggregate, and the newest snapshot of each subscription, by
-    // aggregate sequence (as the projections choose them: a later transaction may hold an
-    // older sequence of the same aggregate; on a tie, the first read).
-    let mut newest_aggregate: HashMap<String, (i64, usize)> = HashMap::new();
-    let mut newest_subscription: HashMap<String, (i64, usize)> = HashMap::new();
+    // The newest event of each aggregate, and the newest snapshot of each subscription
+    // (see `supersedes`).
+    // Each holds (sequence, position, index in `kept`).
+    let mut newest_aggregate: HashMap<String, (i64, Position, usize)> = HashMap::new();
+    let mut newest_subscription: HashMap<String, (i64, Position, usize)> = HashMap::new();
     let (mut read, mut last) = (0, None);
     while let Some(row) = rows.try_next().await? {
         read += 1;
-        last = Some(position_of(&row)?);
+        let position = position_of(&row)?;
+        last = Some(position);
         let aggregate_id: &str = row.get("aggregate_id");
         let sequence: i64 = row.get("sequence");
         let event_type: &str = row.get("event_type");
         let payload: &str = row.get("payload");
-        let newer = |held: Option<&(i64, usize)>| held.is_none_or(|(s, _)| sequence > *s);
+        let newer = |held: Option<&(i64, Position, usize)>| {
+            held.is_none_or(|&(s, p, _)| supersedes((sequence, position), (s, p)))
+        };
         let for_aggregate = newer(newest_aggregate.get(aggregate_id));
         let subscription = if SNAPSHOT_TYPES.contains(&event_type) {
-            let snapshot = SnapshotOf::decode(payload, aggregate_id, sequence)?;
+            let snapshot = decode::<SnapshotOf>(payload, aggregate_id, sequence)?;
             Some(snapshot.subscription_id()).filter(|id| newer(newest_subscription.get(id)))
         } else {
             None
@@ -126,13 +129,13 @@ pub async fn read_batch(
         kept.push(Some(Kept {
             aggregate_id: aggregate_id.to_owned(),
             sequence,
-            position: last.expect("set above"),
+            position,
             payload: payload.to_owned(),
         }));
         holders.push(0);
-        let mut hold = |previous: Option<(i64, usize)>| {
+        let mut hold = |previous: Option<(i64, Position, usize)>| {
             holders[index] += 1;
-            if let Some((_, previous)) = previous {
+            if let Some((_, _, previous)) = previous {
                 holders[previous] -= 1;
                 if holders[previous] == 0 {
                     kept[previous] = None;
@@ -140,21 +143,17 @@ pub async fn read_batch(
             }
         };
         if for_aggregate {
-            hold(newest_aggregate.insert(aggregate_id.to_owned(), (sequence, index)));
+            hold(newest_aggregate.insert(aggregate_id.to_owned(), (sequence, position, index)));
         }
         if let Some(id) = subscription {
-            hold(newest_subscription.insert(id, (sequence, index)));
+            hold(newest_subscription.insert(id, (sequence, position, index)));
         }
     }
     let events = kept
         .into_iter()
         .flatten()
         .map(|kept| {
-            let event = serde_json::from_str(&kept.payload).map_err(|source| LogError::Decode {
-                aggregate_id: kept.aggregate_id.clone(),
-                sequence: kept.sequence,
-                source,
-            })?;
+            let event = decode(&kept.payload, &kept.aggregate_id, kept.sequence)?;
             Ok(LoggedEvent {
                 aggregate_id: kept.aggregate_id,
                 sequence: kept.sequence as u64,
@@ -193,11 +192,7 @@ pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newes
     )
     .bind(horizon.to_string())
     .fetch(conn);
-    // (sequence, position) of each key's newest: the higher sequence, then the earlier
-    // position (the first read, as `read_batch` breaks ties).
-    let newer = |candidate: (i64, Position), held: &(i64, Position)| {
-        candidate.0 > held.0 || (candidate.0 == held.0 && candidate.1 < held.1)
-    };
+    // (sequence, position) of each key's newest.
     let mut newest_aggregate: HashMap<String, (i64, Position)> = HashMap::new();
     let mut newest_subscription: HashMap<String, (i64, Position)> = HashMap::new();
     let mut newest = Newest::default();
@@ -210,16 +205,16 @@ pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newes
             newest.last = Some(candidate.1);
         }
         match newest_aggregate.get_mut(aggregate_id) {
-            Some(held) if newer(candidate, held) => *held = candidate,
+            Some(held) if supersedes(candidate, *held) => *held = candidate,
             Some(_) => {}
             None => {
                 newest_aggregate.insert(aggregate_id.to_owned(), candidate);
             }
         }
         if let Some(payload) = row.get::<Option<&str>, _>("payload") {
-            let snapshot = SnapshotOf::decode(payload, aggregate_id, sequence)?;
+            let snapshot = decode::<SnapshotOf>(payload, aggregate_id, sequence)?;
             match newest_subscription.get_mut(snapshot.subscription_id_ref()) {
-                Some(held) if newer(candidate, held) => *held = candidate,
+                Some(held) if supersedes(candidate, *held) => *held = candidate,
                 Some(_) => {}
                 None => {
                     newest_subscription.insert(snapshot.subscription_id(), candidate);
@@ -264,6 +259,27 @@ struct Kept {
     payload: String,
 }
 
+/// Whether `candidate` replaces `held` as the event a projection applies for one key (an
+/// aggregate, a subscription), each as (aggregate sequence, position): the higher sequence
+/// (a later transaction may hold an older sequence of the same aggregate), and on a tie the
+/// earlier in the log. The projections choose the same way within what they are given.
+fn supersedes(candidate: (i64, Position), held: (i64, Position)) -> bool {
+    candidate.0 > held.0 || (candidate.0 == held.0 && candidate.1 < held.1)
+}
+
+/// Decodes a stored payload, naming the event if it cannot.
+fn decode<T: serde::de::DeserializeOwned>(
+    payload: &str,
+    aggregate_id: &str,
+    sequence: i64,
+) -> Result<T, LogError> {
+    serde_json::from_str(payload).map_err(|source| LogError::Decode {
+        aggregate_id: aggregate_id.to_owned(),
+        sequence,
+        source,
+    })
+}
+
 /// The event types that carry a subscription snapshot (`subscription`).
 const SNAPSHOT_TYPES: [&str; 2] = ["SubscriptionChanged", "SubscriptionReconciled"];
 
@@ -280,14 +296,6 @@ struct IdOnly {
 }
 
 impl SnapshotOf {
-    fn decode(payload: &str, aggregate_id: &str, sequence: i64) -> Result<Self, LogError> {
-        serde_json::from_str(payload).map_err(|source| LogError::Decode {
-            aggregate_id: aggregate_id.to_owned(),
-            sequence,
-            source,
-        })
-    }
-
     fn subscription_id_ref(&self) -> &str {
         match self {
             Self::SubscriptionChanged { subscription }
@@ -345,12 +353,7 @@ fn position_of(row: &PgRow) -> Result<Position, LogError> {
 fn decode_row(row: &PgRow) -> Result<LoggedEvent, LogError> {
     let aggregate_id: String = row.get("aggregate_id");
     let sequence: i64 = row.get("sequence");
-    let payload: &str = row.get("payload");
-    let event = serde_json::from_str(payload).map_err(|source| LogError::Decode {
-        aggregate_id: aggregate_id.clone(),
-        sequence,
-        source,
-    })?;
+    let event = decode(row.get("payload"), &aggregate_id, sequence)?;
     Ok(LoggedEvent {
         aggregate_id,
         sequence: sequence as u64,

@@ -118,12 +118,15 @@ async fn save_checkpoint(
 /// Commits `tx` if `applied` succeeded; otherwise rolls it back at once, releasing the
 /// checkpoints it holds (a dropped transaction is only rolled back when its connection is
 /// next used, and meanwhile would hold them), and returns the error.
-async fn commit_or_roll_back(
+async fn commit_or_roll_back<T>(
     tx: sqlx::Transaction<'_, sqlx::Postgres>,
-    applied: Result<(), ProjectionError>,
-) -> Result<(), ProjectionError> {
+    applied: Result<T, ProjectionError>,
+) -> Result<T, ProjectionError> {
     match applied {
-        Ok(()) => Ok(tx.commit().await?),
+        Ok(value) => {
+            tx.commit().await?;
+            Ok(value)
+        }
         Err(error) => {
             tx.rollback().await?;
             Err(error)
@@ -365,8 +368,11 @@ pub async fn rebuild_pair<A: Projection, B: Projection>(
     let horizon = log::read_horizon(&mut tx).await?;
     let at_a = lock_checkpoint(&mut tx, a.name(), true).await?;
     let at_b = lock_checkpoint(&mut tx, b.name(), true).await?;
-    let start = Some(Position::default());
-    if at_a == start && at_b == start {
+    let cleared = Some(Position::default());
+    let rebuilt = async {
+        if at_a != cleared || at_b != cleared {
+            return Ok(None);
+        }
         let started = std::time::Instant::now();
         let newest = log::newest_below(&mut tx, horizon).await?;
         tracing::info!(
@@ -375,47 +381,44 @@ pub async fn rebuild_pair<A: Projection, B: Projection>(
             took_ms = started.elapsed().as_millis() as u64,
             "rebuild: found each key's newest event"
         );
-        if let Some(last) = newest.last {
-            let applied = async {
-                // Each chunk is read and decoded on another connection while the one
-                // before it is applied.
-                let read_chunk = |chunk: &[i64]| {
-                    let (pool, chunk) = (pool.clone(), chunk.to_vec());
-                    tokio::spawn(async move {
-                        let mut conn = pool.acquire().await?;
-                        Ok::<_, ProjectionError>(log::read_by_global_seq(&mut conn, &chunk).await?)
-                    })
-                };
-                let mut chunks = newest.global_seqs.chunks(REBUILD_CHUNK);
-                let mut next = chunks.next().map(read_chunk);
-                while let Some(reading) = next.take() {
-                    let events = reading.await.map_err(|_| ProjectionError::Stopped)??;
-                    next = chunks.next().map(read_chunk);
-                    apply_both(pool, &mut tx, a, b, &events).await?;
-                }
-                save_checkpoint(&mut tx, a.name(), last).await?;
-                save_checkpoint(&mut tx, b.name(), last).await
-            }
-            .await;
-            if let Err(error) = applied {
-                tx.rollback().await?;
-                return Err(error);
-            }
-            tracing::info!(
-                took_ms = started.elapsed().as_millis() as u64,
-                "rebuild: applied"
-            );
-            for (i, name) in [a.name(), b.name()].into_iter().enumerate() {
-                done[i] = CatchUp {
-                    applied: newest.read as u64,
-                    position: last,
-                    busy: false,
-                };
-                progress(name, done[i].applied);
-            }
+        let Some(last) = newest.last else {
+            return Ok(None);
+        };
+        // Each chunk is read and decoded on another connection while the one before it
+        // is applied.
+        let read_chunk = |chunk: &[i64]| {
+            let (pool, chunk) = (pool.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                let mut conn = pool.acquire().await?;
+                Ok::<_, ProjectionError>(log::read_by_global_seq(&mut conn, &chunk).await?)
+            })
+        };
+        let mut chunks = newest.global_seqs.chunks(REBUILD_CHUNK);
+        let mut next = chunks.next().map(read_chunk);
+        while let Some(reading) = next.take() {
+            let events = reading.await.map_err(|_| ProjectionError::Stopped)??;
+            next = chunks.next().map(read_chunk);
+            apply_both(pool, &mut tx, a, b, &events).await?;
+        }
+        save_checkpoint(&mut tx, a.name(), last).await?;
+        save_checkpoint(&mut tx, b.name(), last).await?;
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "rebuild: applied"
+        );
+        Ok(Some((newest.read, last)))
+    }
+    .await;
+    if let Some((read, last)) = commit_or_roll_back(tx, rebuilt).await? {
+        for (i, name) in [a.name(), b.name()].into_iter().enumerate() {
+            done[i] = CatchUp {
+                applied: read as u64,
+                position: last,
+                busy: false,
+            };
+            progress(name, done[i].applied);
         }
     }
-    tx.commit().await?;
     let rest = catch_up_pair(pool, a, b, batch, WhenBusy::Wait, |name, n| {
         let i = usize::from(name == b.name());
         progress(name, done[i].applied + n)

@@ -179,7 +179,7 @@ async fn through_the_webhook_shuffled_delivery_ends_where_in_order_delivery_does
 }
 
 /// A tiny bounded `join_all`, to keep the dependency tree lean.
-mod futures_like {
+pub mod futures_like {
     use std::future::Future;
 
     pub async fn join_all_limited<F, T>(limit: usize, futures: impl Iterator<Item = F>) -> Vec<T>

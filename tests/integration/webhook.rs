@@ -6,6 +6,7 @@ use subledger::stripe::signature::sign;
 
 use crate::events::{envelope, sub_event, T0};
 use crate::helpers::{spawn_app, OLD_SECRET, SECRET};
+use crate::lifecycle::futures_like::join_all_limited;
 
 #[tokio::test]
 async fn signature_cases_are_answered_400_and_store_nothing() {
@@ -246,28 +247,20 @@ async fn concurrent_deliveries_of_one_event_store_it_once() {
     let app = spawn_app("concurrent_dups").await;
     let sim = crate::stripe_sim::simulate(17, 2, T0);
     let events: Vec<_> = sim.events.iter().take(10).collect();
-    let mut sends = Vec::new();
-    for _ in 0..5 {
-        for event in &events {
-            let (client, address, body) =
-                (app.client.clone(), app.address.clone(), event.to_bytes());
-            sends.push(tokio::spawn(async move {
-                let header = sign(SECRET, chrono::Utc::now().timestamp(), &body);
-                let response = client
-                    .post(format!("{address}/webhooks/stripe"))
-                    .header("stripe-signature", header)
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-                response.json::<Value>().await.unwrap()
-            }));
-        }
-    }
+    let bodies: Vec<Vec<u8>> = (0..5)
+        .flat_map(|_| events.iter().map(|event| event.to_bytes()))
+        .collect();
+    let answers = join_all_limited(
+        bodies.len(),
+        bodies.iter().map(|body| async {
+            let response = app.post_webhook(body).await;
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }),
+    )
+    .await;
     let mut first_time = std::collections::HashMap::<String, usize>::new();
-    for send in sends {
-        let answer = send.await.unwrap();
+    for answer in answers {
         let id = answer["event_id"].as_str().unwrap().to_owned();
         let counted = first_time.entry(id).or_default();
         if answer["result"] != "duplicate" {
