@@ -26,6 +26,10 @@ if [ -n "$io" ]; then
   exit 1
 fi
 
+# Formatting and lints are part of the suite: a warning fails the run like a test.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+
 # The alert rules are unit-tested with promtool (Debian's prometheus package ships it),
 # and the admin page is tested in headless Chromium: install both when absent.
 missing=()

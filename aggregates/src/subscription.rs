@@ -22,6 +22,9 @@ use crate::status::{transition, Move, SubscriptionStatus};
 
 /// The commands: record what one Stripe event says about a customer, or reconcile with
 /// what Stripe's API answered when we asked.
+// A command lives for one decision and is never stored, so its size costs nothing worth
+// a box on every construction site.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SubscriptionCommand {
     RecordStripeFacts(StripeFacts),

@@ -278,10 +278,22 @@ pub async fn home(
     Ok(page("Overview", &body))
 }
 
+/// A `sync_attempts` row as the sync log shows it: customer, source, outcome, detail,
+/// HTTP attempts, duration in ms, start.
+type SyncRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    i32,
+    i32,
+    chrono::DateTime<chrono::Utc>,
+);
+
 /// The latest syncs from Stripe's API (`sync_attempts`), for one customer or for all,
 /// with the customers currently flagged (more than 3 failures in a row).
 async fn sync_log(pool: &sqlx::PgPool, customer_id: Option<&str>) -> Result<String, ApiError> {
-    let rows: Vec<(String, String, String, Option<String>, i32, i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+    let rows: Vec<SyncRow> = sqlx::query_as(
         "SELECT customer_id, source, outcome, detail, attempts, duration_ms, started_at FROM sync_attempts \
          WHERE $1::text IS NULL OR customer_id = $1 ORDER BY started_at DESC, id DESC LIMIT 50",
     )
@@ -376,11 +388,14 @@ pub async fn redrive(
     state.inbox_wake.wake_all();
     Ok(Redirect::to(&format!(
         "/admin?redriven={}",
-        event_id
+        if event_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            .then_some(event_id.as_str())
-            .unwrap_or("")
+        {
+            event_id.as_str()
+        } else {
+            ""
+        }
     )))
 }
 

@@ -116,8 +116,8 @@ async fn read_owner(
     };
     // A mapping key can outlive a change of owner: only trust a value that names the owner.
     if let Some(info) = cached {
-        let matches = org_id.map_or(true, |org| info.org_id.as_deref() == Some(org))
-            && user_id.map_or(true, |user| info.user_id.as_deref() == Some(user));
+        let matches = org_id.is_none_or(|org| info.org_id.as_deref() == Some(org))
+            && user_id.is_none_or(|user| info.user_id.as_deref() == Some(user));
         if matches {
             metrics::cache_read(CacheRead::Hit);
             return Ok(Some(info));

@@ -39,6 +39,9 @@ pub enum ParseError {
 }
 
 /// What to do with a parsed event.
+// Routed once per event and consumed at once: boxing the command would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
     /// Run this command on the customer's aggregate.

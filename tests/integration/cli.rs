@@ -62,7 +62,7 @@ async fn import_then_replay_through_the_binary() {
         ),
     ];
     let lines: String = events.iter().map(|e| format!("{e}\n")).collect();
-    let dir = std::env::temp_dir().join(&app.prefix.replace(':', "_"));
+    let dir = std::env::temp_dir().join(app.prefix.replace(':', "_"));
     std::fs::create_dir_all(&dir).unwrap();
     let good = dir.join("events.jsonl");
     std::fs::write(&good, &lines).unwrap();
@@ -70,7 +70,7 @@ async fn import_then_replay_through_the_binary() {
     // A file with one bad event changes nothing.
     let bad = dir.join("bad.jsonl");
     std::fs::write(&bad, format!("{lines}{{\"id\": \"evt_x\"}}\n")).unwrap();
-    let out = run_subledger(&settings, &["import".as_ref(), &bad.as_os_str()]).await;
+    let out = run_subledger(&settings, &["import".as_ref(), bad.as_os_str()]).await;
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("line 4"),
@@ -79,7 +79,7 @@ async fn import_then_replay_through_the_binary() {
     );
     assert_eq!(app.count("SELECT count(*) FROM inbox").await, 0);
 
-    let out = run_subledger(&settings, &["import".as_ref(), &good.as_os_str()]).await;
+    let out = run_subledger(&settings, &["import".as_ref(), good.as_os_str()]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -91,7 +91,7 @@ async fn import_then_replay_through_the_binary() {
     assert_eq!(info["status"], "active");
 
     // Again: all duplicates.
-    let out = run_subledger(&settings, &["import".as_ref(), &good.as_os_str()]).await;
+    let out = run_subledger(&settings, &["import".as_ref(), good.as_os_str()]).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 new events (0 ignored, 3 duplicates)"));
 
     app.wipe_cache().await;

@@ -401,7 +401,7 @@ async fn list_subscriptions(
         .filter(|sub| {
             params
                 .get("customer")
-                .map_or(true, |c| sub["customer"].as_str() == Some(c))
+                .is_none_or(|c| sub["customer"].as_str() == Some(c))
         })
         .collect();
     all.sort_by(|a, b| {

@@ -114,7 +114,7 @@ async fn sigkill_during_a_shuffled_load_loses_nothing_acknowledged() {
     // The last start: the inbox drains, projections catch up from their checkpoints, and
     // whatever was never acknowledged is sent once more.
     let serve = Served::start(serve_command(&settings), &log).await;
-    let acked = post_all(&[serve.address.clone()], &pending, 8).await;
+    let acked = post_all(std::slice::from_ref(&serve.address), &pending, 8).await;
     assert_eq!(acked.len(), pending.len());
     let pool = PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{db_name}"))
         .await
