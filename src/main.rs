@@ -112,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Replay => {
             let services = Services::connect(settings).await.context("connecting")?;
-            let [platform, cache] = services
+            let done = services
                 .replay(|name, n| {
                     eprint!("\r{name}: {n} events applied");
                     let _ = std::io::stderr().flush();
@@ -120,10 +120,16 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("replaying the log")?;
             eprintln!();
-            eprintln!(
-                "replayed {} events into platform_tables and {} into redis_cache",
-                platform.applied, cache.applied
-            );
+            // "replayed 10 events into platform_tables and 10 into redis_cache"
+            let each: Vec<String> = done
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let events = if i == 0 { " events" } else { "" };
+                    format!("{}{events} into {}", d.applied, d.name)
+                })
+                .collect();
+            eprintln!("replayed {}", each.join(" and "));
         }
         Command::Import { file } => {
             let text = std::fs::read_to_string(&file)

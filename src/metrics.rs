@@ -7,7 +7,8 @@
 //! depth, oldest pending row, projection lag, whether Redis answers) are read fresh from
 //! Postgres and Redis at each scrape, so they are right even on a replica that processed
 //! nothing. Every series an alert or the dashboard names is created at zero on first use
-//! of this module, so a rule can be evaluated before the first event arrives.
+//! of this module, so a rule can be evaluated before the first event arrives; the lag of
+//! each projection the runner names (`Projections::names`) is set at every scrape.
 //!
 //! This module only observes: it must never change what the service does, and a failure
 //! to measure must never fail a request or a webhook.
@@ -50,8 +51,6 @@ pub const SYNC_SOURCES: [&str; 5] = [
 ];
 /// How a sync can end (`sync::SyncOutcome`).
 pub const SYNC_OUTCOMES: [&str; 4] = ["applied", "unchanged", "ambiguous", "failed"];
-/// The projections whose lag is measured, by checkpoint name.
-pub const PROJECTIONS: [&str; 2] = ["platform_tables", "redis_cache"];
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric names are registered once")
@@ -215,9 +214,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         m.cache_requests.with_label_values(&[result]);
     }
     m.cache_write_failures.with_label_values(&["read_through"]);
-    for projection in PROJECTIONS {
-        m.projection_lag_events.with_label_values(&[projection]);
-    }
     LazyLock::force(&projections::redis_cache::STALE_WRITES);
     m
 });
@@ -327,8 +323,8 @@ async fn refresh_gauges(state: &AppState) {
     if let Err(error) = refresh_inbox(&state.pool).await {
         tracing::warn!(error = %error_chain(&error), "cannot measure the inbox");
     }
-    for projection in PROJECTIONS {
-        match projections::runner::lag(&state.pool, projection).await {
+    for projection in state.projections.names() {
+        match state.projections.lag(projection).await {
             Ok(lag) => m
                 .projection_lag_events
                 .with_label_values(&[projection])

@@ -10,10 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use projections::runner::CatchUp;
 use projections::{
-    catch_up_pair, rebuild_pair, CacheKeys, Catalog, LazyConnection, PlatformTables,
-    ProjectionError, RedisCache, WhenBusy,
+    CacheKeys, Catalog, CatchUp, LazyConnection, Member, PlatformTables, ProjectionError,
+    Projections, RedisCache, WhenBusy,
 };
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -56,6 +55,8 @@ pub struct Services {
     pub pool: PgPool,
     pub cache: RedisCache,
     pub platform: PlatformTables,
+    /// Every read model (`platform`, then `cache`) and the runner that keeps them.
+    pub projections: Projections,
     pub catalog: Arc<Catalog>,
     pub ledger: Ledger,
 }
@@ -87,13 +88,24 @@ impl Services {
             prefix: settings.redis_prefix.clone(),
         };
         let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone());
+        let platform = PlatformTables::new(catalog.clone());
+        // The tables write through the checkpoint's transaction; the cache is applied
+        // beside it and never holds the tables back when Redis is down.
+        let projections = Projections::new(
+            pool.clone(),
+            [
+                Member::transactional(platform.clone()),
+                Member::eventual(cache.clone()),
+            ],
+        );
         Ok(Self {
             ledger: Ledger::new(
                 pool.clone(),
                 settings.max_attempts,
                 settings.aggregate_cache,
             ),
-            platform: PlatformTables::new(catalog.clone()),
+            platform,
+            projections,
             settings: Arc::new(settings),
             pool,
             cache,
@@ -101,68 +113,39 @@ impl Services {
         })
     }
 
-    /// Brings every projection up to the end of the log. `progress` is called with the
-    /// projection's name and the events applied so far.
+    /// Brings every projection up to the end of the log. `progress` is called with a
+    /// projection's name and the events it has applied so far.
     pub async fn catch_up_projections(
         &self,
         when_busy: WhenBusy,
         progress: impl FnMut(&str, u64) + Send,
-    ) -> Result<[CatchUp; 2], ProjectionError> {
-        self.catch_up_in_batches(PROJECTION_BATCH, when_busy, progress)
+    ) -> Result<Vec<CatchUp>, ProjectionError> {
+        self.projections
+            .catch_up(PROJECTION_BATCH, when_busy, progress)
             .await
     }
 
-    /// Both projections read the log once while they stand together (see
-    /// [`catch_up_pair`]).
-    async fn catch_up_in_batches(
-        &self,
-        batch: i64,
-        when_busy: WhenBusy,
-        mut progress: impl FnMut(&str, u64) + Send,
-    ) -> Result<[CatchUp; 2], ProjectionError> {
-        catch_up_pair(
-            &self.pool,
-            &self.platform,
-            &self.cache,
-            batch,
-            when_busy,
-            &mut progress,
-        )
-        .await
-    }
-
-    /// Clears every projection and rebuilds it from position 0.
+    /// Clears every projection and rebuilds them together from the log.
     pub async fn replay(
         &self,
         progress: impl FnMut(&str, u64) + Send,
-    ) -> Result<[CatchUp; 2], ProjectionError> {
-        projections::replay(&self.pool, &self.platform).await?;
-        projections::replay(&self.pool, &self.cache).await?;
-        rebuild_pair(
-            &self.pool,
-            &self.platform,
-            &self.cache,
-            REPLAY_BATCH,
-            progress,
-        )
-        .await
+    ) -> Result<Vec<CatchUp>, ProjectionError> {
+        self.projections.replay(REPLAY_BATCH, progress).await
     }
 
     /// Keeps projections caught up until `stop`.
-    pub async fn run_projections(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
-        loop {
-            if *stop.borrow() {
-                return;
-            }
-            if let Err(error) = self.catch_up_projections(WhenBusy::Skip, |_, _| {}).await {
-                tracing::warn!(error = %error_chain(&error), "projection catch-up failed; will retry");
-            }
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                _ = stop.changed() => {}
-            }
-        }
+    pub async fn run_projections(self, committed: Arc<Notify>, stop: watch::Receiver<bool>) {
+        self.projections
+            .run(
+                PROJECTION_BATCH,
+                committed,
+                self.settings.poll_interval,
+                stop,
+                |error| {
+                    tracing::warn!(error = %error_chain(error), "projection catch-up failed; will retry")
+                },
+            )
+            .await
     }
 }
 
@@ -261,6 +244,7 @@ impl Application {
         let state = AppState {
             pool: services.pool.clone(),
             cache: services.cache.clone(),
+            projections: services.projections.clone(),
             catalog: services.catalog.clone(),
             settings: services.settings.clone(),
             inbox_wake,

@@ -247,7 +247,6 @@ impl Syncer {
     /// request's), so this retries for up to two seconds. Failures only cost freshness:
     /// the projection loop catches up on its own.
     pub async fn settle_projections(&self) {
-        use projections::Projection;
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             if let Err(error) = self
@@ -258,10 +257,11 @@ impl Syncer {
                 tracing::warn!(error = %error_chain(&error), "projection catch-up after a sync failed");
                 return;
             }
-            let pool = &self.services.pool;
-            let platform = projections::runner::lag(pool, self.services.platform.name()).await;
-            let cache = projections::runner::lag(pool, self.services.cache.name()).await;
-            if matches!((platform, cache), (Ok(0), Ok(0))) || Instant::now() > deadline {
+            let mut settled = true;
+            for name in self.services.projections.names() {
+                settled &= matches!(self.services.projections.lag(name).await, Ok(0));
+            }
+            if settled || Instant::now() > deadline {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

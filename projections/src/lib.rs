@@ -19,5 +19,21 @@ pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;
 pub use redis_cache::{CacheKeys, LazyConnection, RedisCache};
 pub use runner::{
-    catch_up, catch_up_pair, rebuild_pair, replay, Projection, ProjectionError, WhenBusy,
+    CatchUp, EventualProjection, Member, ProjectionError, Projections, TransactionalProjection,
+    WhenBusy,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::{EventualProjection, PlatformTables, RedisCache, TransactionalProjection};
+
+    /// A projection's name is stored (its checkpoint row) and published (the `projection`
+    /// label of `subledger_projection_lag_events`, `/readyz`, the alert tests and the
+    /// runbook): renaming one would apply the whole log again under the new name and blind
+    /// whatever watches the old one. So the names are pinned here, and only here.
+    #[test]
+    fn projection_names_are_stored_and_published_so_they_never_change() {
+        assert_eq!(PlatformTables::NAME, "platform_tables");
+        assert_eq!(RedisCache::NAME, "redis_cache");
+    }
+}

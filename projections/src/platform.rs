@@ -15,7 +15,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
 use crate::log::{newest_per_aggregate, LoggedEvent};
-use crate::runner::{Projection, ProjectionError};
+use crate::runner::{ProjectionError, TransactionalProjection};
 
 #[derive(Clone)]
 pub struct PlatformTables {
@@ -71,10 +71,8 @@ impl PlatformTables {
     }
 }
 
-impl Projection for PlatformTables {
-    fn name(&self) -> &'static str {
-        "platform_tables"
-    }
+impl TransactionalProjection for PlatformTables {
+    const NAME: &'static str = "platform_tables";
 
     async fn apply(
         &self,

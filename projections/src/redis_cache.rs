@@ -15,12 +15,11 @@ use std::time::{Duration, Instant};
 use prometheus::{register_int_counter_vec, IntCounterVec};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
-use sqlx::PgConnection;
 
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
 use crate::log::{newest_per_aggregate, LoggedEvent};
-use crate::runner::{Projection, ProjectionError};
+use crate::runner::{EventualProjection, ProjectionError};
 
 /// Sets the customer value unless the stored one has a newer version, and (re)points the
 /// org and user keys at the customer. Returns 1 when written, 0 when the stored value was
@@ -283,20 +282,10 @@ impl RedisCache {
     }
 }
 
-impl Projection for RedisCache {
-    fn name(&self) -> &'static str {
-        "redis_cache"
-    }
+impl EventualProjection for RedisCache {
+    const NAME: &'static str = "redis_cache";
 
-    fn uses_transaction(&self) -> bool {
-        false
-    }
-
-    async fn apply(
-        &self,
-        _tx: &mut PgConnection,
-        events: &[LoggedEvent],
-    ) -> Result<(), ProjectionError> {
+    async fn apply(&self, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
         let mut pipe = redis::pipe();
         // Loading is idempotent and cheap; it makes every EVALSHA below find the script,
         // even on a Redis that restarted since the last batch.
@@ -316,7 +305,7 @@ impl Projection for RedisCache {
         Ok(())
     }
 
-    async fn clear(&self, _tx: &mut PgConnection) -> Result<(), ProjectionError> {
+    async fn clear(&self) -> Result<(), ProjectionError> {
         self.clear_all().await?;
         Ok(())
     }

@@ -1,14 +1,33 @@
-//! Runs a projection as a checkpointed reader of the log.
+//! One runner over every projection, each a checkpointed reader of the log.
 //!
-//! Each batch is read, applied and checkpointed inside one Postgres transaction that
-//! holds the projection's checkpoint row locked, so two replicas never apply the same
-//! projection at once, and a crash between apply and checkpoint only makes the next run
-//! apply the batch again (which projections tolerate: they skip by version). Never use
-//! cqrs-es's in-process queries or `replay_all` for this (see CONVENTIONS.md).
+//! Projections come in two kinds, told apart as primait/event_sourcing.rs tells its
+//! `TransactionalEventHandler` from its `EventHandler`:
+//! - a [`TransactionalProjection`] writes through the transaction that holds its
+//!   checkpoint (the platform tables), so what it wrote and where it stands commit
+//!   together;
+//! - an [`EventualProjection`] writes elsewhere (the Redis cache) and gets no connection
+//!   at all: it is applied beside the transaction, at the same time, and its checkpoint is
+//!   saved in that transaction only once it succeeded, so a crash in between only applies
+//!   a batch again.
+//!
+//! Each batch is read, applied and checkpointed inside one Postgres transaction that holds
+//! the checkpoint rows (`projection_checkpoints`) of the projections it applies locked, so
+//! two replicas never apply one projection at once ([`WhenBusy`] says whether to skip or
+//! wait). Projections whose checkpoints stand together read each batch once; one that
+//! fails (Redis down) drops out and goes on alone, never holding the others back. Every
+//! projection must tolerate a batch twice and an older event after a newer one (they skip
+//! by version). Never use cqrs-es's in-process queries or `replay_all` for this (see
+//! CONVENTIONS.md).
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::{PgConnection, PgPool, Row};
+use tokio::sync::{watch, Notify};
 
 use crate::log::{self, LogError, LoggedEvent, Position};
 
@@ -26,28 +45,25 @@ pub enum ProjectionError {
     Stopped,
 }
 
-/// A read model built from the log.
-pub trait Projection: Send + Sync {
-    /// The checkpoint's name.
-    fn name(&self) -> &'static str;
+/// A read model kept in Postgres, written through the transaction that holds its
+/// checkpoint.
+///
+/// `apply` gets a batch in log order. It must be idempotent: the same events may come
+/// again after a crash, and any event may come after a newer one of the same aggregate was
+/// applied. A batch is compacted ([`log::Batch::events`]): of the events read it holds
+/// each aggregate's newest and each subscription's newest snapshot, so a projection must
+/// be last-writer-wins on those keys.
+pub trait TransactionalProjection: Send + Sync + 'static {
+    /// The projection's one name: its checkpoint row, its `projection` label in the
+    /// metrics, what `/readyz` reports. Stored: a new name starts from position 0.
+    const NAME: &'static str;
 
-    /// Applies a batch, in log order. Must be idempotent: the same events may come again
-    /// after a crash, and any event may come after a newer one of the same aggregate
-    /// was applied. A batch is compacted ([`log::Batch::events`]): of the events read it
-    /// holds each aggregate's newest and each subscription's newest snapshot, so a
-    /// projection must be last-writer-wins on those keys.
+    /// Applies a batch through `tx` (see the trait's documentation).
     fn apply(
         &self,
         tx: &mut PgConnection,
         events: &[LoggedEvent],
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
-
-    /// Whether `apply` writes through the transaction it is given. A projection that
-    /// does not (the Redis cache) is applied beside one that does, at the same time, by
-    /// [`catch_up_pair`] and [`rebuild_pair`].
-    fn uses_transaction(&self) -> bool {
-        true
-    }
 
     /// Deletes everything this projection owns, before a replay from position 0.
     fn clear(
@@ -56,37 +72,651 @@ pub trait Projection: Send + Sync {
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
 
-/// What one `catch_up` call did.
+/// A read model kept outside Postgres (Redis): it gets no connection, and is applied
+/// beside the transaction that holds its checkpoint. The same rules as for a
+/// [`TransactionalProjection`] hold for `apply`.
+pub trait EventualProjection: Send + Sync + 'static {
+    /// The projection's one name (see [`TransactionalProjection::NAME`]).
+    const NAME: &'static str;
+
+    /// Applies a batch (see [`TransactionalProjection`]).
+    fn apply(
+        &self,
+        events: &[LoggedEvent],
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Deletes everything this projection owns, before a replay from position 0.
+    fn clear(&self) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}
+
+type Boxed<'a> = Pin<Box<dyn Future<Output = Result<(), ProjectionError>> + Send + 'a>>;
+
+/// A [`TransactionalProjection`] with its type erased, so that one runner holds any.
+trait InTransaction: Send + Sync {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [LoggedEvent]) -> Boxed<'a>;
+    fn clear<'a>(&'a self, tx: &'a mut PgConnection) -> Boxed<'a>;
+}
+
+impl<P: TransactionalProjection> InTransaction for P {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [LoggedEvent]) -> Boxed<'a> {
+        Box::pin(TransactionalProjection::apply(self, tx, events))
+    }
+    fn clear<'a>(&'a self, tx: &'a mut PgConnection) -> Boxed<'a> {
+        Box::pin(TransactionalProjection::clear(self, tx))
+    }
+}
+
+/// An [`EventualProjection`] with its type erased.
+trait Beside: Send + Sync {
+    fn apply<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a>;
+    fn clear(&self) -> Boxed<'_>;
+}
+
+impl<P: EventualProjection> Beside for P {
+    fn apply<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a> {
+        Box::pin(EventualProjection::apply(self, events))
+    }
+    fn clear(&self) -> Boxed<'_> {
+        Box::pin(EventualProjection::clear(self))
+    }
+}
+
+/// One projection the runner keeps, of either kind.
+pub struct Member {
+    name: &'static str,
+    kind: Kind,
+}
+
+enum Kind {
+    Transactional(Box<dyn InTransaction>),
+    Eventual(Box<dyn Beside>),
+}
+
+impl Member {
+    pub fn transactional<P: TransactionalProjection>(projection: P) -> Self {
+        Self {
+            name: P::NAME,
+            kind: Kind::Transactional(Box::new(projection)),
+        }
+    }
+
+    pub fn eventual<P: EventualProjection>(projection: P) -> Self {
+        Self {
+            name: P::NAME,
+            kind: Kind::Eventual(Box::new(projection)),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// What one catch-up (or replay) did for one projection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CatchUp {
+    pub name: &'static str,
     pub applied: u64,
     pub position: Position,
-    /// Another process holds this projection's checkpoint: nothing was done.
+    /// Another process holds this projection's checkpoint: it was left to that process.
     pub busy: bool,
 }
 
-async fn ensure_checkpoint(pool: &PgPool, name: &str) -> Result<(), ProjectionError> {
-    sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(name)
-        .execute(pool)
-        .await?;
+/// What to do when another process holds a projection's checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenBusy {
+    /// Leave it (`CatchUp::busy`): the other process is doing the work.
+    Skip,
+    /// Wait for it, then go on (replays, and commands that must finish the job).
+    Wait,
+}
+
+/// Events decoded and applied per step of a rebuild.
+const REBUILD_CHUNK: usize = 20_000;
+
+/// The projections of a service and the runner that keeps them. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Projections {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    members: Vec<Member>,
+    /// Whether each member's last batch failed; such a member goes on alone.
+    failing: Vec<AtomicBool>,
+}
+
+impl Projections {
+    /// A runner over `members`, applied in this order (transactional ones in turn through
+    /// the transaction, eventual ones beside it).
+    ///
+    /// # Panics
+    /// When two members have the same name (a programming error: they would share a
+    /// checkpoint).
+    pub fn new(pool: PgPool, members: impl IntoIterator<Item = Member>) -> Self {
+        let members: Vec<Member> = members.into_iter().collect();
+        for (i, member) in members.iter().enumerate() {
+            assert!(
+                members[..i].iter().all(|m| m.name != member.name),
+                "two projections are named {}",
+                member.name
+            );
+        }
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                failing: members.iter().map(|_| AtomicBool::new(false)).collect(),
+                members,
+            }),
+        }
+    }
+
+    /// Every projection's name, in the runner's order.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.inner.members.iter().map(Member::name)
+    }
+
+    /// How many events a projection is behind the log.
+    pub async fn lag(&self, name: &str) -> Result<i64, ProjectionError> {
+        lag(&self.inner.pool, name).await
+    }
+
+    fn name(&self, i: usize) -> &'static str {
+        self.inner.members[i].name
+    }
+
+    fn names_of(&self, group: &[usize]) -> Vec<&'static str> {
+        group.iter().map(|&i| self.name(i)).collect()
+    }
+
+    fn reports(&self) -> Vec<CatchUp> {
+        self.names()
+            .map(|name| CatchUp {
+                name,
+                ..CatchUp::default()
+            })
+            .collect()
+    }
+
+    /// Applies everything the log holds past each projection's checkpoint, in batches of
+    /// `batch`, calling `progress` after each batch with a projection's name and the
+    /// events it has applied so far. Returns what was done for each, in the runner's
+    /// order. The projections go together while their checkpoints stand together; those
+    /// that stand apart, are busy elsewhere or failed go on alone (a failed one after the
+    /// others). Returns the first failure once every projection had its turn.
+    pub async fn catch_up(
+        &self,
+        batch: i64,
+        when_busy: WhenBusy,
+        mut progress: impl FnMut(&str, u64) + Send,
+    ) -> Result<Vec<CatchUp>, ProjectionError> {
+        let mut done = self.reports();
+        self.catch_up_into(&mut done, batch, when_busy, &mut progress)
+            .await?;
+        Ok(done)
+    }
+
+    async fn catch_up_into(
+        &self,
+        done: &mut [CatchUp],
+        batch: i64,
+        when_busy: WhenBusy,
+        progress: &mut (dyn FnMut(&str, u64) + Send),
+    ) -> Result<(), ProjectionError> {
+        let all: Vec<usize> = (0..self.inner.members.len()).collect();
+        ensure_checkpoints(&self.inner.pool, &self.names_of(&all)).await?;
+        let (healthy, failing): (Vec<usize>, Vec<usize>) =
+            all.into_iter().partition(|&i| !self.is_failing(i));
+        let mut groups = VecDeque::from([healthy]);
+        groups.extend(failing.into_iter().map(|i| vec![i]));
+        let mut first_error = None;
+        while let Some(group) = groups.pop_front() {
+            if group.is_empty() {
+                continue;
+            }
+            match self
+                .catch_up_group(group.clone(), batch, when_busy, done, progress)
+                .await
+            {
+                Ok(rest) => groups.extend(rest),
+                // A joint batch failed: each goes on alone, which also reports the failure.
+                Err(error) if group.len() > 1 => {
+                    tracing::debug!(%error, "a joint projection batch failed; each goes on alone");
+                    groups.extend(group.into_iter().map(|i| vec![i]));
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Catches `group` up together for as long as its checkpoints stand together. Returns
+    /// the groups still to go: those that stood apart (grouped by where they stand), then
+    /// the group without members that dropped out, and each of those alone.
+    async fn catch_up_group(
+        &self,
+        mut group: Vec<usize>,
+        batch: i64,
+        when_busy: WhenBusy,
+        done: &mut [CatchUp],
+        progress: &mut (dyn FnMut(&str, u64) + Send),
+    ) -> Result<Vec<Vec<usize>>, ProjectionError> {
+        let mut next = None;
+        let ended = loop {
+            match self.step(&group, batch, when_busy, &mut next).await {
+                Ok(Step::Applied {
+                    read,
+                    last,
+                    dropped,
+                }) => {
+                    group.retain(|i| !dropped.contains(i));
+                    for &i in &group {
+                        done[i].applied += read as u64;
+                        done[i].position = last;
+                        progress(self.name(i), done[i].applied);
+                    }
+                    if !dropped.is_empty() {
+                        let alone = dropped.into_iter().map(|i| vec![i]);
+                        break Ok(std::iter::once(group).chain(alone).collect());
+                    }
+                }
+                Ok(Step::CaughtUp(at)) => {
+                    for &i in &group {
+                        done[i].position = at;
+                    }
+                    break Ok(Vec::new());
+                }
+                Ok(Step::Apart { busy, standing }) => {
+                    for i in busy {
+                        done[i].busy = true;
+                    }
+                    break Ok(standing);
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        if let Some(reading) = next {
+            reading.abort();
+        }
+        ended
+    }
+
+    /// One batch for `group`, in one transaction. After a full batch the next one is read
+    /// meanwhile (`next`), so that reading the log and writing the projections overlap;
+    /// it is used only if it starts where the group stands when its turn comes, and only
+    /// if it found something.
+    async fn step(
+        &self,
+        group: &[usize],
+        batch: i64,
+        when_busy: WhenBusy,
+        next: &mut Option<Prefetch>,
+    ) -> Result<Step, ProjectionError> {
+        let pool = &self.inner.pool;
+        let mut tx = pool.begin().await?;
+        let horizon = log::read_horizon(&mut tx).await?;
+        let held =
+            lock_checkpoints(&mut tx, &self.names_of(group), when_busy == WhenBusy::Wait).await?;
+        let standing: Vec<(usize, Position)> = group
+            .iter()
+            .filter_map(|&i| {
+                held.iter()
+                    .find(|(name, _)| name == self.name(i))
+                    .map(|(_, at)| (i, *at))
+            })
+            .collect();
+        let at = match standing.as_slice() {
+            [(_, at), rest @ ..]
+                if standing.len() == group.len() && rest.iter().all(|(_, p)| p == at) =>
+            {
+                *at
+            }
+            _ => {
+                tx.rollback().await?;
+                let busy = group
+                    .iter()
+                    .copied()
+                    .filter(|i| standing.iter().all(|(s, _)| s != i))
+                    .collect();
+                return Ok(Step::Apart {
+                    busy,
+                    standing: by_position(standing),
+                });
+            }
+        };
+        let prefetched = match next.take() {
+            Some(reading) => match reading.await {
+                Ok(Ok((from, read))) if from == at && read.last.is_some() => Some(read),
+                _ => None,
+            },
+            None => None,
+        };
+        let read = match prefetched {
+            Some(read) => read,
+            None => log::read_batch(&mut tx, at, horizon, batch).await?,
+        };
+        let Some(last) = read.last else {
+            tx.commit().await?;
+            return Ok(Step::CaughtUp(at));
+        };
+        if read.read as i64 == batch {
+            *next = Some(prefetch(pool, last, batch));
+        }
+        let mut failed = match self.apply(&mut tx, group, &read.events).await {
+            Ok(failed) => failed,
+            Err(error) => {
+                tx.rollback().await?;
+                return Err(error);
+            }
+        };
+        let kept: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|i| failed.iter().all(|(f, _)| f != i))
+            .collect();
+        if kept.is_empty() {
+            tx.rollback().await?;
+            return Err(failed.swap_remove(0).1);
+        }
+        let saved = save_checkpoints(&mut tx, &self.names_of(&kept), last).await;
+        commit_or_roll_back(tx, saved).await?;
+        self.recovered(&kept);
+        Ok(Step::Applied {
+            read: read.read,
+            last,
+            dropped: failed.into_iter().map(|(i, _)| i).collect(),
+        })
+    }
+
+    /// Applies `events` to every member of `group`: the transactional ones in turn through
+    /// `tx`, the eventual ones at the same time beside them. `Err` when a transactional
+    /// one failed (the transaction must be rolled back); otherwise the eventual ones that
+    /// failed, each marked failing (it drops out and goes on alone).
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        group: &[usize],
+        events: &[LoggedEvent],
+    ) -> Result<Vec<(usize, ProjectionError)>, ProjectionError> {
+        let members = &self.inner.members;
+        let in_transaction = async {
+            for &i in group {
+                if let Kind::Transactional(projection) = &members[i].kind {
+                    projection.apply(tx, events).await?;
+                }
+            }
+            Ok::<_, ProjectionError>(())
+        };
+        let beside =
+            futures_util::future::join_all(group.iter().filter_map(|&i| match &members[i].kind {
+                Kind::Eventual(projection) => {
+                    Some(async move { (i, projection.apply(events).await) })
+                }
+                Kind::Transactional(_) => None,
+            }));
+        let (in_transaction, beside) = tokio::join!(in_transaction, beside);
+        in_transaction?;
+        let failed: Vec<(usize, ProjectionError)> = beside
+            .into_iter()
+            .filter_map(|(i, applied)| applied.err().map(|error| (i, error)))
+            .collect();
+        for (i, error) in &failed {
+            if !self.inner.failing[*i].swap(true, Ordering::Relaxed) {
+                tracing::info!(projection = self.name(*i), %error, "projection failed; it goes on alone");
+            }
+        }
+        Ok(failed)
+    }
+
+    fn is_failing(&self, i: usize) -> bool {
+        self.inner.failing[i].load(Ordering::Relaxed)
+    }
+
+    /// Records that `members` applied a batch: whichever was failing has recovered.
+    fn recovered(&self, members: &[usize]) {
+        for &i in members {
+            if self.inner.failing[i].swap(false, Ordering::Relaxed) {
+                tracing::info!(projection = self.name(i), "projection recovered");
+            }
+        }
+    }
+
+    /// Clears every projection and rebuilds them together from the whole log compacted
+    /// (see [`Projections::rebuild`]), then catches up with what was committed meanwhile,
+    /// in batches of `batch`. `progress` is called as for [`Projections::catch_up`].
+    pub async fn replay(
+        &self,
+        batch: i64,
+        mut progress: impl FnMut(&str, u64) + Send,
+    ) -> Result<Vec<CatchUp>, ProjectionError> {
+        self.clear().await?;
+        let mut done = self.reports();
+        self.rebuild(&mut done, &mut progress).await?;
+        let rest = self
+            .catch_up(batch, WhenBusy::Wait, |name, n| {
+                let before = done
+                    .iter()
+                    .find(|d| d.name == name)
+                    .map_or(0, |d| d.applied);
+                progress(name, before + n)
+            })
+            .await?;
+        for (total, more) in done.iter_mut().zip(rest) {
+            total.applied += more.applied;
+            total.position = more.position;
+        }
+        Ok(done)
+    }
+
+    /// Clears what every projection owns and rewinds every checkpoint to position 0, in
+    /// one transaction, waiting for any process that is applying them right now.
+    async fn clear(&self) -> Result<(), ProjectionError> {
+        let names: Vec<&str> = self.names().collect();
+        ensure_checkpoints(&self.inner.pool, &names).await?;
+        let mut tx = self.inner.pool.begin().await?;
+        let cleared = async {
+            lock_checkpoints(&mut tx, &names, true).await?;
+            // The eventual ones first, so that the tables' locks are held only briefly.
+            for member in &self.inner.members {
+                if let Kind::Eventual(projection) = &member.kind {
+                    projection.clear().await?;
+                }
+            }
+            for member in &self.inner.members {
+                if let Kind::Transactional(projection) = &member.kind {
+                    projection.clear(&mut tx).await?;
+                }
+            }
+            save_checkpoints(&mut tx, &names, Position::default()).await
+        }
+        .await;
+        commit_or_roll_back(tx, cleared).await
+    }
+
+    /// Rebuilds the projections that [`Projections::clear`] has just cleared, reading the
+    /// whole log once for all: a first pass finds, from keys alone, each aggregate's
+    /// newest event and each subscription's newest snapshot (what compacting the whole
+    /// log as one batch keeps, [`log::newest_below`]); then only those are read, decoded
+    /// and applied, in log order, in chunks (each read on another connection while the one
+    /// before is applied), and the checkpoints are saved at the end of the log, in one
+    /// transaction. Each customer is written once however long its history, and memory
+    /// holds keys, not payloads. A projection another process caught up since it was
+    /// cleared is left to the catch-up that follows; an eventual one that fails drops out
+    /// (and is caught up from position 0 after).
+    async fn rebuild(
+        &self,
+        done: &mut [CatchUp],
+        progress: &mut (dyn FnMut(&str, u64) + Send),
+    ) -> Result<(), ProjectionError> {
+        let pool = &self.inner.pool;
+        let names: Vec<&str> = self.names().collect();
+        let mut tx = pool.begin().await?;
+        let horizon = log::read_horizon(&mut tx).await?;
+        let rebuilt = async {
+            let held = lock_checkpoints(&mut tx, &names, true).await?;
+            let mut group: Vec<usize> = (0..names.len())
+                .filter(|&i| {
+                    held.iter()
+                        .any(|(name, at)| name == names[i] && *at == Position::default())
+                })
+                .collect();
+            if group.is_empty() {
+                return Ok(None);
+            }
+            let started = Instant::now();
+            let newest = log::newest_below(&mut tx, horizon).await?;
+            tracing::info!(
+                read = newest.read,
+                needed = newest.global_seqs.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "rebuild: found each key's newest event"
+            );
+            let Some(last) = newest.last else {
+                return Ok(None);
+            };
+            let read_chunk = |chunk: &[i64]| {
+                let (pool, chunk) = (pool.clone(), chunk.to_vec());
+                tokio::spawn(async move {
+                    let mut conn = pool.acquire().await?;
+                    Ok::<_, ProjectionError>(log::read_by_global_seq(&mut conn, &chunk).await?)
+                })
+            };
+            let mut chunks = newest.global_seqs.chunks(REBUILD_CHUNK);
+            let mut next = chunks.next().map(read_chunk);
+            while let Some(reading) = next.take() {
+                let events = reading.await.map_err(|_| ProjectionError::Stopped)??;
+                next = chunks.next().map(read_chunk);
+                for (i, error) in self.apply(&mut tx, &group, &events).await? {
+                    group.retain(|&g| g != i);
+                    if group.is_empty() {
+                        return Err(error);
+                    }
+                }
+            }
+            save_checkpoints(&mut tx, &self.names_of(&group), last).await?;
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "rebuild: applied"
+            );
+            Ok(Some((newest.read, last, group)))
+        }
+        .await;
+        if let Some((read, last, group)) = commit_or_roll_back(tx, rebuilt).await? {
+            self.recovered(&group);
+            for i in group {
+                done[i].applied = read as u64;
+                done[i].position = last;
+                progress(done[i].name, done[i].applied);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps every projection caught up until `stop`, in batches of `batch`: a pass at
+    /// once when `committed` is notified (this process wrote events), else every `poll`
+    /// (events other replicas write wake nobody here). `failed` hears of every pass that
+    /// failed.
+    pub async fn run(
+        &self,
+        batch: i64,
+        committed: Arc<Notify>,
+        poll: Duration,
+        mut stop: watch::Receiver<bool>,
+        mut failed: impl FnMut(&ProjectionError) + Send,
+    ) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if let Err(error) = self.catch_up(batch, WhenBusy::Skip, |_, _| {}).await {
+                failed(&error);
+            }
+            tokio::select! {
+                _ = committed.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+enum Step {
+    /// A batch was applied; `dropped` failed (eventual ones) and go on alone.
+    Applied {
+        read: usize,
+        last: Position,
+        dropped: Vec<usize>,
+    },
+    /// Nothing more to read: the group stands at the end of what the log lets it read.
+    CaughtUp(Position),
+    /// The group cannot go together now (nothing was done): `busy` are held by another
+    /// process, `standing` are the others, grouped by where they stand.
+    Apart {
+        busy: Vec<usize>,
+        standing: Vec<Vec<usize>>,
+    },
+}
+
+/// Groups members by the position they stand at.
+fn by_position(mut standing: Vec<(usize, Position)>) -> Vec<Vec<usize>> {
+    standing.sort_by_key(|&(i, at)| (at, i));
+    let mut groups: Vec<(Position, Vec<usize>)> = Vec::new();
+    for (i, at) in standing {
+        match groups.last_mut() {
+            Some((held, group)) if *held == at => group.push(i),
+            _ => groups.push((at, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
+}
+
+/// The next batch, being read on another connection while this one is applied.
+type Prefetch = tokio::task::JoinHandle<Result<(Position, log::Batch), ProjectionError>>;
+
+fn prefetch(pool: &PgPool, after: Position, batch: i64) -> Prefetch {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        let horizon = log::read_horizon(&mut conn).await?;
+        Ok((
+            after,
+            log::read_batch(&mut conn, after, horizon, batch).await?,
+        ))
+    })
+}
+
+async fn ensure_checkpoints(pool: &PgPool, names: &[&str]) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(names)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
-/// The checkpoint of `name`, locked for this transaction; `None` when another process
-/// holds it.
-async fn lock_checkpoint(
+/// Locks the checkpoints of `names` for this transaction, in name order (so that
+/// processes that lock several never deadlock), and returns where each stands. When
+/// `wait` is false, those another process holds are left out.
+async fn lock_checkpoints(
     tx: &mut PgConnection,
-    name: &str,
+    names: &[&str],
     wait: bool,
-) -> Result<Option<Position>, ProjectionError> {
+) -> Result<Vec<(String, Position)>, ProjectionError> {
     let sql = if wait {
-        "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
+        "SELECT name, tx_id::text AS tx_id, global_seq FROM projection_checkpoints \
+         WHERE name = ANY($1) ORDER BY name FOR UPDATE"
     } else {
-        "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE SKIP LOCKED"
+        "SELECT name, tx_id::text AS tx_id, global_seq FROM projection_checkpoints \
+         WHERE name = ANY($1) ORDER BY name FOR UPDATE SKIP LOCKED"
     };
-    let row = sqlx::query(sql).bind(name).fetch_optional(&mut *tx).await?;
-    Ok(row.as_ref().map(checkpoint_position).transpose()?)
+    let rows = sqlx::query(sql).bind(names).fetch_all(&mut *tx).await?;
+    rows.iter()
+        .map(|row| Ok((row.get("name"), checkpoint_position(row)?)))
+        .collect()
 }
 
 /// The position a `projection_checkpoints` row (selected with `tx_id::text AS tx_id`)
@@ -99,15 +729,16 @@ fn checkpoint_position(row: &sqlx::postgres::PgRow) -> Result<Position, LogError
     })
 }
 
-async fn save_checkpoint(
+async fn save_checkpoints(
     tx: &mut PgConnection,
-    name: &str,
+    names: &[&str],
     at: Position,
 ) -> Result<(), ProjectionError> {
     sqlx::query(
-        "UPDATE projection_checkpoints SET tx_id = $2::text::xid8, global_seq = $3, updated_at = now() WHERE name = $1",
+        "UPDATE projection_checkpoints SET tx_id = $2::text::xid8, global_seq = $3, updated_at = now() \
+         WHERE name = ANY($1)",
     )
-    .bind(name)
+    .bind(names)
     .bind(at.tx_id.to_string())
     .bind(at.global_seq)
     .execute(tx)
@@ -134,304 +765,7 @@ async fn commit_or_roll_back<T>(
     }
 }
 
-/// What to do when another process holds the projection's checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WhenBusy {
-    /// Return at once (`CatchUp::busy`): the other process is doing the work.
-    Skip,
-    /// Wait for it, then go on (replays, which must finish the job themselves).
-    Wait,
-}
-
-/// Applies everything the log holds past the projection's checkpoint, in batches of
-/// `batch`, calling `progress` after each batch with the number applied so far.
-pub async fn catch_up<P: Projection>(
-    pool: &PgPool,
-    projection: &P,
-    batch: i64,
-    when_busy: WhenBusy,
-    mut progress: impl FnMut(u64) + Send,
-) -> Result<CatchUp, ProjectionError> {
-    ensure_checkpoint(pool, projection.name()).await?;
-    let mut done = CatchUp::default();
-    loop {
-        let mut tx = pool.begin().await?;
-        let horizon = log::read_horizon(&mut tx).await?;
-        let Some(at) =
-            lock_checkpoint(&mut tx, projection.name(), when_busy == WhenBusy::Wait).await?
-        else {
-            // End the transaction now: a dropped one is only rolled back when its
-            // connection is next used.
-            tx.rollback().await?;
-            done.busy = true;
-            return Ok(done);
-        };
-        done.position = at;
-        let read = log::read_batch(&mut tx, at, horizon, batch).await?;
-        let Some(last) = read.last else {
-            tx.commit().await?;
-            return Ok(done);
-        };
-        let applied = async {
-            projection.apply(&mut tx, &read.events).await?;
-            save_checkpoint(&mut tx, projection.name(), last).await
-        }
-        .await;
-        commit_or_roll_back(tx, applied).await?;
-        done.applied += read.read as u64;
-        done.position = last;
-        progress(done.applied);
-    }
-}
-
-/// Like [`catch_up`] for two projections, reading the log once for both while they stand
-/// at the same position (the usual case): each batch is read, applied to `a` then `b`,
-/// and both checkpoints saved, in one transaction. When they stand apart, when either is
-/// busy elsewhere, or when a joint batch fails (say Redis is down: `a` must not wait for
-/// `b`), each goes on alone with [`catch_up`], which also reports the failure.
-pub async fn catch_up_pair<A: Projection, B: Projection>(
-    pool: &PgPool,
-    a: &A,
-    b: &B,
-    batch: i64,
-    when_busy: WhenBusy,
-    mut progress: impl FnMut(&str, u64) + Send,
-) -> Result<[CatchUp; 2], ProjectionError> {
-    ensure_checkpoint(pool, a.name()).await?;
-    ensure_checkpoint(pool, b.name()).await?;
-    let mut done = [CatchUp::default(), CatchUp::default()];
-    let mut next = None;
-    loop {
-        match together(pool, a, b, batch, when_busy, &mut next).await {
-            Ok(Some(Together::Applied { read, last })) => {
-                for (i, name) in [a.name(), b.name()].into_iter().enumerate() {
-                    done[i].applied += read as u64;
-                    done[i].position = last;
-                    progress(name, done[i].applied);
-                }
-            }
-            Ok(Some(Together::CaughtUp(at))) => {
-                done[0].position = at;
-                done[1].position = at;
-                return Ok(done);
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    let first = catch_up(pool, a, batch, when_busy, |n| progress(a.name(), n)).await;
-    let second = catch_up(pool, b, batch, when_busy, |n| progress(b.name(), n)).await;
-    let (first, second) = (first?, second?);
-    for (total, alone) in done.iter_mut().zip([first, second]) {
-        total.applied += alone.applied;
-        total.position = alone.position;
-        total.busy = alone.busy;
-    }
-    Ok(done)
-}
-
-enum Together {
-    Applied { read: usize, last: Position },
-    CaughtUp(Position),
-}
-
-/// Applies `events` to `a`, then `b`; or to both at once when `b` does not write through
-/// the transaction (it is handed an idle connection of its own, which it does not use).
-async fn apply_both<A: Projection, B: Projection>(
-    pool: &PgPool,
-    tx: &mut PgConnection,
-    a: &A,
-    b: &B,
-    events: &[LoggedEvent],
-) -> Result<(), ProjectionError> {
-    // Never wait for a connection while holding the transaction: with none idle, in turn.
-    let idle = if b.uses_transaction() {
-        None
-    } else {
-        pool.try_acquire()
-    };
-    let Some(mut unused) = idle else {
-        a.apply(tx, events).await?;
-        return b.apply(tx, events).await;
-    };
-    let (first, second) = tokio::join!(a.apply(tx, events), b.apply(&mut unused, events));
-    first.and(second)
-}
-
-/// The next batch, being read on another connection while this one is applied.
-type Prefetch = tokio::task::JoinHandle<Result<(Position, log::Batch), ProjectionError>>;
-
-fn prefetch(pool: &PgPool, after: Position, batch: i64) -> Prefetch {
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        let mut conn = pool.acquire().await?;
-        let horizon = log::read_horizon(&mut conn).await?;
-        Ok((
-            after,
-            log::read_batch(&mut conn, after, horizon, batch).await?,
-        ))
-    })
-}
-
-/// One joint batch; `None` when the two cannot go together now (rolled back, nothing done).
-/// After a full batch, the next one is read meanwhile (`next`), so that reading the log
-/// and writing the projections overlap; it is used only if it starts where both
-/// checkpoints stand when its turn comes, and only if it found something.
-async fn together<A: Projection, B: Projection>(
-    pool: &PgPool,
-    a: &A,
-    b: &B,
-    batch: i64,
-    when_busy: WhenBusy,
-    next: &mut Option<Prefetch>,
-) -> Result<Option<Together>, ProjectionError> {
-    let mut tx = pool.begin().await?;
-    let horizon = log::read_horizon(&mut tx).await?;
-    let wait = when_busy == WhenBusy::Wait;
-    let (Some(at_a), Some(at_b)) = (
-        lock_checkpoint(&mut tx, a.name(), wait).await?,
-        lock_checkpoint(&mut tx, b.name(), wait).await?,
-    ) else {
-        tx.rollback().await?;
-        return Ok(None);
-    };
-    if at_a != at_b {
-        tx.rollback().await?;
-        return Ok(None);
-    }
-    let prefetched = match next.take() {
-        Some(handle) => match handle.await {
-            Ok(Ok((from, read))) if from == at_a && read.last.is_some() => Some(read),
-            _ => None,
-        },
-        None => None,
-    };
-    let read = match prefetched {
-        Some(read) => read,
-        None => log::read_batch(&mut tx, at_a, horizon, batch).await?,
-    };
-    let Some(last) = read.last else {
-        tx.commit().await?;
-        return Ok(Some(Together::CaughtUp(at_a)));
-    };
-    if read.read as i64 == batch {
-        *next = Some(prefetch(pool, last, batch));
-    }
-    let applied = async {
-        apply_both(pool, &mut tx, a, b, &read.events).await?;
-        save_checkpoint(&mut tx, a.name(), last).await?;
-        save_checkpoint(&mut tx, b.name(), last).await
-    }
-    .await;
-    // On failure each projection goes on alone next.
-    commit_or_roll_back(tx, applied).await?;
-    Ok(Some(Together::Applied {
-        read: read.read,
-        last,
-    }))
-}
-
-/// Clears what the projection owns and rewinds its checkpoint to position 0, waiting for
-/// any process that is applying it right now. Follow with [`catch_up`].
-pub async fn replay<P: Projection>(pool: &PgPool, projection: &P) -> Result<(), ProjectionError> {
-    ensure_checkpoint(pool, projection.name()).await?;
-    let mut tx = pool.begin().await?;
-    lock_checkpoint(&mut tx, projection.name(), true).await?;
-    projection.clear(&mut tx).await?;
-    save_checkpoint(&mut tx, projection.name(), Position::default()).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// Events decoded and applied per step of [`rebuild_pair`].
-const REBUILD_CHUNK: usize = 20_000;
-
-/// Rebuilds two projections that [`replay`] has just cleared, reading the whole log once
-/// for both: a first pass finds, from keys alone, each aggregate's newest event and each
-/// subscription's newest snapshot (what compacting the whole log as one batch keeps,
-/// [`log::newest_below`]); then only those are read, decoded and applied, in log order,
-/// in chunks, and both checkpoints are saved at the end of the log, in one transaction.
-/// Each customer is written once however long its history, and memory holds keys, not
-/// payloads. If either projection has moved since it was cleared (another process caught
-/// it up meanwhile), it only catches up. Either way it ends with [`catch_up_pair`] for
-/// what was committed meanwhile.
-pub async fn rebuild_pair<A: Projection, B: Projection>(
-    pool: &PgPool,
-    a: &A,
-    b: &B,
-    batch: i64,
-    mut progress: impl FnMut(&str, u64) + Send,
-) -> Result<[CatchUp; 2], ProjectionError> {
-    ensure_checkpoint(pool, a.name()).await?;
-    ensure_checkpoint(pool, b.name()).await?;
-    let mut done = [CatchUp::default(), CatchUp::default()];
-    let mut tx = pool.begin().await?;
-    let horizon = log::read_horizon(&mut tx).await?;
-    let at_a = lock_checkpoint(&mut tx, a.name(), true).await?;
-    let at_b = lock_checkpoint(&mut tx, b.name(), true).await?;
-    let cleared = Some(Position::default());
-    let rebuilt = async {
-        if at_a != cleared || at_b != cleared {
-            return Ok(None);
-        }
-        let started = std::time::Instant::now();
-        let newest = log::newest_below(&mut tx, horizon).await?;
-        tracing::info!(
-            read = newest.read,
-            needed = newest.global_seqs.len(),
-            took_ms = started.elapsed().as_millis() as u64,
-            "rebuild: found each key's newest event"
-        );
-        let Some(last) = newest.last else {
-            return Ok(None);
-        };
-        // Each chunk is read and decoded on another connection while the one before it
-        // is applied.
-        let read_chunk = |chunk: &[i64]| {
-            let (pool, chunk) = (pool.clone(), chunk.to_vec());
-            tokio::spawn(async move {
-                let mut conn = pool.acquire().await?;
-                Ok::<_, ProjectionError>(log::read_by_global_seq(&mut conn, &chunk).await?)
-            })
-        };
-        let mut chunks = newest.global_seqs.chunks(REBUILD_CHUNK);
-        let mut next = chunks.next().map(read_chunk);
-        while let Some(reading) = next.take() {
-            let events = reading.await.map_err(|_| ProjectionError::Stopped)??;
-            next = chunks.next().map(read_chunk);
-            apply_both(pool, &mut tx, a, b, &events).await?;
-        }
-        save_checkpoint(&mut tx, a.name(), last).await?;
-        save_checkpoint(&mut tx, b.name(), last).await?;
-        tracing::info!(
-            took_ms = started.elapsed().as_millis() as u64,
-            "rebuild: applied"
-        );
-        Ok(Some((newest.read, last)))
-    }
-    .await;
-    if let Some((read, last)) = commit_or_roll_back(tx, rebuilt).await? {
-        for (i, name) in [a.name(), b.name()].into_iter().enumerate() {
-            done[i] = CatchUp {
-                applied: read as u64,
-                position: last,
-                busy: false,
-            };
-            progress(name, done[i].applied);
-        }
-    }
-    let rest = catch_up_pair(pool, a, b, batch, WhenBusy::Wait, |name, n| {
-        let i = usize::from(name == b.name());
-        progress(name, done[i].applied + n)
-    })
-    .await?;
-    for (total, more) in done.iter_mut().zip(rest) {
-        total.applied += more.applied;
-        total.position = more.position;
-    }
-    Ok(done)
-}
-
-/// How many events each projection is behind the log.
+/// How many events a projection is behind the log.
 pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
     let mut conn = pool.acquire().await?;
     let at = sqlx::query(

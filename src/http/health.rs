@@ -19,9 +19,6 @@ use super::AppState;
 /// The longest any one check may take.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The projections whose lag is reported (their checkpoint names).
-const PROJECTIONS: [&str; 2] = ["platform_tables", "redis_cache"];
-
 #[derive(Debug, Serialize)]
 pub struct Readiness {
     /// `ok`, `degraded` (Redis or Stripe unreachable) or `unavailable` (Postgres unreachable).
@@ -160,10 +157,9 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     let (inbox, projections) = if postgres.reachable {
         let depth = tokio::time::timeout(CHECK_TIMEOUT, inbox_depth(&state)).await;
         let mut lags = Vec::new();
-        for name in PROJECTIONS {
+        for name in state.projections.names() {
             if let Ok(Ok(lag)) =
-                tokio::time::timeout(CHECK_TIMEOUT, projections::runner::lag(&state.pool, name))
-                    .await
+                tokio::time::timeout(CHECK_TIMEOUT, state.projections.lag(name)).await
             {
                 lags.push(ProjectionLag { name, lag });
             }

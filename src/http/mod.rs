@@ -16,7 +16,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use projections::{Catalog, RedisCache};
+use projections::{Catalog, Projections, RedisCache};
 use sqlx::PgPool;
 
 use crate::config::Settings;
@@ -28,6 +28,8 @@ pub use error::ApiError;
 pub struct AppState {
     pub pool: PgPool,
     pub cache: RedisCache,
+    /// The read models' runner: their names and lag.
+    pub projections: Projections,
     pub catalog: Arc<Catalog>,
     pub settings: Arc<Settings>,
     /// Wakes the inbox workers when a new event is stored.

@@ -15,6 +15,7 @@ mod outages;
 mod processes;
 mod procs;
 mod replay;
+mod runner;
 mod security;
 mod stripe_api;
 mod stripe_sim;

@@ -1,0 +1,200 @@
+//! The projection runner over any number of projections: one that fails drops out and
+//! goes on alone without holding the others back, comes back when it recovers, and a
+//! replay rebuilds every one of them. A third projection (kept in memory) stands beside
+//! the service's two; real Postgres, no HTTP.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use projections::{
+    EventualProjection, LoggedEvent, Member, PlatformTables, ProjectionError, Projections,
+    TransactionalProjection, WhenBusy,
+};
+use subledger::Services;
+
+use crate::helpers::test_settings;
+use crate::stripe_sim::{shuffle_with_duplicates, simulate};
+
+/// An eventual projection in memory (each customer's newest version) that fails on demand,
+/// as the Redis cache does when Redis is down: `down` fails its batches, `unreachable` its
+/// clearing too.
+#[derive(Clone, Default)]
+struct Flaky {
+    down: Arc<AtomicBool>,
+    unreachable: Arc<AtomicBool>,
+    versions: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+fn failure() -> ProjectionError {
+    redis::RedisError::from((redis::ErrorKind::IoError, "down for the test")).into()
+}
+
+impl EventualProjection for Flaky {
+    const NAME: &'static str = "test_flaky";
+
+    async fn apply(&self, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(failure());
+        }
+        let mut versions = self.versions.lock().unwrap();
+        for event in events {
+            let held = versions.entry(event.aggregate_id.clone()).or_default();
+            *held = (*held).max(event.sequence);
+        }
+        Ok(())
+    }
+
+    async fn clear(&self) -> Result<(), ProjectionError> {
+        if self.unreachable.load(Ordering::Relaxed) {
+            return Err(failure());
+        }
+        self.versions.lock().unwrap().clear();
+        Ok(())
+    }
+}
+
+/// A service whose log holds a simulated account's events (nothing projected yet), the
+/// runner over its tables and `flaky`, and each customer's version in the log.
+async fn logged(tag: &str, flaky: &Flaky) -> (Services, Projections, BTreeMap<String, u64>) {
+    let (settings, _, _) = test_settings(tag);
+    let services = Services::connect(settings).await.unwrap();
+    let sim = simulate(53, 9, 1_760_000_000);
+    let lines: Vec<String> = shuffle_with_duplicates(&sim.events, 13, 0.1)
+        .iter()
+        .map(|event| event.body.to_string())
+        .collect();
+    subledger::import::import(&services.pool, &lines.join("\n"))
+        .await
+        .unwrap();
+    services.ledger.drain().await.unwrap();
+    let runner = Projections::new(
+        services.pool.clone(),
+        [
+            Member::transactional(services.platform.clone()),
+            Member::eventual(flaky.clone()),
+        ],
+    );
+    let versions: Vec<(String, i64)> =
+        sqlx::query_as("SELECT aggregate_id, max(sequence) FROM events GROUP BY aggregate_id")
+            .fetch_all(&services.pool)
+            .await
+            .unwrap();
+    let versions = versions
+        .into_iter()
+        .map(|(customer, version)| (customer, version as u64))
+        .collect();
+    (services, runner, versions)
+}
+
+async fn lag(runner: &Projections, name: &str) -> i64 {
+    runner.lag(name).await.unwrap()
+}
+
+/// Catches up in batches of 7 until nothing lags; returns the first failure.
+async fn catch_up(runner: &Projections) -> Result<(), ProjectionError> {
+    loop {
+        runner.catch_up(7, WhenBusy::Wait, |_, _| {}).await?;
+        let mut behind = 0;
+        for name in runner.names() {
+            behind += lag(runner, name).await;
+        }
+        if behind == 0 {
+            return Ok(());
+        }
+        // Another test's transaction on the same server holds the reader back.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failing_projection_goes_on_alone_and_never_holds_the_others_back() {
+    let flaky = Flaky::default();
+    let (services, runner, versions) = logged("runnerfail", &flaky).await;
+    let tables = PlatformTables::NAME;
+    let events = services.projections.lag(tables).await.unwrap();
+    assert!(events > 7, "several batches");
+
+    flaky.down.store(true, Ordering::Relaxed);
+    let mut failures = 0;
+    while lag(&runner, tables).await > 0 {
+        if runner.catch_up(7, WhenBusy::Wait, |_, _| {}).await.is_err() {
+            failures += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The tables went on without it to the end of the log; its failure was reported.
+    assert!(failures > 0);
+    assert_eq!(
+        lag(&runner, Flaky::NAME).await,
+        events,
+        "the failing one stayed"
+    );
+    assert!(flaky.versions.lock().unwrap().is_empty());
+
+    // It recovers: it catches up alone, then goes with the others again.
+    flaky.down.store(false, Ordering::Relaxed);
+    catch_up(&runner).await.unwrap();
+    assert_eq!(*flaky.versions.lock().unwrap(), versions);
+    let subscriptions: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions")
+        .fetch_one(&services.pool)
+        .await
+        .unwrap();
+    assert_eq!(subscriptions as usize, versions.len());
+}
+
+#[tokio::test]
+async fn a_replay_rebuilds_every_projection_and_one_that_fails_is_caught_up_after() {
+    let flaky = Flaky::default();
+    let (services, runner, versions) = logged("runnerreplay", &flaky).await;
+    let tables = PlatformTables::NAME;
+    catch_up(&runner).await.unwrap();
+    let read_tables = || async {
+        sqlx::query_scalar::<_, serde_json::Value>(
+            "SELECT to_jsonb(s) - 'updated_at' FROM subscriptions s ORDER BY customer_id",
+        )
+        .fetch_all(&services.pool)
+        .await
+        .unwrap()
+    };
+    let live = read_tables().await;
+
+    // Unreachable: nothing is cleared, the replay fails.
+    flaky.down.store(true, Ordering::Relaxed);
+    flaky.unreachable.store(true, Ordering::Relaxed);
+    assert!(runner.replay(7, |_, _| {}).await.is_err());
+    assert_eq!(
+        *flaky.versions.lock().unwrap(),
+        versions,
+        "nothing was cleared"
+    );
+
+    // Cleared, then failing while the log is applied: it drops out, the tables are
+    // rebuilt without it, the failure is reported, and it stays at position 0.
+    flaky.unreachable.store(false, Ordering::Relaxed);
+    assert!(runner.replay(7, |_, _| {}).await.is_err());
+    while lag(&runner, tables).await > 0 {
+        let _ = runner.catch_up(7, WhenBusy::Wait, |_, _| {}).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(read_tables().await, live);
+    assert!(flaky.versions.lock().unwrap().is_empty());
+    let events = lag(&runner, Flaky::NAME).await;
+    assert_eq!(events, versions.values().sum::<u64>() as i64);
+
+    // Up: everything is rebuilt together, the third projection with the others.
+    flaky.down.store(false, Ordering::Relaxed);
+    let mut seen = Vec::new();
+    let done = runner
+        .replay(7, |name, n| seen.push((name.to_owned(), n)))
+        .await
+        .unwrap();
+    assert_eq!(
+        done.iter().map(|d| d.name).collect::<Vec<_>>(),
+        runner.names().collect::<Vec<_>>()
+    );
+    assert!(seen.iter().any(|(name, _)| name == Flaky::NAME), "{seen:?}");
+    catch_up(&runner).await.unwrap();
+    assert_eq!(*flaky.versions.lock().unwrap(), versions);
+    assert_eq!(read_tables().await, live);
+}
