@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use projections::{EventualProjection, PlatformTables, RedisCache, TransactionalProjection};
 use sqlx::PgPool;
 use stripe_sim::{shuffle_with_duplicates, sign, simulate, SimEvent};
 
@@ -213,10 +214,10 @@ async fn wait_caught_up(pool: &PgPool) {
             .fetch_one(pool)
             .await
             .unwrap();
-        let lag_a = projections::runner::lag(pool, "platform_tables")
+        let lag_a = projections::runner::lag(pool, PlatformTables::NAME)
             .await
             .unwrap_or(1);
-        let lag_b = projections::runner::lag(pool, "redis_cache")
+        let lag_b = projections::runner::lag(pool, RedisCache::NAME)
             .await
             .unwrap_or(1);
         if pending == 0 && lag_a == 0 && lag_b == 0 {

@@ -11,10 +11,11 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::EventStore;
 use postgres_es::PostgresEventRepository;
 use subledger::inbox::{self, NewEvent, Received, Source};
+use subledger::startup::PROJECTION_BATCH;
 use subledger::stripe::{parse_event, route, Route, StripeEvent};
 use subledger::Services;
 
-use crate::helpers::test_settings;
+use crate::helpers::{catch_up_fully, test_settings};
 use crate::stripe_sim::{shuffle_with_duplicates, simulate, SimEvent, Simulation};
 
 async fn services(tag: &str) -> Services {
@@ -241,43 +242,21 @@ async fn a_rebuild_writes_what_catching_up_batch_by_batch_wrote() {
     services.ledger.drain().await.unwrap();
     let events = count(&services, "SELECT count(*) FROM events").await as u64;
     // Live: many small batches.
-    let live = catch_up_all(&services, Vec::new()).await;
+    let live = catch_up_fully(&services.projections, PROJECTION_BATCH)
+        .await
+        .unwrap();
     assert!(live.iter().all(|&applied| applied == events), "{live:?}");
     let live = read_models(&services, &prefix).await;
     assert_eq!(live.0.len(), sim.truth.len());
 
     let rebuilt = services.replay(|_, _| {}).await.unwrap();
-    let rebuilt = catch_up_all(&services, rebuilt.iter().map(|d| d.applied).collect()).await;
-    assert!(
-        rebuilt.iter().all(|&applied| applied == events),
-        "{rebuilt:?}"
-    );
-    assert_eq!(read_models(&services, &prefix).await, live);
-}
-
-/// Catches every projection up until none lags, adding what each applied to `applied`
-/// (one count per projection, in the runner's order). One call may stop short of the end
-/// of the log: the reader never passes a transaction still running, and the tests beside
-/// this one keep some running on the same server.
-async fn catch_up_all(services: &Services, mut applied: Vec<u64>) -> Vec<u64> {
-    applied.resize(services.projections.names().count(), 0);
-    loop {
-        let done = services
-            .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
-            .await
-            .unwrap();
-        for (total, done) in applied.iter_mut().zip(done) {
-            *total += done.applied;
-        }
-        let mut behind = 0;
-        for name in services.projections.names() {
-            behind += services.projections.lag(name).await.unwrap();
-        }
-        if behind == 0 {
-            return applied;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let rest = catch_up_fully(&services.projections, PROJECTION_BATCH)
+        .await
+        .unwrap();
+    for (done, more) in rebuilt.iter().zip(rest) {
+        assert_eq!(done.applied + more, events, "{}", done.name);
     }
+    assert_eq!(read_models(&services, &prefix).await, live);
 }
 
 async fn read_models(

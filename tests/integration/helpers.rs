@@ -6,6 +6,10 @@
 use std::sync::Once;
 use std::time::Duration;
 
+use projections::{
+    EventualProjection, PlatformTables, ProjectionError, Projections, RedisCache,
+    TransactionalProjection, WhenBusy,
+};
 use redis::AsyncCommands;
 use secrecy::SecretString;
 use serde_json::Value;
@@ -28,6 +32,59 @@ fn base_database_url() -> String {
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The projections a `subledger serve` started by a test keeps, for the tests that reach
+/// it only through its database: as they name themselves, in the runner's order (the
+/// served `/readyz` lists the runner's own, and a test compares them).
+pub const SERVED_PROJECTIONS: [&str; 2] = [PlatformTables::NAME, RedisCache::NAME];
+
+/// Waits (at most `within`) until the inbox has nothing pending and each of `projections`
+/// has read the whole log. The tests' one settle: [`TestApp::settle`] for an app in this
+/// process, called directly for a served binary. A failing query (a database being
+/// restarted) only means "not yet".
+pub async fn settle(pool: &PgPool, projections: &[&str], within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let pending: Result<i64, _> =
+            sqlx::query_scalar("SELECT count(*) FROM inbox WHERE state = 'pending'")
+                .fetch_one(pool)
+                .await;
+        let mut lags = Vec::new();
+        for &name in projections {
+            lags.push((name, projections::runner::lag(pool, name).await));
+        }
+        if matches!(pending, Ok(0)) && lags.iter().all(|(_, lag)| matches!(lag, Ok(0))) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not settled: pending {pending:?}, lags {lags:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Drives `runner` itself (for tests where no app runs one) until none of its projections
+/// lags, in batches of `batch`; returns what each applied, in the runner's order. One pass
+/// may stop short of the end of the log: the reader never passes a transaction still
+/// running, and the tests beside this one keep some running on the same server.
+pub async fn catch_up_fully(runner: &Projections, batch: i64) -> Result<Vec<u64>, ProjectionError> {
+    let mut applied = vec![0; runner.names().count()];
+    loop {
+        let done = runner.catch_up(batch, WhenBusy::Wait, |_, _| {}).await?;
+        for (total, done) in applied.iter_mut().zip(done) {
+            *total += done.applied;
+        }
+        let mut behind = 0;
+        for name in runner.names() {
+            behind += runner.lag(name).await?;
+        }
+        if behind == 0 {
+            return Ok(applied);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 pub struct TestApp {
@@ -147,30 +204,11 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
-    /// Waits until the inbox has nothing due and every projection has read the whole log.
+    /// Waits until the inbox has nothing pending and every projection of the app's runner
+    /// has read the whole log.
     pub async fn settle(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let pending: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM inbox WHERE state = 'pending'")
-                    .fetch_one(&self.pool)
-                    .await
-                    .unwrap();
-            let lag_platform = projections::runner::lag(&self.pool, "platform_tables")
-                .await
-                .unwrap();
-            let lag_cache = projections::runner::lag(&self.pool, "redis_cache")
-                .await
-                .unwrap();
-            if pending == 0 && lag_platform == 0 && lag_cache == 0 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "not settled: {pending} pending, lag {lag_platform}/{lag_cache}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let names: Vec<&str> = self.services.projections.names().collect();
+        settle(&self.pool, &names, Duration::from_secs(60)).await;
     }
 
     /// (state, outcome, detail) of an inbox row.

@@ -257,7 +257,7 @@ async fn metrics_count_webhooks_by_type_and_outcome_and_describe_the_backlog() {
         value(&after, "subledger_inbox_oldest_pending_age_seconds", &[]),
         Some(0.0)
     );
-    for projection in ["platform_tables", "redis_cache"] {
+    for projection in app.services.projections.names() {
         assert_eq!(
             value(
                 &after,

@@ -10,9 +10,9 @@ use rand_like::Lcg;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::helpers::{spawn_app, test_settings};
+use crate::helpers::{settle, spawn_app, test_settings, SERVED_PROJECTIONS};
 use crate::procs::{
-    answers, assert_no_secret, post_all, scratch, serve_command, settle, Served, DB_PASSWORD,
+    answers, assert_no_secret, post_all, scratch, serve_command, Served, DB_PASSWORD,
 };
 use crate::stripe_sim::{shuffle_with_duplicates, simulate, SimEvent};
 
@@ -119,7 +119,7 @@ async fn sigkill_during_a_shuffled_load_loses_nothing_acknowledged() {
     let pool = PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{db_name}"))
         .await
         .unwrap();
-    settle(&pool, Duration::from_secs(60)).await;
+    settle(&pool, &SERVED_PROJECTIONS, Duration::from_secs(60)).await;
     eprintln!(
         "{total} deliveries, {kills} SIGKILLs ({killed_mid_load} while sending), \
          {lost_answers} deliveries resent"
@@ -175,7 +175,7 @@ async fn three_replicas_share_a_load_and_converge_like_one() {
     let pool = PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{db_name}"))
         .await
         .unwrap();
-    settle(&pool, Duration::from_secs(60)).await;
+    settle(&pool, &SERVED_PROJECTIONS, Duration::from_secs(60)).await;
 
     for address in &addresses {
         assert_eq!(answers(address, &customers).await, expected, "{address}");

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use serde_json::Value;
-use sqlx::PgPool;
 use subledger::Settings;
 
 use crate::helpers::{SECRET, TOKEN};
@@ -167,29 +166,6 @@ pub async fn post_all(addresses: &[String], bodies: &[Vec<u8>], limit: usize) ->
     }
     acked.sort();
     acked
-}
-
-/// Waits until nothing is pending in the inbox and both projections have read the log.
-pub async fn settle(pool: &PgPool, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let pending: Result<i64, _> =
-            sqlx::query_scalar("SELECT count(*) FROM inbox WHERE state = 'pending'")
-                .fetch_one(pool)
-                .await;
-        let lags = (
-            projections::runner::lag(pool, "platform_tables").await,
-            projections::runner::lag(pool, "redis_cache").await,
-        );
-        if let (Ok(0), (Ok(0), Ok(0))) = (pending.as_ref().map(|p| *p), &lags) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not settled: pending {pending:?}, lags {lags:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The API's answer for each customer, without `version` (it counts events applied, which

@@ -13,7 +13,7 @@ use projections::{
 };
 use subledger::Services;
 
-use crate::helpers::test_settings;
+use crate::helpers::{catch_up_fully, test_settings};
 use crate::stripe_sim::{shuffle_with_duplicates, simulate};
 
 /// An eventual projection in memory (each customer's newest version) that fails on demand,
@@ -91,20 +91,9 @@ async fn lag(runner: &Projections, name: &str) -> i64 {
     runner.lag(name).await.unwrap()
 }
 
-/// Catches up in batches of 7 until nothing lags; returns the first failure.
+/// Catches up in batches of 7 until nothing lags.
 async fn catch_up(runner: &Projections) -> Result<(), ProjectionError> {
-    loop {
-        runner.catch_up(7, WhenBusy::Wait, |_, _| {}).await?;
-        let mut behind = 0;
-        for name in runner.names() {
-            behind += lag(runner, name).await;
-        }
-        if behind == 0 {
-            return Ok(());
-        }
-        // Another test's transaction on the same server holds the reader back.
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    catch_up_fully(runner, 7).await.map(drop)
 }
 
 #[tokio::test]
