@@ -362,6 +362,24 @@ fn decode_row(row: &PgRow) -> Result<LoggedEvent, LogError> {
     })
 }
 
+/// Where the event that brought `aggregate_id` to `version` stands in the log (what a
+/// request waits for projections to reach); `None` when the log holds no such event.
+pub async fn position_of_version(
+    conn: &mut PgConnection,
+    aggregate_id: &str,
+    version: u64,
+) -> Result<Option<Position>, LogError> {
+    let row = sqlx::query(
+        "SELECT tx_id::text AS tx_text, global_seq FROM events \
+         WHERE aggregate_type = 'Subscription' AND aggregate_id = $1 AND sequence = $2",
+    )
+    .bind(aggregate_id)
+    .bind(version as i64)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(position_of).transpose()
+}
+
 /// How many events the log holds after `after` (for progress and lag).
 pub async fn count_after(conn: &mut PgConnection, after: Position) -> Result<i64, LogError> {
     Ok(sqlx::query_scalar(

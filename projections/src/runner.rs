@@ -18,11 +18,15 @@
 //! projection must tolerate a batch twice and an older event after a newer one (they skip
 //! by version). Never use cqrs-es's in-process queries or `replay_all` for this (see
 //! CONVENTIONS.md).
+//!
+//! The runner also tells requests when their writes are readable: each pass publishes
+//! where the projections stand, and [`Projections::wait_until_applied`] waits on that
+//! (bounded by a deadline) instead of polling.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -174,6 +178,9 @@ pub enum WhenBusy {
 /// Events decoded and applied per step of a rebuild.
 const REBUILD_CHUNK: usize = 20_000;
 
+/// The first pause between passes while a request waits (see [`Projections::run`]).
+const FIRST_RETRY: Duration = Duration::from_millis(5);
+
 /// The projections of a service and the runner that keeps them. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct Projections {
@@ -185,6 +192,14 @@ struct Inner {
     members: Vec<Member>,
     /// Whether each member's last batch failed; such a member goes on alone.
     failing: Vec<AtomicBool>,
+    /// Where each member stands as this process last saved it. Every pass publishes, even
+    /// one that found nothing or another process holding the work, so that waiters look
+    /// again (at the checkpoints in Postgres too).
+    applied: watch::Sender<Vec<Position>>,
+    /// Requests waiting in [`Projections::wait_until_applied`].
+    waiting: AtomicUsize,
+    /// Notified by a waiter that wants a pass now.
+    wanted: Notify,
 }
 
 impl Projections {
@@ -203,11 +218,15 @@ impl Projections {
                 member.name
             );
         }
+        let (applied, _) = watch::channel(vec![Position::default(); members.len()]);
         Self {
             inner: Arc::new(Inner {
                 pool,
                 failing: members.iter().map(|_| AtomicBool::new(false)).collect(),
                 members,
+                applied,
+                waiting: AtomicUsize::new(0),
+                wanted: Notify::new(),
             }),
         }
     }
@@ -252,9 +271,12 @@ impl Projections {
         mut progress: impl FnMut(&str, u64) + Send,
     ) -> Result<Vec<CatchUp>, ProjectionError> {
         let mut done = self.reports();
-        self.catch_up_into(&mut done, batch, when_busy, &mut progress)
-            .await?;
-        Ok(done)
+        let caught_up = self
+            .catch_up_into(&mut done, batch, when_busy, &mut progress)
+            .await;
+        // Whatever the pass found, waiters look again.
+        self.inner.applied.send_modify(|_| {});
+        caught_up.map(|()| done)
     }
 
     async fn catch_up_into(
@@ -423,7 +445,7 @@ impl Projections {
         }
         let saved = save_checkpoints(&mut tx, &self.names_of(&kept), last).await;
         commit_or_roll_back(tx, saved).await?;
-        self.recovered(&kept);
+        self.applied_at(&kept, last);
         Ok(Step::Applied {
             read: read.read,
             last,
@@ -475,13 +497,24 @@ impl Projections {
         self.inner.failing[i].load(Ordering::Relaxed)
     }
 
-    /// Records that `members` applied a batch: whichever was failing has recovered.
-    fn recovered(&self, members: &[usize]) {
+    /// Records (and publishes) that `members` applied the log up to `at`: whichever was
+    /// failing has recovered.
+    fn applied_at(&self, members: &[usize], at: Position) {
         for &i in members {
             if self.inner.failing[i].swap(false, Ordering::Relaxed) {
                 tracing::info!(projection = self.name(i), "projection recovered");
             }
         }
+        self.publish(members, at);
+    }
+
+    /// Publishes that `members` stand at `at`.
+    fn publish(&self, members: &[usize], at: Position) {
+        self.inner.applied.send_modify(|applied| {
+            for &i in members {
+                applied[i] = at;
+            }
+        });
     }
 
     /// Clears every projection and rebuilds them together from the whole log compacted
@@ -533,7 +566,10 @@ impl Projections {
             save_checkpoints(&mut tx, &names, Position::default()).await
         }
         .await;
-        commit_or_roll_back(tx, cleared).await
+        commit_or_roll_back(tx, cleared).await?;
+        let all: Vec<usize> = (0..self.inner.members.len()).collect();
+        self.publish(&all, Position::default());
+        Ok(())
     }
 
     /// Rebuilds the projections that [`Projections::clear`] has just cleared, reading the
@@ -605,7 +641,7 @@ impl Projections {
         }
         .await;
         if let Some((read, last, group)) = commit_or_roll_back(tx, rebuilt).await? {
-            self.recovered(&group);
+            self.applied_at(&group, last);
             for i in group {
                 done[i].applied = read as u64;
                 done[i].position = last;
@@ -616,9 +652,12 @@ impl Projections {
     }
 
     /// Keeps every projection caught up until `stop`, in batches of `batch`: a pass at
-    /// once when `committed` is notified (this process wrote events), else every `poll`
-    /// (events other replicas write wake nobody here). `failed` hears of every pass that
-    /// failed.
+    /// once when `committed` is notified (this process wrote events) or a waiter asks,
+    /// else every `poll` (events other replicas write wake nobody here). While a request
+    /// waits in [`Projections::wait_until_applied`], passes come sooner (from a few
+    /// milliseconds, doubling up to `poll`): its events may not be readable yet because a
+    /// transaction older than theirs is still running, and that one's end wakes nobody.
+    /// `failed` hears of every pass that failed.
     pub async fn run(
         &self,
         batch: i64,
@@ -627,6 +666,7 @@ impl Projections {
         mut stop: watch::Receiver<bool>,
         mut failed: impl FnMut(&ProjectionError) + Send,
     ) {
+        let mut soon = FIRST_RETRY;
         loop {
             if *stop.borrow() {
                 return;
@@ -634,12 +674,108 @@ impl Projections {
             if let Err(error) = self.catch_up(batch, WhenBusy::Skip, |_, _| {}).await {
                 failed(&error);
             }
+            let pause = if self.inner.waiting.load(Ordering::Relaxed) > 0 {
+                let pause = soon;
+                soon = (soon * 2).min(poll);
+                pause
+            } else {
+                soon = FIRST_RETRY;
+                poll
+            };
             tokio::select! {
                 _ = committed.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = self.inner.wanted.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = stop.changed() => {}
             }
         }
+    }
+
+    /// Waits until the projections have applied the event that brought `aggregate_id` to
+    /// `version`, at most `within`; returns whether they did. It is woken by this
+    /// process's runner after each of its passes (and asks it for one at once), then
+    /// looks at where the runner published the projections stand and, failing that, at
+    /// their checkpoint rows in Postgres: another replica may have done the work. An
+    /// eventual projection failing here (Redis down) is not waited for: reads then fall
+    /// back to the tables. Nothing sleeps at a fixed interval here.
+    pub async fn wait_until_applied(
+        &self,
+        aggregate_id: &str,
+        version: u64,
+        within: Duration,
+    ) -> Result<bool, ProjectionError> {
+        let _waiting = Waiting::new(&self.inner.waiting);
+        let mut applied = self.inner.applied.subscribe();
+        let waited = tokio::time::timeout(within, async {
+            let mut conn = self.inner.pool.acquire().await?;
+            let target = log::position_of_version(&mut conn, aggregate_id, version).await?;
+            drop(conn);
+            let Some(target) = target else {
+                return Ok(());
+            };
+            self.inner.wanted.notify_one();
+            loop {
+                let awaited: Vec<usize> = (0..self.inner.members.len())
+                    .filter(|&i| {
+                        matches!(self.inner.members[i].kind, Kind::Transactional(_))
+                            || !self.is_failing(i)
+                    })
+                    .collect();
+                let here = {
+                    let at = applied.borrow_and_update();
+                    awaited.iter().all(|&i| at[i] >= target)
+                };
+                if here || self.checkpoints_reached(&awaited, target).await? {
+                    return Ok(());
+                }
+                if applied.changed().await.is_err() {
+                    // Cannot happen while `self` lives (it holds the sender).
+                    return Err(ProjectionError::Stopped);
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Whether the checkpoints of `members` in Postgres all stand at `target` or after.
+    async fn checkpoints_reached(
+        &self,
+        members: &[usize],
+        target: Position,
+    ) -> Result<bool, ProjectionError> {
+        let names = self.names_of(members);
+        let rows = sqlx::query(
+            "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = ANY($1)",
+        )
+        .bind(&names)
+        .fetch_all(&self.inner.pool)
+        .await?;
+        let mut reached = rows.len() == names.len();
+        for row in &rows {
+            reached &= checkpoint_position(row)? >= target;
+        }
+        Ok(reached)
+    }
+}
+
+/// Counts a waiter while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -1,11 +1,15 @@
 //! The projection runner over any number of projections: one that fails drops out and
-//! goes on alone without holding the others back, comes back when it recovers, and a
-//! replay rebuilds every one of them. A third projection (kept in memory) stands beside
-//! the service's two; real Postgres, no HTTP.
+//! goes on alone without holding the others back, comes back when it recovers, a replay
+//! rebuilds every one of them, and a request can wait for its events to be applied. A
+//! third projection (kept in memory) stands beside the service's two; real Postgres and
+//! Redis, no HTTP.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aggregates::{Fact, FactSource, OwnerFacts, StripeFacts, SubscriptionCommand};
 
 use projections::{
     EventualProjection, LoggedEvent, Member, PlatformTables, ProjectionError, Projections,
@@ -110,7 +114,7 @@ async fn a_failing_projection_goes_on_alone_and_never_holds_the_others_back() {
         if runner.catch_up(7, WhenBusy::Wait, |_, _| {}).await.is_err() {
             failures += 1;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The tables went on without it to the end of the log; its failure was reported.
     assert!(failures > 0);
@@ -164,7 +168,7 @@ async fn a_replay_rebuilds_every_projection_and_one_that_fails_is_caught_up_afte
     assert!(runner.replay(7, |_, _| {}).await.is_err());
     while lag(&runner, tables).await > 0 {
         let _ = runner.catch_up(7, WhenBusy::Wait, |_, _| {}).await;
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(read_tables().await, live);
     assert!(flaky.versions.lock().unwrap().is_empty());
@@ -186,4 +190,118 @@ async fn a_replay_rebuilds_every_projection_and_one_that_fails_is_caught_up_afte
     catch_up(&runner).await.unwrap();
     assert_eq!(*flaky.versions.lock().unwrap(), versions);
     assert_eq!(read_tables().await, live);
+}
+
+/// Records that `customer_id` belongs to `org_id` (as the checkout does) and returns the
+/// customer's version after it.
+async fn record_owner(services: &Services, customer_id: &str, org_id: &str) -> u64 {
+    let source = format!("api_test_{customer_id}_{org_id}");
+    let command = SubscriptionCommand::RecordStripeFacts(StripeFacts {
+        customer_id: customer_id.to_owned(),
+        source: FactSource {
+            stripe_event_id: source.clone(),
+            stripe_event_type: "api.customer.create".to_owned(),
+            created: chrono::Utc::now(),
+        },
+        owner: OwnerFacts {
+            org_id: Some(org_id.to_owned()),
+            user_id: None,
+        },
+        fact: Fact::OwnerOnly,
+    });
+    services
+        .ledger
+        .execute(customer_id, &command, &source)
+        .await
+        .unwrap();
+    let version: i64 =
+        sqlx::query_scalar("SELECT max(sequence) FROM events WHERE aggregate_id = $1")
+            .bind(customer_id)
+            .fetch_one(&services.pool)
+            .await
+            .unwrap();
+    version as u64
+}
+
+#[tokio::test]
+async fn a_request_waits_until_the_projections_applied_its_events_and_no_longer() {
+    let (settings, _, _) = test_settings("runnerwait");
+    let services = Services::connect(settings).await.unwrap();
+    let version = record_owner(&services, "cus_w", "org_w").await;
+
+    // Nothing runs the projections: the wait ends at its deadline, unfulfilled.
+    let projections = &services.projections;
+    let started = std::time::Instant::now();
+    let applied = projections
+        .wait_until_applied("cus_w", version, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(!applied);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // The runner runs (polling only every minute): the wait asks it for a pass, is woken
+    // by it, and ends once the tables and the cache hold the version.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn({
+        let projections = projections.clone();
+        async move {
+            projections
+                .run(
+                    100,
+                    Arc::new(tokio::sync::Notify::new()),
+                    Duration::from_secs(60),
+                    stopped,
+                    |error| panic!("{error}"),
+                )
+                .await
+        }
+    });
+    let started = std::time::Instant::now();
+    let applied = projections
+        .wait_until_applied("cus_w", version, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(applied);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not the minute's poll"
+    );
+    let table = PlatformTables::customer(&services.pool, "cus_w")
+        .await
+        .unwrap()
+        .expect("the tables hold the customer");
+    assert_eq!(
+        (table.version, table.org_id.as_deref()),
+        (version, Some("org_w"))
+    );
+    let cached = services
+        .cache
+        .customer("cus_w")
+        .await
+        .unwrap()
+        .expect("cached");
+    assert_eq!(cached.version, version);
+
+    // Another write: the runner is woken by the wait (not by its minute's poll).
+    let version = record_owner(&services, "cus_w", "org_w2").await;
+    let started = std::time::Instant::now();
+    assert!(projections
+        .wait_until_applied("cus_w", version, Duration::from_secs(30))
+        .await
+        .unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not the minute's poll"
+    );
+    let cached = services
+        .cache
+        .customer("cus_w")
+        .await
+        .unwrap()
+        .expect("cached");
+    assert_eq!(cached.org_id.as_deref(), Some("org_w2"));
+
+    stop.send_replace(true);
+    runner.await.unwrap();
+    services.cache.clear_all().await.unwrap();
 }
