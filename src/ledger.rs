@@ -67,6 +67,14 @@ pub struct Ledger {
     pub cache: Arc<AggregateCache>,
 }
 
+/// A customer's aggregate as a command left it: what loading it from the log now gives.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub state: Subscription,
+    /// The aggregate version: the sequence of its newest event (0: the log holds none).
+    pub version: u64,
+}
+
 /// What processing one inbox row gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Processed {
@@ -90,28 +98,31 @@ impl Ledger {
     }
 
     /// Decides and commits one command, retrying optimistic-concurrency conflicts.
+    /// Returns the decision and the customer's aggregate as it left it.
     pub async fn execute(
         &self,
         customer_id: &str,
         command: &SubscriptionCommand,
         source_id: &str,
-    ) -> Result<Decision, ExecuteError> {
-        let mut decisions = self
+    ) -> Result<(Decision, Decided), ExecuteError> {
+        let (mut decisions, decided) = self
             .execute_many(customer_id, std::slice::from_ref(command), &[source_id])
             .await?;
-        Ok(decisions.pop().expect("one decision per command"))
+        Ok((decisions.pop().expect("one decision per command"), decided))
     }
 
     /// Decides several commands for one customer in order, against one load of its
     /// aggregate, and commits all their events in one transaction. On an
     /// optimistic-concurrency conflict the whole group is reloaded and decided again, so
-    /// each decision is always made against the state the log really holds.
+    /// each decision is always made against the state the log really holds. Returns the
+    /// decisions and the customer's aggregate as they left it (also when they recorded
+    /// nothing).
     pub async fn execute_many(
         &self,
         customer_id: &str,
         commands: &[SubscriptionCommand],
         source_ids: &[&str],
-    ) -> Result<Vec<Decision>, ExecuteError> {
+    ) -> Result<(Vec<Decision>, Decided), ExecuteError> {
         let metadata = sources_metadata(source_ids);
         for attempt in 0..CONFLICT_RETRIES {
             let mut context = self
@@ -119,14 +130,18 @@ impl Ledger {
                 .load_aggregate(customer_id)
                 .await
                 .map_err(ExecuteError::Store)?;
-            let (decisions, events) = decide_all(context.aggregate(), commands)?;
+            let (decisions, events, state) = decide_all(context.aggregate(), commands)?;
+            let decided = Decided {
+                state,
+                version: (context.current_sequence + events.len()) as u64,
+            };
             if events.is_empty() {
-                return Ok(decisions);
+                return Ok((decisions, decided));
             }
             match self.store.commit(events, context, metadata.clone()).await {
                 Ok(_) => {
                     self.committed.notify_one();
-                    return Ok(decisions);
+                    return Ok((decisions, decided));
                 }
                 Err(AggregateError::AggregateConflict) => {
                     // Someone else committed first: reload and decide again.
@@ -259,7 +274,10 @@ impl Ledger {
                     for (customer_id, items) in &groups {
                         let (commands, ids) = commands_of(items);
                         let started = Instant::now();
-                        let result = self.execute_many(customer_id, &commands, &ids).await;
+                        let result = self
+                            .execute_many(customer_id, &commands, &ids)
+                            .await
+                            .map(|(decisions, _)| decisions);
                         all.push((result, started.elapsed()));
                     }
                     all
@@ -532,11 +550,11 @@ fn sources_metadata(source_ids: &[&str]) -> HashMap<String, String> {
 }
 
 /// Decides `commands` in order against `state`, each seeing the events of those before.
-/// Returns every decision and all their events.
+/// Returns every decision, all their events and the state after them.
 fn decide_all(
     state: &Subscription,
     commands: &[SubscriptionCommand],
-) -> Result<(Vec<Decision>, Vec<SubscriptionEvent>), SubscriptionError> {
+) -> Result<(Vec<Decision>, Vec<SubscriptionEvent>, Subscription), SubscriptionError> {
     let mut state = state.clone();
     let mut decisions = Vec::with_capacity(commands.len());
     let mut events = Vec::new();
@@ -548,7 +566,7 @@ fn decide_all(
         events.extend(decision.events.iter().cloned());
         decisions.push(decision);
     }
-    Ok((decisions, events))
+    Ok((decisions, events, state))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -623,7 +641,7 @@ async fn decide_and_write(
         let (version, mut state) = loaded.remove(customer_id).unwrap_or_default();
         let (commands, sources) = commands_of(items);
         match decide_all(&state, &commands) {
-            Ok((decisions, events)) => {
+            Ok((decisions, events, _)) => {
                 let metadata = serde_json::to_string(&sources_metadata(&sources))
                     .expect("a map of strings always serializes");
                 let mut sequence = version;

@@ -177,6 +177,11 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             }
+            // No runner runs here: bring the projections up to what the syncs recorded.
+            services
+                .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
+                .await
+                .context("updating projections")?;
             if failed > 0 {
                 anyhow::bail!("{failed} of {total} syncs failed (recorded; retried by `serve`)");
             }

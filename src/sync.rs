@@ -17,12 +17,12 @@ use aggregates::{
     SubscriptionStatus,
 };
 use chrono::{DateTime, Utc};
-use projections::{ProjectionError, WhenBusy};
+use projections::{Catalog, ProjectionError, SubscriptionInfo, WhenBusy};
 use secrecy::ExposeSecret;
 use sqlx::{PgPool, Row};
 use tokio::sync::{watch, Notify};
 
-use crate::ledger::{error_chain, ExecuteError};
+use crate::ledger::{error_chain, Decided, ExecuteError};
 use crate::startup::Services;
 use crate::stripe::client::{ClientOptions, StripeApi, StripeApiError};
 use crate::stripe::objects::{listed_subscription, ListedSubscription};
@@ -35,6 +35,10 @@ pub const FLAG_AFTER: i32 = 3;
 const CLAIM_LEASE_SECS: f64 = 300.0;
 /// Customers the reconciler requests per pass.
 const RECONCILE_BATCH: i64 = 500;
+/// How long a request waits for the projections to apply what it recorded before it
+/// answers anyway. They usually take milliseconds; this bounds the case where a long
+/// transaction on the database holds their reader back (see `projections::log`).
+const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
 
 /// Why a sync ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +125,12 @@ pub struct SyncReport {
     /// The customer's consecutive failures after this sync.
     pub consecutive_failures: i32,
     pub flagged: bool,
+    /// The customer's aggregate version after this sync (0: the log holds nothing).
+    #[serde(skip)]
+    pub version: u64,
+    /// The customer's answer as this sync left it (see [`decided_answer`]).
+    #[serde(skip)]
+    pub info: Option<SubscriptionInfo>,
 }
 
 /// What a backfill did.
@@ -168,9 +178,10 @@ impl Syncer {
         &self.services
     }
 
-    /// Syncs one customer now, records the attempt, schedules a retry on failure (and
-    /// flags the customer after more than three in a row), and brings the projections up
-    /// to date so that the next read shows the result.
+    /// Syncs one customer now, records the attempt, and schedules a retry on failure (and
+    /// flags the customer after more than three in a row). The report carries the answer
+    /// the sync decided (`info`), which the projections will hold once they have applied it
+    /// ([`Syncer::wait_until_shown`] waits for that).
     pub async fn sync_customer(
         &self,
         customer_id: &str,
@@ -182,7 +193,7 @@ impl Syncer {
         let (result, attempts) = self.fetch_and_record(customer_id, &sync_id).await;
         let duration = clock.elapsed();
         let (outcome, events, detail) = match &result {
-            Ok(decision) => {
+            Ok((decision, _)) => {
                 let outcome = match &decision.outcome {
                     Outcome::Rejected(_) if decision.events.is_empty() => SyncOutcome::Ambiguous,
                     _ if decision.events.is_empty() => SyncOutcome::Unchanged,
@@ -225,10 +236,7 @@ impl Syncer {
                 "sync failed more than {FLAG_AFTER} times in a row; customer flagged"
             );
         }
-        result?;
-        if events > 0 {
-            self.settle_projections().await;
-        }
+        let (decision, decided) = result?;
         Ok(SyncReport {
             sync_id,
             customer_id: customer_id.to_owned(),
@@ -238,33 +246,40 @@ impl Syncer {
             duration_ms: duration.as_millis() as u64,
             consecutive_failures,
             flagged,
+            version: decided.version,
+            info: decided_answer(&decision, &decided, &self.services.catalog),
         })
     }
 
-    /// Brings the projections up to the end of the log, so that a read right after a sync
-    /// shows it. A catch-up alone is not enough: the reader skips events of transactions
-    /// younger than the oldest one still running (an inbox worker's, a concurrent
-    /// request's), so this retries for up to two seconds. Failures only cost freshness:
-    /// the projection loop catches up on its own.
-    pub async fn settle_projections(&self) {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            if let Err(error) = self
-                .services
-                .catch_up_projections(WhenBusy::Wait, |_, _| {})
-                .await
-            {
-                tracing::warn!(error = %error_chain(&error), "projection catch-up after a sync failed");
-                return;
+    /// Waits until the projections show what `report`'s sync recorded (at once when it
+    /// recorded nothing), so that the next read does: for pages that redirect to the app.
+    pub async fn wait_until_shown(&self, report: &SyncReport) {
+        if report.events > 0 {
+            self.wait_for_projections(&report.customer_id, report.version)
+                .await;
+        }
+    }
+
+    /// Waits until the projections have applied the customer's events up to `version`
+    /// (what the request committed), at most [`READ_YOUR_WRITES`]. It is woken by the
+    /// projection runner (`Projections::wait_until_applied`), never polls. Running out of
+    /// time or failing only costs freshness: the projections catch up on their own.
+    pub async fn wait_for_projections(&self, customer_id: &str, version: u64) {
+        let waited = self
+            .services
+            .projections
+            .wait_until_applied(customer_id, version, READ_YOUR_WRITES)
+            .await;
+        match waited {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(
+                customer_id,
+                version,
+                "the projections did not apply a request's events in time; answering anyway"
+            ),
+            Err(error) => {
+                tracing::warn!(customer_id, error = %error_chain(&error), "cannot wait for the projections")
             }
-            let mut settled = true;
-            for name in self.services.projections.names() {
-                settled &= matches!(self.services.projections.lag(name).await, Ok(0));
-            }
-            if settled || Instant::now() > deadline {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -274,7 +289,7 @@ impl Syncer {
         &self,
         customer_id: &str,
         sync_id: &str,
-    ) -> (Result<Decision, SyncError>, u32) {
+    ) -> (Result<(Decision, Decided), SyncError>, u32) {
         // The answer is the truth as of the moment the request left: stamp that, in whole
         // seconds like Stripe's `created` (see `aggregates::decide` for the ordering).
         let fetched_at = whole_second(Utc::now());
@@ -433,6 +448,8 @@ impl Syncer {
                 duration_ms: 0,
                 consecutive_failures: 0,
                 flagged: false,
+                version: 0,
+                info: None,
             })),
             Err(error) => Err(error),
         }
@@ -549,7 +566,7 @@ impl Syncer {
             for (customer, listed) in by_customer {
                 let sync_id = format!("backfill_{}", uuid::Uuid::new_v4().simple());
                 let snapshot = api_snapshot(&customer, &sync_id, fetched_at, listed);
-                let decision = self
+                let (decision, _) = self
                     .services
                     .ledger
                     .execute(
@@ -574,6 +591,32 @@ impl Syncer {
             .await?;
         Ok(report)
     }
+}
+
+/// The customer's answer as `decision` left it, built as the projections build theirs
+/// (from the newest event's view, `SubscriptionInfo::from_event`), so it is what they will
+/// hold once they have applied it, and no read has to wait for them. When nothing was
+/// recorded, the state's view at its version is what the newest event in the log carries.
+/// `None` when the log holds nothing for the customer, and when nothing was recorded for a
+/// customer whose view has no time (one known only from invoices or payments): the
+/// projections stamp that answer with the newest event's time, which the aggregate does
+/// not keep.
+fn decided_answer(
+    decision: &Decision,
+    decided: &Decided,
+    catalog: &Catalog,
+) -> Option<SubscriptionInfo> {
+    if let Some(newest) = decision.events.last() {
+        return Some(SubscriptionInfo::from_event(
+            newest,
+            decided.version,
+            catalog,
+        ));
+    }
+    let view = decided.state.view();
+    let as_of = view.as_of?;
+    (decided.version > 0)
+        .then(|| SubscriptionInfo::from_view(&view, decided.version, as_of, catalog))
 }
 
 /// Builds the command's snapshot: every listed subscription, and the ownership the newest

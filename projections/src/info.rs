@@ -2,7 +2,7 @@
 //!
 //! Built from an event's `CustomerView` only; it must never look anything up.
 
-use aggregates::{CustomerView, InvoiceFacts, PaymentMethodFacts};
+use aggregates::{CustomerView, InvoiceFacts, PaymentMethodFacts, SubscriptionEvent};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -100,11 +100,19 @@ impl SubscriptionInfo {
         info
     }
 
-    /// The answer as of a logged event: its view, at its aggregate version.
+    /// The answer as of an event: its view, at the aggregate version after it (the
+    /// event's sequence), stamped with the view's time or else the event's. Every
+    /// projection builds its answer here, and so does a request that answers from what it
+    /// just decided, so both are equal.
+    pub fn from_event(event: &SubscriptionEvent, version: u64, catalog: &Catalog) -> Self {
+        let view = event.view();
+        let updated_at = view.as_of.unwrap_or(event.source().created);
+        Self::from_view(view, version, updated_at, catalog)
+    }
+
+    /// The answer as of a logged event (see [`SubscriptionInfo::from_event`]).
     pub fn from_logged(logged: &LoggedEvent, catalog: &Catalog) -> Self {
-        let view = logged.event.view();
-        let updated_at = view.as_of.unwrap_or(logged.event.source().created);
-        Self::from_view(view, logged.sequence, updated_at, catalog)
+        Self::from_event(&logged.event, logged.sequence, catalog)
     }
 
     /// Names the plan from the catalogue. The API calls this again on every read, so a

@@ -22,7 +22,7 @@ use super::{ApiError, AppState};
 use crate::ledger::error_chain;
 use crate::stripe::client::CheckoutParams;
 use crate::stripe::objects;
-use crate::sync::{SyncSource, Syncer};
+use crate::sync::{SyncReport, SyncSource, Syncer};
 
 fn syncer(state: &AppState) -> Result<&Syncer, ApiError> {
     state.sync.as_ref().ok_or(ApiError::StripeNotConfigured)
@@ -34,22 +34,23 @@ pub async fn sync_customer(
     Path(customer_id): Path<String>,
 ) -> Result<Json<SubscriptionInfo>, ApiError> {
     valid_id(&customer_id, "customer id")?;
-    syncer(&state)?
+    let report = syncer(&state)?
         .sync_customer(&customer_id, SyncSource::Operator)
         .await?;
-    answer(&state, &customer_id).await
+    answer(&state, report).await
 }
 
-/// The customer's answer after a sync (a customer Stripe lists nothing for has none).
-async fn answer(state: &AppState, customer_id: &str) -> Result<Json<SubscriptionInfo>, ApiError> {
-    // What this request (or a concurrent one) recorded must be visible to the read.
-    if let Some(syncer) = &state.sync {
-        syncer.settle_projections().await;
-    }
-    let info = read_customer(state, customer_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("customer {customer_id}")))?;
-    let mut info = info;
+/// The customer's answer after a sync: the one the sync decided (what the projections will
+/// hold), so nothing waits for them; read from them only when the sync could not build it
+/// (a customer the log does not hold has none).
+async fn answer(state: &AppState, report: SyncReport) -> Result<Json<SubscriptionInfo>, ApiError> {
+    let customer_id = &report.customer_id;
+    let mut info = match report.info {
+        Some(info) => info,
+        None => read_customer(state, customer_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("customer {customer_id}")))?,
+    };
     info.resolve_plan(&state.catalog);
     Ok(Json(info))
 }
@@ -201,8 +202,12 @@ pub async fn success_page(
         .session_id
         .ok_or(ApiError::InvalidParameter("session_id"))?;
     valid_id(&session_id, "session_id")?;
-    if let Err(error) = sync_session(&state, &session_id, SyncSource::SuccessPage).await {
-        tracing::warn!(session_id, error = %error_chain(&error), "success-page sync failed; redirecting anyway");
+    match sync_session(&state, &session_id, SyncSource::SuccessPage).await {
+        // The app reads right after the redirect: it must see what the sync recorded.
+        Ok(report) => syncer(&state)?.wait_until_shown(&report).await,
+        Err(error) => {
+            tracing::warn!(session_id, error = %error_chain(&error), "success-page sync failed; redirecting anyway")
+        }
     }
     Ok(see_other(&redirect))
 }
@@ -213,8 +218,8 @@ pub async fn sync_checkout_session(
     Path(session_id): Path<String>,
 ) -> Result<Json<SubscriptionInfo>, ApiError> {
     valid_id(&session_id, "session id")?;
-    let customer_id = sync_session(&state, &session_id, SyncSource::SuccessPage).await?;
-    answer(&state, &customer_id).await
+    let report = sync_session(&state, &session_id, SyncSource::SuccessPage).await?;
+    answer(&state, report).await
 }
 
 /// Reads the session, records the ownership it carries, syncs its customer.
@@ -222,7 +227,7 @@ async fn sync_session(
     state: &AppState,
     session_id: &str,
     source: SyncSource,
-) -> Result<String, ApiError> {
+) -> Result<SyncReport, ApiError> {
     let syncer = syncer(state)?;
     let session = syncer
         .api()
@@ -243,8 +248,7 @@ async fn sync_session(
         )
         .await?;
     }
-    syncer.sync_customer(&customer_id, source).await?;
-    Ok(customer_id)
+    Ok(syncer.sync_customer(&customer_id, source).await?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,11 +322,15 @@ pub async fn portal_return(
     valid_id(&customer_id, "customer")?;
     match syncer(&state) {
         Ok(syncer) => {
-            if let Err(error) = syncer
+            match syncer
                 .sync_customer(&customer_id, SyncSource::PortalReturn)
                 .await
             {
-                tracing::warn!(customer_id, error = %error_chain(&error), "portal-return sync failed; redirecting anyway");
+                // The app reads right after the redirect: it must see what the sync recorded.
+                Ok(report) => syncer.wait_until_shown(&report).await,
+                Err(error) => {
+                    tracing::warn!(customer_id, error = %error_chain(&error), "portal-return sync failed; redirecting anyway")
+                }
             }
         }
         Err(_) => tracing::warn!("portal return without STRIPE_SECRET_KEY: nothing synced"),
@@ -350,7 +358,7 @@ async fn record_owner(
         owner,
         fact: Fact::OwnerOnly,
     });
-    let decision = syncer
+    let (decision, decided) = syncer
         .services()
         .ledger
         .execute(customer_id, &command, &source_id)
@@ -358,7 +366,9 @@ async fn record_owner(
         .map_err(|e| ApiError::Sync(e.into()))?;
     if !decision.events.is_empty() {
         // So that the next lookup by org (a second click) finds the mapping.
-        syncer.settle_projections().await;
+        syncer
+            .wait_for_projections(customer_id, decided.version)
+            .await;
     }
     Ok(())
 }

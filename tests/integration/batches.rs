@@ -192,7 +192,7 @@ async fn remembered_aggregates_equal_the_log_folded_from_scratch() {
             command,
         } = route(&parsed)
         {
-            let decision = services
+            let (decision, _) = services
                 .ledger
                 .execute(&customer_id, &command, &event.id)
                 .await

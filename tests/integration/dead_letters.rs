@@ -258,7 +258,7 @@ async fn concurrent_commands_for_one_customer_retry_conflicts_and_lose_nothing()
                 return 0;
             };
             barrier.wait().await;
-            let decision = ledger
+            let (decision, _) = ledger
                 .execute(&customer_id, &command, &event.id)
                 .await
                 .expect("no conflict is given up on");

@@ -209,7 +209,7 @@ async fn record_owner(services: &Services, customer_id: &str, org_id: &str) -> u
         },
         fact: Fact::OwnerOnly,
     });
-    services
+    let (_, decided) = services
         .ledger
         .execute(customer_id, &command, &source)
         .await
@@ -220,7 +220,11 @@ async fn record_owner(services: &Services, customer_id: &str, org_id: &str) -> u
             .fetch_one(&services.pool)
             .await
             .unwrap();
-    version as u64
+    assert_eq!(
+        decided.version, version as u64,
+        "the version the command left"
+    );
+    decided.version
 }
 
 #[tokio::test]

@@ -405,6 +405,12 @@ async fn reconcile_repairs_a_customer_whose_webhooks_never_came() {
     assert_eq!(info["status"], "active", "{info}");
     assert_eq!(info["payment_method"]["brand"], "visa");
     assert_eq!(info["org_id"], "org_lost");
+    // The answer is the view the sync decided: what the projections hold once applied.
+    app.settle().await;
+    assert_eq!(
+        app.get_json("/v1/customers/cus_lost/subscription").await,
+        info
+    );
     let kinds: Vec<String> = sqlx::query_scalar(
         "SELECT event_type FROM events WHERE aggregate_id = 'cus_lost' ORDER BY sequence",
     )
@@ -423,10 +429,18 @@ async fn reconcile_repairs_a_customer_whose_webhooks_never_came() {
     let info = app.get_json("/v1/customers/cus_lost/subscription").await;
     assert_eq!(info["status"], "active");
 
-    // Asking again records nothing.
+    // Asking again records nothing, and answers what the projections hold.
     let before = app.count("SELECT count(*) FROM events").await;
-    post_json(&app, "/v1/customers/cus_lost/sync", json!({})).await;
+    let again: Value = post_json(&app, "/v1/customers/cus_lost/sync", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(app.count("SELECT count(*) FROM events").await, before);
+    assert_eq!(
+        again,
+        app.get_json("/v1/customers/cus_lost/subscription").await
+    );
     let outcomes: Vec<String> = sqlx::query_scalar(
         "SELECT outcome FROM sync_attempts WHERE customer_id = 'cus_lost' ORDER BY id",
     )
