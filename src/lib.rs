@@ -13,6 +13,7 @@ pub mod inbox;
 pub mod inspect;
 pub mod ledger;
 pub mod metrics;
+pub mod reads;
 pub mod startup;
 pub mod stripe;
 pub mod sync;

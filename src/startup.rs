@@ -23,6 +23,7 @@ use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::http::{self, AppState};
 use crate::ledger::{error_chain, Ledger};
+use crate::reads::Reads;
 
 /// Inbox inserts in flight at once (each stores every webhook that queued meanwhile).
 const INBOX_WRITERS: usize = 4;
@@ -58,6 +59,8 @@ pub struct Services {
     pub platform: PlatformTables,
     pub catalog: Arc<Catalog>,
     pub ledger: Ledger,
+    /// The read models as the API reads them (Redis first, then Postgres).
+    pub reads: Reads,
 }
 
 impl Services {
@@ -88,6 +91,7 @@ impl Services {
         };
         let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone());
         Ok(Self {
+            reads: Reads::new(pool.clone(), cache.clone(), catalog.clone()),
             ledger: Ledger::new(
                 pool.clone(),
                 settings.max_attempts,
@@ -262,6 +266,7 @@ impl Application {
             pool: services.pool.clone(),
             cache: services.cache.clone(),
             catalog: services.catalog.clone(),
+            reads: services.reads.clone(),
             settings: services.settings.clone(),
             inbox_wake,
             inbox: crate::inbox::InboxWriter::start(services.pool.clone(), INBOX_WRITERS),

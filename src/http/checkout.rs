@@ -12,12 +12,12 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use projections::{PlatformTables, SubscriptionInfo};
+use projections::SubscriptionInfo;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::api::{read_customer, valid_id};
+use super::params::valid_id;
 use super::{ApiError, AppState};
 use crate::ledger::error_chain;
 use crate::stripe::client::CheckoutParams;
@@ -46,11 +46,12 @@ async fn answer(state: &AppState, customer_id: &str) -> Result<Json<Subscription
     if let Some(syncer) = &state.sync {
         syncer.settle_projections().await;
     }
-    let info = read_customer(state, customer_id)
-        .await?
+    let info = state
+        .reads
+        .customer(customer_id)
+        .await
+        .map_err(ApiError::Storage)?
         .ok_or_else(|| ApiError::NotFound(format!("customer {customer_id}")))?;
-    let mut info = info;
-    info.resolve_plan(&state.catalog);
     Ok(Json(info))
 }
 
@@ -89,7 +90,9 @@ pub async fn create_checkout_session(
     let email = request.email.filter(|e| !e.trim().is_empty());
     let syncer = syncer(&state)?;
 
-    let held = PlatformTables::for_owner(&state.pool, Some(&org_id), None)
+    let held = state
+        .reads
+        .org_in_table(&org_id)
         .await
         .map_err(ApiError::Storage)?;
     if let Some(info) = &held {
@@ -272,7 +275,9 @@ pub async fn create_portal_session(
         }
         (None, Some(org_id)) => {
             valid_id(&org_id, "org_id")?;
-            PlatformTables::for_owner(&state.pool, Some(&org_id), None)
+            state
+                .reads
+                .org_in_table(&org_id)
                 .await
                 .map_err(ApiError::Storage)?
                 .ok_or_else(|| ApiError::NotFound(format!("a customer for org {org_id}")))?

@@ -9,6 +9,7 @@ pub mod checkout;
 pub mod error;
 pub mod health;
 pub mod ops;
+pub mod params;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub cache: RedisCache,
     pub catalog: Arc<Catalog>,
+    /// The read models (Redis first, then Postgres).
+    pub reads: crate::reads::Reads,
     pub settings: Arc<Settings>,
     /// Wakes the inbox workers when a new event is stored.
     pub inbox_wake: Arc<crate::ledger::WorkerWake>,

@@ -1,0 +1,154 @@
+//! The read models as the API reads them: a customer's subscription and an org's or
+//! user's entitlement, from Redis first and, on a miss or a Redis error, from the Postgres
+//! tables, with the answer written back to Redis for next time. Every read is counted as
+//! a cache hit, miss or fallback.
+//!
+//! Redis is never trusted over Postgres: a cached value reached through an org or user
+//! key that names another owner is ignored (a mapping key can outlive a change of owner).
+//! This module only reads (the write-back is a read-through of what Postgres holds); it
+//! must never decide what a Stripe fact means nor write a projection of its own.
+
+use std::sync::Arc;
+
+use projections::{Catalog, Entitlement, PlatformTables, RedisCache, SubscriptionInfo};
+use sqlx::PgPool;
+
+use crate::ledger::error_chain;
+use crate::metrics::{self, CacheRead};
+
+/// The handle handlers, the syncer and billing read through. Cheap to clone.
+#[derive(Clone)]
+pub struct Reads {
+    pool: PgPool,
+    cache: RedisCache,
+    catalog: Arc<Catalog>,
+}
+
+impl Reads {
+    pub fn new(pool: PgPool, cache: RedisCache, catalog: Arc<Catalog>) -> Self {
+        Self {
+            pool,
+            cache,
+            catalog,
+        }
+    }
+
+    /// A customer's subscription (its plan named from the catalogue), or `None` when we
+    /// hold nothing for that customer. Fails only when Postgres has to be read and cannot.
+    pub async fn customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        let info = match self.cache.customer(customer_id).await {
+            Ok(Some(info)) => {
+                metrics::cache_read(CacheRead::Hit);
+                Some(info)
+            }
+            Ok(None) => {
+                metrics::cache_read(CacheRead::Miss);
+                self.customer_in_table(customer_id).await?
+            }
+            Err(error) => {
+                metrics::cache_read(CacheRead::Fallback);
+                tracing::warn!(%error, "cache read failed; reading Postgres");
+                self.customer_in_table(customer_id).await?
+            }
+        };
+        Ok(info.map(|mut info| {
+            info.resolve_plan(&self.catalog);
+            info
+        }))
+    }
+
+    async fn customer_in_table(
+        &self,
+        customer_id: &str,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        let info = PlatformTables::customer(&self.pool, customer_id).await?;
+        Ok(self.read_through(info).await)
+    }
+
+    /// What an org is entitled to now.
+    pub async fn org_entitlement(&self, org_id: &str) -> Result<Entitlement, sqlx::Error> {
+        let info = self.owner(Some(org_id), None).await?;
+        Ok(self
+            .catalog
+            .entitlement(Some(org_id), None, info.as_ref(), chrono::Utc::now()))
+    }
+
+    /// What a user is entitled to now.
+    pub async fn user_entitlement(&self, user_id: &str) -> Result<Entitlement, sqlx::Error> {
+        let info = self.owner(None, Some(user_id)).await?;
+        Ok(self
+            .catalog
+            .entitlement(None, Some(user_id), info.as_ref(), chrono::Utc::now()))
+    }
+
+    /// The org's customer as the `subscriptions` table holds it, Redis skipped: for
+    /// decisions that must not rest on a cached value (billing's one live subscription
+    /// per org).
+    pub async fn org_in_table(
+        &self,
+        org_id: &str,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        PlatformTables::for_owner(&self.pool, Some(org_id), None).await
+    }
+
+    /// The answer for the customer an org (or else a user) belongs to.
+    async fn owner(
+        &self,
+        org_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        let mut failed = false;
+        let cached = match self.cache.customer_id_for(org_id, user_id).await {
+            Ok(Some(customer_id)) => {
+                self.cache
+                    .customer(&customer_id)
+                    .await
+                    .unwrap_or_else(|error| {
+                        failed = true;
+                        tracing::warn!(%error, "cache read failed; reading Postgres");
+                        None
+                    })
+            }
+            Ok(None) => None,
+            Err(error) => {
+                failed = true;
+                tracing::warn!(%error, "cache read failed; reading Postgres");
+                None
+            }
+        };
+        // A mapping key can outlive a change of owner: only trust a value that names the owner.
+        if let Some(info) = cached {
+            let matches = org_id.is_none_or(|org| info.org_id.as_deref() == Some(org))
+                && user_id.is_none_or(|user| info.user_id.as_deref() == Some(user));
+            if matches {
+                metrics::cache_read(CacheRead::Hit);
+                return Ok(Some(info));
+            }
+        }
+        metrics::cache_read(if failed {
+            CacheRead::Fallback
+        } else {
+            CacheRead::Miss
+        });
+        let info = PlatformTables::for_owner(&self.pool, org_id, user_id).await?;
+        Ok(self.read_through(info).await)
+    }
+
+    /// Writes what Postgres answered back to Redis. A failure only costs the next read a
+    /// trip to Postgres, so it is counted and logged, never returned.
+    async fn read_through(&self, info: Option<SubscriptionInfo>) -> Option<SubscriptionInfo> {
+        if let Some(info) = &info {
+            if let Err(error) = self.cache.put(info).await {
+                metrics::METRICS
+                    .cache_write_failures
+                    .with_label_values(&["read_through"])
+                    .inc();
+                tracing::warn!(error = %error_chain(&error), "cache write-back failed");
+            }
+        }
+        info
+    }
+}
