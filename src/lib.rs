@@ -17,6 +17,7 @@ pub mod reads;
 pub mod startup;
 pub mod stripe;
 pub mod sync;
+pub mod sync_log;
 pub mod telemetry;
 pub mod transitions;
 

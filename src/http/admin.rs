@@ -30,7 +30,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 use crate::inspect::{self, CustomerReport, InboxEntry};
-use crate::transitions;
+use crate::{sync_log, transitions};
 
 const COOKIE: &str = "subledger_admin";
 
@@ -232,7 +232,7 @@ pub async fn home(
                     esc(&hit.matched_on)
                 );
                 body.push_str(&customer_body(&report));
-                body.push_str(&sync_log(&state.pool, Some(&hit.customer_id)).await?);
+                body.push_str(&sync_section(&state.pool, Some(&hit.customer_id)).await?);
             }
             hits => {
                 body.push_str("<section><h2>Customers</h2><table><tr><th>customer</th><th>matched on</th><th>org</th><th>user</th><th>subscription</th><th>status</th></tr>");
@@ -274,63 +274,44 @@ pub async fn home(
         "<section><h2>Latest webhooks</h2>{}</section>",
         inbox_table(&recent, true)
     );
-    body.push_str(&sync_log(&state.pool, None).await?);
+    body.push_str(&sync_section(&state.pool, None).await?);
     Ok(page("Overview", &body))
 }
 
-/// A `sync_attempts` row as the sync log shows it: customer, source, outcome, detail,
-/// HTTP attempts, duration in ms, start.
-type SyncRow = (
-    String,
-    String,
-    String,
-    Option<String>,
-    i32,
-    i32,
-    chrono::DateTime<chrono::Utc>,
-);
-
-/// The latest syncs from Stripe's API (`sync_attempts`), for one customer or for all,
-/// with the customers currently flagged (more than 3 failures in a row).
-async fn sync_log(pool: &sqlx::PgPool, customer_id: Option<&str>) -> Result<String, ApiError> {
-    let rows: Vec<SyncRow> = sqlx::query_as(
-        "SELECT customer_id, source, outcome, detail, attempts, duration_ms, started_at FROM sync_attempts \
-         WHERE $1::text IS NULL OR customer_id = $1 ORDER BY started_at DESC, id DESC LIMIT 50",
-    )
-    .bind(customer_id)
-    .fetch_all(pool)
-    .await
-    .map_err(ApiError::Storage)?;
-    let flagged: Vec<(String, i32, Option<String>)> = sqlx::query_as(
-        "SELECT customer_id, consecutive_failures, last_error FROM sync_customers \
-         WHERE flagged_at IS NOT NULL AND ($1::text IS NULL OR customer_id = $1) ORDER BY flagged_at DESC LIMIT 50",
-    )
-    .bind(customer_id)
-    .fetch_all(pool)
-    .await
-    .map_err(ApiError::Storage)?;
+/// The latest syncs from Stripe's API, for one customer or for all, with the customers
+/// currently flagged (more than 3 failures in a row).
+async fn sync_section(pool: &sqlx::PgPool, customer_id: Option<&str>) -> Result<String, ApiError> {
+    let rows = sync_log::recent_attempts(pool, customer_id, 50)
+        .await
+        .map_err(ApiError::Storage)?;
+    let flagged = sync_log::flagged(pool, customer_id, 50)
+        .await
+        .map_err(ApiError::Storage)?;
     let mut b = format!("<section><h2>Sync log ({})</h2>", rows.len());
-    for (customer, failures, error) in &flagged {
+    for flag in &flagged {
         let _ = write!(
             b,
-            "<p class=bad>Flagged: {} failed {failures} syncs in a row ({}).</p>",
-            esc(customer),
-            opt(error.as_deref())
+            "<p class=bad>Flagged: {} failed {} syncs in a row ({}).</p>",
+            esc(&flag.customer_id),
+            flag.consecutive_failures,
+            opt(flag.last_error.as_deref())
         );
     }
     if rows.is_empty() {
         b.push_str("<p class=dim>No sync from Stripe's API has been recorded here yet.</p>");
     } else {
         b.push_str("<table><tr><th>started</th><th>customer</th><th>source</th><th>outcome</th><th>attempts</th><th>duration</th><th>detail</th></tr>");
-        for (customer, source, outcome, detail, attempts, duration_ms, started) in &rows {
+        for row in &rows {
             let _ = write!(
                 b,
-                "<tr><td class=mono>{}</td><td class=mono>{}</td><td>{}</td><td>{}</td><td>{attempts}</td><td>{duration_ms} ms</td><td>{}</td></tr>",
-                started.to_rfc3339(),
-                esc(customer),
-                esc(source),
-                esc(outcome),
-                opt(detail.as_deref())
+                "<tr><td class=mono>{}</td><td class=mono>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ms</td><td>{}</td></tr>",
+                row.started_at.to_rfc3339(),
+                esc(&row.customer_id),
+                row.source.as_str(),
+                row.outcome.as_str(),
+                row.attempts,
+                row.duration_ms,
+                opt(row.detail.as_deref())
             );
         }
         b.push_str("</table>");
@@ -367,7 +348,7 @@ pub async fn customer(
         return Err(ApiError::NotFound(format!("customer {customer_id}")));
     }
     let mut body = customer_body(&report);
-    body.push_str(&sync_log(&state.pool, Some(&customer_id)).await?);
+    body.push_str(&sync_section(&state.pool, Some(&customer_id)).await?);
     Ok(page(&customer_id, &body))
 }
 
