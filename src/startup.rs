@@ -19,6 +19,7 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
+use crate::billing::Billing;
 use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::http::{self, AppState};
@@ -270,6 +271,14 @@ impl Application {
             settings: services.settings.clone(),
             inbox_wake,
             inbox: crate::inbox::InboxWriter::start(services.pool.clone(), INBOX_WRITERS),
+            billing: sync.clone().map(|syncer| {
+                Billing::new(
+                    syncer,
+                    services.ledger.clone(),
+                    services.reads.clone(),
+                    services.settings.clone(),
+                )
+            }),
             sync,
         };
         tracing::info!(address = %listener.local_addr()?, "subledger serving");

@@ -39,6 +39,8 @@ pub struct AppState {
     pub inbox: crate::inbox::InboxWriter,
     /// Syncs with Stripe's API; `None` without `STRIPE_SECRET_KEY`.
     pub sync: Option<crate::sync::Syncer>,
+    /// Checkout and the billing portal; `None` without `STRIPE_SECRET_KEY`.
+    pub billing: Option<crate::billing::Billing>,
 }
 
 pub fn router(state: AppState) -> Router {
