@@ -1,7 +1,9 @@
 //! The read models as the API reads them: a customer's subscription and an org's or
 //! user's entitlement, from Redis first and, on a miss or a Redis error, from the Postgres
 //! tables, with the answer written back to Redis for next time. Every read is counted as
-//! a cache hit, miss or fallback.
+//! a cache hit, miss or fallback. The same handle brings the read models up to the end of
+//! the log (through the `projections` runner), for the projection loop and for a caller
+//! that must see its own write.
 //!
 //! Redis is never trusted over Postgres: a cached value reached through an org or user
 //! key that names another owner is ignored (a mapping key can outlive a change of owner).
@@ -10,27 +12,68 @@
 
 use std::sync::Arc;
 
-use projections::{Catalog, Entitlement, PlatformTables, RedisCache, SubscriptionInfo};
+use projections::runner::CatchUp;
+use projections::{
+    catch_up_pair, Catalog, Entitlement, PlatformTables, Projection, ProjectionError, RedisCache,
+    SubscriptionInfo, WhenBusy,
+};
 use sqlx::PgPool;
 
 use crate::ledger::error_chain;
 use crate::metrics::{self, CacheRead};
+
+/// Events applied per projection transaction.
+pub const PROJECTION_BATCH: i64 = 5000;
 
 /// The handle handlers, the syncer and billing read through. Cheap to clone.
 #[derive(Clone)]
 pub struct Reads {
     pool: PgPool,
     cache: RedisCache,
+    platform: PlatformTables,
     catalog: Arc<Catalog>,
 }
 
 impl Reads {
-    pub fn new(pool: PgPool, cache: RedisCache, catalog: Arc<Catalog>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        cache: RedisCache,
+        platform: PlatformTables,
+        catalog: Arc<Catalog>,
+    ) -> Self {
         Self {
             pool,
             cache,
+            platform,
             catalog,
         }
+    }
+
+    /// Brings both read models up to the end of the log; they read each batch once while
+    /// their checkpoints stand together (see [`catch_up_pair`]). `progress` is called with
+    /// a projection's name and the events it applied so far.
+    pub async fn catch_up(
+        &self,
+        when_busy: WhenBusy,
+        mut progress: impl FnMut(&str, u64) + Send,
+    ) -> Result<[CatchUp; 2], ProjectionError> {
+        catch_up_pair(
+            &self.pool,
+            &self.platform,
+            &self.cache,
+            PROJECTION_BATCH,
+            when_busy,
+            &mut progress,
+        )
+        .await
+    }
+
+    /// Whether both read models have applied every event the log can be read up to (a
+    /// failure to tell counts as no).
+    pub async fn caught_up(&self) -> bool {
+        let platform = projections::runner::lag(&self.pool, self.platform.name()).await;
+        let cache = projections::runner::lag(&self.pool, self.cache.name()).await;
+        matches!((platform, cache), (Ok(0), Ok(0)))
     }
 
     /// A customer's subscription (its plan named from the catalogue), or `None` when we

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use projections::runner::CatchUp;
 use projections::{
-    catch_up_pair, rebuild_pair, CacheKeys, Catalog, LazyConnection, PlatformTables,
-    ProjectionError, RedisCache, WhenBusy,
+    rebuild_pair, CacheKeys, Catalog, LazyConnection, PlatformTables, ProjectionError, RedisCache,
+    WhenBusy,
 };
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -25,12 +25,11 @@ use crate::db::{self, DbError};
 use crate::http::{self, AppState};
 use crate::ledger::{error_chain, Ledger};
 use crate::reads::Reads;
+use crate::stripe::client::StripeApiError;
+use crate::sync::Syncer;
 
 /// Inbox inserts in flight at once (each stores every webhook that queued meanwhile).
 const INBOX_WRITERS: usize = 4;
-
-/// Events applied per projection transaction.
-pub const PROJECTION_BATCH: i64 = 5000;
 
 /// Events read per transaction when a replay catches up with what was committed while it
 /// rebuilt: larger, since a batch decodes and writes about one event per customer in it
@@ -48,7 +47,7 @@ pub enum StartupError {
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
     #[error("cannot set up the Stripe client")]
-    Stripe(#[from] crate::stripe::client::StripeApiError),
+    Stripe(#[from] StripeApiError),
 }
 
 /// The long-lived parts every command uses.
@@ -91,14 +90,20 @@ impl Services {
             prefix: settings.redis_prefix.clone(),
         };
         let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone());
+        let platform = PlatformTables::new(catalog.clone());
         Ok(Self {
-            reads: Reads::new(pool.clone(), cache.clone(), catalog.clone()),
+            reads: Reads::new(
+                pool.clone(),
+                cache.clone(),
+                platform.clone(),
+                catalog.clone(),
+            ),
             ledger: Ledger::new(
                 pool.clone(),
                 settings.max_attempts,
                 settings.aggregate_cache,
             ),
-            platform: PlatformTables::new(catalog.clone()),
+            platform,
             settings: Arc::new(settings),
             pool,
             cache,
@@ -113,27 +118,17 @@ impl Services {
         when_busy: WhenBusy,
         progress: impl FnMut(&str, u64) + Send,
     ) -> Result<[CatchUp; 2], ProjectionError> {
-        self.catch_up_in_batches(PROJECTION_BATCH, when_busy, progress)
-            .await
+        self.reads.catch_up(when_busy, progress).await
     }
 
-    /// Both projections read the log once while they stand together (see
-    /// [`catch_up_pair`]).
-    async fn catch_up_in_batches(
-        &self,
-        batch: i64,
-        when_busy: WhenBusy,
-        mut progress: impl FnMut(&str, u64) + Send,
-    ) -> Result<[CatchUp; 2], ProjectionError> {
-        catch_up_pair(
-            &self.pool,
-            &self.platform,
-            &self.cache,
-            batch,
-            when_busy,
-            &mut progress,
+    /// The syncer over these services, or `None` when `STRIPE_SECRET_KEY` is not set.
+    pub fn syncer(&self) -> Result<Option<Syncer>, StripeApiError> {
+        Syncer::new(
+            &self.settings,
+            self.pool.clone(),
+            self.ledger.clone(),
+            self.reads.clone(),
         )
-        .await
     }
 
     /// Clears every projection and rebuilds it from position 0.
@@ -175,7 +170,7 @@ pub struct Application {
     services: Services,
     listener: tokio::net::TcpListener,
     port: u16,
-    sync: Option<crate::sync::Syncer>,
+    sync: Option<Syncer>,
 }
 
 impl Application {
@@ -197,7 +192,7 @@ impl Application {
         if services.settings.api_token.is_none() {
             tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");
         }
-        let sync = crate::sync::Syncer::new(services.clone())?;
+        let sync = services.syncer()?;
         if sync.is_none() {
             tracing::warn!("STRIPE_SECRET_KEY is not set: no sync, checkout, portal or reconciler");
         }

@@ -20,10 +20,12 @@ use aggregates::{
 use chrono::{DateTime, Utc};
 use projections::{ProjectionError, WhenBusy};
 use secrecy::ExposeSecret;
+use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
-use crate::ledger::{error_chain, ExecuteError};
-use crate::startup::Services;
+use crate::config::Settings;
+use crate::ledger::{error_chain, ExecuteError, Ledger};
+use crate::reads::Reads;
 use crate::stripe::client::{ClientOptions, StripeApi, StripeApiError};
 use crate::stripe::objects::{listed_subscription, ListedSubscription};
 use crate::sync_log::{self, Attempt, Standing, FLAG_AFTER};
@@ -79,14 +81,27 @@ pub struct BackfillReport {
 /// Runs syncs. Exists only when a Stripe key is configured.
 #[derive(Clone)]
 pub struct Syncer {
-    services: Services,
     api: StripeApi,
+    /// Records what Stripe answered (a `Reconcile` command).
+    ledger: Ledger,
+    /// Where attempts and requests are kept (through [`sync_log`]).
+    pool: PgPool,
+    /// Brought up to date after a sync, so the next read shows it.
+    reads: Reads,
+    /// The first retry's delay after a failed sync (doubling after that).
+    retry_base: Duration,
+    /// How often the sync worker looks for due requests when nobody wakes it.
+    poll_interval: Duration,
 }
 
 impl Syncer {
-    /// A syncer for these services, or `None` when `STRIPE_SECRET_KEY` is not set.
-    pub fn new(services: Services) -> Result<Option<Self>, StripeApiError> {
-        let settings = &services.settings;
+    /// A syncer, or `None` when `STRIPE_SECRET_KEY` is not set.
+    pub fn new(
+        settings: &Settings,
+        pool: PgPool,
+        ledger: Ledger,
+        reads: Reads,
+    ) -> Result<Option<Self>, StripeApiError> {
         let Some(key) = &settings.stripe_secret_key else {
             return Ok(None);
         };
@@ -99,15 +114,18 @@ impl Syncer {
                 backoff: settings.stripe_backoff,
             },
         )?;
-        Ok(Some(Self { services, api }))
+        Ok(Some(Self {
+            api,
+            ledger,
+            pool,
+            reads,
+            retry_base: settings.sync_retry_base,
+            poll_interval: settings.poll_interval,
+        }))
     }
 
     pub fn api(&self) -> &StripeApi {
         &self.api
-    }
-
-    pub fn services(&self) -> &Services {
-        &self.services
     }
 
     /// Syncs one customer now, records the attempt, schedules a retry on failure (and
@@ -142,7 +160,7 @@ impl Syncer {
             consecutive_failures,
             flagged,
         } = sync_log::record_attempt(
-            &self.services.pool,
+            &self.pool,
             &Attempt {
                 sync_id: &sync_id,
                 customer_id,
@@ -153,7 +171,7 @@ impl Syncer {
                 duration,
                 started_at,
             },
-            self.services.settings.sync_retry_base,
+            self.retry_base,
         )
         .await?;
         crate::metrics::sync_finished(source, outcome, duration);
@@ -195,21 +213,13 @@ impl Syncer {
     /// request's), so this retries for up to two seconds. Failures only cost freshness:
     /// the projection loop catches up on its own.
     pub async fn settle_projections(&self) {
-        use projections::Projection;
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            if let Err(error) = self
-                .services
-                .catch_up_projections(WhenBusy::Wait, |_, _| {})
-                .await
-            {
+            if let Err(error) = self.reads.catch_up(WhenBusy::Wait, |_, _| {}).await {
                 tracing::warn!(error = %error_chain(&error), "projection catch-up after a sync failed");
                 return;
             }
-            let pool = &self.services.pool;
-            let platform = projections::runner::lag(pool, self.services.platform.name()).await;
-            let cache = projections::runner::lag(pool, self.services.cache.name()).await;
-            if matches!((platform, cache), (Ok(0), Ok(0))) || Instant::now() > deadline {
+            if self.reads.caught_up().await || Instant::now() > deadline {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -256,7 +266,6 @@ impl Syncer {
         }
         let snapshot = api_snapshot(customer_id, sync_id, fetched_at, listed);
         let result = self
-            .services
             .ledger
             .execute(
                 customer_id,
@@ -270,7 +279,7 @@ impl Syncer {
 
     /// Claims one due sync request and runs it. `Ok(None)` when nothing is due.
     pub async fn run_next_due(&self) -> Result<Option<SyncReport>, SyncError> {
-        let Some(due) = sync_log::claim_due(&self.services.pool).await? else {
+        let Some(due) = sync_log::claim_due(&self.pool).await? else {
             return Ok(None);
         };
         let customer_id = due.customer_id;
@@ -295,7 +304,7 @@ impl Syncer {
     /// Runs due sync requests until `stop`: webhook-requested syncs, retries, and what
     /// the reconciler asked for.
     pub async fn run_worker(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
-        let poll = self.services.settings.poll_interval;
+        let poll = self.poll_interval;
         loop {
             if *stop.borrow() {
                 return;
@@ -319,7 +328,7 @@ impl Syncer {
     /// are older than `interval`, unless one is pending already. Flagged customers are
     /// being retried with backoff already.
     pub async fn request_stale(&self, interval: Duration) -> Result<u64, sqlx::Error> {
-        sync_log::request_stale(&self.services.pool, interval, RECONCILE_BATCH).await
+        sync_log::request_stale(&self.pool, interval, RECONCILE_BATCH).await
     }
 
     /// The periodic reconciler: every `interval`, requests syncs for stale customers
@@ -388,7 +397,6 @@ impl Syncer {
                 let sync_id = format!("backfill_{}", uuid::Uuid::new_v4().simple());
                 let snapshot = api_snapshot(&customer, &sync_id, fetched_at, listed);
                 let decision = self
-                    .services
                     .ledger
                     .execute(
                         &customer,
@@ -407,9 +415,7 @@ impl Syncer {
                 _ => break,
             }
         }
-        self.services
-            .catch_up_projections(WhenBusy::Wait, |_, _| {})
-            .await?;
+        self.reads.catch_up(WhenBusy::Wait, |_, _| {}).await?;
         Ok(report)
     }
 }
