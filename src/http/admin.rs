@@ -9,30 +9,24 @@
 //! which puts a dead row back in the queue. It must never hold transition rules of its own
 //! nor decide anything about a Stripe fact.
 //!
-//! Access needs `SUBLEDGER_ADMIN_TOKEN`: as a bearer token, or once as `?token=` (or the
-//! login form), which sets an HttpOnly, SameSite=Strict cookie holding the token's SHA-256
-//! and redirects to the same URL without it, so the token stays out of history and later
-//! URLs. SameSite=Strict is also what keeps another site from posting a re-drive.
+//! Access needs `SUBLEDGER_ADMIN_TOKEN`: as a bearer token, or once as `?token=` (the
+//! login form), traded for a cookie (`auth::admin_access` decides; this page only shows the
+//! login form when it says no).
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use aggregates::{Move, SubscriptionStatus};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use secrecy::ExposeSecret;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
+use super::auth::{self, AdminAccess};
 use super::{ApiError, AppState};
 use crate::inspect::{self, CustomerReport, InboxEntry};
 use crate::{sync_log, transitions};
-
-const COOKIE: &str = "subledger_admin";
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
@@ -42,77 +36,14 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 
-fn digest(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// Whether `presented` is the admin token, compared in constant time (on digests, so the
-/// comparison does not depend on the lengths either).
-fn token_matches(state: &AppState, presented: &str) -> bool {
-    state
-        .settings
-        .admin_token
-        .as_ref()
-        .is_some_and(|expected| super::auth::token_matches(expected, presented))
-}
-
-fn cookie_matches(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(expected) = state.settings.admin_token.as_ref() else {
-        return false;
-    };
-    let expected = digest(expected.expose_secret());
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-        .any(|value| bool::from(value.as_bytes().ct_eq(expected.as_bytes())))
-}
-
-/// Requires the admin token (bearer header, cookie, or a one-time `?token=`).
-pub async fn require_admin(
-    State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if let Some(token) = query.get("token") {
-        if !token_matches(&state, token) {
-            return login_page(&state, Some("That is not the admin token."));
-        }
-        // Trade the token for a cookie and drop it from the URL.
-        let rest: Vec<&str> = request
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter(|part| !part.starts_with("token=") && !part.is_empty())
-            .collect();
-        let mut location = request.uri().path().to_owned();
-        if !rest.is_empty() {
-            location = format!("{location}?{}", rest.join("&"));
-        }
-        let mut response = Redirect::to(&location).into_response();
-        let cookie = format!(
-            "{COOKIE}={}; Path=/admin; HttpOnly; SameSite=Strict",
-            digest(token)
-        );
-        if let Ok(value) = HeaderValue::from_str(&cookie) {
-            response.headers_mut().insert(header::SET_COOKIE, value);
-        }
-        return response;
+/// Requires the admin token (see [`auth::admin_access`]); shows the login page otherwise.
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match auth::admin_access(&state.settings, request.uri(), request.headers()) {
+        AdminAccess::Granted => next.run(request).await,
+        AdminAccess::Traded(redirect) => redirect,
+        AdminAccess::WrongToken => login_page(&state, Some("That is not the admin token.")),
+        AdminAccess::Missing => login_page(&state, None),
     }
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| token_matches(&state, t));
-    if bearer || cookie_matches(&state, request.headers()) {
-        return next.run(request).await;
-    }
-    login_page(&state, None)
 }
 
 fn login_page(state: &AppState, problem: Option<&str>) -> Response {
