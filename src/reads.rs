@@ -7,8 +7,9 @@
 //!
 //! Redis is never trusted over Postgres: a cached value reached through an org or user
 //! key that names another owner is ignored (a mapping key can outlive a change of owner).
-//! This module only reads (the write-back is a read-through of what Postgres holds); it
-//! must never decide what a Stripe fact means nor write a projection of its own.
+//! This module must never decide what a Stripe fact means nor write a read model by hand:
+//! the write-back stores what Postgres already holds (version-guarded), and catching up
+//! runs the projections' own runner.
 
 use std::sync::Arc;
 

@@ -119,14 +119,7 @@ pub async fn success_page(
         .session_id
         .ok_or(ApiError::InvalidParameter("session_id"))?;
     valid_id(&session_id, "session_id")?;
-    let synced = match billing(&state) {
-        Ok(billing) => billing
-            .sync_session(&session_id, SyncSource::SuccessPage)
-            .await
-            .map_err(ApiError::from),
-        Err(error) => Err(error),
-    };
-    if let Err(error) = synced {
+    if let Err(error) = sync_session(&state, &session_id).await {
         tracing::warn!(session_id, error = %error_chain(&error), "success-page sync failed; redirecting anyway");
     }
     Ok(see_other(&redirect))
@@ -138,10 +131,16 @@ pub async fn sync_checkout_session(
     Path(session_id): Path<String>,
 ) -> Result<Json<SubscriptionInfo>, ApiError> {
     valid_id(&session_id, "session id")?;
-    let customer_id = billing(&state)?
-        .sync_session(&session_id, SyncSource::SuccessPage)
-        .await?;
+    let customer_id = sync_session(&state, &session_id).await?;
     answer(&state, &customer_id).await
+}
+
+/// What both success pages do (see `Billing::sync_session`); returns the customer's id.
+async fn sync_session(state: &AppState, session_id: &str) -> Result<String, ApiError> {
+    let billing = billing(state)?;
+    Ok(billing
+        .sync_session(session_id, SyncSource::SuccessPage)
+        .await?)
 }
 
 #[derive(Debug, Deserialize)]
