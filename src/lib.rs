@@ -4,6 +4,7 @@
 //! and Redis wiring. The domain lives in the `aggregates` crate and the read models in
 //! `projections`; see ARCHITECTURE.md for the map.
 
+pub mod billing;
 pub mod config;
 pub mod db;
 pub mod dlq;
@@ -13,9 +14,11 @@ pub mod inbox;
 pub mod inspect;
 pub mod ledger;
 pub mod metrics;
+pub mod reads;
 pub mod startup;
 pub mod stripe;
 pub mod sync;
+pub mod sync_log;
 pub mod telemetry;
 pub mod transitions;
 

@@ -146,7 +146,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Reconcile { customer, all: _ } => {
             let services = Services::connect(settings).await.context("connecting")?;
-            let syncer = subledger::sync::Syncer::new(services.clone())
+            let syncer = services
+                .syncer()
                 .context("setting up the Stripe client")?
                 .context("STRIPE_SECRET_KEY is not set")?;
             let customers: Vec<String> = match customer {
@@ -188,7 +189,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Backfill { customer } => {
             let services = Services::connect(settings).await.context("connecting")?;
-            let syncer = subledger::sync::Syncer::new(services)
+            let syncer = services
+                .syncer()
                 .context("setting up the Stripe client")?
                 .context("STRIPE_SECRET_KEY is not set")?;
             let report = syncer

@@ -31,6 +31,7 @@ use crate::http::AppState;
 use crate::inbox::Received;
 use crate::ledger::error_chain;
 use crate::stripe::StripeEvent;
+use crate::sync_log::{SyncOutcome, SyncSource};
 
 /// The outcomes a processed webhook can have (as the inbox records them).
 pub const OUTCOMES: [&str; 6] = [
@@ -41,16 +42,6 @@ pub const OUTCOMES: [&str; 6] = [
     "ignored",
     "failed",
 ];
-/// Where a sync can come from.
-pub const SYNC_SOURCES: [&str; 5] = [
-    "webhook",
-    "success_page",
-    "portal_return",
-    "reconciler",
-    "operator",
-];
-/// How a sync can end (`sync::SyncOutcome`).
-pub const SYNC_OUTCOMES: [&str; 4] = ["applied", "unchanged", "ambiguous", "failed"];
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric names are registered once")
@@ -204,11 +195,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     for state in ["pending", "dead"] {
         m.inbox_depth.with_label_values(&[state]);
     }
-    for source in SYNC_SOURCES {
-        for outcome in SYNC_OUTCOMES {
-            m.syncs.with_label_values(&[source, outcome]);
+    for source in SyncSource::ALL {
+        for outcome in SyncOutcome::ALL {
+            m.syncs
+                .with_label_values(&[source.as_str(), outcome.as_str()]);
         }
-        m.sync_duration_seconds.with_label_values(&[source]);
+        m.sync_duration_seconds
+            .with_label_values(&[source.as_str()]);
     }
     for result in ["hit", "miss", "fallback"] {
         m.cache_requests.with_label_values(&[result]);
@@ -355,20 +348,19 @@ async fn refresh_inbox(pool: &PgPool) -> Result<(), sqlx::Error> {
     m.inbox_depth.with_label_values(&["dead"]).set(dead);
     m.inbox_oldest_pending_age_seconds
         .set(oldest.unwrap_or(0.0).max(0.0) as i64);
-    let flagged: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM sync_customers WHERE flagged_at IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
-    m.sync_flagged_customers.set(flagged);
+    m.sync_flagged_customers
+        .set(crate::sync_log::flagged_count(pool).await?);
     Ok(())
 }
 
 /// One sync from Stripe's API finished.
-pub fn sync_finished(source: &str, outcome: &str, duration: Duration) {
+pub fn sync_finished(source: SyncSource, outcome: SyncOutcome, duration: Duration) {
     let m = &*METRICS;
-    m.syncs.with_label_values(&[source, outcome]).inc();
+    m.syncs
+        .with_label_values(&[source.as_str(), outcome.as_str()])
+        .inc();
     m.sync_duration_seconds
-        .with_label_values(&[source])
+        .with_label_values(&[source.as_str()])
         .observe(duration.as_secs_f64());
 }
 

@@ -18,16 +18,17 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
+use crate::billing::Billing;
 use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::http::{self, AppState};
 use crate::ledger::{error_chain, Ledger};
+use crate::reads::{Reads, PROJECTION_BATCH};
+use crate::stripe::client::StripeApiError;
+use crate::sync::Syncer;
 
 /// Inbox inserts in flight at once (each stores every webhook that queued meanwhile).
 const INBOX_WRITERS: usize = 4;
-
-/// Events applied per projection transaction.
-pub const PROJECTION_BATCH: i64 = 5000;
 
 /// Events read per transaction when a replay catches up with what was committed while it
 /// rebuilt: larger, since a batch decodes and writes about one event per customer in it
@@ -45,7 +46,7 @@ pub enum StartupError {
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
     #[error("cannot set up the Stripe client")]
-    Stripe(#[from] crate::stripe::client::StripeApiError),
+    Stripe(#[from] StripeApiError),
 }
 
 /// The long-lived parts every command uses.
@@ -59,6 +60,8 @@ pub struct Services {
     pub projections: Projections,
     pub catalog: Arc<Catalog>,
     pub ledger: Ledger,
+    /// The read models as the API reads them (Redis first, then Postgres).
+    pub reads: Reads,
 }
 
 impl Services {
@@ -99,6 +102,12 @@ impl Services {
             ],
         );
         Ok(Self {
+            reads: Reads::new(
+                pool.clone(),
+                cache.clone(),
+                catalog.clone(),
+                projections.clone(),
+            ),
             ledger: Ledger::new(
                 pool.clone(),
                 settings.max_attempts,
@@ -120,9 +129,17 @@ impl Services {
         when_busy: WhenBusy,
         progress: impl FnMut(&str, u64) + Send,
     ) -> Result<Vec<CatchUp>, ProjectionError> {
-        self.projections
-            .catch_up(PROJECTION_BATCH, when_busy, progress)
-            .await
+        self.reads.catch_up(when_busy, progress).await
+    }
+
+    /// The syncer over these services, or `None` when `STRIPE_SECRET_KEY` is not set.
+    pub fn syncer(&self) -> Result<Option<Syncer>, StripeApiError> {
+        Syncer::new(
+            &self.settings,
+            self.pool.clone(),
+            self.ledger.clone(),
+            self.reads.clone(),
+        )
     }
 
     /// Clears every projection and rebuilds them together from the log.
@@ -153,7 +170,7 @@ pub struct Application {
     services: Services,
     listener: tokio::net::TcpListener,
     port: u16,
-    sync: Option<crate::sync::Syncer>,
+    sync: Option<Syncer>,
 }
 
 impl Application {
@@ -175,7 +192,7 @@ impl Application {
         if services.settings.api_token.is_none() {
             tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");
         }
-        let sync = crate::sync::Syncer::new(services.clone())?;
+        let sync = services.syncer()?;
         if sync.is_none() {
             tracing::warn!("STRIPE_SECRET_KEY is not set: no sync, checkout, portal or reconciler");
         }
@@ -246,9 +263,18 @@ impl Application {
             cache: services.cache.clone(),
             projections: services.projections.clone(),
             catalog: services.catalog.clone(),
+            reads: services.reads.clone(),
             settings: services.settings.clone(),
             inbox_wake,
             inbox: crate::inbox::InboxWriter::start(services.pool.clone(), INBOX_WRITERS),
+            billing: sync.clone().map(|syncer| {
+                Billing::new(
+                    syncer,
+                    services.ledger.clone(),
+                    services.reads.clone(),
+                    services.settings.clone(),
+                )
+            }),
             sync,
         };
         tracing::info!(address = %listener.local_addr()?, "subledger serving");

@@ -1,9 +1,10 @@
 //! Sync with Stripe's API: fetch the truth about a customer's subscriptions and record
 //! what differs as a `Reconcile` command, so the log stays the one source of truth and
-//! every projection follows. Also the bookkeeping around it: every attempt is recorded
-//! (`sync_attempts`), failures are retried with backoff and a customer whose syncs failed
-//! more than three times in a row is flagged (`sync_customers`), ambiguous webhooks and
-//! the periodic reconciler request syncs, and `backfill` pages through the whole account.
+//! every projection follows. Around it: every attempt is recorded and failures are
+//! retried with backoff (through [`crate::sync_log`], which flags a customer whose syncs
+//! failed more than three times in a row), the sync worker runs the requests that ambiguous
+//! webhooks and the periodic reconciler make, and `backfill` pages through the whole
+//! account.
 //!
 //! This module never judges a fact: the aggregate's `decide` does. It never reads Stripe's
 //! JSON itself either (`stripe::objects` does).
@@ -19,85 +20,28 @@ use aggregates::{
 use chrono::{DateTime, Utc};
 use projections::{Catalog, ProjectionError, SubscriptionInfo, WhenBusy};
 use secrecy::ExposeSecret;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
-use crate::ledger::{error_chain, Decided, ExecuteError};
-use crate::startup::Services;
+use crate::config::Settings;
+use crate::ledger::{error_chain, Decided, ExecuteError, Ledger};
+use crate::reads::Reads;
 use crate::stripe::client::{ClientOptions, StripeApi, StripeApiError};
 use crate::stripe::objects::{listed_subscription, ListedSubscription};
+use crate::sync_log::{self, Attempt, Standing, FLAG_AFTER};
 
 /// Subscriptions asked for per page (Stripe's maximum).
 pub const PAGE_SIZE: i64 = 100;
-/// Consecutive failures after which a customer is flagged ("more than three").
-pub const FLAG_AFTER: i32 = 3;
-/// How long a claimed sync request stays claimed (a crashed worker's claim expires).
-const CLAIM_LEASE_SECS: f64 = 300.0;
+// A sync's vocabulary is the sync log's; `request_sync` is re-exported for the inbox worker
+// (in ledger.rs until it moves to its own module), which asks for a sync through this path.
+pub use crate::sync_log::{request_sync, SyncOutcome, SyncSource};
+
 /// Customers the reconciler requests per pass.
 const RECONCILE_BATCH: i64 = 500;
 /// How long a request waits for the projections to apply what it recorded before it
 /// answers anyway. They usually take milliseconds; this bounds the case where a long
 /// transaction on the database holds their reader back (see `projections::log`).
-const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
-
-/// Why a sync ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncSource {
-    /// An ambiguous webhook (same-second tie, or `previous_attributes.status` that does
-    /// not match what we held).
-    Webhook,
-    SuccessPage,
-    PortalReturn,
-    Reconciler,
-    Operator,
-}
-
-impl SyncSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncSource::Webhook => "webhook",
-            SyncSource::SuccessPage => "success_page",
-            SyncSource::PortalReturn => "portal_return",
-            SyncSource::Reconciler => "reconciler",
-            SyncSource::Operator => "operator",
-        }
-    }
-
-    fn parse(text: &str) -> Self {
-        match text {
-            "webhook" => SyncSource::Webhook,
-            "success_page" => SyncSource::SuccessPage,
-            "portal_return" => SyncSource::PortalReturn,
-            "reconciler" => SyncSource::Reconciler,
-            _ => SyncSource::Operator,
-        }
-    }
-}
-
-/// How a sync ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyncOutcome {
-    /// Something differed and was recorded.
-    Applied,
-    /// Stripe's answer matched what we held.
-    Unchanged,
-    /// A webhook in the same second as our request could not be ordered against the
-    /// answer; another sync is scheduled.
-    Ambiguous,
-    Failed,
-}
-
-impl SyncOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncOutcome::Applied => "applied",
-            SyncOutcome::Unchanged => "unchanged",
-            SyncOutcome::Ambiguous => "ambiguous",
-            SyncOutcome::Failed => "failed",
-        }
-    }
-}
+const READ_YOUR_WRITES: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -147,14 +91,27 @@ pub struct BackfillReport {
 /// Runs syncs. Exists only when a Stripe key is configured.
 #[derive(Clone)]
 pub struct Syncer {
-    services: Services,
     api: StripeApi,
+    /// Records what Stripe answered (a `Reconcile` command).
+    ledger: Ledger,
+    /// Where attempts and requests are kept (through [`sync_log`]).
+    pool: PgPool,
+    /// Brought up to date after a sync, so the next read shows it.
+    reads: Reads,
+    /// The first retry's delay after a failed sync (doubling after that).
+    retry_base: Duration,
+    /// How often the sync worker looks for due requests when nobody wakes it.
+    poll_interval: Duration,
 }
 
 impl Syncer {
-    /// A syncer for these services, or `None` when `STRIPE_SECRET_KEY` is not set.
-    pub fn new(services: Services) -> Result<Option<Self>, StripeApiError> {
-        let settings = &services.settings;
+    /// A syncer, or `None` when `STRIPE_SECRET_KEY` is not set.
+    pub fn new(
+        settings: &Settings,
+        pool: PgPool,
+        ledger: Ledger,
+        reads: Reads,
+    ) -> Result<Option<Self>, StripeApiError> {
         let Some(key) = &settings.stripe_secret_key else {
             return Ok(None);
         };
@@ -167,15 +124,18 @@ impl Syncer {
                 backoff: settings.stripe_backoff,
             },
         )?;
-        Ok(Some(Self { services, api }))
+        Ok(Some(Self {
+            api,
+            ledger,
+            pool,
+            reads,
+            retry_base: settings.sync_retry_base,
+            poll_interval: settings.poll_interval,
+        }))
     }
 
     pub fn api(&self) -> &StripeApi {
         &self.api
-    }
-
-    pub fn services(&self) -> &Services {
-        &self.services
     }
 
     /// Syncs one customer now, records the attempt, and schedules a retry on failure (and
@@ -207,19 +167,25 @@ impl Syncer {
             }
             Err(error) => (SyncOutcome::Failed, 0, Some(error_chain(error))),
         };
-        let (consecutive_failures, flagged) = self
-            .record_attempt(
-                &sync_id,
+        let Standing {
+            consecutive_failures,
+            flagged,
+        } = sync_log::record_attempt(
+            &self.pool,
+            &Attempt {
+                sync_id: &sync_id,
                 customer_id,
                 source,
                 outcome,
-                detail.as_deref(),
+                detail: detail.as_deref(),
                 attempts,
                 duration,
                 started_at,
-            )
-            .await?;
-        crate::metrics::sync_finished(source.as_str(), outcome.as_str(), duration);
+            },
+            self.retry_base,
+        )
+        .await?;
+        crate::metrics::sync_finished(source, outcome, duration);
         tracing::info!(
             customer_id,
             source = source.as_str(),
@@ -247,7 +213,7 @@ impl Syncer {
             consecutive_failures,
             flagged,
             version: decided.version,
-            info: decided_answer(&decision, &decided, &self.services.catalog),
+            info: decided_answer(&decision, &decided, self.reads.catalog()),
         })
     }
 
@@ -266,8 +232,7 @@ impl Syncer {
     /// time or failing only costs freshness: the projections catch up on their own.
     pub async fn wait_for_projections(&self, customer_id: &str, version: u64) {
         let waited = self
-            .services
-            .projections
+            .reads
             .wait_until_applied(customer_id, version, READ_YOUR_WRITES)
             .await;
         match waited {
@@ -323,7 +288,6 @@ impl Syncer {
         }
         let snapshot = api_snapshot(customer_id, sync_id, fetched_at, listed);
         let result = self
-            .services
             .ledger
             .execute(
                 customer_id,
@@ -335,107 +299,13 @@ impl Syncer {
         (result, attempts)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn record_attempt(
-        &self,
-        sync_id: &str,
-        customer_id: &str,
-        source: SyncSource,
-        outcome: SyncOutcome,
-        detail: Option<&str>,
-        attempts: u32,
-        duration: Duration,
-        started_at: DateTime<Utc>,
-    ) -> Result<(i32, bool), sqlx::Error> {
-        let settings = &self.services.settings;
-        let mut tx = self.services.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO sync_attempts (sync_id, customer_id, source, outcome, detail, attempts, duration_ms, started_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(sync_id)
-        .bind(customer_id)
-        .bind(source.as_str())
-        .bind(outcome.as_str())
-        .bind(detail)
-        .bind(attempts as i32)
-        .bind(duration.as_millis().min(i32::MAX as u128) as i32)
-        .bind(started_at)
-        .execute(&mut *tx)
-        .await?;
-        let base = settings.sync_retry_base.as_secs_f64();
-        let row = if outcome == SyncOutcome::Failed {
-            // Retry with backoff: base, 2×base, 4×base … at most an hour. The source of
-            // the retry stays the one that asked first.
-            sqlx::query(
-                "INSERT INTO sync_customers AS c (customer_id, next_attempt_at, pending_source, requested_at, \
-                    consecutive_failures, last_outcome, last_error) \
-                 VALUES ($1, now() + make_interval(secs => $2), $3, now(), 1, 'failed', $4) \
-                 ON CONFLICT (customer_id) DO UPDATE SET \
-                    consecutive_failures = c.consecutive_failures + 1, \
-                    next_attempt_at = now() + make_interval(secs => LEAST(3600, $2 * power(2, c.consecutive_failures))), \
-                    pending_source = COALESCE(c.pending_source, EXCLUDED.pending_source), \
-                    flagged_at = CASE WHEN c.consecutive_failures + 1 > $5 THEN COALESCE(c.flagged_at, now()) END, \
-                    last_outcome = 'failed', last_error = EXCLUDED.last_error, updated_at = now() \
-                 RETURNING consecutive_failures, flagged_at IS NOT NULL AS flagged",
-            )
-            .bind(customer_id)
-            .bind(base)
-            .bind(source.as_str())
-            .bind(detail)
-            .bind(FLAG_AFTER)
-            .fetch_one(&mut *tx)
-            .await?
-        } else {
-            // Success clears the failure run and the flag. A request made after this sync
-            // started stays pending; an ambiguous answer asks again shortly.
-            sqlx::query(
-                "INSERT INTO sync_customers AS c (customer_id, next_attempt_at, pending_source, requested_at, \
-                    last_outcome, last_synced_at) \
-                 VALUES ($1, CASE WHEN $3 THEN now() + make_interval(secs => $4) END, \
-                    CASE WHEN $3 THEN $5 END, CASE WHEN $3 THEN now() END, $2, now()) \
-                 ON CONFLICT (customer_id) DO UPDATE SET \
-                    consecutive_failures = 0, flagged_at = NULL, last_error = NULL, \
-                    last_outcome = EXCLUDED.last_outcome, last_synced_at = now(), updated_at = now(), \
-                    next_attempt_at = CASE WHEN $3 THEN EXCLUDED.next_attempt_at \
-                        WHEN c.requested_at > $6 THEN c.next_attempt_at END, \
-                    pending_source = CASE WHEN $3 THEN EXCLUDED.pending_source \
-                        WHEN c.requested_at > $6 THEN c.pending_source END \
-                 RETURNING consecutive_failures, flagged_at IS NOT NULL AS flagged",
-            )
-            .bind(customer_id)
-            .bind(outcome.as_str())
-            .bind(outcome == SyncOutcome::Ambiguous)
-            .bind(base)
-            .bind(source.as_str())
-            .bind(started_at)
-            .fetch_one(&mut *tx)
-            .await?
-        };
-        tx.commit().await?;
-        Ok((row.get("consecutive_failures"), row.get("flagged")))
-    }
-
     /// Claims one due sync request and runs it. `Ok(None)` when nothing is due.
     pub async fn run_next_due(&self) -> Result<Option<SyncReport>, SyncError> {
-        let claimed = sqlx::query(
-            "UPDATE sync_customers SET next_attempt_at = now() + make_interval(secs => $1), updated_at = now() \
-             WHERE customer_id = (SELECT customer_id FROM sync_customers \
-                WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING customer_id, pending_source",
-        )
-        .bind(CLAIM_LEASE_SECS)
-        .fetch_optional(&self.services.pool)
-        .await?;
-        let Some(row) = claimed else {
+        let Some(due) = sync_log::claim_due(&self.pool).await? else {
             return Ok(None);
         };
-        let customer_id: String = row.get("customer_id");
-        let source = SyncSource::parse(
-            row.get::<Option<String>, _>("pending_source")
-                .as_deref()
-                .unwrap_or("reconciler"),
-        );
+        let customer_id = due.customer_id;
+        let source = due.pending_source.unwrap_or(SyncSource::Reconciler);
         match self.sync_customer(&customer_id, source).await {
             Ok(report) => Ok(Some(report)),
             // Recorded and rescheduled already; the worker goes on.
@@ -458,7 +328,7 @@ impl Syncer {
     /// Runs due sync requests until `stop`: webhook-requested syncs, retries, and what
     /// the reconciler asked for.
     pub async fn run_worker(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
-        let poll = self.services.settings.poll_interval;
+        let poll = self.poll_interval;
         loop {
             if *stop.borrow() {
                 return;
@@ -482,23 +352,7 @@ impl Syncer {
     /// are older than `interval`, unless one is pending already. Flagged customers are
     /// being retried with backoff already.
     pub async fn request_stale(&self, interval: Duration) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(
-            "INSERT INTO sync_customers AS c (customer_id, next_attempt_at, pending_source, requested_at) \
-             SELECT s.customer_id, now(), 'reconciler', now() FROM subscriptions s \
-             LEFT JOIN sync_customers k ON k.customer_id = s.customer_id \
-             WHERE k.next_attempt_at IS NULL \
-               AND s.updated_at < now() - make_interval(secs => $1) \
-               AND COALESCE(k.last_synced_at, '-infinity') < now() - make_interval(secs => $1) \
-             ORDER BY COALESCE(k.last_synced_at, '-infinity') LIMIT $2 \
-             ON CONFLICT (customer_id) DO UPDATE SET next_attempt_at = now(), \
-                pending_source = 'reconciler', requested_at = now(), updated_at = now() \
-             WHERE c.next_attempt_at IS NULL",
-        )
-        .bind(interval.as_secs_f64())
-        .bind(RECONCILE_BATCH)
-        .execute(&self.services.pool)
-        .await?;
-        Ok(done.rows_affected())
+        sync_log::request_stale(&self.pool, interval, RECONCILE_BATCH).await
     }
 
     /// The periodic reconciler: every `interval`, requests syncs for stale customers
@@ -567,7 +421,6 @@ impl Syncer {
                 let sync_id = format!("backfill_{}", uuid::Uuid::new_v4().simple());
                 let snapshot = api_snapshot(&customer, &sync_id, fetched_at, listed);
                 let (decision, _) = self
-                    .services
                     .ledger
                     .execute(
                         &customer,
@@ -586,9 +439,7 @@ impl Syncer {
                 _ => break,
             }
         }
-        self.services
-            .catch_up_projections(WhenBusy::Wait, |_, _| {})
-            .await?;
+        self.reads.catch_up(WhenBusy::Wait, |_, _| {}).await?;
         Ok(report)
     }
 }
@@ -649,30 +500,6 @@ fn api_snapshot(
 
 fn whole_second(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
-}
-
-/// Asks for a sync of `customer_id` after `delay` (the earliest request wins). Used when
-/// a webhook is ambiguous; runs without a Stripe key too (the request waits for one).
-pub async fn request_sync(
-    pool: &PgPool,
-    customer_id: &str,
-    source: SyncSource,
-    delay: Duration,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO sync_customers AS c (customer_id, next_attempt_at, pending_source, requested_at) \
-         VALUES ($1, now() + make_interval(secs => $2), $3, now()) \
-         ON CONFLICT (customer_id) DO UPDATE SET \
-            next_attempt_at = LEAST(COALESCE(c.next_attempt_at, 'infinity'), EXCLUDED.next_attempt_at), \
-            pending_source = COALESCE(c.pending_source, EXCLUDED.pending_source), \
-            requested_at = now(), updated_at = now()",
-    )
-    .bind(customer_id)
-    .bind(delay.as_secs_f64())
-    .bind(source.as_str())
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 /// Whether a webhook's outcome is ambiguous enough that we should ask Stripe instead of

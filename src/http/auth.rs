@@ -1,5 +1,10 @@
 //! Who may call what: bearer tokens for `/v1` (the API token, or an org-scoped token that
-//! reads only its own org's entitlements) and for the operator endpoints (the admin token).
+//! reads only its own org's entitlements) and for the operator endpoints (the admin token),
+//! and the admin page's session: the admin token as a bearer token, or traded once (as
+//! `?token=`, which the login form sends) for an HttpOnly, SameSite=Strict cookie holding
+//! the token's SHA-256, with a redirect to the same URL without it, so the token stays out
+//! of history and later URLs. SameSite=Strict is also what keeps another site from posting
+//! a re-drive.
 //!
 //! Tokens are compared in constant time, as SHA-256 digests so that not even their length
 //! leaks through timing. This module must never log, echo or store a presented token; and
@@ -7,14 +12,22 @@
 //! default), so a route added to `/v1` later is closed to it until someone opens it here.
 
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, HeaderValue, Uri};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Redirect, Response};
+use cookie::{Cookie, SameSite};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use url::form_urlencoded;
 
 use super::{ApiError, AppState};
+use crate::config::Settings;
+
+/// The cookie the admin page trades its token for.
+const ADMIN_COOKIE: &str = "subledger_admin";
+/// Where that cookie is sent.
+const ADMIN_PATH: &str = "/admin";
 
 /// The one `/v1` route an org-scoped token may call, as axum names it.
 const ORG_ENTITLEMENTS_ROUTE: &str = "/v1/orgs/:org_id/entitlements";
@@ -89,8 +102,7 @@ pub async fn require_reader(
 }
 
 /// The operator endpoints (`/ops`): require `SUBLEDGER_ADMIN_TOKEN` as a bearer token.
-/// Unset, they refuse everyone. (The `/admin` page has its own login, `admin::require_admin`,
-/// which trades the same token for a cookie.)
+/// Unset, they refuse everyone. (The `/admin` page also takes a cookie: [`admin_access`].)
 pub async fn require_admin_token(
     State(state): State<AppState>,
     request: Request,
@@ -106,9 +118,114 @@ pub async fn require_admin_token(
     Ok(next.run(request).await)
 }
 
+/// What a request to the admin page presents.
+pub enum AdminAccess {
+    /// The admin token as a bearer token, or the cookie it was traded for.
+    Granted,
+    /// The admin token as `?token=`: this response sets the cookie and redirects to the
+    /// same URL without the token.
+    Traded(Response),
+    /// A `?token=` that is not the admin token.
+    WrongToken,
+    /// Nothing that grants access (or no admin token is configured).
+    Missing,
+}
+
+/// Whether `presented` is the admin token (never, when none is configured).
+fn admin_token_matches(settings: &Settings, presented: &str) -> bool {
+    settings
+        .admin_token
+        .as_ref()
+        .is_some_and(|expected| token_matches(expected, presented))
+}
+
+/// What the cookie holds: the token's SHA-256, so the token itself is never stored.
+fn cookie_value(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn admin_cookie_matches(settings: &Settings, headers: &HeaderMap) -> bool {
+    let Some(expected) = &settings.admin_token else {
+        return false;
+    };
+    let expected = cookie_value(expected.expose_secret());
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .filter(|cookie| cookie.name() == ADMIN_COOKIE)
+        .any(|cookie| bool::from(cookie.value().as_bytes().ct_eq(expected.as_bytes())))
+}
+
+/// Decides what a request to the admin page may do: a `?token=` is checked (and traded for
+/// the cookie) first, then the bearer token, then the cookie.
+pub fn admin_access(settings: &Settings, uri: &Uri, headers: &HeaderMap) -> AdminAccess {
+    let query = uri.query().unwrap_or("");
+    let presented = form_urlencoded::parse(query.as_bytes())
+        .filter(|(key, _)| key == "token")
+        .map(|(_, value)| value)
+        .last();
+    if let Some(token) = presented {
+        if !admin_token_matches(settings, &token) {
+            return AdminAccess::WrongToken;
+        }
+        return AdminAccess::Traded(trade_for_cookie(uri.path(), query, &token));
+    }
+    let bearer = bearer(headers).is_some_and(|token| admin_token_matches(settings, token));
+    if bearer || admin_cookie_matches(settings, headers) {
+        AdminAccess::Granted
+    } else {
+        AdminAccess::Missing
+    }
+}
+
+/// The redirect that sets the admin cookie and drops `token` from the URL (the rest of
+/// the query is kept).
+fn trade_for_cookie(path: &str, query: &str, token: &str) -> Response {
+    let rest = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form_urlencoded::parse(query.as_bytes()).filter(|(key, _)| key != "token"))
+        .finish();
+    let location = if rest.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{rest}")
+    };
+    let cookie = Cookie::build((ADMIN_COOKIE, cookie_value(token)))
+        .path(ADMIN_PATH)
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .build();
+    let mut response = Redirect::to(&location).into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie.to_string()) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_admin_token_is_traded_for_a_cookie_and_dropped_from_the_url() {
+        let response = trade_for_cookie("/admin", "q=org_a&token=t0k&x=a%20b", "t0k");
+        assert_eq!(response.status(), 303);
+        assert_eq!(response.headers()[header::LOCATION], "/admin?q=org_a&x=a+b");
+        let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap();
+        let cookie = Cookie::parse(cookie).unwrap();
+        assert_eq!(cookie.name(), ADMIN_COOKIE);
+        assert_eq!(cookie.value(), cookie_value("t0k"));
+        assert_eq!(cookie.http_only(), Some(true));
+        assert_eq!(cookie.same_site(), Some(SameSite::Strict));
+        assert_eq!(cookie.path(), Some("/admin"));
+        let response = trade_for_cookie("/admin/customers/cus_a", "token=t0k", "t0k");
+        assert_eq!(
+            response.headers()[header::LOCATION],
+            "/admin/customers/cus_a"
+        );
+    }
 
     #[test]
     fn tokens_match_only_exactly() {

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::billing::BillingError;
 use crate::ledger::error_chain;
 use crate::stripe::{ParseError, SignatureError};
 
@@ -43,7 +44,7 @@ pub enum ApiError {
     #[error("storage is unavailable")]
     Inbox(#[source] crate::inbox::InboxError),
     /// 409: the request conflicts with what we hold (the org already has a subscription
-    /// that is not terminal).
+    /// that is not terminal: `BillingError::LiveSubscription`).
     #[error("{0}")]
     Conflict(String),
     /// 503: `STRIPE_SECRET_KEY` is not configured, so nothing can be asked of Stripe.
@@ -68,6 +69,27 @@ impl From<crate::sync::SyncError> for ApiError {
                 ..
             }) => ApiError::StripeRefused(message),
             other => ApiError::Sync(other),
+        }
+    }
+}
+
+impl From<BillingError> for ApiError {
+    fn from(error: BillingError) -> Self {
+        match error {
+            live @ BillingError::LiveSubscription { .. } => ApiError::Conflict(live.to_string()),
+            BillingError::NoCustomerForOrg(org_id) => {
+                ApiError::NotFound(format!("a customer for org {org_id}"))
+            }
+            BillingError::NoCustomerForSession(session_id) => {
+                ApiError::NotFound(format!("a customer for session {session_id}"))
+            }
+            BillingError::RedirectNotAllowed => {
+                ApiError::InvalidParameter("redirect (not an allowed origin)")
+            }
+            BillingError::Storage(error) => ApiError::Storage(error),
+            BillingError::Stripe(error) => error.into(),
+            BillingError::Sync(error) => error.into(),
+            BillingError::RecordOwner(error) => ApiError::Sync(error.into()),
         }
     }
 }

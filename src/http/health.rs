@@ -92,27 +92,17 @@ async fn timed<E: std::error::Error>(
 /// `host:port` of an `http(s)://` base URL (user info and path dropped); `None` when it is
 /// not one.
 pub fn host_port(base: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = base.split_once("://")?;
-    let default_port = match scheme.to_ascii_lowercase().as_str() {
-        "https" => 443,
-        "http" => 80,
-        _ => return None,
-    };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit('@').next()?;
-    if let Some(v6) = authority.strip_prefix('[') {
-        let (host, after) = v6.split_once(']')?;
-        let port = match after.strip_prefix(':') {
-            Some(port) => port.parse().ok()?,
-            None => default_port,
-        };
-        return Some((host.to_owned(), port));
+    let url = url::Url::parse(base).ok()?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
     }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) => (host, port.parse().ok()?),
-        None => (authority, default_port),
+    // The bare address for an IPv6 host (`Url::host_str` keeps its brackets).
+    let host = match url.host()? {
+        url::Host::Domain(name) => name.to_owned(),
+        url::Host::Ipv4(ip) => ip.to_string(),
+        url::Host::Ipv6(ip) => ip.to_string(),
     };
-    (!host.is_empty()).then(|| (host.to_owned(), port))
+    Some((host, url.port_or_known_default()?))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,7 @@ pub mod checkout;
 pub mod error;
 pub mod health;
 pub mod ops;
+pub mod params;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct AppState {
     /// The read models' runner: their names and lag.
     pub projections: Projections,
     pub catalog: Arc<Catalog>,
+    /// The read models (Redis first, then Postgres).
+    pub reads: crate::reads::Reads,
     pub settings: Arc<Settings>,
     /// Wakes the inbox workers when a new event is stored.
     pub inbox_wake: Arc<crate::ledger::WorkerWake>,
@@ -38,6 +41,8 @@ pub struct AppState {
     pub inbox: crate::inbox::InboxWriter,
     /// Syncs with Stripe's API; `None` without `STRIPE_SECRET_KEY`.
     pub sync: Option<crate::sync::Syncer>,
+    /// Checkout and the billing portal; `None` without `STRIPE_SECRET_KEY`.
+    pub billing: Option<crate::billing::Billing>,
 }
 
 pub fn router(state: AppState) -> Router {

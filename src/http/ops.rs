@@ -5,7 +5,8 @@ use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{api::valid_id, ApiError, AppState};
+use super::params::valid_id;
+use super::{ApiError, AppState};
 use crate::dlq::{self, DeadLetter, Redrive};
 
 /// `GET /ops/dead-letters`.

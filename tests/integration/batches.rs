@@ -11,7 +11,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::EventStore;
 use postgres_es::PostgresEventRepository;
 use subledger::inbox::{self, NewEvent, Received, Source};
-use subledger::startup::PROJECTION_BATCH;
+use subledger::reads::PROJECTION_BATCH;
 use subledger::stripe::{parse_event, route, Route, StripeEvent};
 use subledger::Services;
 

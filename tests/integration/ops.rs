@@ -512,7 +512,7 @@ async fn the_admin_page_needs_the_token_and_finds_customers_by_any_id() {
     let url = |path: &str| format!("{}{path}", app.address);
     let r = anonymous.get(url("/admin?q=org_a")).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    assert!(r.text().await.unwrap().contains("name=token"));
+    assert!(r.text().await.unwrap().contains("name=\"token\""));
     let r = anonymous
         .get(url("/admin?q=org_a"))
         .bearer_auth("wrong")
@@ -563,7 +563,7 @@ async fn the_admin_page_needs_the_token_and_finds_customers_by_any_id() {
     assert!(page.contains("sub_a: trialing -&gt; active (step)"));
     assert!(page.contains("illegal transition for sub_a: active -&gt; incomplete"));
     assert!(page.contains("b-stale"));
-    assert!(page.contains("id=cache-agree"));
+    assert!(page.contains("id=\"cache-agree\""));
     assert!(page.contains("data-from=\"trialing\" data-to=\"active\" class=\"path\""));
     assert!(page.contains("Sync log"));
     assert!(admin_get(&app, "/admin?q=nobody")

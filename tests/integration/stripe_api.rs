@@ -8,7 +8,6 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use sqlx::Row;
-use subledger::sync::Syncer;
 
 use crate::fake_stripe::{FakeStripe, Injection};
 use crate::helpers::{spawn_with, test_settings, TestApp, TOKEN};
@@ -507,7 +506,7 @@ async fn backfill_pages_through_hundreds_of_subscriptions_and_is_safe_to_rerun()
             10_000 - i,
         );
     }
-    let syncer = Syncer::new(app.services.clone()).unwrap().unwrap();
+    let syncer = app.services.syncer().unwrap().unwrap();
     let mut pages_seen = Vec::new();
     let report = syncer
         .backfill(None, |r| pages_seen.push(r.pages))

@@ -1,0 +1,175 @@
+//! `/admin`: the operators' web page, rendered on the server (plain HTML and inline SVG,
+//! no script, no front-end build, nothing fetched from elsewhere).
+//!
+//! It shows what [`crate::inspect`] and [`crate::sync_log`] read: search by customer, org,
+//! user or subscription id; the customer's state and event timeline; the transition
+//! diagram drawn from `aggregates::TRANSITIONS` ([`diagram`]) with the customer's path
+//! highlighted; the cache inspector (Redis vs table vs log); the inbox with outcomes, the
+//! dead-letter queue with a re-drive button, and the sync log. The handlers here fetch;
+//! [`pages`] draws (maud templates, which escape every value). The only thing the page
+//! changes is a re-drive, which puts a dead row back in the queue. It must never hold
+//! transition rules of its own, run SQL of its own, nor decide anything about a Stripe
+//! fact.
+//!
+//! Access needs `SUBLEDGER_ADMIN_TOKEN`: as a bearer token, or once as `?token=` (the
+//! login form), traded for a cookie (`auth::admin_access` decides; this page only shows the
+//! login form when it says no).
+
+mod diagram;
+mod pages;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use maud::{html, Markup};
+
+use super::auth::{self, AdminAccess};
+use super::params::valid_id;
+use super::{ApiError, AppState};
+use crate::inspect::{self, CustomerReport};
+use crate::sync_log;
+
+/// Rows each list on the page shows at most.
+const DEAD_LETTERS_SHOWN: i64 = 100;
+const RECENT_WEBHOOKS_SHOWN: i64 = 50;
+const SYNCS_SHOWN: i64 = 50;
+
+pub fn router(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/admin", get(home))
+        .route("/admin/customers/:customer_id", get(customer))
+        .route("/admin/inbox/:event_id/redrive", post(redrive))
+        .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
+}
+
+/// Requires the admin token (see [`auth::admin_access`]); shows the login page otherwise.
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let problem = match auth::admin_access(&state.settings, request.uri(), request.headers()) {
+        AdminAccess::Granted => return next.run(request).await,
+        AdminAccess::Traded(redirect) => return redirect,
+        AdminAccess::WrongToken => Some("That is not the admin token."),
+        AdminAccess::Missing => None,
+    };
+    let login = pages::login(state.settings.admin_token.is_some(), problem);
+    (StatusCode::UNAUTHORIZED, html_page(login)).into_response()
+}
+
+fn html_page(markup: Markup) -> Html<String> {
+    Html(markup.into_string())
+}
+
+#[derive(serde::Deserialize)]
+pub struct HomeQuery {
+    q: Option<String>,
+    redriven: Option<String>,
+}
+
+/// `GET /admin[?q=…]`: search, or the dead-letter queue, the latest inbox rows and syncs.
+pub async fn home(
+    State(state): State<AppState>,
+    Query(query): Query<HomeQuery>,
+) -> Result<Html<String>, ApiError> {
+    let notice = html! {
+        @if let Some(event_id) = &query.redriven { (pages::redriven(event_id)) }
+    };
+    let q = query.q.as_deref().map(str::trim).unwrap_or("");
+    if !q.is_empty() {
+        if q.len() > 255 {
+            return Err(ApiError::InvalidParameter("q"));
+        }
+        let hits = inspect::search(&state.pool, q)
+            .await
+            .map_err(ApiError::Storage)?;
+        let results = match hits.as_slice() {
+            [] => pages::no_hits(q),
+            [hit] => {
+                let report = report(&state, &hit.customer_id).await?;
+                let syncs = sync_section(&state, Some(&hit.customer_id)).await?;
+                html! { (pages::found_by(hit)) (pages::customer(&report)) (syncs) }
+            }
+            hits => pages::hits(hits),
+        };
+        let body = html! { (notice) (pages::search_heading(q)) (results) };
+        return Ok(html_page(pages::page(&format!("Search {q}"), body)));
+    }
+    let dead = inspect::dead_letters(&state.pool, DEAD_LETTERS_SHOWN)
+        .await
+        .map_err(ApiError::Storage)?;
+    let recent = inspect::recent_inbox(&state.pool, RECENT_WEBHOOKS_SHOWN)
+        .await
+        .map_err(ApiError::Storage)?;
+    let syncs = sync_section(&state, None).await?;
+    let body = html! { (notice) (pages::inbox_overview(&dead, &recent)) (syncs) };
+    Ok(html_page(pages::page("Overview", body)))
+}
+
+/// The latest syncs from Stripe's API, for one customer or for all, with the customers
+/// currently flagged (more than 3 failures in a row).
+async fn sync_section(state: &AppState, customer_id: Option<&str>) -> Result<Markup, ApiError> {
+    let rows = sync_log::recent_attempts(&state.pool, customer_id, SYNCS_SHOWN)
+        .await
+        .map_err(ApiError::Storage)?;
+    let flagged = sync_log::flagged(&state.pool, customer_id, SYNCS_SHOWN)
+        .await
+        .map_err(ApiError::Storage)?;
+    Ok(pages::sync_log(&rows, &flagged))
+}
+
+async fn report(state: &AppState, customer_id: &str) -> Result<CustomerReport, ApiError> {
+    inspect::inspect(
+        &state.pool,
+        &state.cache,
+        &state.catalog,
+        customer_id,
+        chrono::Utc::now(),
+    )
+    .await
+    .map_err(|error| match error {
+        inspect::InspectError::Database(e) => ApiError::Storage(e),
+        other => {
+            tracing::error!(error = %crate::ledger::error_chain(&other), "cannot inspect a customer");
+            ApiError::NotFound(format!("a readable log for customer {customer_id}"))
+        }
+    })
+}
+
+/// `GET /admin/customers/{id}`.
+pub async fn customer(
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+) -> Result<Html<String>, ApiError> {
+    let report = report(&state, &customer_id).await?;
+    if report.is_unknown() {
+        return Err(ApiError::NotFound(format!("customer {customer_id}")));
+    }
+    let syncs = sync_section(&state, Some(&customer_id)).await?;
+    let body = html! { (pages::customer(&report)) (syncs) };
+    Ok(html_page(pages::page(&customer_id, body)))
+}
+
+/// `POST /admin/inbox/{event_id}/redrive`: puts a dead-lettered row back in the queue.
+pub async fn redrive(
+    State(state): State<AppState>,
+    Path(event_id): Path<String>,
+) -> Result<Redirect, ApiError> {
+    if !inspect::redrive(&state.pool, &event_id)
+        .await
+        .map_err(ApiError::Storage)?
+    {
+        return Err(ApiError::NotFound(format!(
+            "dead-lettered event {event_id}"
+        )));
+    }
+    tracing::info!(event_id, "dead-lettered event re-driven by an operator");
+    state.inbox_wake.wake_all();
+    // The notice names the event only when its id is Stripe-shaped (it goes into a URL).
+    let shown = if valid_id(&event_id, "event id").is_ok() {
+        event_id.as_str()
+    } else {
+        ""
+    };
+    Ok(Redirect::to(&format!("/admin?redriven={shown}")))
+}

@@ -1,0 +1,202 @@
+//! The read models as the API reads them: a customer's subscription and an org's or
+//! user's entitlement, from Redis first and, on a miss or a Redis error, from the Postgres
+//! tables, with the answer written back to Redis for next time. Every read is counted as
+//! a cache hit, miss or fallback. The same handle brings the read models up to the end of
+//! the log (through the `projections` runner), for the projection loop and for a caller
+//! that must see its own write.
+//!
+//! Redis is never trusted over Postgres: a cached value reached through an org or user
+//! key that names another owner is ignored (a mapping key can outlive a change of owner).
+//! This module must never decide what a Stripe fact means nor write a read model by hand:
+//! the write-back stores what Postgres already holds (version-guarded), and catching up
+//! runs the projections' own runner.
+
+use std::sync::Arc;
+
+use projections::{
+    Catalog, CatchUp, Entitlement, PlatformTables, ProjectionError, Projections, RedisCache,
+    SubscriptionInfo, WhenBusy,
+};
+use sqlx::PgPool;
+
+use crate::ledger::error_chain;
+use crate::metrics::{self, CacheRead};
+
+/// Events applied per projection transaction.
+pub const PROJECTION_BATCH: i64 = 5000;
+
+/// The handle handlers, the syncer and billing read through. Cheap to clone.
+#[derive(Clone)]
+pub struct Reads {
+    pool: PgPool,
+    cache: RedisCache,
+    catalog: Arc<Catalog>,
+    projections: Projections,
+}
+
+impl Reads {
+    pub fn new(
+        pool: PgPool,
+        cache: RedisCache,
+        catalog: Arc<Catalog>,
+        projections: Projections,
+    ) -> Self {
+        Self {
+            pool,
+            cache,
+            catalog,
+            projections,
+        }
+    }
+
+    /// The catalogue answers are judged against.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Brings every read model up to the end of the log through the projections' runner
+    /// (those whose checkpoints stand together read each batch once). `progress` is
+    /// called with a projection's name and the events it applied so far.
+    pub async fn catch_up(
+        &self,
+        when_busy: WhenBusy,
+        progress: impl FnMut(&str, u64) + Send,
+    ) -> Result<Vec<CatchUp>, ProjectionError> {
+        self.projections
+            .catch_up(PROJECTION_BATCH, when_busy, progress)
+            .await
+    }
+
+    /// Waits until the read models have applied `customer_id`'s events up to `version`,
+    /// at most `within`; woken by the runner's published progress, never on a fixed
+    /// interval. `Ok(false)` when time ran out.
+    pub async fn wait_until_applied(
+        &self,
+        customer_id: &str,
+        version: u64,
+        within: std::time::Duration,
+    ) -> Result<bool, ProjectionError> {
+        self.projections
+            .wait_until_applied(customer_id, version, within)
+            .await
+    }
+
+    /// A customer's subscription (its plan named from the catalogue), or `None` when we
+    /// hold nothing for that customer. Fails only when Postgres has to be read and cannot.
+    pub async fn customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        let info = match self.cache.customer(customer_id).await {
+            Ok(Some(info)) => {
+                metrics::cache_read(CacheRead::Hit);
+                Some(info)
+            }
+            Ok(None) => {
+                metrics::cache_read(CacheRead::Miss);
+                self.customer_in_table(customer_id).await?
+            }
+            Err(error) => {
+                metrics::cache_read(CacheRead::Fallback);
+                tracing::warn!(%error, "cache read failed; reading Postgres");
+                self.customer_in_table(customer_id).await?
+            }
+        };
+        Ok(info.map(|mut info| {
+            info.resolve_plan(&self.catalog);
+            info
+        }))
+    }
+
+    async fn customer_in_table(
+        &self,
+        customer_id: &str,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        let info = PlatformTables::customer(&self.pool, customer_id).await?;
+        Ok(self.read_through(info).await)
+    }
+
+    /// What an org is entitled to now.
+    pub async fn org_entitlement(&self, org_id: &str) -> Result<Entitlement, sqlx::Error> {
+        let info = self.owner(Some(org_id), None).await?;
+        Ok(self
+            .catalog
+            .entitlement(Some(org_id), None, info.as_ref(), chrono::Utc::now()))
+    }
+
+    /// What a user is entitled to now.
+    pub async fn user_entitlement(&self, user_id: &str) -> Result<Entitlement, sqlx::Error> {
+        let info = self.owner(None, Some(user_id)).await?;
+        Ok(self
+            .catalog
+            .entitlement(None, Some(user_id), info.as_ref(), chrono::Utc::now()))
+    }
+
+    /// The org's customer as the `subscriptions` table holds it, Redis skipped: for
+    /// decisions that must not rest on a cached value (billing's one live subscription
+    /// per org).
+    pub async fn org_in_table(
+        &self,
+        org_id: &str,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        PlatformTables::for_owner(&self.pool, Some(org_id), None).await
+    }
+
+    /// The answer for the customer an org (or else a user) belongs to.
+    async fn owner(
+        &self,
+        org_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
+        let mut failed = false;
+        let cached = match self.cache.customer_id_for(org_id, user_id).await {
+            Ok(Some(customer_id)) => {
+                self.cache
+                    .customer(&customer_id)
+                    .await
+                    .unwrap_or_else(|error| {
+                        failed = true;
+                        tracing::warn!(%error, "cache read failed; reading Postgres");
+                        None
+                    })
+            }
+            Ok(None) => None,
+            Err(error) => {
+                failed = true;
+                tracing::warn!(%error, "cache read failed; reading Postgres");
+                None
+            }
+        };
+        // A mapping key can outlive a change of owner: only trust a value that names the owner.
+        if let Some(info) = cached {
+            let matches = org_id.is_none_or(|org| info.org_id.as_deref() == Some(org))
+                && user_id.is_none_or(|user| info.user_id.as_deref() == Some(user));
+            if matches {
+                metrics::cache_read(CacheRead::Hit);
+                return Ok(Some(info));
+            }
+        }
+        metrics::cache_read(if failed {
+            CacheRead::Fallback
+        } else {
+            CacheRead::Miss
+        });
+        let info = PlatformTables::for_owner(&self.pool, org_id, user_id).await?;
+        Ok(self.read_through(info).await)
+    }
+
+    /// Writes what Postgres answered back to Redis. A failure only costs the next read a
+    /// trip to Postgres, so it is counted and logged, never returned.
+    async fn read_through(&self, info: Option<SubscriptionInfo>) -> Option<SubscriptionInfo> {
+        if let Some(info) = &info {
+            if let Err(error) = self.cache.put(info).await {
+                metrics::METRICS
+                    .cache_write_failures
+                    .with_label_values(&["read_through"])
+                    .inc();
+                tracing::warn!(error = %error_chain(&error), "cache write-back failed");
+            }
+        }
+        info
+    }
+}
