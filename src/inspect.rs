@@ -282,7 +282,7 @@ pub async fn inspect(
                 ttl_secs,
             }),
             Err(error) => {
-                cache_error = Some(crate::ledger::error_chain(&error));
+                cache_error = Some(crate::error_chain::error_chain(&error));
                 break;
             }
         }

@@ -22,6 +22,7 @@ use postgres_es::PostgresEventRepository;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::{watch, Notify};
 
+use crate::error_chain::error_chain;
 use crate::stripe::{parse_event, route, Route};
 
 /// Inbox rows a worker claims at once.
@@ -884,16 +885,4 @@ impl RowResult {
             catch_up: false,
         }
     }
-}
-
-/// An error and its causes, one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

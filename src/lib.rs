@@ -7,6 +7,7 @@
 pub mod config;
 pub mod db;
 pub mod dlq;
+pub mod error_chain;
 pub mod http;
 pub mod import;
 pub mod inbox;

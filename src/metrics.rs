@@ -26,9 +26,9 @@ use prometheus::{
 };
 use sqlx::PgPool;
 
+use crate::error_chain::error_chain;
 use crate::http::AppState;
 use crate::inbox::Received;
-use crate::ledger::error_chain;
 use crate::stripe::StripeEvent;
 
 /// The outcomes a processed webhook can have (as the inbox records them).

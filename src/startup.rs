@@ -21,8 +21,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Settings;
 use crate::db::{self, DbError};
+use crate::error_chain::error_chain;
 use crate::http::{self, AppState};
-use crate::ledger::{error_chain, Ledger};
+use crate::ledger::Ledger;
 
 /// Inbox inserts in flight at once (each stores every webhook that queued meanwhile).
 const INBOX_WRITERS: usize = 4;

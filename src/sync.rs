@@ -22,7 +22,8 @@ use secrecy::ExposeSecret;
 use sqlx::{PgPool, Row};
 use tokio::sync::{watch, Notify};
 
-use crate::ledger::{error_chain, ExecuteError};
+use crate::error_chain::error_chain;
+use crate::ledger::ExecuteError;
 use crate::startup::Services;
 use crate::stripe::client::{ClientOptions, StripeApi, StripeApiError};
 use crate::stripe::objects::{listed_subscription, ListedSubscription};

@@ -351,7 +351,7 @@ async fn report(state: &AppState, customer_id: &str) -> Result<CustomerReport, A
     .map_err(|error| match error {
         inspect::InspectError::Database(e) => ApiError::Storage(e),
         other => {
-            tracing::error!(error = %crate::ledger::error_chain(&other), "cannot inspect a customer");
+            tracing::error!(error = %crate::error_chain::error_chain(&other), "cannot inspect a customer");
             ApiError::NotFound(format!("a readable log for customer {customer_id}"))
         }
     })

@@ -143,6 +143,6 @@ async fn write_back(state: &AppState, info: &SubscriptionInfo) {
             .cache_write_failures
             .with_label_values(&["read_through"])
             .inc();
-        tracing::warn!(error = %crate::ledger::error_chain(&error), "cache write-back failed");
+        tracing::warn!(error = %crate::error_chain::error_chain(&error), "cache write-back failed");
     }
 }

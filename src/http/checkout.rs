@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::api::{read_customer, valid_id};
 use super::{ApiError, AppState};
-use crate::ledger::error_chain;
+use crate::error_chain::error_chain;
 use crate::stripe::client::CheckoutParams;
 use crate::stripe::objects;
 use crate::sync::{SyncSource, Syncer};

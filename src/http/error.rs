@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::ledger::error_chain;
+use crate::error_chain::error_chain;
 use crate::stripe::{ParseError, SignatureError};
 
 #[derive(Debug, thiserror::Error)]

@@ -76,7 +76,7 @@ async fn timed<E: std::error::Error>(
     let error = match result {
         Ok(Ok(())) => None,
         Ok(Err(error)) => {
-            tracing::warn!(check = what, error = %crate::ledger::error_chain(&error), "readiness check failed");
+            tracing::warn!(check = what, error = %crate::error_chain::error_chain(&error), "readiness check failed");
             Some("error")
         }
         Err(_) => {
