@@ -14,9 +14,8 @@ use std::fmt::Write as _;
 use aggregates::{Move, Subscription, SubscriptionEvent, SubscriptionStatus};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use projections::{
-    Catalog, Entitlement, LoggedEvent, PlatformTables, Position, RedisCache, SubscriptionInfo,
-};
+use event_store::{read, StoreError};
+use projections::{Catalog, Entitlement, PlatformTables, RedisCache, SubscriptionInfo};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
 
@@ -31,6 +30,26 @@ pub enum InspectError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot read the event log")]
+    Log(#[source] StoreError),
+}
+
+impl From<StoreError> for InspectError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Database(error) => InspectError::Database(error),
+            StoreError::Json {
+                aggregate_id,
+                sequence,
+                source,
+            } => InspectError::Decode {
+                customer_id: aggregate_id,
+                sequence,
+                source,
+            },
+            other => InspectError::Log(other),
+        }
+    }
 }
 
 /// One event of the customer's log and the change it made.
@@ -189,30 +208,21 @@ pub async fn inspect(
     customer_id: &str,
     now: DateTime<Utc>,
 ) -> Result<CustomerReport, InspectError> {
-    let rows = sqlx::query(
-        "SELECT sequence, payload, recorded_at, tx_id::text AS tx_id, global_seq FROM events \
-         WHERE aggregate_type = 'Subscription' AND aggregate_id = $1 ORDER BY sequence",
-    )
-    .bind(customer_id)
-    .fetch_all(pool)
-    .await?;
+    let history = read::history(pool, customer_id).await?;
     let mut state = Subscription::default();
-    let mut timeline = Vec::with_capacity(rows.len());
-    let mut last: Option<LoggedEvent> = None;
-    for row in rows {
-        let sequence: i64 = row.get("sequence");
-        let payload: Value = row.get("payload");
-        let event: SubscriptionEvent =
-            serde_json::from_value(payload).map_err(|source| InspectError::Decode {
-                customer_id: customer_id.to_owned(),
-                sequence,
-                source,
-            })?;
+    let mut timeline = Vec::with_capacity(history.len());
+    let mut last = None;
+    for read::Recorded {
+        event: logged,
+        recorded_at,
+    } in history
+    {
+        let event = &logged.event;
         let source = event.source();
         timeline.push(TimelineEntry {
-            sequence,
-            recorded_at: row.get("recorded_at"),
-            event_type: match &event {
+            sequence: logged.sequence as i64,
+            recorded_at,
+            event_type: match event {
                 SubscriptionEvent::OwnerLinked { .. } => "OwnerLinked",
                 SubscriptionEvent::SubscriptionChanged { .. } => "SubscriptionChanged",
                 SubscriptionEvent::InvoiceRecorded { .. } => "InvoiceRecorded",
@@ -222,7 +232,7 @@ pub async fn inspect(
             stripe_event_id: source.stripe_event_id.clone(),
             stripe_event_type: source.stripe_event_type.clone(),
             stripe_created: source.created,
-            transition: match &event {
+            transition: match event {
                 SubscriptionEvent::SubscriptionChanged {
                     from,
                     transition,
@@ -237,19 +247,10 @@ pub async fn inspect(
                 } => Some((*from, subscription.status, *transition)),
                 _ => None,
             },
-            change: describe(&event),
+            change: describe(event),
         });
         state.apply(event.clone());
-        let tx_id: String = row.get("tx_id");
-        last = Some(LoggedEvent {
-            aggregate_id: customer_id.to_owned(),
-            sequence: sequence as u64,
-            position: Position {
-                tx_id: tx_id.parse().unwrap_or_default(),
-                global_seq: row.get("global_seq"),
-            },
-            event,
-        });
+        last = Some(logged);
     }
     // The same construction the projections use, so equal inputs give equal answers.
     let log = last.map(|logged| SubscriptionInfo::from_logged(&logged, catalog));
@@ -506,13 +507,19 @@ pub struct SearchHit {
 /// table, the subscription mirror, the log and the inbox, so a customer whose events
 /// were all rejected is found too.
 pub async fn search(pool: &PgPool, q: &str) -> Result<Vec<SearchHit>, sqlx::Error> {
+    // A customer the log knows by this id (the log is read only through the event store).
+    let logged: Vec<&str> = if read::aggregate_exists(pool, q).await? {
+        vec![q]
+    } else {
+        Vec::new()
+    };
     let rows = sqlx::query(
         "WITH found AS ( \
             SELECT customer_id, CASE WHEN customer_id = $1 THEN 'customer' WHEN org_id = $1 THEN 'org' \
                    WHEN user_id = $1 THEN 'user' ELSE 'subscription' END AS matched_on \
               FROM subscriptions WHERE $1 IN (customer_id, org_id, user_id, subscription_id) \
             UNION SELECT customer_id, 'subscription' FROM merchant_subscriptions WHERE subscription_id = $1 \
-            UNION SELECT aggregate_id, 'customer' FROM events WHERE aggregate_type = 'Subscription' AND aggregate_id = $1 \
+            UNION SELECT unnest($2::text[]), 'customer' \
             UNION SELECT customer_id, 'customer' FROM inbox WHERE customer_id = $1 \
          ) \
          SELECT DISTINCT ON (f.customer_id) f.customer_id, f.matched_on, s.org_id, s.user_id, s.subscription_id, s.status \
@@ -520,6 +527,7 @@ pub async fn search(pool: &PgPool, q: &str) -> Result<Vec<SearchHit>, sqlx::Erro
           ORDER BY f.customer_id, f.matched_on LIMIT 50",
     )
     .bind(q)
+    .bind(&logged)
     .fetch_all(pool)
     .await?;
     Ok(rows

@@ -16,9 +16,9 @@ use aggregates::{
     decide, Decision, Move, Outcome, Subscription, SubscriptionCommand, SubscriptionError,
     SubscriptionEvent, SubscriptionStatus,
 };
-use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{Aggregate, AggregateContext, AggregateError, DomainEvent, EventStore};
-use postgres_es::PostgresEventRepository;
+use cqrs_es::Aggregate;
+use event_store::batch::{self, NewEvents};
+use event_store::{EventStore, Metadata, StoreError};
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::{watch, Notify};
 
@@ -43,7 +43,7 @@ pub enum ExecuteError {
     #[error("the aggregate refused the command")]
     Domain(#[from] SubscriptionError),
     #[error("the event store failed")]
-    Store(#[source] AggregateError<SubscriptionError>),
+    Store(#[source] StoreError),
     #[error("still conflicting after {0} retries")]
     Conflict(usize),
 }
@@ -58,7 +58,7 @@ pub enum ProcessError {
 #[derive(Clone)]
 pub struct Ledger {
     pool: PgPool,
-    store: Arc<PersistedEventStore<PostgresEventRepository, Subscription>>,
+    store: EventStore,
     max_attempts: i32,
     /// Woken whenever events are committed, so projections catch up at once.
     pub committed: Arc<Notify>,
@@ -78,11 +78,9 @@ pub struct Processed {
 
 impl Ledger {
     pub fn new(pool: PgPool, max_attempts: i32, cache_capacity: usize) -> Self {
-        let store =
-            PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
         Self {
+            store: EventStore::new(pool.clone()),
             pool,
-            store: Arc::new(store),
             max_attempts,
             committed: Arc::new(Notify::new()),
             conflicts_retried: Arc::new(AtomicU64::new(0)),
@@ -115,21 +113,21 @@ impl Ledger {
     ) -> Result<Vec<Decision>, ExecuteError> {
         let metadata = sources_metadata(source_ids);
         for attempt in 0..CONFLICT_RETRIES {
-            let mut context = self
+            let loaded = self
                 .store
-                .load_aggregate(customer_id)
+                .load(customer_id)
                 .await
                 .map_err(ExecuteError::Store)?;
-            let (decisions, events) = decide_all(context.aggregate(), commands)?;
+            let (decisions, events) = decide_all(loaded.state(), commands)?;
             if events.is_empty() {
                 return Ok(decisions);
             }
-            match self.store.commit(events, context, metadata.clone()).await {
-                Ok(_) => {
+            match self.store.commit(loaded, events, metadata.clone()).await {
+                Ok(()) => {
                     self.committed.notify_one();
                     return Ok(decisions);
                 }
-                Err(AggregateError::AggregateConflict) => {
+                Err(StoreError::Conflict) => {
                     // Someone else committed first: reload and decide again.
                     // A short random pause, growing with each loss, so that many
                     // writers of one hot customer (workers, replicas) stop colliding in
@@ -421,8 +419,7 @@ impl Ledger {
                 sqlx::query("ROLLBACK TO SAVEPOINT batch")
                     .execute(&mut *tx)
                     .await?;
-                if matches!(&error, BatchError::Database(sqlx::Error::Database(e)) if e.is_unique_violation())
-                {
+                if matches!(error, StoreError::Conflict) {
                     self.conflicts_retried.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         "a batch lost a race with another writer; one customer at a time"
@@ -528,7 +525,7 @@ fn commands_of(items: &[Item]) -> (Vec<SubscriptionCommand>, Vec<&str>) {
 
 /// The metadata every committed event carries: which Stripe events (or API reads) it
 /// came from.
-fn sources_metadata(source_ids: &[&str]) -> HashMap<String, String> {
+fn sources_metadata(source_ids: &[&str]) -> Metadata {
     HashMap::from([("sources".to_owned(), source_ids.join(","))])
 }
 
@@ -552,21 +549,6 @@ fn decide_all(
     Ok((decisions, events))
 }
 
-#[derive(Debug, thiserror::Error)]
-enum BatchError {
-    #[error("the event log failed")]
-    Database(#[from] sqlx::Error),
-    #[error("event {aggregate_id}#{sequence} cannot be encoded or decoded")]
-    Json {
-        aggregate_id: String,
-        sequence: i64,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("the history of {0} has a gap at #{1}")]
-    Gap(String, i64),
-}
-
 /// What a batch decided and wrote: each group's decisions (or error), and each
 /// customer's aggregate after the batch with its version, to remember once committed.
 #[derive(Default)]
@@ -577,46 +559,16 @@ struct Written {
 
 /// Loads the history of every customer in `groups` with one query (only the events after
 /// the version the cache holds, if it holds the customer), decides each group against
-/// its customer's state, and inserts all the new events with one statement, in
-/// (customer, sequence) order so that concurrent batches always lock keys in the same
-/// order. The rows are exactly those postgres-es writes (same columns, sequence =
-/// version after the event, metadata naming the sources), so the event store reads
-/// them back like its own. The primary key refuses an event whose sequence another
-/// writer took first: that is the optimistic-concurrency check.
+/// its customer's state, and appends all the new events with one statement
+/// (`event_store::batch`). The primary key refuses an event whose sequence another writer
+/// took first: that is the optimistic-concurrency check ([`StoreError::Conflict`]).
 async fn decide_and_write(
     tx: &mut PgConnection,
     groups: &[(String, Vec<Item>)],
     cache: &AggregateCache,
-) -> Result<Written, BatchError> {
-    let aggregate_type = Subscription::TYPE;
+) -> Result<Written, StoreError> {
     let ids: Vec<String> = groups.iter().map(|(id, _)| id.clone()).collect();
-    let mut loaded = cache.get(&ids);
-    let after: Vec<i64> = ids
-        .iter()
-        .map(|id| loaded.get(id).map_or(0, |(version, _)| *version))
-        .collect();
-    let rows = sqlx::query(
-        "SELECT e.aggregate_id, e.sequence, e.payload::text AS payload \
-         FROM unnest($2::text[], $3::int8[]) AS k(aggregate_id, after) \
-         JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = k.aggregate_id \
-            AND e.sequence > k.after \
-         ORDER BY e.aggregate_id, e.sequence",
-    )
-    .bind(aggregate_type)
-    .bind(&ids)
-    .bind(&after)
-    .fetch_all(&mut *tx)
-    .await?;
-    for row in rows {
-        let aggregate_id: String = row.get("aggregate_id");
-        let sequence: i64 = row.get("sequence");
-        let (version, state) = loaded.entry(aggregate_id.clone()).or_default();
-        if sequence != *version + 1 {
-            return Err(BatchError::Gap(aggregate_id, sequence));
-        }
-        state.apply(decode(&aggregate_id, sequence, row.get("payload"))?);
-        *version = sequence;
-    }
+    let mut loaded = batch::load_many(tx, &ids, cache.get(&ids)).await?;
 
     let mut written = Written::default();
     let mut new = NewEvents::default();
@@ -625,25 +577,15 @@ async fn decide_and_write(
         let (commands, sources) = commands_of(items);
         match decide_all(&state, &commands) {
             Ok((decisions, events)) => {
-                let metadata = serde_json::to_string(&sources_metadata(&sources))
-                    .expect("a map of strings always serializes");
-                let mut sequence = version;
-                for event in &events {
-                    sequence += 1;
-                    let payload =
-                        serde_json::to_string(event).map_err(|source| BatchError::Json {
-                            aggregate_id: customer_id.clone(),
-                            sequence,
-                            source,
-                        })?;
-                    // The remembered aggregate is folded from the JSON the log will
-                    // hold, exactly as a load from the log would fold it.
-                    state.apply(decode(customer_id, sequence, &payload)?);
-                    new.push(customer_id, sequence, event, payload, &metadata);
+                // The remembered aggregate is folded from the JSON the log will hold,
+                // exactly as a load from the log would fold it.
+                for event in new.push(customer_id, version, &events, &sources_metadata(&sources))? {
+                    state.apply(event);
                 }
+                let version = version + events.len() as i64;
                 written
                     .aggregates
-                    .push((customer_id.clone(), sequence, state));
+                    .push((customer_id.clone(), version, state));
                 written.results.push(Ok(decisions));
             }
             Err(error) => {
@@ -654,37 +596,8 @@ async fn decide_and_write(
             }
         }
     }
-    if !new.aggregate_id.is_empty() {
-        new.sort();
-        sqlx::query(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-             SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload::json, u.metadata::json \
-             FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[]) \
-                AS u(aggregate_id, sequence, event_type, event_version, payload, metadata)",
-        )
-        .bind(aggregate_type)
-        .bind(&new.aggregate_id)
-        .bind(&new.sequence)
-        .bind(&new.event_type)
-        .bind(&new.event_version)
-        .bind(&new.payload)
-        .bind(&new.metadata)
-        .execute(&mut *tx)
-        .await?;
-    }
+    batch::append(tx, new).await?;
     Ok(written)
-}
-
-fn decode(
-    aggregate_id: &str,
-    sequence: i64,
-    payload: &str,
-) -> Result<SubscriptionEvent, BatchError> {
-    serde_json::from_str(payload).map_err(|source| BatchError::Json {
-        aggregate_id: aggregate_id.to_owned(),
-        sequence,
-        source,
-    })
 }
 
 /// Customers' aggregates as of a version the log holds: each is the fold of exactly the
@@ -774,53 +687,6 @@ impl AggregateCache {
             .iter()
             .map(|(id, (version, state, _))| (id.clone(), *version, state.clone()))
             .collect()
-    }
-}
-
-/// The columns of the events a batch writes.
-#[derive(Default)]
-struct NewEvents {
-    aggregate_id: Vec<String>,
-    sequence: Vec<i64>,
-    event_type: Vec<String>,
-    event_version: Vec<String>,
-    payload: Vec<String>,
-    metadata: Vec<String>,
-}
-
-impl NewEvents {
-    fn push(
-        &mut self,
-        aggregate_id: &str,
-        sequence: i64,
-        event: &SubscriptionEvent,
-        payload: String,
-        metadata: &str,
-    ) {
-        self.aggregate_id.push(aggregate_id.to_owned());
-        self.sequence.push(sequence);
-        self.event_type.push(event.event_type());
-        self.event_version.push(event.event_version());
-        self.payload.push(payload);
-        self.metadata.push(metadata.to_owned());
-    }
-
-    /// Into (aggregate_id, sequence) order: the order concurrent writers lock keys in.
-    fn sort(&mut self) {
-        let mut order: Vec<usize> = (0..self.aggregate_id.len()).collect();
-        order.sort_by(|&a, &b| {
-            (&self.aggregate_id[a], self.sequence[a])
-                .cmp(&(&self.aggregate_id[b], self.sequence[b]))
-        });
-        fn permute<T: Clone>(v: &mut Vec<T>, order: &[usize]) {
-            *v = order.iter().map(|&i| v[i].clone()).collect();
-        }
-        permute(&mut self.aggregate_id, &order);
-        permute(&mut self.sequence, &order);
-        permute(&mut self.event_type, &order);
-        permute(&mut self.event_version, &order);
-        permute(&mut self.payload, &order);
-        permute(&mut self.metadata, &order);
     }
 }
 

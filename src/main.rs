@@ -145,12 +145,9 @@ async fn main() -> anyhow::Result<()> {
                 .context("STRIPE_SECRET_KEY is not set")?;
             let customers: Vec<String> = match customer {
                 Some(customer) => vec![customer],
-                None => sqlx::query_scalar(
-                    "SELECT DISTINCT aggregate_id FROM events ORDER BY aggregate_id",
-                )
-                .fetch_all(&services.pool)
-                .await
-                .context("listing customers")?,
+                None => event_store::read::aggregate_ids(&services.pool)
+                    .await
+                    .context("listing customers")?,
             };
             let (mut failed, total) = (0, customers.len());
             for (i, customer) in customers.iter().enumerate() {
