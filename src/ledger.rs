@@ -13,17 +13,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aggregates::{
-    decide, Decision, Move, Outcome, Subscription, SubscriptionCommand, SubscriptionError,
+    decide, Decision, Move, Subscription, SubscriptionCommand, SubscriptionError,
     SubscriptionEvent, SubscriptionStatus,
 };
 use cqrs_es::Aggregate;
 use event_store::batch::{self, NewEvents};
 use event_store::{EventStore, Metadata, StoreError};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{watch, Notify};
 
 use crate::error_chain::error_chain;
+use crate::inbox::{self, Outcome};
 use crate::stripe::{parse_event, route, Route};
+
+// Workers of one process take disjoint partitions of the customers, so their batches
+// never race for a customer; workers of other replicas may, and then the batch is
+// retried per customer.
+pub use crate::inbox::{Partition, Processed};
 
 /// Inbox rows a worker claims at once.
 const BATCH: i64 = 64;
@@ -66,14 +72,6 @@ pub struct Ledger {
     pub conflicts_retried: Arc<AtomicU64>,
     /// Aggregates as of a version the log holds, so batches load only newer events.
     pub cache: Arc<AggregateCache>,
-}
-
-/// What processing one inbox row gave.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Processed {
-    pub event_id: String,
-    pub outcome: String,
-    pub detail: Option<String>,
 }
 
 impl Ledger {
@@ -156,68 +154,54 @@ impl Ledger {
         partition: Option<Partition>,
     ) -> Result<Vec<Processed>, ProcessError> {
         let mut tx = self.pool.begin().await?;
-        // Always walk `inbox_pending` in order (see migrations/20261125200001): a bitmap
-        // scan, which the planner picks when it believes few rows are pending, visits
-        // the heap page of every entry processed since the last vacuum and never marks
-        // them dead, so each claim of a burst cost more than the one before.
-        sqlx::query("SET LOCAL enable_bitmapscan = off")
-            .execute(&mut *tx)
-            .await?;
-        let rows = sqlx::query(
-            "SELECT event_id, event_type, customer_id, payload, attempts, \
-                extract(epoch FROM now() - received_at)::float8 AS waited FROM inbox \
-             WHERE state = 'pending' AND next_attempt_at <= now() \
-               AND ($2::int8 IS NULL OR abs(hashtext(customer_id)::int8) % $3::int8 = $2::int8) \
-             ORDER BY next_attempt_at, stripe_created LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(limit)
-        .bind(partition.map(|p| p.index as i64))
-        .bind(partition.map_or(1, |p| p.of as i64))
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = inbox::claim(&mut tx, limit, partition).await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
 
         // Route every row; commands are grouped per customer, in the claimed order.
-        let mut claimed: HashMap<String, Claimed> = HashMap::new();
+        let mut claimed: HashMap<String, InFlight> = HashMap::new();
         let mut results: Vec<RowResult> = Vec::new();
         let mut groups: Vec<(String, Vec<Item>)> = Vec::new();
         for row in rows {
-            let event_id: String = row.get("event_id");
-            let event_type: String = row.get("event_type");
-            let attempt = row.get::<i32, _>("attempts") + 1;
+            let inbox::Claimed {
+                event_id,
+                event_type,
+                customer_id,
+                payload,
+                attempts,
+                waited,
+            } = row;
             // One span per webhook processed: logs inside it carry the event, and its
             // outcome is recorded once known.
             let span = tracing::info_span!(
                 "webhook",
                 event_id = %event_id,
                 event_type = %event_type,
-                customer_id = row.get::<Option<String>, _>("customer_id").unwrap_or_default(),
-                attempt,
+                customer_id = customer_id.unwrap_or_default(),
+                attempt = attempts + 1,
                 outcome = tracing::field::Empty,
             );
             claimed.insert(
                 event_id.clone(),
-                Claimed {
+                InFlight {
                     event_type,
-                    waited: Duration::from_secs_f64(row.get::<f64, _>("waited").max(0.0)),
+                    waited,
                     span,
                 },
             );
-            let payload: String = row.get("payload");
             let event = match parse_event(payload.as_bytes()) {
                 Ok(event) => event,
                 // Only parseable events are ever stored; say so rather than retry forever.
                 Err(error) => {
                     let detail = format!("stored payload no longer parses: {error}");
-                    results.push(RowResult::done(event_id, "ignored", Some(detail)));
+                    results.push(RowResult::done(event_id, Outcome::Ignored, Some(detail)));
                     continue;
                 }
             };
             match route(&event) {
                 Route::Ignore { reason } => {
-                    results.push(RowResult::done(event_id, "ignored", Some(reason)))
+                    results.push(RowResult::done(event_id, Outcome::Ignored, Some(reason)))
                 }
                 Route::Command {
                     customer_id,
@@ -285,7 +269,7 @@ impl Ledger {
                         });
                         let mut result = RowResult::done(
                             event_id,
-                            decision.outcome.label(),
+                            Outcome::from(&decision.outcome),
                             detail_of(&decision),
                         );
                         (result.took, result.catch_up) = (took, catch_up);
@@ -307,8 +291,6 @@ impl Ledger {
         }
 
         let mut processed = Vec::with_capacity(results.len());
-        let (mut done_ids, mut done_outcomes, mut done_details) =
-            (Vec::new(), Vec::new(), Vec::new());
         for RowResult {
             event_id,
             outcome,
@@ -324,14 +306,11 @@ impl Ledger {
                         .in_scope(|| tracing::info!(detail, "webhook processed"));
                     crate::metrics::webhook_processed(
                         &row.event_type,
-                        &outcome,
+                        outcome,
                         took,
                         row.waited + took,
                         catch_up,
                     );
-                    done_ids.push(event_id.clone());
-                    done_outcomes.push(outcome.clone());
-                    done_details.push(detail.clone());
                     processed.push(Processed {
                         event_id,
                         outcome,
@@ -339,28 +318,14 @@ impl Ledger {
                     });
                 }
                 Err(chain) => {
-                    let attempts: i32 = sqlx::query_scalar(
-                        "UPDATE inbox SET attempts = attempts + 1, last_error = $2, \
-                            next_attempt_at = now() + make_interval(secs => least(power(2, least(attempts + 1, 12)), 3600)::float8) \
-                         WHERE event_id = $1 RETURNING attempts",
-                    )
-                    .bind(&event_id)
-                    .bind(&chain)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let dead = attempts >= self.max_attempts;
-                    if dead {
-                        sqlx::query("UPDATE inbox SET state = 'dead', outcome = 'failed' WHERE event_id = $1")
-                            .bind(&event_id)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    row.span.record("outcome", "failed");
+                    let inbox::Failed { attempts, dead } =
+                        inbox::mark_failed(&mut tx, &event_id, &chain, self.max_attempts).await?;
+                    row.span.record("outcome", Outcome::Failed.as_str());
                     row.span
                         .in_scope(|| tracing::warn!(attempts, dead, error = %chain, "webhook processing failed"));
                     crate::metrics::webhook_processed(
                         &row.event_type,
-                        "failed",
+                        Outcome::Failed,
                         took,
                         row.waited + took,
                         false,
@@ -368,25 +333,18 @@ impl Ledger {
                     crate::metrics::webhook_failed(&row.event_type, dead);
                     processed.push(Processed {
                         event_id,
-                        outcome: "failed".to_owned(),
+                        outcome: Outcome::Failed,
                         detail: Some(chain),
                     });
                 }
             }
         }
-        if !done_ids.is_empty() {
-            sqlx::query(
-                "UPDATE inbox SET state = 'done', outcome = u.outcome, detail = u.detail, \
-                    attempts = inbox.attempts + 1, last_error = NULL, processed_at = now() \
-                 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(event_id, outcome, detail) \
-                 WHERE inbox.event_id = u.event_id",
-            )
-            .bind(&done_ids)
-            .bind(&done_outcomes)
-            .bind(&done_details)
-            .execute(&mut *tx)
-            .await?;
-        }
+        // Every row that did not fail was processed to its outcome.
+        inbox::mark_done(
+            &mut tx,
+            processed.iter().filter(|p| p.outcome != Outcome::Failed),
+        )
+        .await?;
         tx.commit().await?;
         self.cache.remember(remember);
         if !processed.is_empty() {
@@ -505,13 +463,14 @@ impl Ledger {
 }
 
 fn detail_of(decision: &Decision) -> Option<String> {
+    use aggregates::Outcome as Judged;
     match &decision.outcome {
-        Outcome::Applied | Outcome::Duplicate => None,
-        Outcome::Rejected(rejection) if !decision.events.is_empty() => {
+        Judged::Applied | Judged::Duplicate => None,
+        Judged::Rejected(rejection) if !decision.events.is_empty() => {
             Some(format!("{rejection} (ownership it carried was recorded)"))
         }
-        Outcome::Rejected(rejection) => Some(rejection.to_string()),
-        Outcome::NothingToRecord(reason) => Some(reason.clone()),
+        Judged::Rejected(rejection) => Some(rejection.to_string()),
+        Judged::NothingToRecord(reason) => Some(reason.clone()),
     }
 }
 
@@ -690,15 +649,6 @@ impl AggregateCache {
     }
 }
 
-/// Which customers a worker claims rows of: those whose id hashes to `index` of `of`.
-/// Workers of one process take disjoint partitions, so their batches never race for a
-/// customer; workers of other replicas may, and then the batch is retried per customer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Partition {
-    pub index: usize,
-    pub of: usize,
-}
-
 /// Wakes the inbox workers of this process. Each worker has its own permit, so one wake
 /// reaches every partition, and a wake that comes while a worker is busy is kept for it.
 pub struct WorkerWake {
@@ -727,7 +677,7 @@ impl WorkerWake {
 type Item = (String, SubscriptionCommand, Option<SubscriptionStatus>);
 
 /// What processing needs to know about a claimed row besides its command.
-struct Claimed {
+struct InFlight {
     event_type: String,
     /// From receipt to claim.
     waited: Duration,
@@ -737,16 +687,16 @@ struct Claimed {
 /// One row's result: its outcome and detail, or the error chain of a failure.
 struct RowResult {
     event_id: String,
-    outcome: Result<(String, Option<String>), String>,
+    outcome: Result<(Outcome, Option<String>), String>,
     took: Duration,
     catch_up: bool,
 }
 
 impl RowResult {
-    fn done(event_id: String, outcome: &str, detail: Option<String>) -> Self {
+    fn done(event_id: String, outcome: Outcome, detail: Option<String>) -> Self {
         Self {
             event_id,
-            outcome: Ok((outcome.to_owned(), detail)),
+            outcome: Ok((outcome, detail)),
             took: Duration::ZERO,
             catch_up: false,
         }

@@ -6,7 +6,6 @@
 
 pub mod config;
 pub mod db;
-pub mod dlq;
 pub mod error_chain;
 pub mod http;
 pub mod import;

@@ -29,7 +29,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
-use crate::inspect::{self, CustomerReport, InboxEntry};
+use crate::inbox::{self, InboxEntry, InboxState, Redrive};
+use crate::inspect::{self, CustomerReport};
 use crate::transitions;
 
 const COOKIE: &str = "subledger_admin";
@@ -253,10 +254,10 @@ pub async fn home(
         }
         return Ok(page(&format!("Search {q}"), &body));
     }
-    let dead = inspect::dead_letters(&state.pool, 100)
+    let dead = inbox::dead_letters(&state.pool, Some(100))
         .await
         .map_err(ApiError::Storage)?;
-    let recent = inspect::recent_inbox(&state.pool, 50)
+    let recent = inbox::recent(&state.pool, 50)
         .await
         .map_err(ApiError::Storage)?;
     let _ = write!(
@@ -376,9 +377,10 @@ pub async fn redrive(
     State(state): State<AppState>,
     Path(event_id): Path<String>,
 ) -> Result<Redirect, ApiError> {
-    if !inspect::redrive(&state.pool, &event_id)
+    if inbox::redrive(&state.pool, &Redrive::One(event_id.clone()))
         .await
         .map_err(ApiError::Storage)?
+        .is_empty()
     {
         return Err(ApiError::NotFound(format!(
             "dead-lettered event {event_id}"
@@ -431,7 +433,7 @@ fn inbox_table(rows: &[InboxEntry], with_customer: bool) -> String {
             .map(esc)
             .collect::<Vec<_>>()
             .join("<br>");
-        let action = if row.state == "dead" {
+        let action = if row.state == InboxState::Dead {
             format!(
                 "<form class=inline method=post action=\"/admin/inbox/{}/redrive\"><button>Re-drive</button></form>",
                 esc(&row.event_id)
@@ -442,8 +444,9 @@ fn inbox_table(rows: &[InboxEntry], with_customer: bool) -> String {
         let _ = write!(
             out,
             "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{action}</td></tr>",
-            badge(&row.state),
-            row.outcome.as_deref().map_or(String::new(), badge),
+            badge(row.state.as_str()),
+            row.outcome
+                .map_or(String::new(), |outcome| badge(outcome.as_str())),
             row.attempts,
             why
         );
