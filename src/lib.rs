@@ -18,6 +18,7 @@ pub mod stripe;
 pub mod sync;
 pub mod telemetry;
 pub mod transitions;
+pub mod worker;
 
 pub use config::Settings;
 pub use startup::{Application, Services};

@@ -222,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
 /// (what a running service's workers would do), returning the rows processed.
 async fn process_inbox(services: &Services) -> anyhow::Result<u64> {
     let processed = services
-        .ledger
+        .worker
         .drain()
         .await
         .context("processing the inbox")?;

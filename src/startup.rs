@@ -24,6 +24,7 @@ use crate::db::{self, DbError};
 use crate::error_chain::error_chain;
 use crate::http::{self, AppState};
 use crate::ledger::Ledger;
+use crate::worker::{InboxWorker, Partition, WorkerWake};
 
 /// Inbox inserts in flight at once (each stores every webhook that queued meanwhile).
 const INBOX_WRITERS: usize = 4;
@@ -59,6 +60,8 @@ pub struct Services {
     pub platform: PlatformTables,
     pub catalog: Arc<Catalog>,
     pub ledger: Ledger,
+    /// Drains the inbox through `ledger`.
+    pub worker: InboxWorker,
 }
 
 impl Services {
@@ -88,12 +91,10 @@ impl Services {
             prefix: settings.redis_prefix.clone(),
         };
         let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone());
+        let ledger = Ledger::new(pool.clone(), settings.aggregate_cache);
         Ok(Self {
-            ledger: Ledger::new(
-                pool.clone(),
-                settings.max_attempts,
-                settings.aggregate_cache,
-            ),
+            worker: InboxWorker::new(pool.clone(), ledger.clone(), settings.max_attempts),
+            ledger,
             platform: PlatformTables::new(catalog.clone()),
             settings: Arc::new(settings),
             pool,
@@ -226,13 +227,12 @@ impl Application {
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let inbox_wake = Arc::new(crate::ledger::WorkerWake::new(services.settings.workers));
+        let inbox_wake = Arc::new(WorkerWake::new(services.settings.workers));
         let mut tasks = Vec::new();
         let workers = services.settings.workers;
         for index in 0..workers {
-            let ledger = services.ledger.clone();
-            tasks.push(tokio::spawn(ledger.run_worker(
-                crate::ledger::Partition { index, of: workers },
+            tasks.push(tokio::spawn(services.worker.clone().run_worker(
+                Partition { index, of: workers },
                 inbox_wake.clone(),
                 services.settings.poll_interval,
                 stop_rx.clone(),
