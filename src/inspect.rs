@@ -5,8 +5,8 @@
 //!
 //! The log is the reference: the answer the log gives is rebuilt here by folding the
 //! customer's events exactly as the aggregate does, and the projections are compared with
-//! it. This module only reads (except [`redrive`], the operator's explicit request); it
-//! must never judge a Stripe fact nor repair a projection on its own.
+//! it. This module only reads; it must never judge a Stripe fact nor repair a projection
+//! on its own.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -14,11 +14,12 @@ use std::fmt::Write as _;
 use aggregates::{Move, Subscription, SubscriptionEvent, SubscriptionStatus};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use projections::{
-    Catalog, Entitlement, LoggedEvent, PlatformTables, Position, RedisCache, SubscriptionInfo,
-};
+use event_store::{read, StoreError};
+use projections::{Catalog, Entitlement, PlatformTables, RedisCache, SubscriptionInfo};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
+
+use crate::inbox::{self, InboxEntry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -31,6 +32,26 @@ pub enum InspectError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot read the event log")]
+    Log(#[source] StoreError),
+}
+
+impl From<StoreError> for InspectError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Database(error) => InspectError::Database(error),
+            StoreError::Json {
+                aggregate_id,
+                sequence,
+                source,
+            } => InspectError::Decode {
+                customer_id: aggregate_id,
+                sequence,
+                source,
+            },
+            other => InspectError::Log(other),
+        }
+    }
 }
 
 /// One event of the customer's log and the change it made.
@@ -46,21 +67,6 @@ pub struct TimelineEntry {
     pub transition: Option<(Option<SubscriptionStatus>, SubscriptionStatus, Move)>,
     /// What the event changed, in words.
     pub change: String,
-}
-
-/// One inbox row: a Stripe event we acknowledged and what processing made of it.
-#[derive(Debug, Clone)]
-pub struct InboxEntry {
-    pub event_id: String,
-    pub event_type: String,
-    pub customer_id: Option<String>,
-    pub stripe_created: DateTime<Utc>,
-    pub received_at: DateTime<Utc>,
-    pub state: String,
-    pub outcome: Option<String>,
-    pub detail: Option<String>,
-    pub attempts: i32,
-    pub last_error: Option<String>,
 }
 
 /// A Redis key as it is now.
@@ -189,30 +195,21 @@ pub async fn inspect(
     customer_id: &str,
     now: DateTime<Utc>,
 ) -> Result<CustomerReport, InspectError> {
-    let rows = sqlx::query(
-        "SELECT sequence, payload, recorded_at, tx_id::text AS tx_id, global_seq FROM events \
-         WHERE aggregate_type = 'Subscription' AND aggregate_id = $1 ORDER BY sequence",
-    )
-    .bind(customer_id)
-    .fetch_all(pool)
-    .await?;
+    let history = read::history(pool, customer_id).await?;
     let mut state = Subscription::default();
-    let mut timeline = Vec::with_capacity(rows.len());
-    let mut last: Option<LoggedEvent> = None;
-    for row in rows {
-        let sequence: i64 = row.get("sequence");
-        let payload: Value = row.get("payload");
-        let event: SubscriptionEvent =
-            serde_json::from_value(payload).map_err(|source| InspectError::Decode {
-                customer_id: customer_id.to_owned(),
-                sequence,
-                source,
-            })?;
+    let mut timeline = Vec::with_capacity(history.len());
+    let mut last = None;
+    for read::Recorded {
+        event: logged,
+        recorded_at,
+    } in history
+    {
+        let event = &logged.event;
         let source = event.source();
         timeline.push(TimelineEntry {
-            sequence,
-            recorded_at: row.get("recorded_at"),
-            event_type: match &event {
+            sequence: logged.sequence as i64,
+            recorded_at,
+            event_type: match event {
                 SubscriptionEvent::OwnerLinked { .. } => "OwnerLinked",
                 SubscriptionEvent::SubscriptionChanged { .. } => "SubscriptionChanged",
                 SubscriptionEvent::InvoiceRecorded { .. } => "InvoiceRecorded",
@@ -222,7 +219,7 @@ pub async fn inspect(
             stripe_event_id: source.stripe_event_id.clone(),
             stripe_event_type: source.stripe_event_type.clone(),
             stripe_created: source.created,
-            transition: match &event {
+            transition: match event {
                 SubscriptionEvent::SubscriptionChanged {
                     from,
                     transition,
@@ -237,29 +234,15 @@ pub async fn inspect(
                 } => Some((*from, subscription.status, *transition)),
                 _ => None,
             },
-            change: describe(&event),
+            change: describe(event),
         });
         state.apply(event.clone());
-        let tx_id: String = row.get("tx_id");
-        last = Some(LoggedEvent {
-            aggregate_id: customer_id.to_owned(),
-            sequence: sequence as u64,
-            position: Position {
-                tx_id: tx_id.parse().unwrap_or_default(),
-                global_seq: row.get("global_seq"),
-            },
-            event,
-        });
+        last = Some(logged);
     }
     // The same construction the projections use, so equal inputs give equal answers.
     let log = last.map(|logged| SubscriptionInfo::from_logged(&logged, catalog));
 
-    let inbox = inbox_rows(
-        pool,
-        "WHERE customer_id = $1 ORDER BY stripe_created, received_at",
-        Some(customer_id),
-    )
-    .await?;
+    let inbox = inbox::of_customer(pool, customer_id).await?;
     let table = PlatformTables::customer(pool, customer_id).await?;
 
     let keys = cache.keys();
@@ -282,7 +265,7 @@ pub async fn inspect(
                 ttl_secs,
             }),
             Err(error) => {
-                cache_error = Some(crate::ledger::error_chain(&error));
+                cache_error = Some(crate::error_chain::error_chain(&error));
                 break;
             }
         }
@@ -428,69 +411,6 @@ pub fn explain(
     sentence
 }
 
-async fn inbox_rows(
-    pool: &PgPool,
-    filter: &str,
-    customer_id: Option<&str>,
-) -> Result<Vec<InboxEntry>, sqlx::Error> {
-    let sql = format!(
-        "SELECT event_id, event_type, customer_id, stripe_created, received_at, state, outcome, detail, \
-            attempts, last_error FROM inbox {filter}"
-    );
-    let mut query = sqlx::query(&sql);
-    if let Some(customer_id) = customer_id {
-        query = query.bind(customer_id);
-    }
-    Ok(query
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(|row| InboxEntry {
-            event_id: row.get("event_id"),
-            event_type: row.get("event_type"),
-            customer_id: row.get("customer_id"),
-            stripe_created: row.get("stripe_created"),
-            received_at: row.get("received_at"),
-            state: row.get("state"),
-            outcome: row.get("outcome"),
-            detail: row.get("detail"),
-            attempts: row.get("attempts"),
-            last_error: row.get("last_error"),
-        })
-        .collect())
-}
-
-/// Dead-lettered inbox rows, newest first (at most `limit`).
-pub async fn dead_letters(pool: &PgPool, limit: i64) -> Result<Vec<InboxEntry>, sqlx::Error> {
-    inbox_rows(
-        pool,
-        &format!(
-            "WHERE state = 'dead' ORDER BY received_at DESC LIMIT {}",
-            limit.max(0)
-        ),
-        None,
-    )
-    .await
-}
-
-/// The most recently received inbox rows (at most `limit`).
-pub async fn recent_inbox(pool: &PgPool, limit: i64) -> Result<Vec<InboxEntry>, sqlx::Error> {
-    inbox_rows(
-        pool,
-        &format!("ORDER BY received_at DESC LIMIT {}", limit.max(0)),
-        None,
-    )
-    .await
-}
-
-/// Puts a dead-lettered row back in the queue, due now, with its attempts reset. Returns
-/// false when no dead row has that id (only dead rows are re-driven: a pending row is
-/// already queued and a done one was judged).
-pub async fn redrive(pool: &PgPool, event_id: &str) -> Result<bool, sqlx::Error> {
-    let requeued = crate::dlq::retry(pool, &crate::dlq::Redrive::One(event_id.to_owned())).await?;
-    Ok(!requeued.is_empty())
-}
-
 /// A customer a search found, and by what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SearchHit {
@@ -506,20 +426,23 @@ pub struct SearchHit {
 /// table, the subscription mirror, the log and the inbox, so a customer whose events
 /// were all rejected is found too.
 pub async fn search(pool: &PgPool, q: &str) -> Result<Vec<SearchHit>, sqlx::Error> {
+    // A customer the log or the inbox knows by this id (each read through its owner).
+    let known = read::aggregate_exists(pool, q).await? || inbox::has_customer(pool, q).await?;
+    let known: Vec<&str> = if known { vec![q] } else { Vec::new() };
     let rows = sqlx::query(
         "WITH found AS ( \
             SELECT customer_id, CASE WHEN customer_id = $1 THEN 'customer' WHEN org_id = $1 THEN 'org' \
                    WHEN user_id = $1 THEN 'user' ELSE 'subscription' END AS matched_on \
               FROM subscriptions WHERE $1 IN (customer_id, org_id, user_id, subscription_id) \
             UNION SELECT customer_id, 'subscription' FROM merchant_subscriptions WHERE subscription_id = $1 \
-            UNION SELECT aggregate_id, 'customer' FROM events WHERE aggregate_type = 'Subscription' AND aggregate_id = $1 \
-            UNION SELECT customer_id, 'customer' FROM inbox WHERE customer_id = $1 \
+            UNION SELECT unnest($2::text[]), 'customer' \
          ) \
          SELECT DISTINCT ON (f.customer_id) f.customer_id, f.matched_on, s.org_id, s.user_id, s.subscription_id, s.status \
            FROM found f LEFT JOIN subscriptions s ON s.customer_id = f.customer_id \
           ORDER BY f.customer_id, f.matched_on LIMIT 50",
     )
     .bind(q)
+    .bind(&known)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -606,7 +529,7 @@ pub fn render_text(report: &CustomerReport) -> String {
             i.event_type,
             i.event_id,
             i.state,
-            or_dash(i.outcome.as_deref()),
+            i.outcome.map_or("-", inbox::Outcome::as_str),
             i.attempts,
             i.detail
                 .as_deref()

@@ -7,7 +7,7 @@
 pub mod billing;
 pub mod config;
 pub mod db;
-pub mod dlq;
+pub mod error_chain;
 pub mod http;
 pub mod import;
 pub mod inbox;
@@ -21,6 +21,7 @@ pub mod sync;
 pub mod sync_log;
 pub mod telemetry;
 pub mod transitions;
+pub mod worker;
 
 pub use config::Settings;
 pub use startup::{Application, Services};

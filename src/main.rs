@@ -152,12 +152,9 @@ async fn main() -> anyhow::Result<()> {
                 .context("STRIPE_SECRET_KEY is not set")?;
             let customers: Vec<String> = match customer {
                 Some(customer) => vec![customer],
-                None => sqlx::query_scalar(
-                    "SELECT DISTINCT aggregate_id FROM events ORDER BY aggregate_id",
-                )
-                .fetch_all(&services.pool)
-                .await
-                .context("listing customers")?,
+                None => event_store::read::aggregate_ids(&services.pool)
+                    .await
+                    .context("listing customers")?,
             };
             let (mut failed, total) = (0, customers.len());
             for (i, customer) in customers.iter().enumerate() {
@@ -238,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
 /// (what a running service's workers would do), returning the rows processed.
 async fn process_inbox(services: &Services) -> anyhow::Result<u64> {
     let processed = services
-        .ledger
+        .worker
         .drain()
         .await
         .context("processing the inbox")?;
@@ -250,17 +247,18 @@ async fn process_inbox(services: &Services) -> anyhow::Result<u64> {
 }
 
 async fn dlq(settings: Settings, action: DlqAction) -> anyhow::Result<()> {
-    use subledger::dlq::{self, Redrive};
+    use subledger::inbox::{self, DeadLetter, InboxState, Redrive};
     let services = Services::connect(settings).await.context("connecting")?;
     match action {
         DlqAction::List { json } => {
-            let letters = dlq::list(&services.pool)
+            let letters = inbox::dead_letters(&services.pool, None)
                 .await
                 .context("reading the dead letters")?;
+            let count = letters.len();
             let mut out = std::io::stdout().lock();
-            for letter in &letters {
+            for letter in letters.into_iter().map(DeadLetter::from) {
                 if json {
-                    writeln!(out, "{}", serde_json::to_string(letter)?)?;
+                    writeln!(out, "{}", serde_json::to_string(&letter)?)?;
                 } else {
                     writeln!(
                         out,
@@ -274,39 +272,41 @@ async fn dlq(settings: Settings, action: DlqAction) -> anyhow::Result<()> {
                     )?;
                 }
             }
-            eprintln!("{} dead letters", letters.len());
+            eprintln!("{count} dead letters");
         }
         DlqAction::Retry { id, all } => {
             let which = match (id, all) {
                 (Some(id), false) => Redrive::One(id),
                 _ => Redrive::All,
             };
-            let requeued = dlq::retry(&services.pool, &which)
+            let requeued = inbox::redrive(&services.pool, &which)
                 .await
                 .context("re-queueing dead letters")?;
             if let Redrive::One(id) = &which {
                 anyhow::ensure!(!requeued.is_empty(), "{id} is not a dead letter");
             }
             process_inbox(&services).await?;
-            let still_dead: std::collections::HashSet<String> = dlq::list(&services.pool)
-                .await
-                .context("reading the dead letters")?
-                .into_iter()
-                .map(|letter| letter.event_id)
-                .collect();
+            let still_dead: std::collections::HashSet<String> =
+                inbox::dead_letters(&services.pool, None)
+                    .await
+                    .context("reading the dead letters")?
+                    .into_iter()
+                    .map(|letter| letter.event_id)
+                    .collect();
             let mut failed = 0;
             for event_id in &requeued {
-                let outcome: Option<(String, Option<String>)> =
-                    sqlx::query_as("SELECT state, outcome FROM inbox WHERE event_id = $1")
-                        .bind(event_id)
-                        .fetch_optional(&services.pool)
-                        .await
-                        .context("reading the inbox")?;
-                let (state, outcome) = outcome.unwrap_or_default();
-                if state != "done" || still_dead.contains(event_id) {
+                let row = inbox::state_of(&services.pool, event_id)
+                    .await
+                    .context("reading the inbox")?;
+                let (state, outcome) = (row.map(|r| r.0), row.and_then(|r| r.1));
+                if state != Some(InboxState::Done) || still_dead.contains(event_id) {
                     failed += 1;
                 }
-                println!("{event_id}\t{state}\t{}", outcome.as_deref().unwrap_or("-"));
+                println!(
+                    "{event_id}\t{}\t{}",
+                    state.map_or("", InboxState::as_str),
+                    outcome.map_or("-", inbox::Outcome::as_str)
+                );
             }
             eprintln!(
                 "re-queued {} dead letters; {} processed, {failed} failed again (retried with backoff)",

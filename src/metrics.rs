@@ -27,21 +27,22 @@ use prometheus::{
 };
 use sqlx::PgPool;
 
+use crate::error_chain::error_chain;
 use crate::http::AppState;
-use crate::inbox::Received;
-use crate::ledger::error_chain;
+use crate::inbox::{self, InboxState, Outcome, Received};
 use crate::stripe::StripeEvent;
 use crate::sync_log::{SyncOutcome, SyncSource};
 
 /// The outcomes a processed webhook can have (as the inbox records them).
-pub const OUTCOMES: [&str; 6] = [
-    "applied",
-    "duplicate",
-    "stale",
-    "illegal",
-    "ignored",
-    "failed",
-];
+pub const OUTCOMES: [&str; Outcome::ALL.len()] = {
+    let mut labels = [""; Outcome::ALL.len()];
+    let mut i = 0;
+    while i < labels.len() {
+        labels[i] = Outcome::ALL[i].as_str();
+        i += 1;
+    }
+    labels
+};
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric names are registered once")
@@ -187,13 +188,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     for outcome in OUTCOMES {
         m.webhooks_processed.with_label_values(&["none", outcome]);
     }
-    for kind in ["stale", "catch_up"] {
+    // A stale outcome is an event that arrived after a newer one.
+    for kind in [Outcome::Stale.as_str(), "catch_up"] {
         m.webhooks_out_of_order.with_label_values(&[kind]);
     }
     m.webhook_retries.with_label_values(&["none"]);
     m.webhook_dead_letters.with_label_values(&["none"]);
-    for state in ["pending", "dead"] {
-        m.inbox_depth.with_label_values(&[state]);
+    // Done rows are history, not depth.
+    for state in [InboxState::Pending, InboxState::Dead] {
+        m.inbox_depth.with_label_values(&[state.as_str()]);
     }
     for source in SyncSource::ALL {
         for outcome in SyncOutcome::ALL {
@@ -214,25 +217,27 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 /// Records one processed inbox row.
 pub fn webhook_processed(
     event_type: &str,
-    outcome: &str,
+    outcome: Outcome,
     took: Duration,
     since_received: Duration,
     catch_up: bool,
 ) {
     let m = &*METRICS;
     m.webhooks_processed
-        .with_label_values(&[event_type, outcome])
+        .with_label_values(&[event_type, outcome.as_str()])
         .inc();
     m.webhook_processing_seconds
         .with_label_values(&[event_type])
         .observe(took.as_secs_f64());
-    if outcome != "failed" {
+    if outcome != Outcome::Failed {
         m.webhook_delay_seconds
             .with_label_values(&[event_type])
             .observe(since_received.as_secs_f64());
     }
-    if outcome == "stale" {
-        m.webhooks_out_of_order.with_label_values(&["stale"]).inc();
+    if outcome == Outcome::Stale {
+        m.webhooks_out_of_order
+            .with_label_values(&[Outcome::Stale.as_str()])
+            .inc();
     }
     if catch_up {
         m.webhooks_out_of_order
@@ -251,7 +256,7 @@ pub fn webhook_received(event: &StripeEvent, received: Received) {
         .inc();
     if received == Received::Ignored {
         m.webhooks_processed
-            .with_label_values(&[event_type, "ignored"])
+            .with_label_values(&[event_type, Outcome::Ignored.as_str()])
             .inc();
     }
     if received != Received::Duplicate {
@@ -337,17 +342,15 @@ async fn refresh_gauges(state: &AppState) {
 
 async fn refresh_inbox(pool: &PgPool) -> Result<(), sqlx::Error> {
     let m = &*METRICS;
-    let (pending, dead, oldest): (i64, i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead'), \
-            extract(epoch FROM now() - min(received_at) FILTER (WHERE state = 'pending'))::float8 \
-         FROM inbox WHERE state IN ('pending', 'dead')",
-    )
-    .fetch_one(pool)
-    .await?;
-    m.inbox_depth.with_label_values(&["pending"]).set(pending);
-    m.inbox_depth.with_label_values(&["dead"]).set(dead);
+    let depth = inbox::depth(pool).await?;
+    m.inbox_depth
+        .with_label_values(&[InboxState::Pending.as_str()])
+        .set(depth.pending);
+    m.inbox_depth
+        .with_label_values(&[InboxState::Dead.as_str()])
+        .set(depth.dead);
     m.inbox_oldest_pending_age_seconds
-        .set(oldest.unwrap_or(0.0).max(0.0) as i64);
+        .set(depth.oldest_pending_age_secs.unwrap_or(0.0).max(0.0) as i64);
     m.sync_flagged_customers
         .set(crate::sync_log::flagged_count(pool).await?);
     Ok(())

@@ -19,7 +19,7 @@ use projections::{
 };
 use sqlx::PgPool;
 
-use crate::ledger::error_chain;
+use crate::error_chain::error_chain;
 use crate::metrics::{self, CacheRead};
 
 /// Events applied per projection transaction.

@@ -21,11 +21,13 @@ use tokio::sync::{watch, Notify};
 use crate::billing::Billing;
 use crate::config::Settings;
 use crate::db::{self, DbError};
+use crate::error_chain::error_chain;
 use crate::http::{self, AppState};
-use crate::ledger::{error_chain, Ledger};
+use crate::ledger::Ledger;
 use crate::reads::{Reads, PROJECTION_BATCH};
 use crate::stripe::client::StripeApiError;
 use crate::sync::Syncer;
+use crate::worker::{InboxWorker, Partition, WorkerWake};
 
 /// Inbox inserts in flight at once (each stores every webhook that queued meanwhile).
 const INBOX_WRITERS: usize = 4;
@@ -62,6 +64,8 @@ pub struct Services {
     pub ledger: Ledger,
     /// The read models as the API reads them (Redis first, then Postgres).
     pub reads: Reads,
+    /// Drains the inbox through `ledger`.
+    pub worker: InboxWorker,
 }
 
 impl Services {
@@ -101,18 +105,16 @@ impl Services {
                 Member::eventual(cache.clone()),
             ],
         );
+        let ledger = Ledger::new(pool.clone(), settings.aggregate_cache);
         Ok(Self {
+            worker: InboxWorker::new(pool.clone(), ledger.clone(), settings.max_attempts),
             reads: Reads::new(
                 pool.clone(),
                 cache.clone(),
                 catalog.clone(),
                 projections.clone(),
             ),
-            ledger: Ledger::new(
-                pool.clone(),
-                settings.max_attempts,
-                settings.aggregate_cache,
-            ),
+            ledger,
             platform,
             projections,
             settings: Arc::new(settings),
@@ -225,13 +227,12 @@ impl Application {
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let inbox_wake = Arc::new(crate::ledger::WorkerWake::new(services.settings.workers));
+        let inbox_wake = Arc::new(WorkerWake::new(services.settings.workers));
         let mut tasks = Vec::new();
         let workers = services.settings.workers;
         for index in 0..workers {
-            let ledger = services.ledger.clone();
-            tasks.push(tokio::spawn(ledger.run_worker(
-                crate::ledger::Partition { index, of: workers },
+            tasks.push(tokio::spawn(services.worker.clone().run_worker(
+                Partition { index, of: workers },
                 inbox_wake.clone(),
                 services.settings.poll_interval,
                 stop_rx.clone(),

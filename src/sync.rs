@@ -24,7 +24,8 @@ use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
 use crate::config::Settings;
-use crate::ledger::{error_chain, Decided, ExecuteError, Ledger};
+use crate::error_chain::error_chain;
+use crate::ledger::{Decided, ExecuteError, Ledger};
 use crate::reads::Reads;
 use crate::stripe::client::{ClientOptions, StripeApi, StripeApiError};
 use crate::stripe::objects::{listed_subscription, ListedSubscription};

@@ -1,37 +1,20 @@
-//! Reading the event log in a gap-free global order.
+//! Which events of the log a projection applies, read in a gap-free global order.
 //!
-//! `global_seq` alone is not safe to checkpoint on: two transactions can take sequence
-//! numbers 7 and 8 and commit 8 first, and a reader that saw 8 would never see 7. So each
-//! event also stores the id of the transaction that wrote it (`tx_id`), and a reader only
-//! reads events whose transaction is older than every transaction still running
-//! (`pg_snapshot_xmin`): those will never be joined by an older one. Events are read in
-//! (`tx_id`, `global_seq`) order. This module only reads; it must never write the log.
+//! The rows come from `event_store::read` (the only code that reads the `events` table),
+//! which reads only what every older transaction has finished writing and hands rows out
+//! undecoded. This module chooses which of them a batch or a rebuild keeps (each
+//! aggregate's newest event and each subscription's newest snapshot: every projection is
+//! last-writer-wins on those keys) and decodes only those. It only reads; it must never
+//! write the log.
 
-use aggregates::SubscriptionEvent;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
+use event_store::{read, StoreError};
 use futures_util::TryStreamExt;
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Row};
+use serde::Deserialize;
+use sqlx::PgConnection;
 
-/// A place in the log: the (`tx_id`, `global_seq`) of an event. `Position::default()` is
-/// before the first event.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Position {
-    pub tx_id: u64,
-    pub global_seq: i64,
-}
-
-/// One stored event with its place in the log.
-#[derive(Debug, Clone)]
-pub struct LoggedEvent {
-    pub aggregate_id: String,
-    /// The aggregate version after this event (cqrs-es sequence, from 1).
-    pub sequence: u64,
-    pub position: Position,
-    pub event: SubscriptionEvent,
-}
+pub use event_store::{LoggedEvent, Position};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -46,16 +29,37 @@ pub enum LogError {
     },
     #[error("the log returned a malformed transaction id {0:?}")]
     TxId(String),
+    #[error("cannot read the event log")]
+    Store(#[source] StoreError),
+}
+
+impl From<StoreError> for LogError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Database(error) => LogError::Database(error),
+            StoreError::TxId(text) => LogError::TxId(text),
+            StoreError::Json {
+                aggregate_id,
+                sequence,
+                source,
+            } => LogError::Decode {
+                aggregate_id,
+                sequence,
+                source,
+            },
+            // Reading never conflicts, nor goes through postgres-es, nor checks for gaps;
+            // should the store say so anyway, it is a failure to read the log.
+            other @ (StoreError::Conflict | StoreError::Repository(_) | StoreError::Gap(..)) => {
+                LogError::Store(other)
+            }
+        }
+    }
 }
 
 /// The newest transaction id every reader may read up to now: all transactions below it
 /// have finished. Take it before the reading transaction writes anything.
 pub async fn read_horizon(conn: &mut PgConnection) -> Result<u64, LogError> {
-    let horizon: String =
-        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-            .fetch_one(conn)
-            .await?;
-    horizon.parse().map_err(|_| LogError::TxId(horizon))
+    Ok(read::read_horizon(conn).await?)
 }
 
 /// Up to `limit` events after `after` whose transaction is below `horizon`, every one
@@ -66,8 +70,11 @@ pub async fn read_after(
     horizon: u64,
     limit: i64,
 ) -> Result<Vec<LoggedEvent>, LogError> {
-    let rows = fetch_after(conn, after, horizon, limit).await?;
-    rows.iter().map(decode_row).collect()
+    read::read_after(conn, after, horizon, limit)
+        .map_err(LogError::from)
+        .and_then(|row| async move { Ok(row.decode()?) })
+        .try_collect()
+        .await
 }
 
 /// What one read of the log gave a projection.
@@ -94,7 +101,7 @@ pub async fn read_batch(
 ) -> Result<Batch, LogError> {
     // Rows are streamed: each is kept only while it is the newest of its aggregate or
     // subscription seen so far, so memory holds about one payload per key, not the batch.
-    let mut rows = query_after(after, horizon, limit).fetch(conn);
+    let mut rows = read::read_after(conn, after, horizon, limit);
     let mut kept: Vec<Option<Kept>> = Vec::new();
     // How many of the two maps below point at each kept row; at 0 its payload is freed.
     let mut holders: Vec<u8> = Vec::new();
@@ -106,12 +113,12 @@ pub async fn read_batch(
     let (mut read, mut last) = (0, None);
     while let Some(row) = rows.try_next().await? {
         read += 1;
-        let position = position_of(&row)?;
+        let position = row.position()?;
         last = Some(position);
-        let aggregate_id: &str = row.get("aggregate_id");
-        let sequence: i64 = row.get("sequence");
-        let event_type: &str = row.get("event_type");
-        let payload: &str = row.get("payload");
+        let aggregate_id = row.aggregate_id();
+        let sequence = row.sequence();
+        let event_type = row.event_type();
+        let payload = row.payload();
         let newer = |held: Option<&(i64, Position, usize)>| {
             held.is_none_or(|&(s, p, _)| supersedes((sequence, position), (s, p)))
         };
@@ -182,25 +189,16 @@ pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newes
     // Read in no particular order (a plain scan, no sort of the whole log): the keys'
     // winners are chosen by sequence, ties by log position, and put in log order after.
     // Payloads are sent only for snapshots, whose subscription id is read from them.
-    let mut rows = sqlx::query(
-        "SELECT aggregate_id, sequence, \
-            CASE WHEN event_type IN ('SubscriptionChanged', 'SubscriptionReconciled') \
-                THEN payload::text END AS payload, \
-            tx_id::text AS tx_text, global_seq \
-         FROM events \
-         WHERE aggregate_type = 'Subscription' AND tx_id < $1::text::xid8",
-    )
-    .bind(horizon.to_string())
-    .fetch(conn);
+    let mut rows = read::scan_keys(conn, horizon, &SNAPSHOT_TYPES);
     // (sequence, position) of each key's newest.
     let mut newest_aggregate: HashMap<String, (i64, Position)> = HashMap::new();
     let mut newest_subscription: HashMap<String, (i64, Position)> = HashMap::new();
     let mut newest = Newest::default();
     while let Some(row) = rows.try_next().await? {
         newest.read += 1;
-        let aggregate_id: &str = row.get("aggregate_id");
-        let sequence: i64 = row.get("sequence");
-        let candidate = (sequence, position_of(&row)?);
+        let aggregate_id = row.aggregate_id();
+        let sequence = row.sequence();
+        let candidate = (sequence, row.position()?);
         if newest.last.is_none_or(|last| candidate.1 > last) {
             newest.last = Some(candidate.1);
         }
@@ -211,7 +209,7 @@ pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newes
                 newest_aggregate.insert(aggregate_id.to_owned(), candidate);
             }
         }
-        if let Some(payload) = row.get::<Option<&str>, _>("payload") {
+        if let Some(payload) = row.payload() {
             let snapshot = decode::<SnapshotOf>(payload, aggregate_id, sequence)?;
             match newest_subscription.get_mut(snapshot.subscription_id_ref()) {
                 Some(held) if supersedes(candidate, *held) => *held = candidate,
@@ -239,14 +237,11 @@ pub async fn read_by_global_seq(
     global_seqs: &[i64],
 ) -> Result<Vec<LoggedEvent>, LogError> {
     // Sorted here rather than by the server (which would spill the payloads to disk).
-    let rows = sqlx::query(
-        "SELECT aggregate_id, sequence, event_type, payload::text AS payload, tx_id::text AS tx_text, global_seq \
-         FROM events WHERE global_seq = ANY($1)",
-    )
-    .bind(global_seqs)
-    .fetch_all(conn)
-    .await?;
-    let mut events = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
+    let rows = read::read_by_global_seq(conn, global_seqs).await?;
+    let mut events = rows
+        .iter()
+        .map(|row| row.decode())
+        .collect::<Result<Vec<_>, _>>()?;
     events.sort_unstable_by_key(|e| e.position);
     Ok(events)
 }
@@ -273,11 +268,11 @@ fn decode<T: serde::de::DeserializeOwned>(
     aggregate_id: &str,
     sequence: i64,
 ) -> Result<T, LogError> {
-    serde_json::from_str(payload).map_err(|source| LogError::Decode {
-        aggregate_id: aggregate_id.to_owned(),
+    Ok(event_store::decode_payload(
+        payload,
+        aggregate_id,
         sequence,
-        source,
-    })
+    )?)
 }
 
 /// The event types that carry a subscription snapshot (`subscription`).
@@ -311,57 +306,6 @@ impl SnapshotOf {
     }
 }
 
-async fn fetch_after(
-    conn: &mut PgConnection,
-    after: Position,
-    horizon: u64,
-    limit: i64,
-) -> Result<Vec<PgRow>, LogError> {
-    Ok(query_after(after, horizon, limit).fetch_all(conn).await?)
-}
-
-fn query_after(
-    after: Position,
-    horizon: u64,
-    limit: i64,
-) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(
-        "SELECT aggregate_id, sequence, event_type, payload::text AS payload, tx_id::text AS tx_text, global_seq \
-         FROM events \
-         WHERE aggregate_type = 'Subscription' \
-           AND (tx_id, global_seq) > ($1::text::xid8, $2) \
-           AND tx_id < $3::text::xid8 \
-         ORDER BY events.tx_id, events.global_seq \
-         LIMIT $4",
-    )
-    .bind(after.tx_id.to_string())
-    .bind(after.global_seq)
-    .bind(horizon.to_string())
-    .bind(limit)
-}
-
-fn position_of(row: &PgRow) -> Result<Position, LogError> {
-    let tx_id: &str = row.get("tx_text");
-    Ok(Position {
-        tx_id: tx_id
-            .parse()
-            .map_err(|_| LogError::TxId(tx_id.to_owned()))?,
-        global_seq: row.get("global_seq"),
-    })
-}
-
-fn decode_row(row: &PgRow) -> Result<LoggedEvent, LogError> {
-    let aggregate_id: String = row.get("aggregate_id");
-    let sequence: i64 = row.get("sequence");
-    let event = decode(row.get("payload"), &aggregate_id, sequence)?;
-    Ok(LoggedEvent {
-        aggregate_id,
-        sequence: sequence as u64,
-        position: position_of(row)?,
-        event,
-    })
-}
-
 /// Where the event that brought `aggregate_id` to `version` stands in the log (what a
 /// request waits for projections to reach); `None` when the log holds no such event.
 pub async fn position_of_version(
@@ -369,26 +313,12 @@ pub async fn position_of_version(
     aggregate_id: &str,
     version: u64,
 ) -> Result<Option<Position>, LogError> {
-    let row = sqlx::query(
-        "SELECT tx_id::text AS tx_text, global_seq FROM events \
-         WHERE aggregate_type = 'Subscription' AND aggregate_id = $1 AND sequence = $2",
-    )
-    .bind(aggregate_id)
-    .bind(version as i64)
-    .fetch_optional(conn)
-    .await?;
-    row.as_ref().map(position_of).transpose()
+    Ok(read::position_of_version(conn, aggregate_id, version).await?)
 }
 
 /// How many events the log holds after `after` (for progress and lag).
 pub async fn count_after(conn: &mut PgConnection, after: Position) -> Result<i64, LogError> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE aggregate_type = 'Subscription' AND (tx_id, global_seq) > ($1::text::xid8, $2)",
-    )
-    .bind(after.tx_id.to_string())
-    .bind(after.global_seq)
-    .fetch_one(conn)
-    .await?)
+    Ok(read::count_after(conn, after).await?)
 }
 
 /// Keeps, for each aggregate, only its newest event of `events`: every event carries the

@@ -19,7 +19,7 @@ use super::{ApiError, AppState};
 use crate::billing::{
     allowed_redirect, Billing, CheckoutSession, NewCheckout, PortalFor, PortalSession,
 };
-use crate::ledger::error_chain;
+use crate::error_chain::error_chain;
 use crate::sync::{SyncReport, SyncSource, Syncer};
 
 fn syncer(state: &AppState) -> Result<&Syncer, ApiError> {

@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::billing::BillingError;
-use crate::ledger::error_chain;
+use crate::error_chain::error_chain;
 use crate::stripe::{ParseError, SignatureError};
 
 #[derive(Debug, thiserror::Error)]

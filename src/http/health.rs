@@ -25,7 +25,7 @@ pub struct Readiness {
     pub status: &'static str,
     pub checks: Checks,
     /// Absent when Postgres cannot be reached.
-    pub inbox: Option<InboxDepth>,
+    pub inbox: Option<crate::inbox::Depth>,
     /// Events each projection has still to apply; absent when Postgres cannot be reached.
     pub projections: Option<Vec<ProjectionLag>>,
 }
@@ -49,13 +49,6 @@ pub struct Check {
     pub target: Option<String>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct InboxDepth {
-    pub pending: i64,
-    pub dead: i64,
-    pub oldest_pending_age_secs: Option<f64>,
-}
-
 #[derive(Debug, Serialize)]
 pub struct ProjectionLag {
     pub name: &'static str,
@@ -73,7 +66,7 @@ async fn timed<E: std::error::Error>(
     let error = match result {
         Ok(Ok(())) => None,
         Ok(Err(error)) => {
-            tracing::warn!(check = what, error = %crate::ledger::error_chain(&error), "readiness check failed");
+            tracing::warn!(check = what, error = %crate::error_chain::error_chain(&error), "readiness check failed");
             Some("error")
         }
         Err(_) => {
@@ -117,18 +110,6 @@ enum StripeCheckError {
     Connect(#[from] std::io::Error),
 }
 
-async fn inbox_depth(state: &AppState) -> Result<InboxDepth, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE state = 'pending') AS pending, \
-                count(*) FILTER (WHERE state = 'dead') AS dead, \
-                extract(epoch FROM now() - min(received_at) FILTER (WHERE state = 'pending'))::float8 \
-                    AS oldest_pending_age_secs \
-         FROM inbox",
-    )
-    .fetch_one(&state.pool)
-    .await
-}
-
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let target = host_port(&state.settings.stripe_api_base);
     let (postgres, redis, mut stripe) = tokio::join!(
@@ -145,7 +126,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     stripe.target = target.map(|(host, port)| format!("{host}:{port}"));
 
     let (inbox, projections) = if postgres.reachable {
-        let depth = tokio::time::timeout(CHECK_TIMEOUT, inbox_depth(&state)).await;
+        let depth = tokio::time::timeout(CHECK_TIMEOUT, crate::inbox::depth(&state.pool)).await;
         let mut lags = Vec::new();
         for name in state.projections.names() {
             if let Ok(Ok(lag)) =

@@ -36,7 +36,7 @@ pub struct AppState {
     pub reads: crate::reads::Reads,
     pub settings: Arc<Settings>,
     /// Wakes the inbox workers when a new event is stored.
-    pub inbox_wake: Arc<crate::ledger::WorkerWake>,
+    pub inbox_wake: Arc<crate::worker::WorkerWake>,
     /// Stores webhooks, many to a commit under load.
     pub inbox: crate::inbox::InboxWriter,
     /// Syncs with Stripe's API; `None` without `STRIPE_SECRET_KEY`.

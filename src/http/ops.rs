@@ -7,19 +7,20 @@ use serde_json::{json, Value};
 
 use super::params::valid_id;
 use super::{ApiError, AppState};
-use crate::dlq::{self, DeadLetter, Redrive};
+use crate::inbox::{self, DeadLetter, Redrive};
 
 /// `GET /ops/dead-letters`.
 pub async fn dead_letters(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
-    Ok(Json(
-        dlq::list(&state.pool).await.map_err(ApiError::Storage)?,
-    ))
+    let letters = inbox::dead_letters(&state.pool, None)
+        .await
+        .map_err(ApiError::Storage)?;
+    Ok(Json(letters.into_iter().map(DeadLetter::from).collect()))
 }
 
 async fn redrive(state: &AppState, which: Redrive) -> Result<Json<Value>, ApiError> {
-    let requeued = dlq::retry(&state.pool, &which)
+    let requeued = inbox::redrive(&state.pool, &which)
         .await
         .map_err(ApiError::Storage)?;
     if let (Redrive::One(event_id), true) = (&which, requeued.is_empty()) {

@@ -54,7 +54,7 @@ async fn store_all(services: &Services, events: &[SimEvent], seen: &mut HashSet<
 /// Processes the inbox 5 rows at a time, so customers come back to the cache again and again.
 async fn drain_in_small_batches(services: &Services) {
     while !services
-        .ledger
+        .worker
         .process_batch(5, None)
         .await
         .unwrap()
@@ -123,9 +123,9 @@ async fn racing_batches_fall_back_to_one_customer_at_a_time_and_lose_nothing() {
         .unwrap();
     let mut batches = Vec::new();
     for _ in 0..4 {
-        let ledger = services.ledger.clone();
+        let worker = services.worker.clone();
         batches.push(tokio::spawn(async move {
-            ledger.process_batch((pending + 3) / 4, None).await
+            worker.process_batch((pending + 3) / 4, None).await
         }));
     }
     let mut waiting = 0;
@@ -156,7 +156,7 @@ async fn racing_batches_fall_back_to_one_customer_at_a_time_and_lose_nothing() {
         "a batch lost the race and was retried per customer"
     );
 
-    assert_eq!(services.ledger.drain().await.unwrap(), 0);
+    assert_eq!(services.worker.drain().await.unwrap(), 0);
     assert_eq!(
         count(
             &services,
@@ -239,7 +239,7 @@ async fn a_rebuild_writes_what_catching_up_batch_by_batch_wrote() {
         &mut seen,
     )
     .await;
-    services.ledger.drain().await.unwrap();
+    services.worker.drain().await.unwrap();
     let events = count(&services, "SELECT count(*) FROM events").await as u64;
     // Live: many small batches.
     let live = catch_up_fully(&services.projections, PROJECTION_BATCH)

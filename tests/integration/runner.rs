@@ -71,7 +71,7 @@ async fn logged(tag: &str, flaky: &Flaky) -> (Services, Projections, BTreeMap<St
     subledger::import::import(&services.pool, &lines.join("\n"))
         .await
         .unwrap();
-    services.ledger.drain().await.unwrap();
+    services.worker.drain().await.unwrap();
     let runner = Projections::new(
         services.pool.clone(),
         [

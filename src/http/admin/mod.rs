@@ -29,6 +29,7 @@ use maud::{html, Markup};
 use super::auth::{self, AdminAccess};
 use super::params::valid_id;
 use super::{ApiError, AppState};
+use crate::inbox::{self, Redrive};
 use crate::inspect::{self, CustomerReport};
 use crate::sync_log;
 
@@ -95,10 +96,10 @@ pub async fn home(
         let body = html! { (notice) (pages::search_heading(q)) (results) };
         return Ok(html_page(pages::page(&format!("Search {q}"), body)));
     }
-    let dead = inspect::dead_letters(&state.pool, DEAD_LETTERS_SHOWN)
+    let dead = inbox::dead_letters(&state.pool, Some(DEAD_LETTERS_SHOWN))
         .await
         .map_err(ApiError::Storage)?;
-    let recent = inspect::recent_inbox(&state.pool, RECENT_WEBHOOKS_SHOWN)
+    let recent = inbox::recent(&state.pool, RECENT_WEBHOOKS_SHOWN)
         .await
         .map_err(ApiError::Storage)?;
     let syncs = sync_section(&state, None).await?;
@@ -130,7 +131,7 @@ async fn report(state: &AppState, customer_id: &str) -> Result<CustomerReport, A
     .map_err(|error| match error {
         inspect::InspectError::Database(e) => ApiError::Storage(e),
         other => {
-            tracing::error!(error = %crate::ledger::error_chain(&other), "cannot inspect a customer");
+            tracing::error!(error = %crate::error_chain::error_chain(&other), "cannot inspect a customer");
             ApiError::NotFound(format!("a readable log for customer {customer_id}"))
         }
     })
@@ -155,9 +156,10 @@ pub async fn redrive(
     State(state): State<AppState>,
     Path(event_id): Path<String>,
 ) -> Result<Redirect, ApiError> {
-    if !inspect::redrive(&state.pool, &event_id)
+    if inbox::redrive(&state.pool, &Redrive::One(event_id.clone()))
         .await
         .map_err(ApiError::Storage)?
+        .is_empty()
     {
         return Err(ApiError::NotFound(format!(
             "dead-lettered event {event_id}"

@@ -9,7 +9,8 @@ use aggregates::SubscriptionStatus;
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
 use super::diagram::diagram;
-use crate::inspect::{CustomerReport, InboxEntry, SearchHit};
+use crate::inbox::{InboxEntry, InboxState};
+use crate::inspect::{CustomerReport, SearchHit};
 use crate::sync_log::{AttemptRow, Flagged};
 use crate::transitions;
 
@@ -219,8 +220,8 @@ fn inbox_table(rows: &[InboxEntry], with_customer: bool) -> Markup {
                             }
                         }
                     }
-                    td { (badge(&row.state)) }
-                    td { @if let Some(outcome) = &row.outcome { (badge(outcome)) } }
+                    td { (badge(row.state.as_str())) }
+                    td { @if let Some(outcome) = row.outcome { (badge(outcome.as_str())) } }
                     td { (row.attempts) }
                     td {
                         @for (i, why) in [&row.detail, &row.last_error].into_iter().flatten().enumerate() {
@@ -229,7 +230,7 @@ fn inbox_table(rows: &[InboxEntry], with_customer: bool) -> Markup {
                         }
                     }
                     td {
-                        @if row.state == "dead" {
+                        @if row.state == InboxState::Dead {
                             form.inline method="post" action={ "/admin/inbox/" (row.event_id) "/redrive" } {
                                 button { "Re-drive" }
                             }

@@ -1,5 +1,5 @@
-//! The inbox: every Stripe event we acknowledge, stored durably (keyed by Stripe's event
-//! id) before we answer, with its raw payload and what processing made of it.
+//! Storing events in the inbox: one at a time, many in one statement, and the webhook's
+//! group commit.
 //!
 //! Recording is the only thing the webhook does before answering 2xx; a failure here is a
 //! 5xx so Stripe retries. This module must never answer for an event it has not stored.
@@ -12,24 +12,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::{InboxState, Outcome, Source};
 use crate::stripe::{route, Route, StripeEvent};
-
-/// Where an event came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    Webhook,
-    Import,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Webhook => "webhook",
-            Source::Import => "import",
-        }
-    }
-}
 
 /// Whether the event was new.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -89,15 +73,19 @@ pub async fn record_many(
             continue;
         }
         let (customer_id, state, outcome, detail) = match route(event) {
-            Route::Command { customer_id, .. } => (Some(customer_id), "pending", None, None),
-            Route::Ignore { reason } => {
-                (event.customer_id(), "done", Some("ignored"), Some(reason))
+            Route::Command { customer_id, .. } => {
+                (Some(customer_id), InboxState::Pending, None, None)
             }
+            Route::Ignore { reason } => (
+                event.customer_id(),
+                InboxState::Done,
+                Some(Outcome::Ignored),
+                Some(reason),
+            ),
         };
-        planned.push(Some(if state == "done" {
-            Received::Ignored
-        } else {
-            Received::Stored
+        planned.push(Some(match state {
+            InboxState::Done => Received::Ignored,
+            _ => Received::Stored,
         }));
         columns.event_id.push(event.id.clone());
         columns.event_type.push(event.event_type.clone());
@@ -108,7 +96,7 @@ pub async fn record_many(
         columns
             .payload
             .push(String::from_utf8_lossy(raw).into_owned());
-        columns.source.push(source.as_str());
+        columns.source.push(*source);
         columns.state.push(state);
         columns.outcome.push(outcome);
         columns.detail.push(detail);
@@ -116,7 +104,7 @@ pub async fn record_many(
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO inbox (event_id, event_type, api_version, livemode, stripe_created, customer_id, payload, \
             source, state, outcome, detail, processed_at) \
-         SELECT u.*, CASE WHEN u.state = 'done' THEN now() END \
+         SELECT u.*, CASE WHEN u.state = $12 THEN now() END \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::timestamptz[], $6::text[], \
             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) \
             AS u(event_id, event_type, api_version, livemode, stripe_created, customer_id, payload, \
@@ -134,6 +122,7 @@ pub async fn record_many(
     .bind(&columns.state)
     .bind(&columns.outcome)
     .bind(&columns.detail)
+    .bind(InboxState::Done)
     .fetch_all(pool)
     .await?;
     let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
@@ -157,9 +146,9 @@ struct Columns {
     stripe_created: Vec<DateTime<Utc>>,
     customer_id: Vec<Option<String>>,
     payload: Vec<String>,
-    source: Vec<&'static str>,
-    state: Vec<&'static str>,
-    outcome: Vec<Option<&'static str>>,
+    source: Vec<Source>,
+    state: Vec<InboxState>,
+    outcome: Vec<Option<Outcome>>,
     detail: Vec<Option<String>>,
 }
 

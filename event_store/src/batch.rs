@@ -1,0 +1,153 @@
+//! Many aggregates at once, inside the caller's transaction: the inbox workers' path.
+//!
+//! [`load_many`] reads the histories of every aggregate of a batch with one query (only
+//! the events after a version the caller already holds folded), and [`append`] writes
+//! all the batch's new events with one multi-row insert. The rows are exactly those
+//! postgres-es writes (same columns, sequence = the aggregate's version after the event,
+//! `event_type`/`event_version` from `DomainEvent`, the payload and metadata as JSON), so
+//! postgres-es loads them as its own (`tests/postgres_es_reads_batches.rs` proves it).
+//! Rows are inserted in (aggregate, sequence) order so that concurrent batches lock keys
+//! in the same order and never deadlock each other. Nothing here commits: the caller's
+//! transaction decides whether the batch is kept.
+
+use std::collections::HashMap;
+
+use aggregates::{Subscription, SubscriptionEvent};
+use cqrs_es::{Aggregate, DomainEvent};
+use sqlx::{PgConnection, Row};
+
+use crate::{decode_payload, Metadata, StoreError};
+
+/// Folds, for each of `ids`, the events stored after the version `known` holds for it
+/// (after 0 when it holds nothing), with one query. `known` maps an aggregate id to a
+/// (version, state) that is the fold of exactly its events 1..=version. Returns `known`
+/// brought up to the newest stored version; an aggregate with no events and no entry in
+/// `known` is absent. Events are decoded from the JSON the log holds, as a load by
+/// postgres-es decodes them.
+pub async fn load_many(
+    conn: &mut PgConnection,
+    ids: &[String],
+    mut known: HashMap<String, (i64, Subscription)>,
+) -> Result<HashMap<String, (i64, Subscription)>, StoreError> {
+    let after: Vec<i64> = ids
+        .iter()
+        .map(|id| known.get(id).map_or(0, |(version, _)| *version))
+        .collect();
+    let rows = sqlx::query(
+        "SELECT e.aggregate_id, e.sequence, e.payload::text AS payload \
+         FROM unnest($2::text[], $3::int8[]) AS k(aggregate_id, after) \
+         JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = k.aggregate_id \
+            AND e.sequence > k.after \
+         ORDER BY e.aggregate_id, e.sequence",
+    )
+    .bind(Subscription::TYPE)
+    .bind(ids)
+    .bind(&after)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in rows {
+        let aggregate_id: String = row.get("aggregate_id");
+        let sequence: i64 = row.get("sequence");
+        let (version, state) = known.entry(aggregate_id.clone()).or_default();
+        if sequence != *version + 1 {
+            return Err(StoreError::Gap(aggregate_id, sequence));
+        }
+        state.apply(decode_payload(row.get("payload"), &aggregate_id, sequence)?);
+        *version = sequence;
+    }
+    Ok(known)
+}
+
+/// The events of a batch, column by column, ready for [`append`].
+#[derive(Default)]
+pub struct NewEvents {
+    aggregate_id: Vec<String>,
+    sequence: Vec<i64>,
+    event_type: Vec<String>,
+    event_version: Vec<String>,
+    payload: Vec<String>,
+    metadata: Vec<String>,
+}
+
+impl NewEvents {
+    /// Adds `events` of `aggregate_id`, decided against its state at `version`: they get
+    /// the sequences after it, each carrying `metadata`. Returns them as the log will hold
+    /// them (decoded back from the JSON written), so that a caller folding them holds
+    /// exactly what a later load of the log folds.
+    pub fn push(
+        &mut self,
+        aggregate_id: &str,
+        version: i64,
+        events: &[SubscriptionEvent],
+        metadata: &Metadata,
+    ) -> Result<Vec<SubscriptionEvent>, StoreError> {
+        let metadata = serde_json::to_string(metadata).expect("a map of strings always serializes");
+        let mut logged = Vec::with_capacity(events.len());
+        let mut sequence = version;
+        for event in events {
+            sequence += 1;
+            let payload = serde_json::to_string(event).map_err(|source| StoreError::Json {
+                aggregate_id: aggregate_id.to_owned(),
+                sequence,
+                source,
+            })?;
+            logged.push(decode_payload(&payload, aggregate_id, sequence)?);
+            self.aggregate_id.push(aggregate_id.to_owned());
+            self.sequence.push(sequence);
+            self.event_type.push(event.event_type());
+            self.event_version.push(event.event_version());
+            self.payload.push(payload);
+            self.metadata.push(metadata.clone());
+        }
+        Ok(logged)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.aggregate_id.is_empty()
+    }
+
+    /// Into (aggregate_id, sequence) order: the order concurrent writers lock keys in.
+    fn sort(&mut self) {
+        let mut order: Vec<usize> = (0..self.aggregate_id.len()).collect();
+        order.sort_by(|&a, &b| {
+            (&self.aggregate_id[a], self.sequence[a])
+                .cmp(&(&self.aggregate_id[b], self.sequence[b]))
+        });
+        fn permute<T: Clone>(v: &mut Vec<T>, order: &[usize]) {
+            *v = order.iter().map(|&i| v[i].clone()).collect();
+        }
+        permute(&mut self.aggregate_id, &order);
+        permute(&mut self.sequence, &order);
+        permute(&mut self.event_type, &order);
+        permute(&mut self.event_version, &order);
+        permute(&mut self.payload, &order);
+        permute(&mut self.metadata, &order);
+    }
+}
+
+/// Inserts every event of `new` with one statement, in the caller's transaction.
+/// [`StoreError::Conflict`] when another writer already holds one of their sequences
+/// (the statement then wrote nothing, and the transaction must roll back to before it).
+pub async fn append(conn: &mut PgConnection, mut new: NewEvents) -> Result<(), StoreError> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    new.sort();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload::json, u.metadata::json \
+         FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[]) \
+            AS u(aggregate_id, sequence, event_type, event_version, payload, metadata)",
+    )
+    .bind(Subscription::TYPE)
+    .bind(&new.aggregate_id)
+    .bind(&new.sequence)
+    .bind(&new.event_type)
+    .bind(&new.event_version)
+    .bind(&new.payload)
+    .bind(&new.metadata)
+    .execute(conn)
+    .await
+    .map_err(StoreError::from_insert)?;
+    Ok(())
+}

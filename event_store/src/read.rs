@@ -1,0 +1,248 @@
+//! Reading the log: in its gap-free global order (projections), and the few lookups
+//! operators need.
+//!
+//! `global_seq` alone is not safe to checkpoint on: two transactions can take sequence
+//! numbers 7 and 8 and commit 8 first, and a reader that saw 8 would never see 7. So each
+//! event also stores the id of the transaction that wrote it (`tx_id`), and a reader only
+//! reads events whose transaction is older than every transaction still running
+//! ([`read_horizon`], `pg_snapshot_xmin`): those will never be joined by an older one.
+//! Events are read in (`tx_id`, `global_seq`) order. Rows are handed out raw (their
+//! payload as JSON text), so a reader decodes only what it keeps. Nothing here writes.
+
+use aggregates::Subscription;
+use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
+use futures_util::{Stream, TryStreamExt};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::{decode_payload, LoggedEvent, Position, StoreError};
+
+/// The newest transaction id every reader may read up to now: all transactions below it
+/// have finished. Take it before the reading transaction writes anything.
+pub async fn read_horizon(conn: &mut PgConnection) -> Result<u64, StoreError> {
+    let horizon: String =
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+            .fetch_one(conn)
+            .await?;
+    horizon.parse().map_err(|_| StoreError::TxId(horizon))
+}
+
+/// A stored event as read, not yet decoded.
+pub struct RawEvent(PgRow);
+
+impl RawEvent {
+    pub fn aggregate_id(&self) -> &str {
+        self.0.get("aggregate_id")
+    }
+
+    pub fn sequence(&self) -> i64 {
+        self.0.get("sequence")
+    }
+
+    /// `DomainEvent::event_type` of the event (for example `SubscriptionChanged`).
+    pub fn event_type(&self) -> &str {
+        self.0.get("event_type")
+    }
+
+    /// The payload as the JSON text stored.
+    pub fn payload(&self) -> &str {
+        self.0.get("payload")
+    }
+
+    pub fn position(&self) -> Result<Position, StoreError> {
+        position_of(&self.0)
+    }
+
+    /// The event, decoded.
+    pub fn decode(&self) -> Result<LoggedEvent, StoreError> {
+        let aggregate_id = self.aggregate_id();
+        let sequence = self.sequence();
+        Ok(LoggedEvent {
+            aggregate_id: aggregate_id.to_owned(),
+            sequence: sequence as u64,
+            position: self.position()?,
+            event: decode_payload(self.payload(), aggregate_id, sequence)?,
+        })
+    }
+}
+
+/// Up to `limit` events after `after` whose transaction is below `horizon`, in log
+/// order, streamed.
+pub fn read_after(
+    conn: &mut PgConnection,
+    after: Position,
+    horizon: u64,
+    limit: i64,
+) -> impl Stream<Item = Result<RawEvent, StoreError>> + Send + '_ {
+    sqlx::query(
+        "SELECT aggregate_id, sequence, event_type, payload::text AS payload, tx_id::text AS tx_text, global_seq \
+         FROM events \
+         WHERE aggregate_type = $5 \
+           AND (tx_id, global_seq) > ($1::text::xid8, $2) \
+           AND tx_id < $3::text::xid8 \
+         ORDER BY events.tx_id, events.global_seq \
+         LIMIT $4",
+    )
+    .bind(after.tx_id.to_string())
+    .bind(after.global_seq)
+    .bind(horizon.to_string())
+    .bind(limit)
+    .bind(Subscription::TYPE)
+    .fetch(conn)
+    .map_ok(RawEvent)
+    .map_err(StoreError::from)
+}
+
+/// One event's keys, as the rebuild's scan reads them.
+pub struct EventKey(PgRow);
+
+impl EventKey {
+    pub fn aggregate_id(&self) -> &str {
+        self.0.get("aggregate_id")
+    }
+
+    pub fn sequence(&self) -> i64 {
+        self.0.get("sequence")
+    }
+
+    /// The payload (JSON text), only for the event types the scan was asked to send.
+    pub fn payload(&self) -> Option<&str> {
+        self.0.get("payload")
+    }
+
+    pub fn position(&self) -> Result<Position, StoreError> {
+        position_of(&self.0)
+    }
+}
+
+/// The keys of every event whose transaction is below `horizon`, in no particular order
+/// (a plain scan, no sort of the whole log), with the payload of the events whose type is
+/// in `payload_of` only: a rebuild chooses what to read from the keys alone.
+pub fn scan_keys<'c>(
+    conn: &'c mut PgConnection,
+    horizon: u64,
+    payload_of: &[&str],
+) -> impl Stream<Item = Result<EventKey, StoreError>> + Send + 'c {
+    let payload_of: Vec<String> = payload_of.iter().map(|t| (*t).to_owned()).collect();
+    sqlx::query(
+        "SELECT aggregate_id, sequence, \
+            CASE WHEN event_type = ANY($2) THEN payload::text END AS payload, \
+            tx_id::text AS tx_text, global_seq \
+         FROM events \
+         WHERE aggregate_type = $3 AND tx_id < $1::text::xid8",
+    )
+    .bind(horizon.to_string())
+    .bind(payload_of)
+    .bind(Subscription::TYPE)
+    .fetch(conn)
+    .map_ok(EventKey)
+    .map_err(StoreError::from)
+}
+
+/// The events with these `global_seq`s, in no particular order (sorting is left to the
+/// caller, so the server never spills their payloads to disk for it).
+pub async fn read_by_global_seq(
+    conn: &mut PgConnection,
+    global_seqs: &[i64],
+) -> Result<Vec<RawEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT aggregate_id, sequence, event_type, payload::text AS payload, tx_id::text AS tx_text, global_seq \
+         FROM events WHERE global_seq = ANY($1)",
+    )
+    .bind(global_seqs)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(RawEvent).collect())
+}
+
+/// How many events the log holds after `after` (for progress and lag).
+pub async fn count_after(conn: &mut PgConnection, after: Position) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = $3 AND (tx_id, global_seq) > ($1::text::xid8, $2)",
+    )
+    .bind(after.tx_id.to_string())
+    .bind(after.global_seq)
+    .bind(Subscription::TYPE)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Where the event that brought `aggregate_id` to `version` stands in the log; `None`
+/// when the log holds no such event.
+pub async fn position_of_version(
+    conn: &mut PgConnection,
+    aggregate_id: &str,
+    version: u64,
+) -> Result<Option<Position>, StoreError> {
+    let row = sqlx::query(
+        "SELECT tx_id::text AS tx_text, global_seq FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+    )
+    .bind(Subscription::TYPE)
+    .bind(aggregate_id)
+    .bind(version as i64)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(position_of).transpose()
+}
+
+/// One event of an aggregate's history, with when it was stored.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub event: LoggedEvent,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// One aggregate's whole history, in sequence order, decoded.
+pub async fn history(pool: &PgPool, aggregate_id: &str) -> Result<Vec<Recorded>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT aggregate_id, sequence, event_type, payload::text AS payload, tx_id::text AS tx_text, \
+            global_seq, recorded_at \
+         FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+    )
+    .bind(Subscription::TYPE)
+    .bind(aggregate_id)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let recorded_at = row.get("recorded_at");
+            Ok(Recorded {
+                event: RawEvent(row).decode()?,
+                recorded_at,
+            })
+        })
+        .collect()
+}
+
+/// Every aggregate id the log holds, sorted. (Only Postgres can fail here.)
+pub async fn aggregate_ids(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT aggregate_id FROM events WHERE aggregate_type = $1 ORDER BY aggregate_id",
+    )
+    .bind(Subscription::TYPE)
+    .fetch_all(pool)
+    .await
+}
+
+/// Whether the log holds any event of `aggregate_id`. (Only Postgres can fail here.)
+pub async fn aggregate_exists(pool: &PgPool, aggregate_id: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = $1 AND aggregate_id = $2)",
+    )
+    .bind(Subscription::TYPE)
+    .bind(aggregate_id)
+    .fetch_one(pool)
+    .await
+}
+
+fn position_of(row: &PgRow) -> Result<Position, StoreError> {
+    let tx_id: &str = row.get("tx_text");
+    Ok(Position {
+        tx_id: tx_id
+            .parse()
+            .map_err(|_| StoreError::TxId(tx_id.to_owned()))?,
+        global_seq: row.get("global_seq"),
+    })
+}

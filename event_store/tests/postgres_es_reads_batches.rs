@@ -1,0 +1,325 @@
+//! The batch writer owns its SQL but writes postgres-es's table: this proves postgres-es's
+//! own repository loads every row the batch writer wrote, as the same aggregate state and
+//! version as folding the events decided, with the metadata written; that the batch
+//! loader and postgres-es's commits see each other's rows; and that the primary key
+//! refuses a batch decided against a stale version. Real Postgres (`DATABASE_URL`'s
+//! server), a fresh database, the repository's migrations.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use aggregates::{
+    decide, Fact, FactSource, OwnerFacts, StripeFacts, Subscription, SubscriptionCommand,
+    SubscriptionEvent, SubscriptionFacts, SubscriptionStatus,
+};
+use chrono::{DateTime, TimeZone, Utc};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, EventStore as _};
+use event_store::batch::{self, NewEvents};
+use event_store::{read, EventStore, Metadata, Position, StoreError};
+use futures_util::TryStreamExt;
+use postgres_es::PostgresEventRepository;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// A fresh, migrated database on `DATABASE_URL`'s server, named like the integration
+/// tests' so `scripts/test.sh` drops it once it is old.
+async fn fresh_database() -> PgPool {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let options = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a Postgres URL");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let name = format!(
+        "subledger_test_{}_evstore_{}_{}",
+        now.as_secs(),
+        std::process::id(),
+        now.subsec_nanos()
+    );
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.database(&name))
+        .await
+        .unwrap();
+    MIGRATOR.run(&pool).await.unwrap();
+    pool
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_760_000_000 + secs, 0).unwrap()
+}
+
+/// A `customer.subscription.updated` fact: `customer`'s subscription in `status`, as of
+/// `secs`.
+fn snapshot(
+    customer: &str,
+    event_id: &str,
+    secs: i64,
+    status: SubscriptionStatus,
+) -> SubscriptionCommand {
+    SubscriptionCommand::RecordStripeFacts(StripeFacts {
+        customer_id: customer.to_owned(),
+        source: FactSource {
+            stripe_event_id: event_id.to_owned(),
+            stripe_event_type: "customer.subscription.updated".to_owned(),
+            created: at(secs),
+        },
+        owner: OwnerFacts {
+            org_id: Some(format!("org_{customer}")),
+            user_id: None,
+        },
+        fact: Fact::Subscription(SubscriptionFacts {
+            id: format!("sub_{customer}"),
+            status,
+            created: Some(at(0)),
+            price_id: Some("price_pro".to_owned()),
+            product_id: Some("prod_pro".to_owned()),
+            lookup_key: None,
+            quantity: Some(1),
+            current_period_start: Some(at(secs)),
+            current_period_end: Some(at(secs + 30 * 86_400)),
+            cancel_at_period_end: false,
+            cancel_at: None,
+            canceled_at: None,
+            ended_at: None,
+            trial_start: None,
+            trial_end: None,
+            latest_invoice_id: None,
+            currency: Some("usd".to_owned()),
+        }),
+    })
+}
+
+/// Decides `commands` in order against `state`, returning all their events.
+fn decide_all(state: &Subscription, commands: &[SubscriptionCommand]) -> Vec<SubscriptionEvent> {
+    let mut state = state.clone();
+    let mut events = Vec::new();
+    for command in commands {
+        for event in decide(&state, command).unwrap().events {
+            state.apply(event.clone());
+            events.push(event);
+        }
+    }
+    events
+}
+
+fn metadata(sources: &str) -> Metadata {
+    HashMap::from([("sources".to_owned(), sources.to_owned())])
+}
+
+/// One worker batch: loads `groups`' customers after the versions in `known`, decides,
+/// appends, commits; returns `known` with each customer's version and fold after it.
+async fn write_batch(
+    pool: &PgPool,
+    groups: &[(&str, Vec<SubscriptionCommand>)],
+    known: &mut HashMap<String, (i64, Subscription)>,
+) {
+    let ids: Vec<String> = groups.iter().map(|(id, _)| (*id).to_owned()).collect();
+    let mut tx = pool.begin().await.unwrap();
+    let held = ids
+        .iter()
+        .filter_map(|id| known.get(id).map(|v| (id.clone(), v.clone())))
+        .collect();
+    let mut loaded = batch::load_many(&mut tx, &ids, held).await.unwrap();
+    let mut new = NewEvents::default();
+    for (customer, commands) in groups {
+        let (version, mut state) = loaded.remove(*customer).unwrap_or_default();
+        let events = decide_all(&state, commands);
+        let sources = format!("evt_{customer}_{version}");
+        for event in new
+            .push(customer, version, &events, &metadata(&sources))
+            .unwrap()
+        {
+            state.apply(event);
+        }
+        known.insert(
+            (*customer).to_owned(),
+            (version + events.len() as i64, state),
+        );
+    }
+    batch::append(&mut tx, new).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn postgres_es_loads_every_row_the_batch_writer_wrote() {
+    use SubscriptionStatus::*;
+    let pool = fresh_database().await;
+    let mut folded = HashMap::new();
+
+    // Two batches: the second loads the first's rows after the versions it remembers
+    // (one customer it does not remember at all, so its whole history is loaded).
+    write_batch(
+        &pool,
+        &[
+            (
+                "cus_a",
+                vec![
+                    snapshot("cus_a", "evt_1", 1, Trialing),
+                    snapshot("cus_a", "evt_2", 2, Active),
+                ],
+            ),
+            ("cus_b", vec![snapshot("cus_b", "evt_3", 1, Incomplete)]),
+            ("cus_c", vec![snapshot("cus_c", "evt_4", 1, Active)]),
+        ],
+        &mut folded,
+    )
+    .await;
+    folded.remove("cus_c");
+    write_batch(
+        &pool,
+        &[
+            ("cus_a", vec![snapshot("cus_a", "evt_5", 5, PastDue)]),
+            (
+                "cus_b",
+                vec![
+                    snapshot("cus_b", "evt_6", 5, Active),
+                    snapshot("cus_b", "evt_7", 6, Canceled),
+                ],
+            ),
+            ("cus_c", vec![snapshot("cus_c", "evt_8", 5, Canceled)]),
+        ],
+        &mut folded,
+    )
+    .await;
+
+    let store = PersistedEventStore::<PostgresEventRepository, Subscription>::new_event_store(
+        PostgresEventRepository::new(pool.clone()),
+    );
+    for customer in ["cus_a", "cus_b", "cus_c"] {
+        let (version, state) = &folded[customer];
+        let context = store.load_aggregate(customer).await.unwrap();
+        assert_eq!(context.current_sequence as i64, *version, "{customer}");
+        assert_eq!(
+            serde_json::to_value(&context.aggregate).unwrap(),
+            serde_json::to_value(state).unwrap(),
+            "{customer}: postgres-es folds what the batch writer decided"
+        );
+        let envelopes = store.load_events(customer).await.unwrap();
+        assert_eq!(envelopes.len() as i64, *version);
+        for (i, envelope) in envelopes.iter().enumerate() {
+            assert_eq!(envelope.sequence, i + 1);
+            assert_eq!(envelope.aggregate_id, customer);
+            assert!(envelope.metadata["sources"].starts_with(&format!("evt_{customer}_")));
+        }
+    }
+    // The log's global order holds every row, each aggregate's in sequence. The horizon
+    // is the oldest transaction running anywhere on the server (other tests' too), so
+    // the rows become readable once those older transactions end.
+    let mut conn = pool.acquire().await.unwrap();
+    let total: i64 = folded.values().map(|(v, _)| v).sum();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let rows = loop {
+        let horizon = read::read_horizon(&mut conn).await.unwrap();
+        let rows: Vec<_> = read::read_after(&mut conn, Position::default(), horizon, 1000)
+            .try_collect()
+            .await
+            .unwrap();
+        if rows.len() as i64 == total || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(rows.len() as i64, total);
+    assert_eq!(
+        read::count_after(&mut conn, Position::default())
+            .await
+            .unwrap(),
+        total
+    );
+    let mut seen: HashMap<String, i64> = HashMap::new();
+    for row in &rows {
+        let last = seen.entry(row.aggregate_id().to_owned()).or_default();
+        assert_eq!(row.sequence(), *last + 1);
+        *last = row.sequence();
+        row.decode().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn batches_and_postgres_es_commits_see_each_other_and_conflicts_are_refused() {
+    use SubscriptionStatus::*;
+    let pool = fresh_database().await;
+    let mut folded = HashMap::new();
+    write_batch(
+        &pool,
+        &[("cus_a", vec![snapshot("cus_a", "evt_1", 1, Trialing)])],
+        &mut folded,
+    )
+    .await;
+    let remembered = folded.clone();
+
+    // postgres-es commits on top of the batch's rows...
+    let store = EventStore::new(pool.clone());
+    let loaded = store.load("cus_a").await.unwrap();
+    assert_eq!(loaded.version(), folded["cus_a"].0);
+    let events = decide_all(loaded.state(), &[snapshot("cus_a", "evt_2", 2, Active)]);
+    store
+        .commit(loaded, events, metadata("evt_2"))
+        .await
+        .unwrap();
+
+    // ...and a batch that remembers the older version loads what it committed.
+    let mut tx = pool.begin().await.unwrap();
+    let loaded = batch::load_many(&mut tx, &["cus_a".to_owned()], remembered.clone())
+        .await
+        .unwrap();
+    let (version, state) = &loaded["cus_a"];
+    let fresh = EventStore::new(pool.clone()).load("cus_a").await.unwrap();
+    assert_eq!(*version, fresh.version());
+    assert_eq!(
+        serde_json::to_value(state).unwrap(),
+        serde_json::to_value(fresh.state()).unwrap()
+    );
+    tx.rollback().await.unwrap();
+
+    // A batch decided against the remembered (stale) version is refused whole.
+    let (version, state) = remembered["cus_a"].clone();
+    let events = decide_all(&state, &[snapshot("cus_a", "evt_3", 3, Canceled)]);
+    let mut new = NewEvents::default();
+    new.push("cus_a", version, &events, &metadata("evt_3"))
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let refused = batch::append(&mut tx, new).await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    tx.rollback().await.unwrap();
+
+    // And so is a commit through postgres-es against a stale load.
+    let stale = store.load("cus_a").await.unwrap();
+    let events = decide_all(stale.state(), &[snapshot("cus_a", "evt_4", 4, Canceled)]);
+    let mut new = NewEvents::default();
+    new.push("cus_a", stale.version(), &events, &metadata("evt_4"))
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    batch::append(&mut tx, new).await.unwrap();
+    tx.commit().await.unwrap();
+    let refused = store.commit(stale, events, metadata("evt_4")).await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    assert_eq!(
+        read::aggregate_ids(&pool).await.unwrap(),
+        vec!["cus_a".to_owned()]
+    );
+    assert!(read::aggregate_exists(&pool, "cus_a").await.unwrap());
+    assert!(!read::aggregate_exists(&pool, "cus_b").await.unwrap());
+    let history = read::history(&pool, "cus_a").await.unwrap();
+    let newest = store.load("cus_a").await.unwrap();
+    assert_eq!(history.len() as i64, newest.version());
+    assert_eq!(
+        history.last().unwrap().event.event.source().stripe_event_id,
+        "evt_4",
+        "the batch written after the stale load is the newest"
+    );
+}

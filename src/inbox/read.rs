@@ -1,0 +1,98 @@
+//! What people and health checks read from the inbox: recent rows, one customer's rows,
+//! whether a customer has any, one row's state and outcome, and the depth of the queue.
+//! Only reads.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::{InboxState, Outcome};
+
+/// One inbox row: a Stripe event we acknowledged and what processing made of it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct InboxEntry {
+    pub event_id: String,
+    pub event_type: String,
+    pub customer_id: Option<String>,
+    pub stripe_created: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub state: InboxState,
+    pub outcome: Option<Outcome>,
+    pub detail: Option<String>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+}
+
+/// `SELECT`s every column of [`InboxEntry`], followed by `$tail` (filter, order, limit).
+macro_rules! select_entries {
+    ($tail:literal) => {
+        concat!(
+            "SELECT event_id, event_type, customer_id, stripe_created, received_at, state, outcome, \
+                detail, attempts, last_error FROM inbox ",
+            $tail
+        )
+    };
+}
+pub(super) use select_entries;
+
+/// The most recently received rows (at most `limit`), newest first.
+pub async fn recent(pool: &PgPool, limit: i64) -> Result<Vec<InboxEntry>, sqlx::Error> {
+    sqlx::query_as(select_entries!("ORDER BY received_at DESC LIMIT $1"))
+        .bind(limit.max(0))
+        .fetch_all(pool)
+        .await
+}
+
+/// Every row of one customer, in Stripe's order.
+pub async fn of_customer(pool: &PgPool, customer_id: &str) -> Result<Vec<InboxEntry>, sqlx::Error> {
+    sqlx::query_as(select_entries!(
+        "WHERE customer_id = $1 ORDER BY stripe_created, received_at"
+    ))
+    .bind(customer_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Whether any row names this customer.
+pub async fn has_customer(pool: &PgPool, customer_id: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE customer_id = $1)")
+        .bind(customer_id)
+        .fetch_one(pool)
+        .await
+}
+
+/// The state and outcome of one row; `None` when no row has that event id.
+pub async fn state_of(
+    pool: &PgPool,
+    event_id: &str,
+) -> Result<Option<(InboxState, Option<Outcome>)>, sqlx::Error> {
+    sqlx::query_as("SELECT state, outcome FROM inbox WHERE event_id = $1")
+        .bind(event_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// How much waits in the inbox: what `/readyz` reports and `/metrics` measures.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Depth {
+    /// Rows waiting to be processed or retried.
+    pub pending: i64,
+    /// Dead-lettered rows.
+    pub dead: i64,
+    /// Age of the oldest pending row; `None` when none is pending.
+    pub oldest_pending_age_secs: Option<f64>,
+}
+
+pub async fn depth(pool: &PgPool) -> Result<Depth, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = $1) AS pending, \
+                count(*) FILTER (WHERE state = $2) AS dead, \
+                extract(epoch FROM now() - min(received_at) FILTER (WHERE state = $1))::float8 \
+                    AS oldest_pending_age_secs \
+         FROM inbox WHERE state IN ($1, $2)",
+    )
+    .bind(InboxState::Pending)
+    .bind(InboxState::Dead)
+    .fetch_one(pool)
+    .await
+}

@@ -1,0 +1,168 @@
+//! What the inbox workers do to rows, always inside the worker's own transaction: claim
+//! the due rows of a partition, then mark each done with its outcome or failed.
+//!
+//! Claimed rows stay locked (`FOR UPDATE SKIP LOCKED`) until that transaction ends, so no
+//! row is processed twice at once, by any replica. A crash before the commit leaves them
+//! pending, to be processed again (the aggregate answers what was already recorded as a
+//! duplicate). This module never decides an outcome: the caller says what processing made
+//! of each row.
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, Row};
+
+use super::{InboxState, Outcome};
+
+/// Which customers a worker claims rows of: those whose id hashes to `index` of `of`.
+/// Workers of one process take disjoint partitions, so their batches never race for a
+/// customer; workers of other replicas may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    pub index: usize,
+    pub of: usize,
+}
+
+/// A claimed row.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub event_id: String,
+    pub event_type: String,
+    pub customer_id: Option<String>,
+    /// The raw Stripe event, as received.
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: i32,
+    /// From receipt to claim.
+    pub waited: Duration,
+}
+
+/// The claim. Its state is a literal, not a parameter, because only a literal matches the
+/// predicate of the partial index `inbox_pending` (`WHERE state = 'pending'`) in every
+/// plan Postgres may cache for the statement; a test checks it names
+/// [`InboxState::Pending`].
+const CLAIM: &str = "SELECT event_id, event_type, customer_id, payload, attempts, \
+        extract(epoch FROM now() - received_at)::float8 AS waited FROM inbox \
+     WHERE state = 'pending' AND next_attempt_at <= now() \
+       AND ($2::int8 IS NULL OR abs(hashtext(customer_id)::int8) % $3::int8 = $2::int8) \
+     ORDER BY next_attempt_at, stripe_created LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Claims up to `limit` due rows (of one partition of the customers, if given), oldest due
+/// first, locked for the rest of `tx`. Rows other transactions hold are skipped.
+pub async fn claim(
+    tx: &mut PgConnection,
+    limit: i64,
+    partition: Option<Partition>,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    // Always walk `inbox_pending` in order (see migrations/20261125200001): a bitmap
+    // scan, which the planner picks when it believes few rows are pending, visits
+    // the heap page of every entry processed since the last vacuum and never marks
+    // them dead, so each claim of a burst cost more than the one before.
+    sqlx::query("SET LOCAL enable_bitmapscan = off")
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query(CLAIM)
+        .bind(limit)
+        .bind(partition.map(|p| p.index as i64))
+        .bind(partition.map_or(1, |p| p.of as i64))
+        .fetch_all(&mut *tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| Claimed {
+            event_id: row.get("event_id"),
+            event_type: row.get("event_type"),
+            customer_id: row.get("customer_id"),
+            payload: row.get("payload"),
+            attempts: row.get("attempts"),
+            waited: Duration::from_secs_f64(row.get::<f64, _>("waited").max(0.0)),
+        })
+        .collect())
+}
+
+/// What processing made of one row: its outcome and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Processed {
+    pub event_id: String,
+    pub outcome: Outcome,
+    pub detail: Option<String>,
+}
+
+/// Marks claimed rows done with their outcome and detail, in one statement: their attempt
+/// is counted and any earlier error cleared.
+pub async fn mark_done<'a>(
+    tx: &mut PgConnection,
+    rows: impl IntoIterator<Item = &'a Processed>,
+) -> Result<(), sqlx::Error> {
+    let (mut ids, mut outcomes, mut details) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        ids.push(row.event_id.as_str());
+        outcomes.push(row.outcome);
+        details.push(row.detail.as_deref());
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE inbox SET state = $4, outcome = u.outcome, detail = u.detail, \
+            attempts = inbox.attempts + 1, last_error = NULL, processed_at = now() \
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS u(event_id, outcome, detail) \
+         WHERE inbox.event_id = u.event_id",
+    )
+    .bind(&ids)
+    .bind(&outcomes)
+    .bind(&details)
+    .bind(InboxState::Done)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// What became of a row whose processing failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failed {
+    /// Attempts made, this one included.
+    pub attempts: i32,
+    /// It reached `max_attempts` and is dead-lettered (outcome `failed`) until an operator
+    /// re-drives it; otherwise it stays pending, due again after a backoff.
+    pub dead: bool,
+}
+
+/// Records a failed attempt on a claimed row with its error: it is due again after a
+/// backoff (2^attempts seconds, at most an hour), or dead-lettered once `max_attempts`
+/// attempts have failed. The error stays on the row until processing succeeds.
+pub async fn mark_failed(
+    tx: &mut PgConnection,
+    event_id: &str,
+    error: &str,
+    max_attempts: i32,
+) -> Result<Failed, sqlx::Error> {
+    let row = sqlx::query(
+        "UPDATE inbox SET attempts = attempts + 1, last_error = $2, \
+            next_attempt_at = now() + make_interval(secs => least(power(2, least(attempts + 1, 12)), 3600)::float8), \
+            state = CASE WHEN attempts + 1 >= $3 THEN $4 ELSE state END, \
+            outcome = CASE WHEN attempts + 1 >= $3 THEN $5 ELSE outcome END \
+         WHERE event_id = $1 RETURNING attempts, state",
+    )
+    .bind(event_id)
+    .bind(error)
+    .bind(max_attempts)
+    .bind(InboxState::Dead)
+    .bind(Outcome::Failed)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(Failed {
+        attempts: row.get("attempts"),
+        dead: row.get::<InboxState, _>("state") == InboxState::Dead,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_claim_takes_pending_rows() {
+        let pending = format!("WHERE state = '{}' ", InboxState::Pending.as_str());
+        assert!(CLAIM.contains(&pending), "{CLAIM}");
+    }
+}

@@ -1,0 +1,298 @@
+//! Runs commands through the `Subscription` aggregate and writes what it decides to the
+//! event log, through `event_store` (the only code that touches the `events` table).
+//!
+//! Two ways in:
+//! - [`Ledger::execute`] / [`Ledger::execute_many`]: one customer, on its own: load its
+//!   aggregate, call the pure `decide`, commit with optimistic concurrency, and retry when
+//!   another worker or replica committed first (syncs, checkout, and a worker batch that
+//!   lost a race).
+//! - [`Ledger::execute_batch`]: a worker batch, inside the transaction that claimed it:
+//!   the histories of all its customers in one query (after the versions
+//!   [`AggregateCache`] holds), every group decided, all their events in one insert,
+//!   under a savepoint so that a lost race leaves the claim intact.
+//!
+//! This module never touches the inbox, never acknowledges anything and never judges a
+//! fact itself (the aggregate does).
+
+mod aggregate_cache;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aggregates::{
+    decide, Decision, Subscription, SubscriptionCommand, SubscriptionError, SubscriptionEvent,
+};
+use cqrs_es::Aggregate;
+use event_store::batch::{self, NewEvents};
+use event_store::{EventStore, Metadata, StoreError};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
+
+pub use aggregate_cache::AggregateCache;
+
+use crate::error_chain::error_chain;
+
+/// How many times a command is retried after losing an optimistic-concurrency race.
+const CONFLICT_RETRIES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError {
+    #[error("the aggregate refused the command")]
+    Domain(#[from] SubscriptionError),
+    #[error("the event store failed")]
+    Store(#[source] StoreError),
+    #[error("still conflicting after {0} retries")]
+    Conflict(usize),
+}
+
+/// Runs commands and writes their events.
+#[derive(Clone)]
+pub struct Ledger {
+    store: EventStore,
+    /// Woken whenever events are committed, so projections catch up at once.
+    pub committed: Arc<Notify>,
+    /// How many optimistic-concurrency conflicts this process lost and retried.
+    pub conflicts_retried: Arc<AtomicU64>,
+    /// Aggregates as of a version the log holds, so batches load only newer events.
+    pub cache: Arc<AggregateCache>,
+}
+
+/// One customer's share of a worker batch: its commands, in order, each with the id of
+/// what it came from (the Stripe event id of its inbox row).
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub customer_id: String,
+    pub commands: Vec<SubscriptionCommand>,
+    pub sources: Vec<String>,
+}
+
+impl Group {
+    pub fn new(customer_id: String) -> Self {
+        Self {
+            customer_id,
+            commands: Vec::new(),
+            sources: Vec::new(),
+        }
+    }
+
+    pub fn source_ids(&self) -> Vec<&str> {
+        self.sources.iter().map(String::as_str).collect()
+    }
+}
+
+/// What [`Ledger::execute_batch`] decided and wrote in the caller's transaction.
+#[derive(Default)]
+pub struct BatchWritten {
+    /// Each group's decisions, in the order given (or why its aggregate refused them).
+    pub results: Vec<Result<Vec<Decision>, ExecuteError>>,
+    /// Each customer's aggregate after the batch: hand it to [`Ledger::batch_committed`]
+    /// once (and only if) the transaction commits.
+    pub aggregates: BatchAggregates,
+}
+
+/// Customers' aggregates as a batch left them, with their versions (see
+/// [`AggregateCache`]); not yet known to be committed.
+#[derive(Default)]
+pub struct BatchAggregates(Vec<(String, i64, Subscription)>);
+
+/// A customer's aggregate as a command left it: what loading it from the log now gives.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub state: Subscription,
+    /// The aggregate version: the sequence of its newest event (0: the log holds none).
+    pub version: u64,
+}
+
+impl Ledger {
+    pub fn new(pool: PgPool, cache_capacity: usize) -> Self {
+        Self {
+            store: EventStore::new(pool),
+            committed: Arc::new(Notify::new()),
+            conflicts_retried: Arc::new(AtomicU64::new(0)),
+            cache: Arc::new(AggregateCache::new(cache_capacity)),
+        }
+    }
+
+    /// Decides and commits one command, retrying optimistic-concurrency conflicts.
+    /// Returns the decision and the customer's aggregate as it left it.
+    pub async fn execute(
+        &self,
+        customer_id: &str,
+        command: &SubscriptionCommand,
+        source_id: &str,
+    ) -> Result<(Decision, Decided), ExecuteError> {
+        let (mut decisions, decided) = self
+            .execute_many(customer_id, std::slice::from_ref(command), &[source_id])
+            .await?;
+        Ok((decisions.pop().expect("one decision per command"), decided))
+    }
+
+    /// Decides several commands for one customer in order, against one load of its
+    /// aggregate, and commits all their events in one transaction. On an
+    /// optimistic-concurrency conflict the whole group is reloaded and decided again, so
+    /// each decision is always made against the state the log really holds. Returns the
+    /// decisions and the customer's aggregate as they left it (also when they recorded
+    /// nothing).
+    pub async fn execute_many(
+        &self,
+        customer_id: &str,
+        commands: &[SubscriptionCommand],
+        source_ids: &[&str],
+    ) -> Result<(Vec<Decision>, Decided), ExecuteError> {
+        let metadata = sources_metadata(source_ids);
+        for attempt in 0..CONFLICT_RETRIES {
+            let loaded = self
+                .store
+                .load(customer_id)
+                .await
+                .map_err(ExecuteError::Store)?;
+            let (decisions, events, state) = decide_all(loaded.state(), commands)?;
+            let decided = Decided {
+                state,
+                version: loaded.version() as u64 + events.len() as u64,
+            };
+            if events.is_empty() {
+                return Ok((decisions, decided));
+            }
+            match self.store.commit(loaded, events, metadata.clone()).await {
+                Ok(()) => {
+                    self.committed.notify_one();
+                    return Ok((decisions, decided));
+                }
+                Err(StoreError::Conflict) => {
+                    // Someone else committed first: reload and decide again.
+                    // A short random pause, growing with each loss, so that many
+                    // writers of one hot customer (workers, replicas) stop colliding in
+                    // lockstep instead of exhausting their retries together.
+                    self.conflicts_retried.fetch_add(1, Ordering::Relaxed);
+                    let spread = 1 + 2 * attempt as u64;
+                    let pause = (uuid::Uuid::new_v4().as_u128() as u64) % spread;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Err(error) => return Err(ExecuteError::Store(error)),
+            }
+        }
+        Err(ExecuteError::Conflict(CONFLICT_RETRIES))
+    }
+
+    /// Decides every group against its customer's history and writes all their events,
+    /// inside `tx` (the caller's transaction, which claimed the batch) under a savepoint:
+    /// one query loads the histories (after the versions the cache holds), one insert
+    /// writes the events. `None` when that could not be done (another writer committed to
+    /// one of the customers first, or the log could not be read): the savepoint is rolled
+    /// back, nothing was written, and the caller goes one customer at a time through
+    /// [`Ledger::execute_many`].
+    pub async fn execute_batch(
+        &self,
+        tx: &mut PgConnection,
+        groups: &[Group],
+    ) -> Result<Option<BatchWritten>, sqlx::Error> {
+        if groups.is_empty() {
+            return Ok(Some(BatchWritten::default()));
+        }
+        sqlx::query("SAVEPOINT batch").execute(&mut *tx).await?;
+        match decide_and_write(tx, groups, &self.cache).await {
+            Ok(written) => {
+                sqlx::query("RELEASE SAVEPOINT batch")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(Some(written))
+            }
+            Err(error) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT batch")
+                    .execute(&mut *tx)
+                    .await?;
+                if matches!(error, StoreError::Conflict) {
+                    self.conflicts_retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        "a batch lost a race with another writer; one customer at a time"
+                    );
+                } else {
+                    tracing::warn!(error = %error_chain(&error), "cannot write a batch; one customer at a time");
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The transaction a batch was written in has committed: remembers the aggregates it
+    /// decided and wakes the projections.
+    pub fn batch_committed(&self, aggregates: BatchAggregates) {
+        self.cache.remember(aggregates.0);
+        self.committed.notify_one();
+    }
+}
+
+/// The metadata every committed event carries: which Stripe events (or API reads) it
+/// came from.
+fn sources_metadata(source_ids: &[&str]) -> Metadata {
+    HashMap::from([("sources".to_owned(), source_ids.join(","))])
+}
+
+/// Decides `commands` in order against `state`, each seeing the events of those before.
+/// Returns every decision, all their events and the state after them.
+fn decide_all(
+    state: &Subscription,
+    commands: &[SubscriptionCommand],
+) -> Result<(Vec<Decision>, Vec<SubscriptionEvent>, Subscription), SubscriptionError> {
+    let mut state = state.clone();
+    let mut decisions = Vec::with_capacity(commands.len());
+    let mut events = Vec::new();
+    for command in commands {
+        let decision = decide(&state, command)?;
+        for event in &decision.events {
+            state.apply(event.clone());
+        }
+        events.extend(decision.events.iter().cloned());
+        decisions.push(decision);
+    }
+    Ok((decisions, events, state))
+}
+
+/// Loads the history of every customer in `groups` with one query (only the events after
+/// the version the cache holds, if it holds the customer), decides each group against
+/// its customer's state, and appends all the new events with one statement
+/// (`event_store::batch`). The primary key refuses an event whose sequence another writer
+/// took first: that is the optimistic-concurrency check ([`StoreError::Conflict`]).
+async fn decide_and_write(
+    tx: &mut PgConnection,
+    groups: &[Group],
+    cache: &AggregateCache,
+) -> Result<BatchWritten, StoreError> {
+    let ids: Vec<String> = groups.iter().map(|g| g.customer_id.clone()).collect();
+    let mut loaded = batch::load_many(tx, &ids, cache.get(&ids)).await?;
+
+    let mut written = BatchWritten::default();
+    let mut new = NewEvents::default();
+    for group in groups {
+        let customer_id = &group.customer_id;
+        let (version, mut state) = loaded.remove(customer_id).unwrap_or_default();
+        match decide_all(&state, &group.commands) {
+            Ok((decisions, events, _)) => {
+                let metadata = sources_metadata(&group.source_ids());
+                // The remembered aggregate is folded from the JSON the log will hold,
+                // exactly as a load from the log would fold it.
+                for event in new.push(customer_id, version, &events, &metadata)? {
+                    state.apply(event);
+                }
+                let version = version + events.len() as i64;
+                written
+                    .aggregates
+                    .0
+                    .push((customer_id.clone(), version, state));
+                written.results.push(Ok(decisions));
+            }
+            Err(error) => {
+                written
+                    .aggregates
+                    .0
+                    .push((customer_id.clone(), version, state));
+                written.results.push(Err(ExecuteError::Domain(error)));
+            }
+        }
+    }
+    batch::append(tx, new).await?;
+    Ok(written)
+}

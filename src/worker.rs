@@ -1,0 +1,421 @@
+//! The inbox workers: claim due rows, parse and route each Stripe event to a command,
+//! run the commands through the ledger, and mark every row with its outcome, all in the
+//! claiming transaction, so a batch costs one claim, one history load, one insert of
+//! events and one commit (BENCHMARKS.md says why each of those exists).
+//!
+//! Rows are claimed with `FOR UPDATE SKIP LOCKED`, so no row is processed twice at once.
+//! A crash between committing events and marking a row only means the row is processed
+//! again, which the aggregate answers as a duplicate. Each worker of a process takes its
+//! own hash [`Partition`] of the customers, so they never race for a customer; a batch
+//! that loses a race with another replica goes one customer at a time. A failed row is
+//! retried with backoff and dead-lettered after `SUBLEDGER_MAX_ATTEMPTS`. An ambiguous
+//! webhook is not guessed at: a sync from Stripe's API is requested. This module never
+//! judges a fact (the aggregate does) and never writes the log itself (the ledger does).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aggregates::{Decision, Move, SubscriptionEvent, SubscriptionStatus};
+use sqlx::PgPool;
+use tokio::sync::{watch, Notify};
+
+use crate::error_chain::error_chain;
+use crate::inbox::{self, Outcome, Processed};
+use crate::ledger::{BatchAggregates, ExecuteError, Group, Ledger};
+use crate::stripe::{parse_event, route, Route};
+
+pub use crate::inbox::Partition;
+
+/// Inbox rows a worker claims at once.
+const BATCH: i64 = 64;
+
+/// How long a worker waits after a batch that was not full before claiming again.
+const LINGER: Duration = Duration::from_millis(10);
+
+/// How long after an ambiguous webhook its sync runs: long enough for the second a tie
+/// happened in to pass, so the sync's answer is ordered after it.
+const WEBHOOK_SYNC_DELAY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("inbox storage failed")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Drains the inbox through the ledger.
+#[derive(Clone)]
+pub struct InboxWorker {
+    pool: PgPool,
+    ledger: Ledger,
+    max_attempts: i32,
+}
+
+impl InboxWorker {
+    /// `max_attempts`: failed attempts after which a row is dead-lettered.
+    pub fn new(pool: PgPool, ledger: Ledger, max_attempts: i32) -> Self {
+        Self {
+            pool,
+            ledger,
+            max_attempts,
+        }
+    }
+
+    /// Claims up to `limit` due inbox rows (of one partition of the customers, if given),
+    /// processes them and records each row's outcome, all in the claiming transaction:
+    /// the histories of every customer in the batch are loaded by one query, and the
+    /// events of the whole batch are written with the outcomes, in one commit. If that
+    /// write loses a race with another writer of one of the customers, the batch is
+    /// processed again one customer at a time (one load and commit each, with retries).
+    /// Returns what each row gave; empty when nothing is due.
+    pub async fn process_batch(
+        &self,
+        limit: i64,
+        partition: Option<Partition>,
+    ) -> Result<Vec<Processed>, ProcessError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = inbox::claim(&mut tx, limit, partition).await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        // Route every row; commands are grouped per customer, in the claimed order.
+        let mut claimed: HashMap<String, InFlight> = HashMap::new();
+        let mut results: Vec<RowResult> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
+        // What Stripe says the status was before each change, by event id, to notice a
+        // move from a state we never held (issue 3: ask for a sync).
+        let mut previous: HashMap<String, SubscriptionStatus> = HashMap::new();
+        for row in rows {
+            let inbox::Claimed {
+                event_id,
+                event_type,
+                customer_id,
+                payload,
+                attempts,
+                waited,
+            } = row;
+            // One span per webhook processed: logs inside it carry the event, and its
+            // outcome is recorded once known.
+            let span = tracing::info_span!(
+                "webhook",
+                event_id = %event_id,
+                event_type = %event_type,
+                customer_id = customer_id.unwrap_or_default(),
+                attempt = attempts + 1,
+                outcome = tracing::field::Empty,
+            );
+            claimed.insert(
+                event_id.clone(),
+                InFlight {
+                    event_type,
+                    waited,
+                    span,
+                },
+            );
+            let event = match parse_event(payload.as_bytes()) {
+                Ok(event) => event,
+                // Only parseable events are ever stored; say so rather than retry forever.
+                Err(error) => {
+                    let detail = format!("stored payload no longer parses: {error}");
+                    results.push(RowResult::done(event_id, Outcome::Ignored, Some(detail)));
+                    continue;
+                }
+            };
+            match route(&event) {
+                Route::Ignore { reason } => {
+                    results.push(RowResult::done(event_id, Outcome::Ignored, Some(reason)))
+                }
+                Route::Command {
+                    customer_id,
+                    command,
+                } => {
+                    if let Some(status) = event
+                        .previous_attributes
+                        .as_ref()
+                        .and_then(|previous| previous.get("status"))
+                        .and_then(serde_json::Value::as_str)
+                        .and_then(|status| status.parse().ok())
+                    {
+                        previous.insert(event_id.clone(), status);
+                    }
+                    let group = match groups.iter().position(|g| g.customer_id == customer_id) {
+                        Some(index) => &mut groups[index],
+                        None => {
+                            groups.push(Group::new(customer_id));
+                            groups.last_mut().expect("just pushed")
+                        }
+                    };
+                    group.commands.push(command);
+                    group.sources.push(event_id);
+                }
+            }
+        }
+        let started = Instant::now();
+        // Aggregates to remember once (and only if) the batch's events are committed.
+        let mut aggregates = BatchAggregates::default();
+        let executed: Vec<(Result<Vec<Decision>, ExecuteError>, Duration)> =
+            match self.ledger.execute_batch(&mut tx, &groups).await? {
+                Some(written) => {
+                    let took = started.elapsed();
+                    aggregates = written.aggregates;
+                    written
+                        .results
+                        .into_iter()
+                        .map(|result| (result, took))
+                        .collect()
+                }
+                None => {
+                    let mut all = Vec::with_capacity(groups.len());
+                    for group in &groups {
+                        let started = Instant::now();
+                        let result = self
+                            .ledger
+                            .execute_many(&group.customer_id, &group.commands, &group.source_ids())
+                            .await
+                            .map(|(decisions, _)| decisions);
+                        all.push((result, started.elapsed()));
+                    }
+                    all
+                }
+            };
+        for (group, (executed, took)) in groups.into_iter().zip(executed) {
+            match executed {
+                Ok(decisions) => {
+                    for (event_id, decision) in group.sources.into_iter().zip(decisions) {
+                        let previous_status = previous.get(&event_id).copied();
+                        self.sync_if_ambiguous(
+                            &event_id,
+                            &group.customer_id,
+                            &decision,
+                            previous_status,
+                        )
+                        .await;
+                        // A catch-up move means events between the two states have not
+                        // arrived (yet).
+                        let catch_up = decision.events.iter().any(|e| {
+                            matches!(
+                                e,
+                                SubscriptionEvent::SubscriptionChanged {
+                                    transition: Move::CatchUp,
+                                    ..
+                                }
+                            )
+                        });
+                        let mut result = RowResult::done(
+                            event_id,
+                            Outcome::from(&decision.outcome),
+                            detail_of(&decision),
+                        );
+                        (result.took, result.catch_up) = (took, catch_up);
+                        results.push(result);
+                    }
+                }
+                Err(error) => {
+                    let chain = error_chain(&error);
+                    for event_id in group.sources {
+                        results.push(RowResult {
+                            event_id,
+                            outcome: Err(chain.clone()),
+                            took,
+                            catch_up: false,
+                        });
+                    }
+                }
+            }
+        }
+
+        let mut processed = Vec::with_capacity(results.len());
+        for RowResult {
+            event_id,
+            outcome,
+            took,
+            catch_up,
+        } in results
+        {
+            let row = &claimed[&event_id];
+            match outcome {
+                Ok((outcome, detail)) => {
+                    row.span.record("outcome", outcome.as_str());
+                    row.span
+                        .in_scope(|| tracing::info!(detail, "webhook processed"));
+                    crate::metrics::webhook_processed(
+                        &row.event_type,
+                        outcome,
+                        took,
+                        row.waited + took,
+                        catch_up,
+                    );
+                    processed.push(Processed {
+                        event_id,
+                        outcome,
+                        detail,
+                    });
+                }
+                Err(chain) => {
+                    let inbox::Failed { attempts, dead } =
+                        inbox::mark_failed(&mut tx, &event_id, &chain, self.max_attempts).await?;
+                    row.span.record("outcome", Outcome::Failed.as_str());
+                    row.span
+                        .in_scope(|| tracing::warn!(attempts, dead, error = %chain, "webhook processing failed"));
+                    crate::metrics::webhook_processed(
+                        &row.event_type,
+                        Outcome::Failed,
+                        took,
+                        row.waited + took,
+                        false,
+                    );
+                    crate::metrics::webhook_failed(&row.event_type, dead);
+                    processed.push(Processed {
+                        event_id,
+                        outcome: Outcome::Failed,
+                        detail: Some(chain),
+                    });
+                }
+            }
+        }
+        // Every row that did not fail was processed to its outcome.
+        inbox::mark_done(
+            &mut tx,
+            processed.iter().filter(|p| p.outcome != Outcome::Failed),
+        )
+        .await?;
+        tx.commit().await?;
+        self.ledger.batch_committed(aggregates);
+        Ok(processed)
+    }
+
+    /// An ambiguous move is not guessed at: ask Stripe's API for the truth (issue 3).
+    async fn sync_if_ambiguous(
+        &self,
+        event_id: &str,
+        customer_id: &str,
+        decision: &Decision,
+        previous_status: Option<SubscriptionStatus>,
+    ) {
+        let Some(reason) = crate::sync::webhook_needs_sync(decision, previous_status) else {
+            return;
+        };
+        tracing::info!(event_id, customer_id, reason, "requesting a sync");
+        if let Err(error) = crate::sync::request_sync(
+            &self.pool,
+            customer_id,
+            crate::sync::SyncSource::Webhook,
+            WEBHOOK_SYNC_DELAY,
+        )
+        .await
+        {
+            // The periodic reconciler will still get there.
+            tracing::warn!(event_id, error = %error_chain(&error), "cannot request a sync");
+        }
+    }
+
+    /// Processes due rows until none is left (for `import` and tests).
+    pub async fn drain(&self) -> Result<u64, ProcessError> {
+        let mut count = 0;
+        loop {
+            let batch = self.process_batch(BATCH, None).await?;
+            if batch.is_empty() {
+                return Ok(count);
+            }
+            count += batch.len() as u64;
+        }
+    }
+
+    /// One inbox worker: processes rows while there are any, then sleeps until woken or
+    /// `poll` passes (rows written by another replica wake nobody here).
+    pub async fn run_worker(
+        self,
+        partition: Partition,
+        wake: Arc<WorkerWake>,
+        poll: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            match self.process_batch(BATCH, Some(partition)).await {
+                Ok(batch) if batch.len() as i64 == BATCH => continue,
+                Ok(batch) if !batch.is_empty() => {
+                    // Under load, let the next rows gather for a moment: fewer, larger
+                    // batches cost the database far less than many small ones.
+                    tokio::time::sleep(LINGER).await;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "inbox worker cannot reach the database")
+                }
+            }
+            tokio::select! {
+                _ = wake.worker(partition.index).notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+fn detail_of(decision: &Decision) -> Option<String> {
+    use aggregates::Outcome as Judged;
+    match &decision.outcome {
+        Judged::Applied | Judged::Duplicate => None,
+        Judged::Rejected(rejection) if !decision.events.is_empty() => {
+            Some(format!("{rejection} (ownership it carried was recorded)"))
+        }
+        Judged::Rejected(rejection) => Some(rejection.to_string()),
+        Judged::NothingToRecord(reason) => Some(reason.clone()),
+    }
+}
+
+/// Wakes the inbox workers of this process. Each worker has its own permit, so one wake
+/// reaches every partition, and a wake that comes while a worker is busy is kept for it.
+pub struct WorkerWake {
+    workers: Vec<Notify>,
+}
+
+impl WorkerWake {
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers: (0..workers.max(1)).map(|_| Notify::new()).collect(),
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for worker in &self.workers {
+            worker.notify_one();
+        }
+    }
+
+    fn worker(&self, index: usize) -> &Notify {
+        &self.workers[index % self.workers.len()]
+    }
+}
+
+/// What processing needs to know about a claimed row besides its command.
+struct InFlight {
+    event_type: String,
+    /// From receipt to claim.
+    waited: Duration,
+    span: tracing::Span,
+}
+
+/// One row's result: its outcome and detail, or the error chain of a failure.
+struct RowResult {
+    event_id: String,
+    outcome: Result<(Outcome, Option<String>), String>,
+    took: Duration,
+    catch_up: bool,
+}
+
+impl RowResult {
+    fn done(event_id: String, outcome: Outcome, detail: Option<String>) -> Self {
+        Self {
+            event_id,
+            outcome: Ok((outcome, detail)),
+            took: Duration::ZERO,
+            catch_up: false,
+        }
+    }
+}
