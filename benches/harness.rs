@@ -6,7 +6,7 @@
 //! database and Redis prefix, drives it over loopback only, prints every figure and
 //! appends a row to BENCHMARKS.md. It reports numbers; it asserts nothing.
 
-#[path = "../tests/integration/stripe_sim.rs"]
+#[path = "../tests/integration/support/stripe_sim.rs"]
 mod stripe_sim;
 
 use std::collections::VecDeque;

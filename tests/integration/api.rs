@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::events::{sub_event, T0};
-use crate::helpers::spawn_app;
+use crate::support::helpers::spawn_app;
 
 #[tokio::test]
 async fn v1_needs_the_bearer_token() {

@@ -15,8 +15,8 @@ use subledger::reads::PROJECTION_BATCH;
 use subledger::stripe::{parse_event, route, Route, StripeEvent};
 use subledger::Services;
 
-use crate::helpers::{catch_up_fully, test_settings};
-use crate::stripe_sim::{shuffle_with_duplicates, simulate, SimEvent, Simulation};
+use crate::support::helpers::{catch_up_fully, test_settings};
+use crate::support::stripe_sim::{shuffle_with_duplicates, simulate, SimEvent, Simulation};
 
 async fn services(tag: &str) -> Services {
     let (settings, _, _) = test_settings(tag);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::events::{envelope, subscription, T0};
-use crate::helpers::{spawn_app, test_settings};
+use crate::support::helpers::{spawn_app, test_settings};
 
 /// Runs a command to completion off the test's runtime thread, so the in-process app keeps
 /// serving while the binary works against its database.
@@ -26,7 +26,7 @@ async fn run_subledger(
 }
 
 pub(crate) fn subledger(settings: &subledger::Settings) -> Command {
-    let mut command = crate::procs::subledger_command(settings);
+    let mut command = crate::support::procs::subledger_command(settings);
     command.env("RUST_LOG", "warn").env_remove("LOG_FORMAT");
     command
 }

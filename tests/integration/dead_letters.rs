@@ -12,9 +12,9 @@ use serde_json::Value;
 use subledger::stripe::{parse_event, route, Route};
 
 use crate::events::{sub_event, T0};
-use crate::helpers::{spawn_app, spawn_with, test_settings, TestApp, TOKEN};
-use crate::procs::{send_json, subledger_command, ADMIN_TOKEN};
-use crate::stripe_sim::{simulate, SimEvent};
+use crate::support::helpers::{spawn_app, spawn_with, test_settings, TestApp, TOKEN};
+use crate::support::procs::{send_json, subledger_command, ADMIN_TOKEN};
+use crate::support::stripe_sim::{simulate, SimEvent};
 
 const REFUSE_POISON: &str = r#"
 CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$

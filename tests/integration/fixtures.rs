@@ -9,7 +9,7 @@ use serde_json::Value;
 use subledger::stripe::event::HANDLED_TYPES;
 use subledger::stripe::{parse_event, route, Route};
 
-use crate::helpers::spawn_app;
+use crate::support::helpers::spawn_app;
 
 struct Fixture {
     file: String,

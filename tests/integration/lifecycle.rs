@@ -15,8 +15,10 @@ use proptest::prelude::*;
 use serde_json::Value;
 use subledger::stripe::{parse_event, route, Route};
 
-use crate::helpers::{spawn_app, TestApp, SECRET};
-use crate::stripe_sim::{shuffle_with_duplicates, sign, simulate, CustomerTruth, SimEvent};
+use crate::support::helpers::{spawn_app, TestApp, SECRET};
+use crate::support::stripe_sim::{
+    shuffle_with_duplicates, sign, simulate, CustomerTruth, SimEvent,
+};
 
 const START: i64 = 1_760_000_000;
 

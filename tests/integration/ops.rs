@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::cli::{run, subledger};
 use crate::events::{sub_event, T0};
-use crate::helpers::{spawn_app, spawn_with, test_settings, TestApp};
+use crate::support::helpers::{spawn_app, spawn_with, test_settings, TestApp};
 
 pub const ADMIN: &str = "test-admin-token";
 
@@ -667,7 +667,7 @@ async fn each_webhook_is_logged_in_a_json_span_with_its_event_customer_and_outco
     let child = subledger(&settings)
         .arg("serve")
         .env("SUBLEDGER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("STRIPE_WEBHOOK_SECRET", crate::helpers::SECRET)
+        .env("STRIPE_WEBHOOK_SECRET", crate::support::helpers::SECRET)
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info,sqlx=warn")
         .stdout(Stdio::null())
@@ -687,7 +687,7 @@ async fn each_webhook_is_logged_in_a_json_span_with_its_event_customer_and_outco
     let mut sent = false;
     for _ in 0..200 {
         let signature = subledger::stripe::signature::sign(
-            crate::helpers::SECRET,
+            crate::support::helpers::SECRET,
             chrono::Utc::now().timestamp(),
             &body,
         );

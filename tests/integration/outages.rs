@@ -8,8 +8,8 @@ use projections::{EventualProjection, PlatformTables, RedisCache, TransactionalP
 use serde_json::Value;
 
 use crate::events::{sub_event, T0};
-use crate::helpers::{settle, test_settings, SERVED_PROJECTIONS, TOKEN};
-use crate::procs::{
+use crate::support::helpers::{settle, test_settings, SERVED_PROJECTIONS, TOKEN};
+use crate::support::procs::{
     assert_no_secret, post_event, scratch, serve_command, Served, ThrowawayPostgres, ThrowawayRedis,
 };
 
@@ -318,8 +318,8 @@ async fn with_postgres_down_webhooks_get_503_cached_reads_answer_and_all_resumes
 async fn readyz_is_degraded_when_stripe_cannot_be_reached() {
     // A port nothing listens on: connection refused at once.
     let (mut settings, db_name, prefix) = test_settings("nostripe");
-    settings.stripe_api_base = format!("http://127.0.0.1:{}", crate::procs::free_port());
-    let app = crate::helpers::spawn_with(settings, db_name, prefix).await;
+    settings.stripe_api_base = format!("http://127.0.0.1:{}", crate::support::procs::free_port());
+    let app = crate::support::helpers::spawn_with(settings, db_name, prefix).await;
     let (status, ready) = readyz(&app.client, &app.address).await;
     assert_eq!(
         (status, ready["status"].as_str()),

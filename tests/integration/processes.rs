@@ -10,11 +10,11 @@ use rand_like::Lcg;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::helpers::{settle, spawn_app, test_settings, SERVED_PROJECTIONS};
-use crate::procs::{
+use crate::support::helpers::{settle, spawn_app, test_settings, SERVED_PROJECTIONS};
+use crate::support::procs::{
     answers, assert_no_secret, post_all, scratch, serve_command, Served, DB_PASSWORD,
 };
-use crate::stripe_sim::{shuffle_with_duplicates, simulate, SimEvent};
+use crate::support::stripe_sim::{shuffle_with_duplicates, simulate, SimEvent};
 
 const START: i64 = 1_760_000_000;
 

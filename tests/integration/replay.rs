@@ -3,10 +3,10 @@
 use serde_json::Value;
 
 use crate::events::{sub_event, T0};
-use crate::helpers::spawn_app;
+use crate::support::helpers::spawn_app;
 
 async fn snapshot(
-    app: &crate::helpers::TestApp,
+    app: &crate::support::helpers::TestApp,
 ) -> (Vec<Value>, Vec<Value>, Vec<(String, Option<String>)>) {
     let subscriptions: Vec<Value> = sqlx::query_scalar(
         "SELECT to_jsonb(s) - 'updated_at' FROM subscriptions s ORDER BY customer_id",
@@ -151,8 +151,8 @@ async fn a_compacted_batch_builds_what_every_event_one_at_a_time_builds() {
     use projections::{EventualProjection, TransactionalProjection};
 
     let app = spawn_app("compacted").await;
-    let sim = crate::stripe_sim::simulate(23, 8, T0);
-    for event in crate::stripe_sim::shuffle_with_duplicates(&sim.events, 9, 0.1) {
+    let sim = crate::support::stripe_sim::simulate(23, 8, T0);
+    for event in crate::support::stripe_sim::shuffle_with_duplicates(&sim.events, 9, 0.1) {
         assert_eq!(app.post_webhook(&event.to_bytes()).await.status(), 200);
     }
     app.settle().await;

@@ -17,8 +17,8 @@ use projections::{
 };
 use subledger::Services;
 
-use crate::helpers::{catch_up_fully, test_settings};
-use crate::stripe_sim::{shuffle_with_duplicates, simulate};
+use crate::support::helpers::{catch_up_fully, test_settings};
+use crate::support::stripe_sim::{shuffle_with_duplicates, simulate};
 
 /// An eventual projection in memory (each customer's newest version) that fails on demand,
 /// as the Redis cache does when Redis is down: `down` fails its batches, `unreachable` its

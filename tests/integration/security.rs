@@ -6,12 +6,12 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use crate::events::{sub_event, T0};
-use crate::helpers::{settle, test_settings, SECRET, SERVED_PROJECTIONS, TOKEN};
-use crate::procs::{
+use crate::support::helpers::{settle, test_settings, SECRET, SERVED_PROJECTIONS, TOKEN};
+use crate::support::procs::{
     assert_no_secret, free_port, post_event, scratch, send_json, serve_command, Served,
     ADMIN_TOKEN, STRIPE_KEY,
 };
-use crate::stripe_sim::sign;
+use crate::support::stripe_sim::sign;
 
 const ORG_A: &str = "orgtok-aaaa1111";
 const ORG_B: &str = "orgtok-bbbb2222";

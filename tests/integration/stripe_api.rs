@@ -9,9 +9,9 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use crate::fake_stripe::{FakeStripe, Injection};
-use crate::helpers::{spawn_with, test_settings, TestApp, TOKEN};
 use crate::ops::ADMIN;
+use crate::support::fake_stripe::{FakeStripe, Injection};
+use crate::support::helpers::{spawn_with, test_settings, TestApp, TOKEN};
 
 async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     let fake = FakeStripe::start().await;

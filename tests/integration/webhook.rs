@@ -5,8 +5,8 @@ use serde_json::{json, Value};
 use subledger::stripe::signature::sign;
 
 use crate::events::{envelope, sub_event, T0};
-use crate::helpers::{spawn_app, OLD_SECRET, SECRET};
 use crate::lifecycle::futures_like::join_all_limited;
+use crate::support::helpers::{spawn_app, OLD_SECRET, SECRET};
 
 #[tokio::test]
 async fn signature_cases_are_answered_400_and_store_nothing() {
@@ -245,7 +245,7 @@ async fn when_postgres_cannot_store_the_webhook_answers_503_and_stripe_retries()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_deliveries_of_one_event_store_it_once() {
     let app = spawn_app("concurrent_dups").await;
-    let sim = crate::stripe_sim::simulate(17, 2, T0);
+    let sim = crate::support::stripe_sim::simulate(17, 2, T0);
     let events: Vec<_> = sim.events.iter().take(10).collect();
     let bodies: Vec<Vec<u8>> = (0..5)
         .flat_map(|_| events.iter().map(|event| event.to_bytes()))

@@ -14,9 +14,9 @@
 //! the service itself.
 #![allow(dead_code)]
 
-use hmac::{Hmac, Mac};
 use serde_json::{json, Map, Value};
-use sha2::Sha256;
+/// Webhooks are signed by the one signer the crate has (checked by a known-header test).
+pub use subledger::stripe::signature::sign;
 
 const API_BASIL: &str = "2025-03-31.basil";
 const API_LEGACY: &str = "2024-06-20";
@@ -111,15 +111,6 @@ pub fn shuffle_with_duplicates(events: &[SimEvent], seed: u64, dup_rate: f64) ->
         out.swap(i, j);
     }
     out
-}
-
-/// Stripe-Signature header value exactly as Stripe builds it: "t={t},v1={hex(HMAC-SHA256(secret, "{t}.{payload}"))}".
-pub fn sign(secret: &str, t: i64, payload: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(payload);
-    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// splitmix64: tiny, fast and good enough to drive a test simulation.

@@ -11,8 +11,8 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 use subledger::Settings;
 
-use crate::helpers::{SECRET, TOKEN};
-use crate::stripe_sim::sign;
+use crate::support::helpers::{SECRET, TOKEN};
+use crate::support::stripe_sim::sign;
 
 /// Secrets the processes are given, which must never show in a log line or a body.
 pub const ADMIN_TOKEN: &str = "admin-tok-9f8e7d6c5b4a";
