@@ -20,6 +20,10 @@ pub enum ImportError {
     Invalid(Vec<String>),
     #[error("cannot store events")]
     Storage(#[from] sqlx::Error),
+    /// Postgres refused a value that `inbox::check` let through (the events before it
+    /// were stored).
+    #[error(transparent)]
+    Refused(#[from] crate::db_error::Refused),
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -74,7 +78,11 @@ pub fn parse_file(text: &str) -> Result<Vec<(StripeEvent, Vec<u8>)>, ImportError
     for (place, value) in values {
         let raw = serde_json::to_vec(&value).expect("a Value always serializes");
         match event_from_value(value) {
-            Ok(event) => events.push((event, raw)),
+            // What the inbox would refuse to store refuses the file like any bad event.
+            Ok(event) => match inbox::check(&event, &raw) {
+                Ok(()) => events.push((event, raw)),
+                Err(refused) => invalid.push(format!("{place}: {refused}")),
+            },
             Err(error) => invalid.push(format!("{place}: {error}")),
         }
     }
@@ -98,7 +106,7 @@ pub async fn import(pool: &sqlx::PgPool, text: &str) -> Result<ImportReport, Imp
     let events = parse_file(text)?;
     let mut report = ImportReport::default();
     for (event, raw) in events {
-        match inbox::record(pool, &event, &raw, Source::Import).await? {
+        match inbox::record(pool, &event, &raw, Source::Import).await?? {
             Received::Stored => report.stored += 1,
             Received::Ignored => report.ignored += 1,
             Received::Duplicate => report.duplicates += 1,
@@ -127,6 +135,19 @@ mod tests {
             1
         );
         assert_eq!(parse_file(&format!("{EVENT}\n")).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_event_the_inbox_cannot_store_refuses_the_file() {
+        let nul = EVENT.replace("customer.updated", "customer.up\\u0000dated");
+        let Err(ImportError::Invalid(errors)) = parse_file(&format!("{EVENT}\n{nul}\n")) else {
+            panic!()
+        };
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("line 2") && errors[0].contains("NUL"),
+            "{errors:?}"
+        );
     }
 
     #[test]

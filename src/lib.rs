@@ -7,6 +7,7 @@
 pub mod billing;
 pub mod config;
 pub mod db;
+pub mod db_error;
 pub mod error_chain;
 pub mod http;
 pub mod import;

@@ -27,6 +27,7 @@ use prometheus::{
 };
 use sqlx::PgPool;
 
+use crate::db_error::Refusal;
 use crate::error_chain::error_chain;
 use crate::http::AppState;
 use crate::inbox::{self, InboxState, Outcome, Received};
@@ -43,6 +44,26 @@ pub const OUTCOMES: [&str; Outcome::ALL.len()] = {
     }
     labels
 };
+
+/// Where an event holding a value Postgres refuses was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedAt {
+    /// At the webhook: answered 400, never stored.
+    Receipt,
+    /// In processing: stored, then dead-lettered at once without retrying.
+    Processing,
+}
+
+impl RefusedAt {
+    pub const ALL: [Self; 2] = [Self::Receipt, Self::Processing];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Receipt => "receipt",
+            Self::Processing => "processing",
+        }
+    }
+}
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric names are registered once")
@@ -71,6 +92,7 @@ pub struct Metrics {
     pub webhooks_out_of_order: IntCounterVec,
     pub webhook_retries: IntCounterVec,
     pub webhook_dead_letters: IntCounterVec,
+    pub webhooks_refused: IntCounterVec,
     pub inbox_depth: IntGaugeVec,
     pub inbox_oldest_pending_age_seconds: IntGauge,
     pub syncs: IntCounterVec,
@@ -128,6 +150,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "subledger_webhook_dead_letters_total",
             "Inbox rows dead-lettered after SUBLEDGER_MAX_ATTEMPTS failed attempts",
             &["type"],
+        ),
+        webhooks_refused: counter(
+            "subledger_webhooks_refused_total",
+            "Events holding a value Postgres refuses for its content (a NUL character, an id too long, a time or number out of range), by where they were stopped (receipt: answered 400; processing: dead-lettered at once) and why",
+            &["stage", "reason"],
         ),
         inbox_depth: register_int_gauge_vec!(
             "subledger_inbox_depth",
@@ -194,6 +221,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
     m.webhook_retries.with_label_values(&["none"]);
     m.webhook_dead_letters.with_label_values(&["none"]);
+    for stage in RefusedAt::ALL {
+        for reason in Refusal::ALL {
+            m.webhooks_refused
+                .with_label_values(&[stage.as_str(), reason.as_str()]);
+        }
+    }
     // Done rows are history, not depth.
     for state in [InboxState::Pending, InboxState::Dead] {
         m.inbox_depth.with_label_values(&[state.as_str()]);
@@ -279,6 +312,14 @@ pub fn webhook_failed(event_type: &str, dead: bool) {
     } else {
         m.webhook_retries.with_label_values(&[event_type]).inc();
     }
+}
+
+/// Records an event refused for a value Postgres cannot store.
+pub fn webhook_refused(stage: RefusedAt, reason: Refusal) {
+    METRICS
+        .webhooks_refused
+        .with_label_values(&[stage.as_str(), reason.as_str()])
+        .inc();
 }
 
 /// What an API read found in the cache.

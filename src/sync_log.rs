@@ -117,6 +117,10 @@ pub async fn record_attempt(
     attempt: &Attempt<'_>,
     retry_base: Duration,
 ) -> Result<Standing, sqlx::Error> {
+    // The detail quotes Stripe's answer, which could hold a NUL character that would fail
+    // the statement on every retry.
+    let detail = attempt.detail.map(crate::db_error::storable_text);
+    let detail = detail.as_deref();
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO sync_attempts (sync_id, customer_id, source, outcome, detail, attempts, duration_ms, started_at) \
@@ -126,7 +130,7 @@ pub async fn record_attempt(
     .bind(attempt.customer_id)
     .bind(attempt.source)
     .bind(attempt.outcome)
-    .bind(attempt.detail)
+    .bind(detail)
     .bind(attempt.attempts as i32)
     .bind(attempt.duration.as_millis().min(i32::MAX as u128) as i32)
     .bind(attempt.started_at)
@@ -151,7 +155,7 @@ pub async fn record_attempt(
         .bind(attempt.customer_id)
         .bind(base)
         .bind(attempt.source)
-        .bind(attempt.detail)
+        .bind(detail)
         .bind(FLAG_AFTER)
         .bind(SyncOutcome::Failed)
         .fetch_one(&mut *tx)

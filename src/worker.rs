@@ -7,8 +7,11 @@
 //! A crash between committing events and marking a row only means the row is processed
 //! again, which the aggregate answers as a duplicate. Each worker of a process takes its
 //! own hash [`Partition`] of the customers, so they never race for a customer; a batch
-//! that loses a race with another replica goes one customer at a time. A failed row is
-//! retried with backoff and dead-lettered after `SUBLEDGER_MAX_ATTEMPTS`. An ambiguous
+//! that loses a race with another replica goes one customer at a time. A row that failed
+//! for a reason that may pass is retried with backoff and dead-lettered after
+//! `SUBLEDGER_MAX_ATTEMPTS`; one that can never be processed (it holds a value Postgres
+//! refuses for its content) is dead-lettered at once with its reason, and never fails the
+//! rows beside it, even of the same customer. An ambiguous
 //! webhook is not guessed at: a sync from Stripe's API is requested. This module never
 //! judges a fact (the aggregate does) and never writes the log itself (the ledger does).
 
@@ -20,9 +23,11 @@ use aggregates::{Decision, Move, SubscriptionEvent, SubscriptionStatus};
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
+use crate::db_error::{Refusal, Refused};
 use crate::error_chain::error_chain;
 use crate::inbox::{self, Outcome, Processed};
-use crate::ledger::{BatchAggregates, ExecuteError, Group, Ledger};
+use crate::ledger::{check_storable, BatchAggregates, ExecuteError, Group, Ledger};
+use crate::metrics::RefusedAt;
 use crate::stripe::{parse_event, route, Route};
 
 pub use crate::inbox::Partition;
@@ -66,8 +71,11 @@ impl InboxWorker {
     /// the histories of every customer in the batch are loaded by one query, and the
     /// events of the whole batch are written with the outcomes, in one commit. If that
     /// write loses a race with another writer of one of the customers, the batch is
-    /// processed again one customer at a time (one load and commit each, with retries).
-    /// Returns what each row gave; empty when nothing is due.
+    /// processed again one customer at a time (one load and commit each, with retries);
+    /// and a customer whose commands Postgres refuses for a value's content, one command
+    /// at a time, so only the row holding that value fails. A row that can never be
+    /// processed is dead-lettered at once. Returns what each row gave; empty when nothing
+    /// is due.
     pub async fn process_batch(
         &self,
         limit: i64,
@@ -130,6 +138,12 @@ impl InboxWorker {
                     customer_id,
                     command,
                 } => {
+                    // A value the log's readers could not store: never retried, and never
+                    // grouped with the customer's other rows, which go on without it.
+                    if let Err(refused) = check_storable(&command) {
+                        results.push(RowResult::failed(event_id, RowFailure::refused(refused)));
+                        continue;
+                    }
                     if let Some(status) = event
                         .previous_attributes
                         .as_ref()
@@ -154,7 +168,9 @@ impl InboxWorker {
         let started = Instant::now();
         // Aggregates to remember once (and only if) the batch's events are committed.
         let mut aggregates = BatchAggregates::default();
-        let executed: Vec<(Result<Vec<Decision>, ExecuteError>, Duration)> =
+        // Each group's result: all its commands' decisions, or one result per command when
+        // the group had to be split.
+        let executed: Vec<(GroupResult, Duration)> =
             match self.ledger.execute_batch(&mut tx, &groups).await? {
                 Some(written) => {
                     let took = started.elapsed();
@@ -162,66 +178,62 @@ impl InboxWorker {
                     written
                         .results
                         .into_iter()
-                        .map(|result| (result, took))
+                        .map(|result| (GroupResult::Together(result), took))
                         .collect()
                 }
                 None => {
                     let mut all = Vec::with_capacity(groups.len());
                     for group in &groups {
                         let started = Instant::now();
-                        let result = self
-                            .ledger
-                            .execute_many(&group.customer_id, &group.commands, &group.source_ids())
-                            .await
-                            .map(|(decisions, _)| decisions);
+                        let result = self.execute_alone(group).await;
                         all.push((result, started.elapsed()));
                     }
                     all
                 }
             };
         for (group, (executed, took)) in groups.into_iter().zip(executed) {
-            match executed {
-                Ok(decisions) => {
-                    for (event_id, decision) in group.sources.into_iter().zip(decisions) {
-                        let previous_status = previous.get(&event_id).copied();
-                        self.sync_if_ambiguous(
-                            &event_id,
-                            &group.customer_id,
-                            &decision,
-                            previous_status,
-                        )
-                        .await;
-                        // A catch-up move means events between the two states have not
-                        // arrived (yet).
-                        let catch_up = decision.events.iter().any(|e| {
-                            matches!(
-                                e,
-                                SubscriptionEvent::SubscriptionChanged {
-                                    transition: Move::CatchUp,
-                                    ..
-                                }
-                            )
-                        });
-                        let mut result = RowResult::done(
-                            event_id,
-                            Outcome::from(&decision.outcome),
-                            detail_of(&decision),
-                        );
-                        (result.took, result.catch_up) = (took, catch_up);
+            let each: Vec<Result<Decision, RowFailure>> = match executed {
+                GroupResult::Together(Ok(decisions)) => decisions.into_iter().map(Ok).collect(),
+                GroupResult::Together(Err(error)) => {
+                    let failure = RowFailure::of(&error);
+                    vec![Err(failure); group.sources.len()]
+                }
+                GroupResult::OneByOne(each) => each
+                    .into_iter()
+                    .map(|result| result.map_err(|error| RowFailure::of(&error)))
+                    .collect(),
+            };
+            for (event_id, decided) in group.sources.into_iter().zip(each) {
+                let decision = match decided {
+                    Ok(decision) => decision,
+                    Err(failure) => {
+                        let mut result = RowResult::failed(event_id, failure);
+                        result.took = took;
                         results.push(result);
+                        continue;
                     }
-                }
-                Err(error) => {
-                    let chain = error_chain(&error);
-                    for event_id in group.sources {
-                        results.push(RowResult {
-                            event_id,
-                            outcome: Err(chain.clone()),
-                            took,
-                            catch_up: false,
-                        });
-                    }
-                }
+                };
+                let previous_status = previous.get(&event_id).copied();
+                self.sync_if_ambiguous(&event_id, &group.customer_id, &decision, previous_status)
+                    .await;
+                // A catch-up move means events between the two states have not arrived
+                // (yet).
+                let catch_up = decision.events.iter().any(|e| {
+                    matches!(
+                        e,
+                        SubscriptionEvent::SubscriptionChanged {
+                            transition: Move::CatchUp,
+                            ..
+                        }
+                    )
+                });
+                let mut result = RowResult::done(
+                    event_id,
+                    Outcome::from(&decision.outcome),
+                    detail_of(&decision),
+                );
+                (result.took, result.catch_up) = (took, catch_up);
+                results.push(result);
             }
         }
 
@@ -252,7 +264,10 @@ impl InboxWorker {
                         detail,
                     });
                 }
-                Err(chain) => {
+                Err(RowFailure {
+                    chain,
+                    refusal: None,
+                }) => {
                     let inbox::Failed { attempts, dead } =
                         inbox::mark_failed(&mut tx, &event_id, &chain, self.max_attempts).await?;
                     row.span.record("outcome", Outcome::Failed.as_str());
@@ -272,6 +287,39 @@ impl InboxWorker {
                         detail: Some(chain),
                     });
                 }
+                // It can never be processed: dead-lettered now, with why, not retried.
+                Err(RowFailure {
+                    chain,
+                    refusal: Some(refusal),
+                }) => {
+                    let reason = format!("{chain}; dead-lettered without retrying");
+                    let inbox::Failed { attempts, .. } =
+                        inbox::mark_dead(&mut tx, &event_id, &reason).await?;
+                    row.span.record("outcome", Outcome::Failed.as_str());
+                    row.span.in_scope(|| {
+                        tracing::warn!(
+                            attempts,
+                            dead = true,
+                            reason = refusal.as_str(),
+                            error = %chain,
+                            "webhook unprocessable: dead-lettered without retrying"
+                        )
+                    });
+                    crate::metrics::webhook_processed(
+                        &row.event_type,
+                        Outcome::Failed,
+                        took,
+                        row.waited + took,
+                        false,
+                    );
+                    crate::metrics::webhook_failed(&row.event_type, true);
+                    crate::metrics::webhook_refused(RefusedAt::Processing, refusal);
+                    processed.push(Processed {
+                        event_id,
+                        outcome: Outcome::Failed,
+                        detail: Some(reason),
+                    });
+                }
             }
         }
         // Every row that did not fail was processed to its outcome.
@@ -283,6 +331,32 @@ impl InboxWorker {
         tx.commit().await?;
         self.ledger.batch_committed(aggregates);
         Ok(processed)
+    }
+
+    /// One customer's group on its own (after the batch's joint write failed). When
+    /// Postgres refuses a value of the group for its content, each command is tried alone,
+    /// in order, so only the one holding that value fails and the others are recorded.
+    async fn execute_alone(&self, group: &Group) -> GroupResult {
+        let result = self
+            .ledger
+            .execute_many(&group.customer_id, &group.commands, &group.source_ids())
+            .await
+            .map(|(decisions, _)| decisions);
+        match result {
+            Err(error) if error.refusal().is_some() && group.commands.len() > 1 => {
+                let mut each = Vec::with_capacity(group.commands.len());
+                for (command, source) in group.commands.iter().zip(&group.sources) {
+                    each.push(
+                        self.ledger
+                            .execute(&group.customer_id, command, source)
+                            .await
+                            .map(|(decision, _)| decision),
+                    );
+                }
+                GroupResult::OneByOne(each)
+            }
+            other => GroupResult::Together(other),
+        }
     }
 
     /// An ambiguous move is not guessed at: ask Stripe's API for the truth (issue 3).
@@ -401,10 +475,56 @@ struct InFlight {
     span: tracing::Span,
 }
 
-/// One row's result: its outcome and detail, or the error chain of a failure.
+/// What the ledger made of a group: every command's decision together (or the one error
+/// that failed them all), or each command's own result once the group was split.
+enum GroupResult {
+    Together(Result<Vec<Decision>, ExecuteError>),
+    OneByOne(Vec<Result<Decision, ExecuteError>>),
+}
+
+/// Why a row failed: the error chain, and, when it can never be processed, the refusal
+/// that says so.
+#[derive(Debug, Clone)]
+struct RowFailure {
+    chain: String,
+    refusal: Option<Refusal>,
+}
+
+impl RowFailure {
+    fn of(error: &ExecuteError) -> Self {
+        match error.refusal() {
+            // Named by its reason and SQLSTATE, not Postgres's message, which can quote
+            // the refused value (and so a payload's personal data) into logs.
+            Some(refusal) => match error {
+                ExecuteError::Unstorable(refused) => Self::refused(refused.clone()),
+                ExecuteError::Store(store) => {
+                    let refused = match store.database_error() {
+                        Some(database) => Refused::by_postgres(refusal, database),
+                        None => Refused::new(refusal, refusal.describe()),
+                    };
+                    Self::refused(refused)
+                }
+                _ => Self::refused(Refused::new(refusal, refusal.describe())),
+            },
+            None => Self {
+                chain: error_chain(error),
+                refusal: None,
+            },
+        }
+    }
+
+    fn refused(refused: Refused) -> Self {
+        Self {
+            chain: format!("unprocessable ({}): {refused}", refused.refusal),
+            refusal: Some(refused.refusal),
+        }
+    }
+}
+
+/// One row's result: its outcome and detail, or why it failed.
 struct RowResult {
     event_id: String,
-    outcome: Result<(Outcome, Option<String>), String>,
+    outcome: Result<(Outcome, Option<String>), RowFailure>,
     took: Duration,
     catch_up: bool,
 }
@@ -414,6 +534,15 @@ impl RowResult {
         Self {
             event_id,
             outcome: Ok((outcome, detail)),
+            took: Duration::ZERO,
+            catch_up: false,
+        }
+    }
+
+    fn failed(event_id: String, failure: RowFailure) -> Self {
+        Self {
+            event_id,
+            outcome: Err(failure),
             took: Duration::ZERO,
             catch_up: false,
         }

@@ -77,6 +77,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The Postgres error behind this one, if there is one (postgres-es boxes its own), so
+    /// that a caller can tell a refused value from an outage.
+    pub fn database_error(&self) -> Option<&sqlx::Error> {
+        match self {
+            StoreError::Database(error) => Some(error),
+            StoreError::Repository(
+                AggregateError::DatabaseConnectionError(error)
+                | AggregateError::UnexpectedError(error),
+            ) => error.downcast_ref::<sqlx::Error>(),
+            _ => None,
+        }
+    }
+
     /// A Postgres error, with a primary-key violation on `events` read as a conflict.
     fn from_insert(error: sqlx::Error) -> Self {
         match &error {

@@ -20,7 +20,7 @@ pub async fn customer_subscription(
         .reads
         .customer(&customer_id)
         .await
-        .map_err(ApiError::Storage)?
+        .map_err(ApiError::storage)?
         .ok_or_else(|| ApiError::NotFound(format!("customer {customer_id}")))?;
     Ok(Json(info))
 }
@@ -34,7 +34,7 @@ pub async fn org_entitlements(
         .reads
         .org_entitlement(&org_id)
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::storage)?;
     Ok(Json(entitlement))
 }
 
@@ -47,6 +47,6 @@ pub async fn user_entitlements(
         .reads
         .user_entitlement(&user_id)
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::storage)?;
     Ok(Json(entitlement))
 }

@@ -53,7 +53,7 @@ async fn answer(state: &AppState, report: SyncReport) -> Result<Json<Subscriptio
             .reads
             .customer(customer_id)
             .await
-            .map_err(ApiError::Storage)?
+            .map_err(ApiError::storage)?
             .ok_or_else(|| ApiError::NotFound(format!("customer {customer_id}")))?,
     };
     info.resolve_plan(state.reads.catalog());

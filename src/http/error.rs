@@ -8,6 +8,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::billing::BillingError;
+use crate::db_error::{self, Failure, Refusal, Refused};
 use crate::error_chain::error_chain;
 use crate::stripe::{ParseError, SignatureError};
 
@@ -37,12 +38,23 @@ pub enum ApiError {
     /// 404: nothing by that id (or no such route).
     #[error("{0} not found")]
     NotFound(String),
-    /// 503: Postgres is unreachable; nothing was stored, retry later.
+    /// 503: Postgres is unreachable or could not do it now (see `db_error`); nothing was
+    /// stored, retry later. Built by [`ApiError::storage`], which makes a refused value a
+    /// [`ApiError::RefusedValue`] instead.
     #[error("storage is unavailable")]
     Storage(#[source] sqlx::Error),
+    /// 400: a request parameter holds a value Postgres refuses for its content (a NUL
+    /// character, say): the same request can never succeed.
+    #[error("a parameter holds {}", .0.describe())]
+    RefusedValue(Refusal),
     /// 503: the inbox could not store the webhook; nothing was stored, Stripe retries.
     #[error("storage is unavailable")]
     Inbox(#[source] crate::inbox::InboxError),
+    /// 400: the event holds a value Postgres refuses for its content (a NUL character, an
+    /// id longer than any Stripe id, a time out of range): permanent, so never a 503
+    /// (Stripe would retry it for three days, and alerts would say Postgres is down).
+    #[error("the event cannot be stored: {0}")]
+    UnstorableEvent(Refused),
     /// 409: the request conflicts with what we hold (the org already has a subscription
     /// that is not terminal: `BillingError::LiveSubscription`).
     #[error("{0}")]
@@ -63,7 +75,7 @@ pub enum ApiError {
 impl From<crate::sync::SyncError> for ApiError {
     fn from(error: crate::sync::SyncError) -> Self {
         match error {
-            crate::sync::SyncError::Database(error) => ApiError::Storage(error),
+            crate::sync::SyncError::Database(error) => ApiError::storage(error),
             crate::sync::SyncError::Stripe(crate::stripe::client::StripeApiError::Refused {
                 message,
                 ..
@@ -86,7 +98,7 @@ impl From<BillingError> for ApiError {
             BillingError::RedirectNotAllowed => {
                 ApiError::InvalidParameter("redirect (not an allowed origin)")
             }
-            BillingError::Storage(error) => ApiError::Storage(error),
+            BillingError::Storage(error) => ApiError::storage(error),
             BillingError::Stripe(error) => error.into(),
             BillingError::Sync(error) => error.into(),
             BillingError::RecordOwner(error) => ApiError::Sync(error.into()),
@@ -110,11 +122,22 @@ impl From<SignatureError> for ApiError {
 }
 
 impl ApiError {
+    /// A database error as the caller should see it: 400 when Postgres refused a value of
+    /// the request for its content, 503 when it is unavailable.
+    pub fn storage(error: sqlx::Error) -> Self {
+        match db_error::classify(&error) {
+            Failure::Refused(refusal) => ApiError::RefusedValue(refusal),
+            Failure::Transient => ApiError::Storage(error),
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::Signature(_) | ApiError::Payload(_) | ApiError::InvalidParameter(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::Signature(_)
+            | ApiError::Payload(_)
+            | ApiError::InvalidParameter(_)
+            | ApiError::RefusedValue(_)
+            | ApiError::UnstorableEvent(_) => StatusCode::BAD_REQUEST,
             ApiError::NoWebhookSecret => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -139,6 +162,8 @@ impl ApiError {
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Storage(_) | ApiError::Inbox(_) => "storage_unavailable",
+            ApiError::RefusedValue(_) => "invalid_parameter",
+            ApiError::UnstorableEvent(_) => "unstorable_event",
             ApiError::Conflict(_) => "conflict",
             ApiError::StripeNotConfigured => "stripe_not_configured",
             ApiError::StripeRefused(_) => "stripe_refused",

@@ -15,14 +15,14 @@ pub async fn dead_letters(
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
     let letters = inbox::dead_letters(&state.pool, None)
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::storage)?;
     Ok(Json(letters.into_iter().map(DeadLetter::from).collect()))
 }
 
 async fn redrive(state: &AppState, which: Redrive) -> Result<Json<Value>, ApiError> {
     let requeued = inbox::redrive(&state.pool, &which)
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::storage)?;
     if let (Redrive::One(event_id), true) = (&which, requeued.is_empty()) {
         return Err(ApiError::NotFound(format!("dead letter {event_id}")));
     }

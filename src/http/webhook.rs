@@ -14,7 +14,8 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
-use crate::inbox::Received;
+use crate::inbox::{InboxError, Received};
+use crate::metrics::RefusedAt;
 use crate::stripe::{parse_event, verify_signature};
 
 pub async fn receive(
@@ -43,11 +44,22 @@ pub async fn receive(
         state.settings.signature_tolerance_secs,
     )?;
     let event = Arc::new(parse_event(&body)?);
-    let received = state
-        .inbox
-        .store(event.clone(), body)
-        .await
-        .map_err(ApiError::Inbox)?;
+    let received = match state.inbox.store(event.clone(), body).await {
+        Ok(received) => received,
+        // Permanent: a 400 that says why, counted and logged with the event's id (never
+        // the refused value), instead of the 503 an outage gets.
+        Err(InboxError::Refused(refused)) => {
+            crate::metrics::webhook_refused(RefusedAt::Receipt, refused.refusal);
+            tracing::warn!(
+                event_id = %loggable_id(&event.id),
+                reason = refused.refusal.as_str(),
+                detail = %refused,
+                "webhook refused: the event holds a value Postgres cannot store"
+            );
+            return Err(ApiError::UnstorableEvent(refused));
+        }
+        Err(error) => return Err(ApiError::Inbox(error)),
+    };
     if received == Received::Stored {
         state.inbox_wake.wake_all();
     }
@@ -64,4 +76,32 @@ pub async fn receive(
         StatusCode::OK,
         Json(json!({"received": true, "event_id": event.id, "result": received})),
     ))
+}
+
+/// An event id as a log line may carry it: a refused event's id can be megabytes long or
+/// hold control characters, so it is escaped and cut to what identifies it.
+fn loggable_id(id: &str) -> String {
+    const MAX_CHARS: usize = 80;
+    let escaped: String = id.escape_debug().take(MAX_CHARS).collect();
+    if id.escape_debug().nth(MAX_CHARS).is_some() {
+        format!("{escaped}… ({} bytes)", id.len())
+    } else {
+        escaped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_id;
+
+    #[test]
+    fn ids_are_logged_escaped_and_cut() {
+        assert_eq!(loggable_id("evt_1"), "evt_1");
+        assert_eq!(loggable_id("evt\0x"), "evt\\0x");
+        let long = loggable_id(&"e".repeat(10_000));
+        assert!(
+            long.starts_with(&"e".repeat(80)) && long.ends_with("(10000 bytes)"),
+            "{long}"
+        );
+    }
 }

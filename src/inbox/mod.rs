@@ -3,11 +3,12 @@
 //! owns table `inbox`: every statement on it is here.
 //!
 //! - [`store`]: recording events (`record`, `record_many`, the webhook's group commit
-//!   [`InboxWriter`]). A failure here is a 5xx so Stripe retries: nothing is answered
-//!   before the insert that stored it commits.
+//!   [`InboxWriter`]). An event holding a value Postgres refuses for its content is
+//!   [`Refused`] on its own (a 400); any other failure here is a 5xx so Stripe retries:
+//!   nothing is answered before the insert that stored it commits.
 //! - [`work`]: what the inbox workers do to rows: claim due rows of a partition, mark them
 //!   done with their outcome, or failed (retried with backoff, dead-lettered after the
-//!   configured attempts).
+//!   configured attempts), or dead at once when they can never be processed.
 //! - [`dead_letters`]: the dead-letter queue, listed and re-driven.
 //! - [`read`]: what operators and health checks read (recent rows, a customer's rows, the
 //!   state and outcome of a row, the depth of the queue).
@@ -25,8 +26,10 @@ use serde::Serialize;
 
 pub use dead_letters::{dead_letters, redrive, DeadLetter, Redrive};
 pub use read::{depth, has_customer, of_customer, recent, state_of, Depth, InboxEntry};
-pub use store::{record, record_many, InboxError, InboxWriter, NewEvent, Received};
-pub use work::{claim, mark_done, mark_failed, Claimed, Failed, Partition, Processed};
+pub use store::{
+    check, record, record_many, InboxError, InboxWriter, NewEvent, Received, Recorded,
+};
+pub use work::{claim, mark_dead, mark_done, mark_failed, Claimed, Failed, Partition, Processed};
 
 /// Where a row is in its life: waiting to be processed (or retried), processed, or given
 /// up on until an operator re-drives it.

@@ -1,8 +1,11 @@
 //! Storing events in the inbox: one at a time, many in one statement, and the webhook's
 //! group commit.
 //!
-//! Recording is the only thing the webhook does before answering 2xx; a failure here is a
-//! 5xx so Stripe retries. This module must never answer for an event it has not stored.
+//! Recording is the only thing the webhook does before answering 2xx. An event holding a
+//! value Postgres refuses for its content ([`Refused`]: a NUL character, an id longer than
+//! any Stripe id, a time Postgres cannot hold) is the sender's problem: it is answered on
+//! its own (400) and never fails the events stored beside it. Any other failure to store is
+//! a 5xx, so Stripe retries. This module must never answer for an event it has not stored.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +16,8 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{InboxState, Outcome, Source};
+use crate::db_error::{self, Failure, Refusal, Refused};
+use crate::stripe::event::EARLIEST_UNIX_SECS;
 use crate::stripe::{route, Route, StripeEvent};
 
 /// Whether the event was new.
@@ -45,31 +50,39 @@ pub struct NewEvent<'a> {
     pub source: Source,
 }
 
+/// What the inbox answers for one event: whether it was new, or why it cannot be stored.
+pub type Recorded = Result<Received, Refused>;
+
 /// Stores an event. Idempotent on Stripe's event id.
 pub async fn record(
     pool: &PgPool,
     event: &StripeEvent,
     raw: &[u8],
     source: Source,
-) -> Result<Received, sqlx::Error> {
+) -> Result<Recorded, sqlx::Error> {
     let mut received = record_many(pool, &[NewEvent { event, raw, source }]).await?;
     Ok(received.pop().expect("one answer per event"))
 }
 
 /// Stores several events in one statement and one commit, answering for each in order.
 /// Idempotent on Stripe's event id: an id already stored, or met earlier in `events`,
-/// is a `Duplicate`. Either every event is stored or none is (the error).
+/// is a `Duplicate`. An event [`check`] refuses is answered with its refusal and left out
+/// of the statement; of the others, either every one is stored or none is (the error).
 pub async fn record_many(
     pool: &PgPool,
     events: &[NewEvent<'_>],
-) -> Result<Vec<Received>, sqlx::Error> {
+) -> Result<Vec<Recorded>, sqlx::Error> {
     let mut columns = Columns::default();
     // The answer each event gets if it is inserted; `None` for a repeat within `events`.
-    let mut planned: Vec<Option<Received>> = Vec::with_capacity(events.len());
+    let mut planned: Vec<Result<Option<Received>, Refused>> = Vec::with_capacity(events.len());
     let mut seen = HashSet::with_capacity(events.len());
     for NewEvent { event, raw, source } in events {
+        if let Err(refused) = check(event, raw) {
+            planned.push(Err(refused));
+            continue;
+        }
         if !seen.insert(event.id.as_str()) {
-            planned.push(None);
+            planned.push(Ok(None));
             continue;
         }
         let (customer_id, state, outcome, detail) = match route(event) {
@@ -83,10 +96,10 @@ pub async fn record_many(
                 Some(reason),
             ),
         };
-        planned.push(Some(match state {
+        planned.push(Ok(Some(match state {
             InboxState::Done => Received::Ignored,
             _ => Received::Stored,
-        }));
+        })));
         columns.event_id.push(event.id.clone());
         columns.event_type.push(event.event_type.clone());
         columns.api_version.push(event.api_version.clone());
@@ -99,8 +112,21 @@ pub async fn record_many(
         columns.source.push(*source);
         columns.state.push(state);
         columns.outcome.push(outcome);
-        columns.detail.push(detail);
+        // The reason is ours, but it may name a value from the payload: keep it storable.
+        columns
+            .detail
+            .push(detail.map(|d| db_error::storable_text(&d).into_owned()));
     }
+    if columns.event_id.is_empty() {
+        return Ok(planned
+            .into_iter()
+            .map(|planned| planned.map(|_| Received::Duplicate))
+            .collect());
+    }
+    // Rows go in in event-id order, so that concurrent inserts (a redelivery racing its
+    // first delivery in another batch) take their key locks in the same order and never
+    // deadlock each other.
+    columns.sort();
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO inbox (event_id, event_type, api_version, livemode, stripe_created, customer_id, payload, \
             source, state, outcome, detail, processed_at) \
@@ -129,11 +155,69 @@ pub async fn record_many(
     Ok(events
         .iter()
         .zip(planned)
-        .map(|(new, planned)| match planned {
-            Some(received) if inserted.contains(new.event.id.as_str()) => received,
-            _ => Received::Duplicate,
+        .map(|(new, planned)| {
+            planned.map(|planned| match planned {
+                Some(received) if inserted.contains(new.event.id.as_str()) => received,
+                _ => Received::Duplicate,
+            })
         })
         .collect())
+}
+
+/// The longest id the inbox takes: Stripe's object ids never exceed 255 characters ("You
+/// can safely assume object IDs we generate will never exceed 255 characters",
+/// <https://stripe.com/docs/upgrades>, "What changes does Stripe consider to be
+/// backwards-compatible"). It also keeps every key far below the 2704-byte limit of a
+/// btree index row, which a huge id would break (SQLSTATE 54000).
+pub const MAX_ID_BYTES: usize = 255;
+
+/// Refuses, before anything is sent to Postgres, an event holding a value its inbox row
+/// could not store: a NUL character in a text column (SQLSTATE 22021), an event or
+/// customer id longer than any Stripe id (an index row over its limit, 54000), or a
+/// `created` before what `timestamptz` holds (22008). What this misses, Postgres refuses,
+/// and the group commit still answers that event alone.
+pub fn check(event: &StripeEvent, raw: &[u8]) -> Result<(), Refused> {
+    let nul = |field: &str| {
+        Refused::new(
+            Refusal::InvalidText,
+            format!("its {field} contains a NUL character"),
+        )
+    };
+    let customer = event.customer_id();
+    for (field, value) in [
+        ("id", Some(event.id.as_str())),
+        ("type", Some(event.event_type.as_str())),
+        ("api_version", event.api_version.as_deref()),
+        ("customer", customer.as_deref()),
+    ] {
+        if value.is_some_and(|v| v.contains('\0')) {
+            return Err(nul(field));
+        }
+    }
+    // A JSON body that parsed cannot hold a raw NUL byte (the parser refuses control
+    // characters); an escaped one (`\u0000`) is six ASCII characters. Checked anyway, as
+    // the payload column is text.
+    if raw.contains(&0) {
+        return Err(nul("body"));
+    }
+    for (field, value) in [
+        ("id", Some(event.id.as_str())),
+        ("customer", customer.as_deref()),
+    ] {
+        if let Some(len) = value.map(str::len).filter(|len| *len > MAX_ID_BYTES) {
+            return Err(Refused::new(
+                Refusal::TooLarge,
+                format!("its {field} is {len} bytes long; a Stripe id has at most {MAX_ID_BYTES} characters"),
+            ));
+        }
+    }
+    if event.created.timestamp() < EARLIEST_UNIX_SECS {
+        return Err(Refused::new(
+            Refusal::InvalidDatetime,
+            "its created time is earlier than Postgres can hold",
+        ));
+    }
+    Ok(())
 }
 
 /// The inbox columns of a multi-row insert.
@@ -152,10 +236,41 @@ struct Columns {
     detail: Vec<Option<String>>,
 }
 
-/// Why the inbox could not store an event (answered 503, so Stripe retries).
+impl Columns {
+    /// Into event-id order: the order concurrent inserts lock keys in.
+    fn sort(&mut self) {
+        let mut order: Vec<usize> = (0..self.event_id.len()).collect();
+        order.sort_by(|&a, &b| self.event_id[a].cmp(&self.event_id[b]));
+        fn permute<T>(v: &mut Vec<T>, order: &[usize]) {
+            let mut taken: Vec<Option<T>> = std::mem::take(v).into_iter().map(Some).collect();
+            *v = order
+                .iter()
+                .map(|&i| taken[i].take().expect("a permutation takes each once"))
+                .collect();
+        }
+        permute(&mut self.event_id, &order);
+        permute(&mut self.event_type, &order);
+        permute(&mut self.api_version, &order);
+        permute(&mut self.livemode, &order);
+        permute(&mut self.stripe_created, &order);
+        permute(&mut self.customer_id, &order);
+        permute(&mut self.payload, &order);
+        permute(&mut self.source, &order);
+        permute(&mut self.state, &order);
+        permute(&mut self.outcome, &order);
+        permute(&mut self.detail, &order);
+    }
+}
+
+/// Why the inbox could not store an event.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum InboxError {
-    /// The insert failed; every event of its batch gets this error.
+    /// A value in the event that Postgres refuses for its content: permanent, the
+    /// sender's problem (answered 400, never retried).
+    #[error("the event cannot be stored: {0}")]
+    Refused(Refused),
+    /// The insert failed for a reason that may pass (answered 503, so Stripe retries);
+    /// every event of its batch gets this error.
     #[error("the inbox could not store the event")]
     Store(#[source] Arc<sqlx::Error>),
     /// The writer has stopped (the service is shutting down).
@@ -163,14 +278,74 @@ pub enum InboxError {
     Closed,
 }
 
+impl InboxError {
+    fn from_sqlx(error: sqlx::Error) -> Self {
+        match db_error::classify(&error) {
+            Failure::Refused(refusal) => Self::Refused(Refused::by_postgres(refusal, &error)),
+            Failure::Transient => Self::Store(Arc::new(error)),
+        }
+    }
+}
+
 /// Most events stored by one insert.
 const WRITE_BATCH: usize = 256;
+
+/// How many times an insert that lost a race (a serialization failure or a deadlock) is
+/// run again at once before its events are answered 503.
+const RACE_RETRIES: usize = 2;
+
+/// [`record_many`], run again when it lost a race with another transaction.
+async fn record_retrying(
+    pool: &PgPool,
+    events: &[NewEvent<'_>],
+) -> Result<Vec<Recorded>, sqlx::Error> {
+    let mut retries = 0;
+    loop {
+        match record_many(pool, events).await {
+            Err(error) if db_error::lost_a_race(&error) && retries < RACE_RETRIES => retries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Stores a batch and answers for each event. When Postgres refuses the statement as a
+/// whole for a value's content, the batch is stored again one event at a time, so only
+/// the event holding that value is refused and its neighbours are stored and answered as
+/// if it had never been there. Any other failure answers every event of the batch with it.
+async fn store_batch(pool: &PgPool, events: &[NewEvent<'_>]) -> Vec<Result<Received, InboxError>> {
+    let error = match record_retrying(pool, events).await {
+        Ok(recorded) => {
+            return recorded
+                .into_iter()
+                .map(|one| one.map_err(InboxError::Refused))
+                .collect()
+        }
+        Err(error) => error,
+    };
+    if events.len() == 1 || db_error::refusal(&error).is_none() {
+        let error = InboxError::from_sqlx(error);
+        return vec![Err(error); events.len()];
+    }
+    let mut answers = Vec::with_capacity(events.len());
+    for event in events {
+        answers.push(
+            match record_retrying(pool, std::slice::from_ref(event)).await {
+                Ok(mut one) => one
+                    .pop()
+                    .expect("one answer per event")
+                    .map_err(InboxError::Refused),
+                Err(error) => Err(InboxError::from_sqlx(error)),
+            },
+        );
+    }
+    answers
+}
 
 /// Group commit for webhooks: requests hand their event to [`InboxWriter::store`], which
 /// waits until the event is committed. Events that arrive while earlier inserts are
 /// committing are stored together by the next insert, so under load many webhooks share
 /// one statement and one WAL flush; alone, an event is stored at once. Nothing is
-/// answered before its commit.
+/// answered before its commit, and one refused event never fails its neighbours.
 #[derive(Clone)]
 pub struct InboxWriter {
     queue: mpsc::Sender<Queued>,
@@ -211,20 +386,10 @@ impl InboxWriter {
                             source: Source::Webhook,
                         })
                         .collect();
-                    let stored = record_many(&pool, &events).await;
+                    let answers = store_batch(&pool, &events).await;
                     drop(events);
-                    match stored {
-                        Ok(received) => {
-                            for (queued, received) in batch.into_iter().zip(received) {
-                                let _ = queued.reply.send(Ok(received));
-                            }
-                        }
-                        Err(error) => {
-                            let error = InboxError::Store(Arc::new(error));
-                            for queued in batch {
-                                let _ = queued.reply.send(Err(error.clone()));
-                            }
-                        }
+                    for (queued, answer) in batch.into_iter().zip(answers) {
+                        let _ = queued.reply.send(answer);
                     }
                     drop(slot);
                 });
@@ -245,5 +410,55 @@ impl InboxWriter {
             .await
             .map_err(|_| InboxError::Closed)?;
         answer.await.map_err(|_| InboxError::Closed)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stripe::parse_event;
+
+    fn event(envelope: serde_json::Value) -> (StripeEvent, Vec<u8>) {
+        let raw = envelope.to_string().into_bytes();
+        (parse_event(&raw).unwrap(), raw)
+    }
+
+    #[test]
+    fn rows_postgres_would_refuse_are_refused_before_the_insert() {
+        let base = serde_json::json!({"id": "evt_1", "object": "event", "type": "customer.subscription.updated",
+            "api_version": "2025-03-31.basil", "created": 1_700_000_000,
+            "data": {"object": {"id": "sub_1", "customer": "cus_1"}}});
+        let (fine, raw) = event(base.clone());
+        assert_eq!(check(&fine, &raw), Ok(()));
+        for (pointer, value, refusal) in [
+            ("/id", serde_json::json!("evt\u{0}1"), Refusal::InvalidText),
+            (
+                "/type",
+                serde_json::json!("customer.\u{0}"),
+                Refusal::InvalidText,
+            ),
+            (
+                "/api_version",
+                serde_json::json!("2025\u{0}"),
+                Refusal::InvalidText,
+            ),
+            (
+                "/data/object/customer",
+                serde_json::json!("cus\u{0}"),
+                Refusal::InvalidText,
+            ),
+            ("/id", serde_json::json!("e".repeat(256)), Refusal::TooLarge),
+            (
+                "/data/object/customer",
+                serde_json::json!("c".repeat(3000)),
+                Refusal::TooLarge,
+            ),
+        ] {
+            let mut envelope = base.clone();
+            *envelope.pointer_mut(pointer).unwrap() = value;
+            let (event, raw) = event(envelope);
+            let refused = check(&event, &raw).unwrap_err();
+            assert_eq!(refused.refusal, refusal, "{pointer}: {refused}");
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use sqlx::{PgConnection, Row};
 
 use super::{InboxState, Outcome};
+use crate::db_error::storable_text;
 
 /// Which customers a worker claims rows of: those whose id hashes to `index` of `of`.
 /// Workers of one process take disjoint partitions, so their batches never race for a
@@ -97,7 +98,9 @@ pub async fn mark_done<'a>(
     for row in rows {
         ids.push(row.event_id.as_str());
         outcomes.push(row.outcome);
-        details.push(row.detail.as_deref());
+        // A detail may name a value from the payload; one Postgres refused would fail the
+        // whole batch's transaction, again and again.
+        details.push(row.detail.as_deref().map(storable_text));
     }
     if ids.is_empty() {
         return Ok(());
@@ -136,6 +139,25 @@ pub async fn mark_failed(
     error: &str,
     max_attempts: i32,
 ) -> Result<Failed, sqlx::Error> {
+    record_failure(tx, event_id, error, max_attempts).await
+}
+
+/// Dead-letters a claimed row at once (outcome `failed`), with the reason it can never be
+/// processed: retrying it would only fail the same way `SUBLEDGER_MAX_ATTEMPTS` times.
+pub async fn mark_dead(
+    tx: &mut PgConnection,
+    event_id: &str,
+    reason: &str,
+) -> Result<Failed, sqlx::Error> {
+    record_failure(tx, event_id, reason, 0).await
+}
+
+async fn record_failure(
+    tx: &mut PgConnection,
+    event_id: &str,
+    error: &str,
+    max_attempts: i32,
+) -> Result<Failed, sqlx::Error> {
     let row = sqlx::query(
         "UPDATE inbox SET attempts = attempts + 1, last_error = $2, \
             next_attempt_at = now() + make_interval(secs => least(power(2, least(attempts + 1, 12)), 3600)::float8), \
@@ -144,7 +166,7 @@ pub async fn mark_failed(
          WHERE event_id = $1 RETURNING attempts, state",
     )
     .bind(event_id)
-    .bind(error)
+    .bind(storable_text(error))
     .bind(max_attempts)
     .bind(InboxState::Dead)
     .bind(Outcome::Failed)

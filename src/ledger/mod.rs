@@ -11,6 +11,11 @@
 //!   [`AggregateCache`] holds), every group decided, all their events in one insert,
 //!   under a savepoint so that a lost race leaves the claim intact.
 //!
+//! Nothing reaches the log that its readers could not store: [`check_storable`] refuses a
+//! command holding text Postgres cannot hold (a NUL character) or longer than any value
+//! Stripe sends, because the log's `json` column takes such text and the projections'
+//! tables would then refuse it forever, stalling every customer behind it.
+//!
 //! This module never touches the inbox, never acknowledges anything and never judges a
 //! fact itself (the aggregate does).
 
@@ -32,10 +37,18 @@ use tokio::sync::Notify;
 
 pub use aggregate_cache::AggregateCache;
 
+use crate::db_error::{self, Refusal, Refused};
 use crate::error_chain::error_chain;
 
 /// How many times a command is retried after losing an optimistic-concurrency race.
 const CONFLICT_RETRIES: usize = 20;
+
+/// The longest text a command may carry, in bytes. Stripe's ids are at most 255
+/// characters (<https://stripe.com/docs/upgrades>) and its metadata values at most 500
+/// (<https://docs.stripe.com/api/metadata>), which is at most 2000 bytes of UTF-8; longer
+/// text is not Stripe's. The bound also keeps every key the projections index (org and
+/// user ids, subscription ids) below the 2704-byte limit of a btree index row.
+pub const MAX_TEXT_BYTES: usize = 2000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError {
@@ -45,6 +58,83 @@ pub enum ExecuteError {
     Store(#[source] StoreError),
     #[error("still conflicting after {0} retries")]
     Conflict(usize),
+    /// The command holds a value the log's readers could not store: it can never be
+    /// executed, however often it is tried.
+    #[error("unprocessable: {0}")]
+    Unstorable(Refused),
+}
+
+impl ExecuteError {
+    /// Why the command can never succeed, when that is the case: a value refused before
+    /// the log ([`check_storable`]) or by Postgres itself. `None` for what may pass.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            ExecuteError::Unstorable(refused) => Some(refused.refusal),
+            ExecuteError::Store(error) => error.database_error().and_then(db_error::refusal),
+            ExecuteError::Domain(_) | ExecuteError::Conflict(_) => None,
+        }
+    }
+}
+
+/// Refuses a command holding text the log's readers could not store: a NUL character
+/// (Postgres's text and `jsonb` refuse it, SQLSTATE 22021/22P05) or more than
+/// [`MAX_TEXT_BYTES`]. Every string of the command is checked, field names included, so
+/// a fact added later is covered without a change here. Times need no check: the
+/// parser reads only those Postgres can hold. The detail names the field, never its value.
+pub fn check_storable(command: &SubscriptionCommand) -> Result<(), Refused> {
+    let value = serde_json::to_value(command).expect("a command always serializes");
+    let mut path = String::new();
+    check_value(&value, &mut path)
+}
+
+fn check_value(value: &serde_json::Value, path: &mut String) -> Result<(), Refused> {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => check_text(text, path),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                check_value(item, path)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        Value::Object(fields) => {
+            for (name, item) in fields {
+                check_text(name, path)?;
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(name);
+                check_value(item, path)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    }
+}
+
+fn check_text(text: &str, path: &str) -> Result<(), Refused> {
+    let place = if path.is_empty() { "the command" } else { path };
+    if text.contains('\0') {
+        return Err(Refused::new(
+            Refusal::InvalidText,
+            format!("{place} holds a NUL character"),
+        ));
+    }
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(Refused::new(
+            Refusal::TooLarge,
+            format!(
+                "{place} holds {} bytes of text (at most {MAX_TEXT_BYTES})",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs commands and writes their events.
@@ -141,6 +231,9 @@ impl Ledger {
         commands: &[SubscriptionCommand],
         source_ids: &[&str],
     ) -> Result<(Vec<Decision>, Decided), ExecuteError> {
+        for command in commands {
+            check_storable(command).map_err(ExecuteError::Unstorable)?;
+        }
         let metadata = sources_metadata(source_ids);
         for attempt in 0..CONFLICT_RETRIES {
             let loaded = self
@@ -183,7 +276,8 @@ impl Ledger {
     /// writes the events. `None` when that could not be done (another writer committed to
     /// one of the customers first, or the log could not be read): the savepoint is rolled
     /// back, nothing was written, and the caller goes one customer at a time through
-    /// [`Ledger::execute_many`].
+    /// [`Ledger::execute_many`]. The caller has put every command through
+    /// [`check_storable`] (the inbox workers do, row by row, as they route).
     pub async fn execute_batch(
         &self,
         tx: &mut PgConnection,
@@ -295,4 +389,50 @@ async fn decide_and_write(
     }
     batch::append(tx, new).await?;
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stripe::{parse_event, route, Route};
+
+    fn command(object: serde_json::Value) -> SubscriptionCommand {
+        let body = serde_json::json!({"id": "evt_1", "object": "event", "type": "customer.subscription.updated",
+            "created": 1_700_000_000, "data": {"object": object}});
+        match route(&parse_event(body.to_string().as_bytes()).unwrap()) {
+            Route::Command { command, .. } => command,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_holding_text_postgres_refuses_are_named_by_field_not_value() {
+        let fine = command(
+            serde_json::json!({"id": "sub_1", "customer": "cus_1", "status": "active",
+            "metadata": {"org_id": "org_é"}}),
+        );
+        assert_eq!(check_storable(&fine), Ok(()));
+
+        let nul = command(
+            serde_json::json!({"id": "sub_1", "customer": "cus_1", "status": "active",
+            "metadata": {"org_id": "org\u{0}secret"}}),
+        );
+        let refused = check_storable(&nul).unwrap_err();
+        assert_eq!(refused.refusal, Refusal::InvalidText);
+        assert!(refused.detail.contains("owner.org_id"), "{refused}");
+        assert!(!refused.detail.contains("secret"), "{refused}");
+
+        let long = command(
+            serde_json::json!({"id": "s".repeat(MAX_TEXT_BYTES + 1), "customer": "cus_1",
+            "status": "active"}),
+        );
+        let refused = check_storable(&long).unwrap_err();
+        assert_eq!(refused.refusal, Refusal::TooLarge);
+        assert!(
+            refused
+                .detail
+                .ends_with("fact.id holds 2001 bytes of text (at most 2000)"),
+            "{refused}"
+        );
+    }
 }

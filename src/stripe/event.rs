@@ -369,7 +369,17 @@ pub(crate) fn ts_field(object: &Map<String, Value>, field: &str) -> Option<DateT
         .and_then(timestamp)
 }
 
+/// The earliest time a fact may carry, in unix seconds: 4714-11-24 00:00:00 UTC BC, the
+/// earliest Postgres's `timestamptz` holds (its latest, in 294276 AD, is past anything
+/// chrono represents). No Stripe time is anywhere near it; a time before it is read as
+/// absent, as any other unreadable field is, so that no fact ever carries a time the
+/// projections' tables would refuse (SQLSTATE 22008) and stall on.
+pub const EARLIEST_UNIX_SECS: i64 = -210_866_803_200;
+
 fn timestamp(secs: i64) -> Option<DateTime<Utc>> {
+    if secs < EARLIEST_UNIX_SECS {
+        return None;
+    }
     Utc.timestamp_opt(secs, 0).single()
 }
 
@@ -392,6 +402,27 @@ mod tests {
             } => facts,
             other => panic!("expected a command, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn times_postgres_cannot_hold_are_read_as_absent() {
+        assert!(timestamp(EARLIEST_UNIX_SECS).is_some());
+        assert!(timestamp(EARLIEST_UNIX_SECS - 1).is_none());
+        assert!(timestamp(i64::MAX).is_none());
+        let body = json!({"id": "evt_1", "object": "event", "type": "x", "created": EARLIEST_UNIX_SECS - 1,
+            "data": {"object": {}}});
+        assert!(matches!(
+            parse_event(body.to_string().as_bytes()),
+            Err(ParseError::NotAnEvent(_))
+        ));
+        let sub = json!({"id": "sub_1", "customer": "cus_1", "status": "active",
+            "current_period_end": -300_000_000_000_000i64, "trial_end": 1_700_000_000});
+        let f = facts(route(&event("customer.subscription.updated", sub)));
+        let Fact::Subscription(s) = f.fact else {
+            panic!()
+        };
+        assert_eq!(s.current_period_end, None);
+        assert_eq!(s.trial_end, timestamp(1_700_000_000));
     }
 
     #[test]

@@ -43,7 +43,7 @@ async fn store_all(services: &Services, events: &[SimEvent], seen: &mut HashSet<
     for (event, received) in events.iter().zip(received) {
         let first = seen.insert(event.id.clone());
         assert_eq!(
-            received == Received::Duplicate,
+            received == Ok(Received::Duplicate),
             !first,
             "{} answered {received:?}",
             event.id

@@ -11,6 +11,7 @@ mod lifecycle;
 mod ops;
 mod outages;
 mod processes;
+mod refusals;
 mod replay;
 mod runner;
 mod security;

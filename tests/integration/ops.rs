@@ -344,11 +344,16 @@ async fn the_dashboard_is_valid_grafana_json() {
     }
 }
 
-/// Makes the event store refuse every event of `customer` (a check constraint), so
-/// processing its webhooks fails the way a storage error does.
+/// Makes the event store fail every event of `customer` (a trigger raising an error
+/// that may pass, SQLSTATE P0001), so processing its webhooks fails the way a storage
+/// outage does and is retried. (A check constraint would be an integrity violation,
+/// class 23: a refusal for content, dead-lettered at once without retries.)
 async fn break_store_for(app: &TestApp, customer: &str) {
-    sqlx::query(&format!(
-        "ALTER TABLE events ADD CONSTRAINT broken CHECK (aggregate_id <> '{customer}') NOT VALID"
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION broken() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.aggregate_id = '{customer}' THEN RAISE EXCEPTION 'the store is broken'; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER broken BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION broken();"
     ))
     .execute(&app.pool)
     .await
@@ -402,7 +407,7 @@ async fn a_failing_webhook_is_retried_dead_lettered_counted_and_re_driven_from_t
     assert!(page.contains("broken"), "the last error is shown");
 
     // Fixed, then re-driven: processed at once.
-    sqlx::query("ALTER TABLE events DROP CONSTRAINT broken")
+    sqlx::query("DROP TRIGGER broken ON events")
         .execute(&app.pool)
         .await
         .unwrap();

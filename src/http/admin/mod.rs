@@ -83,7 +83,7 @@ pub async fn home(
         }
         let hits = inspect::search(&state.pool, q)
             .await
-            .map_err(ApiError::Storage)?;
+            .map_err(ApiError::storage)?;
         let results = match hits.as_slice() {
             [] => pages::no_hits(q),
             [hit] => {
@@ -98,10 +98,10 @@ pub async fn home(
     }
     let dead = inbox::dead_letters(&state.pool, Some(DEAD_LETTERS_SHOWN))
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::storage)?;
     let recent = inbox::recent(&state.pool, RECENT_WEBHOOKS_SHOWN)
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::storage)?;
     let syncs = sync_section(&state, None).await?;
     let body = html! { (notice) (pages::inbox_overview(&dead, &recent)) (syncs) };
     Ok(html_page(pages::page("Overview", body)))
@@ -112,10 +112,10 @@ pub async fn home(
 async fn sync_section(state: &AppState, customer_id: Option<&str>) -> Result<Markup, ApiError> {
     let rows = sync_log::recent_attempts(&state.pool, customer_id, SYNCS_SHOWN)
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::storage)?;
     let flagged = sync_log::flagged(&state.pool, customer_id, SYNCS_SHOWN)
         .await
-        .map_err(ApiError::Storage)?;
+        .map_err(ApiError::storage)?;
     Ok(pages::sync_log(&rows, &flagged))
 }
 
@@ -129,7 +129,7 @@ async fn report(state: &AppState, customer_id: &str) -> Result<CustomerReport, A
     )
     .await
     .map_err(|error| match error {
-        inspect::InspectError::Database(e) => ApiError::Storage(e),
+        inspect::InspectError::Database(e) => ApiError::storage(e),
         other => {
             tracing::error!(error = %crate::error_chain::error_chain(&other), "cannot inspect a customer");
             ApiError::NotFound(format!("a readable log for customer {customer_id}"))
@@ -158,7 +158,7 @@ pub async fn redrive(
 ) -> Result<Redirect, ApiError> {
     if inbox::redrive(&state.pool, &Redrive::One(event_id.clone()))
         .await
-        .map_err(ApiError::Storage)?
+        .map_err(ApiError::storage)?
         .is_empty()
     {
         return Err(ApiError::NotFound(format!(
