@@ -11,17 +11,19 @@ use subledger::stripe::{parse_event, route, Route};
 
 use crate::support::helpers::spawn_app;
 
-struct Fixture {
-    file: String,
+/// One shared fixture: the file it came from, what its manifest says, and its body.
+pub struct Fixture {
+    pub file: String,
     event_id: String,
     event_type: String,
     subscription_status: String,
     customer_id: String,
     subscription_id: String,
-    body: Vec<u8>,
+    pub body: Vec<u8>,
 }
 
-fn fixtures_dir() -> PathBuf {
+/// Where the shared fixtures are: `SUBLEDGER_FIXTURES`, else `../shared/fixtures/stripe-events`.
+pub fn fixtures_dir() -> PathBuf {
     std::env::var("SUBLEDGER_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
@@ -29,7 +31,8 @@ fn fixtures_dir() -> PathBuf {
         })
 }
 
-fn load() -> Vec<Fixture> {
+/// Every fixture the manifest lists, in its order.
+pub fn load() -> Vec<Fixture> {
     let dir = fixtures_dir();
     let manifest = std::fs::read_to_string(dir.join("MANIFEST.tsv"))
         .unwrap_or_else(|e| panic!("the shared fixtures are at {}: {e}", dir.display()));

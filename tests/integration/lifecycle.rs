@@ -24,7 +24,7 @@ const START: i64 = 1_760_000_000;
 
 /// Runs events through the domain exactly as the inbox workers do, one aggregate per
 /// customer, and returns each customer's final view.
-fn fold(events: &[SimEvent]) -> BTreeMap<String, CustomerView> {
+pub fn fold(events: &[SimEvent]) -> BTreeMap<String, CustomerView> {
     let mut states: BTreeMap<String, Subscription> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for event in events {
