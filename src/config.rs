@@ -45,6 +45,16 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// `SUBLEDGER_MAX_BODY_BYTES` (default 1 MiB).
     pub max_body_bytes: usize,
+    /// `SUBLEDGER_HEADER_TIMEOUT_MS`: a request head must arrive whole within it; also how
+    /// long a kept-alive connection may wait idle (default 5000). Stripe sends a whole
+    /// request at once, in milliseconds; a client that takes seconds is slow or hostile.
+    pub header_timeout: Duration,
+    /// `SUBLEDGER_BODY_TIMEOUT_MS`: a request body must arrive whole within it of the head
+    /// (default 10000: a 1 MiB body at under 1 Mbit/s; Stripe's are kilobytes, sent at once).
+    pub body_timeout: Duration,
+    /// `SUBLEDGER_MAX_CONNECTIONS`: connections served at once (default: four fifths of the
+    /// open-file limit left after a reserve of 128 for Postgres, Redis and the log).
+    pub max_connections: Option<usize>,
     /// `SUBLEDGER_WORKERS`: inbox workers (default 4).
     pub workers: usize,
     /// `SUBLEDGER_AGGREGATE_CACHE`: customers whose aggregate the inbox workers keep in
@@ -163,6 +173,11 @@ impl Settings {
             catalog_path: var("SUBLEDGER_CATALOG").map(PathBuf::from),
             listen: parsed("SUBLEDGER_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             max_body_bytes: parsed("SUBLEDGER_MAX_BODY_BYTES", 1024 * 1024)?,
+            header_timeout: Duration::from_millis(parsed("SUBLEDGER_HEADER_TIMEOUT_MS", 5_000)?),
+            body_timeout: Duration::from_millis(parsed("SUBLEDGER_BODY_TIMEOUT_MS", 10_000)?),
+            max_connections: var("SUBLEDGER_MAX_CONNECTIONS")
+                .map(|_| parsed("SUBLEDGER_MAX_CONNECTIONS", 0usize))
+                .transpose()?,
             workers: parsed("SUBLEDGER_WORKERS", 4)?,
             aggregate_cache: parsed("SUBLEDGER_AGGREGATE_CACHE", 4096)?,
             max_attempts: parsed("SUBLEDGER_MAX_ATTEMPTS", 8)?,
@@ -192,6 +207,18 @@ impl Settings {
         if settings.workers == 0 {
             return Err(ConfigError::Invalid {
                 name: "SUBLEDGER_WORKERS",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if settings.header_timeout.is_zero() || settings.body_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                name: "SUBLEDGER_HEADER_TIMEOUT_MS / SUBLEDGER_BODY_TIMEOUT_MS",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if settings.max_connections == Some(0) {
+            return Err(ConfigError::Invalid {
+                name: "SUBLEDGER_MAX_CONNECTIONS",
                 reason: "must be at least 1".into(),
             });
         }

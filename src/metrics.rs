@@ -21,9 +21,9 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
-    exponential_buckets, register_histogram_vec, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, Encoder, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    TextEncoder,
+    exponential_buckets, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, Encoder, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, TextEncoder,
 };
 use sqlx::PgPool;
 
@@ -65,6 +65,27 @@ impl RefusedAt {
     }
 }
 
+/// Which part of a request did not arrive in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadTimeout {
+    Header,
+    Body,
+}
+
+impl ReadTimeout {
+    pub const ALL: [Self; 2] = [Self::Header, Self::Body];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Header => "header",
+            Self::Body => "body",
+        }
+    }
+}
+
+/// The states of a connection the server counts.
+const CONNECTION_STATES: [&str; 2] = ["open", "waiting"];
+
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric names are registered once")
 }
@@ -103,6 +124,9 @@ pub struct Metrics {
     pub cache_up: IntGauge,
     pub projection_lag_events: IntGaugeVec,
     pub http_request_duration_seconds: HistogramVec,
+    pub http_connections: IntGaugeVec,
+    pub http_connections_shed: IntCounter,
+    pub http_read_timeouts: IntCounterVec,
 }
 
 /// The process's metrics, registered on first use.
@@ -210,6 +234,22 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["method", "route", "status"],
             latency_buckets(),
         ),
+        http_connections: register_int_gauge_vec!(
+            "subledger_http_connections",
+            "HTTP connections: open (being served) and waiting (beyond SUBLEDGER_MAX_CONNECTIONS, waiting their turn)",
+            &["state"]
+        )
+        .expect("registered once"),
+        http_connections_shed: register_int_counter!(
+            "subledger_http_connections_shed_total",
+            "Connections answered 503 with Retry-After because every place, waiting ones included, was taken"
+        )
+        .expect("registered once"),
+        http_read_timeouts: counter(
+            "subledger_http_read_timeouts_total",
+            "Requests whose head or body did not arrive within SUBLEDGER_HEADER_TIMEOUT_MS / SUBLEDGER_BODY_TIMEOUT_MS (the connection is closed)",
+            &["part"],
+        ),
     };
     // Create the series the alert rules and the dashboard name, at zero.
     for outcome in OUTCOMES {
@@ -243,6 +283,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         m.cache_requests.with_label_values(&[result]);
     }
     m.cache_write_failures.with_label_values(&["read_through"]);
+    for state in CONNECTION_STATES {
+        m.http_connections.with_label_values(&[state]);
+    }
+    for part in ReadTimeout::ALL {
+        m.http_read_timeouts.with_label_values(&[part.as_str()]);
+    }
     LazyLock::force(&projections::redis_cache::STALE_WRITES);
     m
 });
@@ -319,6 +365,35 @@ pub fn webhook_refused(stage: RefusedAt, reason: Refusal) {
     METRICS
         .webhooks_refused
         .with_label_values(&[stage.as_str(), reason.as_str()])
+        .inc();
+}
+
+/// A connection started (`1`) or stopped (`-1`) being served.
+pub fn http_connection_open(delta: i64) {
+    METRICS
+        .http_connections
+        .with_label_values(&["open"])
+        .add(delta);
+}
+
+/// A connection started (`1`) or stopped (`-1`) waiting for a place.
+pub fn http_connection_waiting(delta: i64) {
+    METRICS
+        .http_connections
+        .with_label_values(&["waiting"])
+        .add(delta);
+}
+
+/// A connection was answered 503 for want of a place.
+pub fn http_connection_shed() {
+    METRICS.http_connections_shed.inc();
+}
+
+/// A request's head or body did not arrive in time.
+pub fn http_read_timeout(part: ReadTimeout) {
+    METRICS
+        .http_read_timeouts
+        .with_label_values(&[part.as_str()])
         .inc();
 }
 

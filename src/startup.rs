@@ -22,6 +22,7 @@ use crate::billing::Billing;
 use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::error_chain::error_chain;
+use crate::http::serve::{serve, Limits};
 use crate::http::{self, AppState};
 use crate::ledger::Ledger;
 use crate::reads::{Reads, PROJECTION_BATCH};
@@ -173,6 +174,7 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     port: u16,
     sync: Option<Syncer>,
+    limits: Limits,
 }
 
 impl Application {
@@ -198,11 +200,27 @@ impl Application {
         if sync.is_none() {
             tracing::warn!("STRIPE_SECRET_KEY is not set: no sync, checkout, portal or reconciler");
         }
+        let open_files = raise_open_file_limit();
+        let limits = Limits::for_open_files(
+            open_files,
+            services.settings.max_connections,
+            services.settings.header_timeout,
+            services.settings.body_timeout,
+        );
+        tracing::info!(
+            max_connections = limits.max_connections,
+            max_waiting = limits.max_waiting,
+            max_shedding = limits.max_shedding,
+            header_timeout_ms = limits.header_timeout.as_millis() as u64,
+            body_timeout_ms = limits.body_timeout.as_millis() as u64,
+            "connection limits"
+        );
         Ok(Self {
             services,
             listener,
             port,
             sync,
+            limits,
         })
     }
 
@@ -224,6 +242,7 @@ impl Application {
             services,
             listener,
             sync,
+            limits,
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -279,15 +298,61 @@ impl Application {
             sync,
         };
         tracing::info!(address = %listener.local_addr()?, "subledger serving");
-        let served = axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = serve(listener, http::router(state), limits, shutdown).await;
         stop_tx.send_replace(true);
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
         tracing::info!("subledger stopped");
         served
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, so that the connection budget is as
+/// large as the host allows (a service is often started with a soft limit of 1024, or
+/// 512, well below its hard limit), and says so in the log. Returns the soft limit now in
+/// force (1024 when it cannot be read).
+pub fn raise_open_file_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+            return 1024;
+        }
+        let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
+        if soft >= hard {
+            tracing::info!(soft, hard, "open-file limit already at the hard limit");
+            return soft;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            tracing::warn!(
+                soft,
+                hard,
+                error = %std::io::Error::last_os_error(),
+                "cannot raise the open-file limit; keeping the soft limit"
+            );
+            return soft;
+        }
+        tracing::info!(
+            from = soft,
+            to = hard,
+            "raised the soft open-file limit to the hard limit"
+        );
+        hard
+    }
+    #[cfg(not(unix))]
+    {
+        1024
     }
 }
 

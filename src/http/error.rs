@@ -26,6 +26,10 @@ pub enum ApiError {
     /// 400: a request parameter is not valid.
     #[error("invalid {0}")]
     InvalidParameter(&'static str),
+    /// 408: the body did not arrive whole within `SUBLEDGER_BODY_TIMEOUT_MS` of the
+    /// request head (the connection is closed).
+    #[error("the request body did not arrive within {} ms", .0.as_millis())]
+    BodyTimeout(std::time::Duration),
     /// 413: the body is larger than the configured limit.
     #[error("the body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -140,6 +144,7 @@ impl ApiError {
             | ApiError::UnstorableEvent(_) => StatusCode::BAD_REQUEST,
             ApiError::NoWebhookSecret => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -158,6 +163,7 @@ impl ApiError {
             ApiError::Payload(_) => "invalid_event",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",

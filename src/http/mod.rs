@@ -10,6 +10,7 @@ pub mod error;
 pub mod health;
 pub mod ops;
 pub mod params;
+pub mod serve;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
+    let body_timeout = state.settings.body_timeout;
     let v1 = Router::new()
         .route(
             "/customers/:customer_id/subscription",
@@ -93,6 +95,10 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .merge(ops)
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
+        .layer(axum::middleware::from_fn_with_state(
+            body_timeout,
+            serve::body_deadline,
+        ))
         .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .with_state(state)
 }

@@ -16,6 +16,7 @@ mod refusals;
 mod replay;
 mod runner;
 mod security;
+mod slow_clients;
 mod stripe_api;
 mod support;
 mod webhook;
