@@ -31,13 +31,16 @@ pub struct Settings {
     pub webhook_secrets: Vec<SecretString>,
     /// `SUBLEDGER_SIGNATURE_TOLERANCE_SECS` (default 300).
     pub signature_tolerance_secs: i64,
-    /// `SUBLEDGER_API_TOKEN`: the bearer token for `/v1`. Unset: `/v1` refuses everyone.
-    pub api_token: Option<SecretString>,
-    /// `SUBLEDGER_ADMIN_TOKEN`: the bearer token for `/admin` and the operator endpoints.
-    /// Unset: they refuse everyone.
-    pub admin_token: Option<SecretString>,
+    /// `SUBLEDGER_API_TOKEN`: the bearer tokens for `/v1`, comma-separated; any of them
+    /// is accepted, so a token is rotated by adding the new one before removing the old.
+    /// Unset: `/v1` refuses everyone.
+    pub api_tokens: Vec<SecretString>,
+    /// `SUBLEDGER_ADMIN_TOKEN`: the bearer tokens for `/admin` and the operator endpoints,
+    /// comma-separated, as `api_tokens`. Unset: they refuse everyone.
+    pub admin_tokens: Vec<SecretString>,
     /// `SUBLEDGER_ORG_TOKENS`: org-scoped bearer tokens, `token=org_id` pairs separated by
-    /// commas. Each may read only `/v1/orgs/{its org}/entitlements`.
+    /// commas. Each may read only `/v1/orgs/{its org}/entitlements`; an org may have
+    /// several (to rotate one).
     pub org_tokens: Vec<OrgToken>,
     /// `SUBLEDGER_CATALOG`: the catalogue TOML (default: no plans, the default policy).
     pub catalog_path: Option<PathBuf>,
@@ -145,17 +148,22 @@ where
     }
 }
 
+/// Secrets separated by commas (blank entries dropped): every one is accepted, which is
+/// how a secret is rotated without a moment where neither works.
+fn secrets(name: &'static str) -> Vec<SecretString> {
+    var(name)
+        .map(|raw| {
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| SecretString::from(s.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl Settings {
     pub fn from_env() -> Result<Self, ConfigError> {
-        let secrets = var("STRIPE_WEBHOOK_SECRET")
-            .map(|raw| {
-                raw.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| SecretString::from(s.to_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
         let settings = Self {
             database_url: var("DATABASE_URL")
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/subledger".to_owned())
@@ -165,10 +173,10 @@ impl Settings {
                 .into(),
             redis_prefix: var("SUBLEDGER_REDIS_PREFIX").unwrap_or_default(),
             cache_ttl: Duration::from_secs(parsed("SUBLEDGER_CACHE_TTL_SECS", 86_400)?),
-            webhook_secrets: secrets,
+            webhook_secrets: secrets("STRIPE_WEBHOOK_SECRET"),
             signature_tolerance_secs: parsed("SUBLEDGER_SIGNATURE_TOLERANCE_SECS", 300)?,
-            api_token: var("SUBLEDGER_API_TOKEN").map(SecretString::from),
-            admin_token: var("SUBLEDGER_ADMIN_TOKEN").map(SecretString::from),
+            api_tokens: secrets("SUBLEDGER_API_TOKEN"),
+            admin_tokens: secrets("SUBLEDGER_ADMIN_TOKEN"),
             org_tokens: org_tokens(&var("SUBLEDGER_ORG_TOKENS").unwrap_or_default())?,
             catalog_path: var("SUBLEDGER_CATALOG").map(PathBuf::from),
             listen: parsed("SUBLEDGER_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8080)))?,

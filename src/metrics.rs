@@ -83,6 +83,27 @@ impl ReadTimeout {
     }
 }
 
+/// Which setting a presented bearer token was found in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// `SUBLEDGER_API_TOKEN`.
+    Api,
+    /// `SUBLEDGER_ADMIN_TOKEN`.
+    Admin,
+    /// `SUBLEDGER_ORG_TOKENS`.
+    Org,
+}
+
+impl TokenKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Admin => "admin",
+            Self::Org => "org",
+        }
+    }
+}
+
 /// The states of a connection the server counts.
 const CONNECTION_STATES: [&str; 2] = ["open", "waiting"];
 
@@ -127,6 +148,7 @@ pub struct Metrics {
     pub http_connections: IntGaugeVec,
     pub http_connections_shed: IntCounter,
     pub http_read_timeouts: IntCounterVec,
+    pub token_uses: IntCounterVec,
 }
 
 /// The process's metrics, registered on first use.
@@ -249,6 +271,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "subledger_http_read_timeouts_total",
             "Requests whose head or body did not arrive within SUBLEDGER_HEADER_TIMEOUT_MS / SUBLEDGER_BODY_TIMEOUT_MS (the connection is closed)",
             &["part"],
+        ),
+        token_uses: counter(
+            "subledger_token_uses_total",
+            "Requests let in by a bearer token, by setting (api, admin, org) and the token's position in it (0 for the first): shows when a token being rotated out is no longer used",
+            &["kind", "position"],
         ),
     };
     // Create the series the alert rules and the dashboard name, at zero.
@@ -387,6 +414,14 @@ pub fn http_connection_waiting(delta: i64) {
 /// A connection was answered 503 for want of a place.
 pub fn http_connection_shed() {
     METRICS.http_connections_shed.inc();
+}
+
+/// A request was let in by the token at `position` of the `kind` setting.
+pub fn token_used(kind: TokenKind, position: usize) {
+    METRICS
+        .token_uses
+        .with_label_values(&[kind.as_str(), &position.to_string()])
+        .inc();
 }
 
 /// A request's head or body did not arrive in time.

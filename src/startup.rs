@@ -193,7 +193,7 @@ impl Application {
                 "STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 500 until it is"
             );
         }
-        if services.settings.api_token.is_none() {
+        if services.settings.api_tokens.is_empty() {
             tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");
         }
         let sync = services.syncer()?;

@@ -6,10 +6,16 @@
 //! of history and later URLs. SameSite=Strict is also what keeps another site from posting
 //! a re-drive.
 //!
-//! Tokens are compared in constant time, as SHA-256 digests so that not even their length
-//! leaks through timing. This module must never log, echo or store a presented token; and
-//! an org-scoped token is refused every route it is not explicitly allowed (deny by
-//! default), so a route added to `/v1` later is closed to it until someone opens it here.
+//! Each setting may hold several tokens (comma-separated), all accepted, so that a token
+//! is rotated by adding the new one, moving callers to it, then removing the old one
+//! (docs/reliability.md). Tokens are compared in constant time, as SHA-256 digests so that
+//! not even their length leaks through timing, and every configured token is compared
+//! (no early exit), so the time taken does not say which one nearly matched. Which one
+//! matched is counted by its position (`subledger_token_uses_total`), so an operator sees
+//! when an old token is no longer used. This module must never log, echo or store a
+//! presented token; and an org-scoped token is refused every route it is not explicitly
+//! allowed (deny by default), so a route added to `/v1` later is closed to it until
+//! someone opens it here.
 
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Uri};
@@ -23,6 +29,7 @@ use url::form_urlencoded;
 
 use super::{ApiError, AppState};
 use crate::config::Settings;
+use crate::metrics::TokenKind;
 
 /// The cookie the admin page trades its token for.
 const ADMIN_COOKIE: &str = "subledger_admin";
@@ -48,6 +55,18 @@ pub fn token_matches(expected: &SecretString, presented: &str) -> bool {
     bool::from(expected.ct_eq(&presented))
 }
 
+/// The position of the first of `tokens` that `presented` is, comparing every one in
+/// constant time (no early exit).
+pub fn position_of(tokens: &[SecretString], presented: &str) -> Option<usize> {
+    let mut found = None;
+    for (position, expected) in tokens.iter().enumerate() {
+        if token_matches(expected, presented) && found.is_none() {
+            found = Some(position);
+        }
+    }
+    found
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)
@@ -60,18 +79,17 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// The reader a presented token stands for. Every configured token is compared (no early
 /// exit), so the time taken does not say which one nearly matched.
 fn reader_for(state: &AppState, presented: &str) -> Option<Reader> {
-    let mut found = state
-        .settings
-        .api_token
-        .as_ref()
-        .filter(|expected| token_matches(expected, presented))
-        .map(|_| Reader::Everything);
-    for org in &state.settings.org_tokens {
+    let mut found = position_of(&state.settings.api_tokens, presented)
+        .map(|position| (Reader::Everything, TokenKind::Api, position));
+    for (position, org) in state.settings.org_tokens.iter().enumerate() {
         if token_matches(&org.token, presented) && found.is_none() {
-            found = Some(Reader::Org(org.org_id.clone()));
+            found = Some((Reader::Org(org.org_id.clone()), TokenKind::Org, position));
         }
     }
-    found
+    found.map(|(reader, kind, position)| {
+        crate::metrics::token_used(kind, position);
+        reader
+    })
 }
 
 /// `/v1`: requires the API token or an org-scoped token, and lets an org-scoped token
@@ -108,13 +126,10 @@ pub async fn require_admin_token(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let ok = match (&state.settings.admin_token, bearer(request.headers())) {
-        (Some(expected), Some(presented)) => token_matches(expected, presented),
-        _ => false,
-    };
-    if !ok {
-        return Err(ApiError::Unauthorized);
-    }
+    let position = bearer(request.headers())
+        .and_then(|presented| position_of(&state.settings.admin_tokens, presented))
+        .ok_or(ApiError::Unauthorized)?;
+    crate::metrics::token_used(TokenKind::Admin, position);
     Ok(next.run(request).await)
 }
 
@@ -131,12 +146,13 @@ pub enum AdminAccess {
     Missing,
 }
 
-/// Whether `presented` is the admin token (never, when none is configured).
+/// Whether `presented` is one of the admin tokens (never, when none is configured).
 fn admin_token_matches(settings: &Settings, presented: &str) -> bool {
-    settings
-        .admin_token
-        .as_ref()
-        .is_some_and(|expected| token_matches(expected, presented))
+    let position = position_of(&settings.admin_tokens, presented);
+    if let Some(position) = position {
+        crate::metrics::token_used(TokenKind::Admin, position);
+    }
+    position.is_some()
 }
 
 /// What the cookie holds: the token's SHA-256, so the token itself is never stored.
@@ -144,11 +160,17 @@ fn cookie_value(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Whether a cookie holds what one of the admin tokens was traded for (so a session made
+/// with a token ends when that token is removed).
 fn admin_cookie_matches(settings: &Settings, headers: &HeaderMap) -> bool {
-    let Some(expected) = &settings.admin_token else {
+    let expected: Vec<String> = settings
+        .admin_tokens
+        .iter()
+        .map(|token| cookie_value(token.expose_secret()))
+        .collect();
+    if expected.is_empty() {
         return false;
-    };
-    let expected = cookie_value(expected.expose_secret());
+    }
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -156,7 +178,12 @@ fn admin_cookie_matches(settings: &Settings, headers: &HeaderMap) -> bool {
         .flat_map(Cookie::split_parse)
         .filter_map(Result::ok)
         .filter(|cookie| cookie.name() == ADMIN_COOKIE)
-        .any(|cookie| bool::from(cookie.value().as_bytes().ct_eq(expected.as_bytes())))
+        .any(|cookie| {
+            // Every configured token is compared, in constant time.
+            expected.iter().fold(false, |matched, value| {
+                matched | bool::from(cookie.value().as_bytes().ct_eq(value.as_bytes()))
+            })
+        })
 }
 
 /// Decides what a request to the admin page may do: a `?token=` is checked (and traded for
@@ -225,6 +252,18 @@ mod tests {
             response.headers()[header::LOCATION],
             "/admin/customers/cus_a"
         );
+    }
+
+    #[test]
+    fn any_configured_token_matches_and_its_position_is_told() {
+        let tokens: Vec<SecretString> = ["old-token", "new-token"]
+            .into_iter()
+            .map(|t| SecretString::from(t.to_owned()))
+            .collect();
+        assert_eq!(position_of(&tokens, "old-token"), Some(0));
+        assert_eq!(position_of(&tokens, "new-token"), Some(1));
+        assert_eq!(position_of(&tokens, "new-toke"), None);
+        assert_eq!(position_of(&[], "new-token"), None);
     }
 
     #[test]

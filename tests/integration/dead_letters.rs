@@ -70,7 +70,7 @@ async fn run(command: std::process::Command) -> (bool, String, String) {
 async fn failing_rows_back_off_dead_letter_and_are_re_driven() {
     let (mut settings, db_name, prefix) = test_settings("dlq");
     settings.max_attempts = 2;
-    settings.admin_token = Some(ADMIN_TOKEN.to_owned().into());
+    settings.admin_tokens = vec![ADMIN_TOKEN.to_owned().into()];
     let app = spawn_with(settings.clone(), db_name, prefix).await;
     sqlx::raw_sql(REFUSE_POISON)
         .execute(&app.pool)

@@ -364,7 +364,7 @@ async fn break_store_for(app: &TestApp, customer: &str) {
 async fn a_failing_webhook_is_retried_dead_lettered_counted_and_re_driven_from_the_admin_page() {
     let (mut settings, db, prefix) = test_settings("dlq");
     settings.max_attempts = 2;
-    settings.admin_token = Some(ADMIN.to_owned().into());
+    settings.admin_tokens = vec![ADMIN.to_owned().into()];
     let app = spawn_with(settings, db, prefix).await;
     break_store_for(&app, "cus_d").await;
     let before = scrape(&app).await;
@@ -454,7 +454,7 @@ async fn admin_get(app: &TestApp, path: &str) -> String {
 
 pub async fn spawn_admin_app(tag: &str) -> TestApp {
     let (mut settings, db, prefix) = test_settings(tag);
-    settings.admin_token = Some(ADMIN.to_owned().into());
+    settings.admin_tokens = vec![ADMIN.to_owned().into()];
     spawn_with(settings, db, prefix).await
 }
 

@@ -322,3 +322,183 @@ async fn tokens_read_only_what_they_may_and_bad_input_never_gives_a_5xx() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Token rotation (issue 15): each token setting takes several values, all accepted, so a
+/// leaked or old token is replaced without a moment where callers holding either one are
+/// refused; once it is removed (and the process restarted), it is refused, and an admin
+/// session traded for it ends. Which position let a request in is counted, so an operator
+/// can see the old one fall out of use before removing it.
+#[tokio::test]
+async fn tokens_rotate_without_a_window_where_either_is_refused() {
+    const API_OLD: &str = "api-old-1111aaaa";
+    const API_NEW: &str = "api-new-2222bbbb";
+    const ADMIN_OLD: &str = "adm-old-3333cccc";
+    const ADMIN_NEW: &str = "adm-new-4444dddd";
+    const ORG_OLD: &str = "org-old-5555eeee";
+    const ORG_NEW: &str = "org-new-6666ffff";
+    let (settings, _, _) = test_settings("rotation");
+    let dir = scratch("rotation");
+    let log = dir.join("serve.log");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let status = |request: reqwest::RequestBuilder| async move {
+        request.send().await.unwrap().status().as_u16()
+    };
+
+    // During the rotation: old and new, side by side.
+    let mut command = serve_command(&settings);
+    command
+        .env("SUBLEDGER_API_TOKEN", format!("{API_OLD}, {API_NEW}"))
+        .env("SUBLEDGER_ADMIN_TOKEN", format!("{ADMIN_OLD},{ADMIN_NEW}"))
+        .env(
+            "SUBLEDGER_ORG_TOKENS",
+            format!("{ORG_OLD}=org_a,{ORG_NEW}=org_a"),
+        );
+    let serve = Served::start(command, &log).await;
+    let base = serve.address.clone();
+    let entitlements = format!("{base}/v1/orgs/org_a/entitlements");
+    let other_org = format!("{base}/v1/orgs/org_b/entitlements");
+    let dead_letters = format!("{base}/ops/dead-letters");
+    for token in [API_OLD, API_NEW] {
+        assert_eq!(
+            status(client.get(&entitlements).bearer_auth(token)).await,
+            200,
+            "{token}"
+        );
+        assert_eq!(
+            status(client.get(&other_org).bearer_auth(token)).await,
+            200,
+            "{token}"
+        );
+        assert_eq!(
+            status(client.get(&dead_letters).bearer_auth(token)).await,
+            401,
+            "{token}"
+        );
+    }
+    for token in [ORG_OLD, ORG_NEW] {
+        assert_eq!(
+            status(client.get(&entitlements).bearer_auth(token)).await,
+            200,
+            "{token}"
+        );
+        assert_eq!(
+            status(client.get(&other_org).bearer_auth(token)).await,
+            403,
+            "{token}"
+        );
+    }
+    for token in [ADMIN_OLD, ADMIN_NEW] {
+        assert_eq!(
+            status(client.get(&dead_letters).bearer_auth(token)).await,
+            200,
+            "{token}"
+        );
+        assert_eq!(
+            status(client.get(&entitlements).bearer_auth(token)).await,
+            401,
+            "{token}"
+        );
+    }
+    // An admin session traded for the old token.
+    let traded = client
+        .get(format!("{base}/admin?token={ADMIN_OLD}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traded.status(), 303);
+    let cookie = traded.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let admin_page = |cookie: String| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            client
+                .get(format!("{base}/admin"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(admin_page(cookie.clone()).await, 200);
+    // Each position's use is counted.
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (kind, position) in [
+        ("api", 0),
+        ("api", 1),
+        ("admin", 0),
+        ("admin", 1),
+        ("org", 0),
+        ("org", 1),
+    ] {
+        let series =
+            format!("subledger_token_uses_total{{kind=\"{kind}\",position=\"{position}\"}} ");
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
+    drop(serve);
+
+    // After it: the old ones are gone.
+    let mut command = serve_command(&settings);
+    command
+        .env("SUBLEDGER_API_TOKEN", API_NEW)
+        .env("SUBLEDGER_ADMIN_TOKEN", ADMIN_NEW)
+        .env("SUBLEDGER_ORG_TOKENS", format!("{ORG_NEW}=org_a"));
+    let serve = Served::start(command, &log).await;
+    let base = serve.address.clone();
+    let entitlements = format!("{base}/v1/orgs/org_a/entitlements");
+    let dead_letters = format!("{base}/ops/dead-letters");
+    for (token, expected) in [
+        (API_OLD, 401),
+        (API_NEW, 200),
+        (ORG_OLD, 401),
+        (ORG_NEW, 200),
+    ] {
+        assert_eq!(
+            status(client.get(&entitlements).bearer_auth(token)).await,
+            expected,
+            "{token}"
+        );
+    }
+    for (token, expected) in [(ADMIN_OLD, 401), (ADMIN_NEW, 200)] {
+        assert_eq!(
+            status(client.get(&dead_letters).bearer_auth(token)).await,
+            expected,
+            "{token}"
+        );
+    }
+    let admin_page = client
+        .get(format!("{base}/admin"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(
+        admin_page, 401,
+        "the session traded for the removed token has ended"
+    );
+    drop(serve);
+
+    let logs = std::fs::read_to_string(&log).unwrap();
+    for token in [API_OLD, API_NEW, ADMIN_OLD, ADMIN_NEW, ORG_OLD, ORG_NEW] {
+        assert!(!logs.contains(token), "a token is in the log");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

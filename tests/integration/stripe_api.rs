@@ -26,7 +26,7 @@ async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     settings.reconcile_interval = None;
     settings.public_url = Some("https://billing.example.test".to_owned());
     settings.redirect_origins = vec!["https://app.example.test".to_owned()];
-    settings.admin_token = Some(SecretString::from(ADMIN.to_owned()));
+    settings.admin_tokens = vec![SecretString::from(ADMIN.to_owned())];
     (spawn_with(settings, db_name, prefix).await, fake)
 }
 

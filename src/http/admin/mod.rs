@@ -54,7 +54,7 @@ async fn require_admin(State(state): State<AppState>, request: Request, next: Ne
         AdminAccess::WrongToken => Some("That is not the admin token."),
         AdminAccess::Missing => None,
     };
-    let login = pages::login(state.settings.admin_token.is_some(), problem);
+    let login = pages::login(!state.settings.admin_tokens.is_empty(), problem);
     (StatusCode::UNAUTHORIZED, html_page(login)).into_response()
 }
 

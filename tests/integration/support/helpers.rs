@@ -123,7 +123,7 @@ pub fn test_settings(tag: &str) -> (Settings, String, String) {
         SecretString::from(OLD_SECRET.to_owned()),
         SecretString::from(SECRET.to_owned()),
     ];
-    settings.api_token = Some(SecretString::from(TOKEN.to_owned()));
+    settings.api_tokens = vec![SecretString::from(TOKEN.to_owned())];
     settings.listen = "127.0.0.1:0".parse().unwrap();
     settings.catalog_path =
         Some(concat!(env!("CARGO_MANIFEST_DIR"), "/catalog.example.toml").into());
