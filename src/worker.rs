@@ -109,6 +109,7 @@ impl InboxWorker {
                 event_id.clone(),
                 InFlight {
                     event_type,
+                    attempts,
                     waited,
                     span,
                 },
@@ -253,8 +254,14 @@ impl InboxWorker {
                     });
                 }
                 Err(chain) => {
-                    let inbox::Failed { attempts, dead } =
-                        inbox::mark_failed(&mut tx, &event_id, &chain, self.max_attempts).await?;
+                    let inbox::Failed { attempts, dead } = inbox::mark_failed(
+                        &mut tx,
+                        &event_id,
+                        row.attempts,
+                        &chain,
+                        self.max_attempts,
+                    )
+                    .await?;
                     row.span.record("outcome", Outcome::Failed.as_str());
                     row.span
                         .in_scope(|| tracing::warn!(attempts, dead, error = %chain, "webhook processing failed"));
@@ -396,6 +403,8 @@ impl WorkerWake {
 /// What processing needs to know about a claimed row besides its command.
 struct InFlight {
     event_type: String,
+    /// Attempts made before this one.
+    attempts: i32,
     /// From receipt to claim.
     waited: Duration,
     span: tracing::Span,
