@@ -9,8 +9,9 @@
 //! own hash [`Partition`] of the customers, so they never race for a customer; a batch
 //! that loses a race with another replica goes one customer at a time. A failed row is
 //! retried with backoff and dead-lettered after `SUBLEDGER_MAX_ATTEMPTS`. An ambiguous
-//! webhook is not guessed at: a sync from Stripe's API is requested. This module never
-//! judges a fact (the aggregate does) and never writes the log itself (the ledger does).
+//! webhook is not guessed at: a sync from Stripe's API is requested (through `sync_log`;
+//! the syncer runs it). This module never judges a fact (the aggregate does), never writes
+//! the log itself (the ledger does) and never calls Stripe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::error_chain::error_chain;
 use crate::inbox::{self, Outcome, Processed};
 use crate::ledger::{BatchAggregates, ExecuteError, Group, Ledger};
 use crate::stripe::{parse_event, route, Route};
+use crate::sync_log::{self, SyncSource};
 
 pub use crate::inbox::Partition;
 
@@ -300,14 +302,14 @@ impl InboxWorker {
         decision: &Decision,
         previous_status: Option<SubscriptionStatus>,
     ) {
-        let Some(reason) = crate::sync::webhook_needs_sync(decision, previous_status) else {
+        let Some(reason) = webhook_needs_sync(decision, previous_status) else {
             return;
         };
         tracing::info!(event_id, customer_id, reason, "requesting a sync");
-        if let Err(error) = crate::sync::request_sync(
+        if let Err(error) = sync_log::request_sync(
             &self.pool,
             customer_id,
-            crate::sync::SyncSource::Webhook,
+            SyncSource::Webhook,
             WEBHOOK_SYNC_DELAY,
         )
         .await
@@ -362,6 +364,30 @@ impl InboxWorker {
             }
         }
     }
+}
+
+/// Whether a webhook's outcome is ambiguous enough that we should ask Stripe instead of
+/// guessing: a same-second tie the table could not order, or a `previous_attributes.status`
+/// that does not match the status we held before this event (we missed something).
+fn webhook_needs_sync(
+    decision: &Decision,
+    previous_status: Option<SubscriptionStatus>,
+) -> Option<String> {
+    if let aggregates::Outcome::Rejected(rejection @ aggregates::Rejection::SameSecond { .. }) =
+        &decision.outcome
+    {
+        return Some(rejection.to_string());
+    }
+    let previous = previous_status?;
+    decision.events.iter().find_map(|event| match event {
+        SubscriptionEvent::SubscriptionChanged { from, .. } if *from != Some(previous) => {
+            Some(format!(
+                "previous_attributes.status is {previous} but we held {}",
+                from.map_or("nothing", |s| s.as_str())
+            ))
+        }
+        _ => None,
+    })
 }
 
 fn detail_of(decision: &Decision) -> Option<String> {
