@@ -28,9 +28,6 @@ use stripe_core::customer::CreateCustomer;
 
 use crate::backoff::Backoff;
 
-/// Stripe's own API base.
-pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
-
 /// How the client talks to Stripe.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
