@@ -57,8 +57,7 @@ pub struct Services {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
     pub cache: RedisCache,
-    pub platform: PlatformTables,
-    /// Every read model (`platform`, then `cache`) and the runner that keeps them.
+    /// Every read model (the platform tables, then `cache`) and the runner that keeps them.
     pub projections: Projections,
     pub catalog: Arc<Catalog>,
     pub ledger: Ledger,
@@ -115,7 +114,6 @@ impl Services {
                 projections.clone(),
             ),
             ledger,
-            platform,
             projections,
             settings: Arc::new(settings),
             pool,
