@@ -26,7 +26,8 @@ use crate::ledger::{ExecuteError, Ledger};
 use crate::reads::Reads;
 use crate::stripe::client::{CheckoutParams, StripeApiError};
 use crate::stripe::objects;
-use crate::sync::{SyncError, SyncReport, SyncSource, Syncer};
+use crate::sync::{SyncError, SyncReport, Syncer};
+use crate::sync_log::SyncSource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+/// Stripe's own API base: `STRIPE_API_BASE` unless set (a local fake in tests).
+pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{name} is not valid: {reason}")]
@@ -193,7 +196,7 @@ impl Settings {
             poll_interval: Duration::from_millis(parsed("SUBLEDGER_POLL_MS", 500)?),
             stripe_secret_key: var("STRIPE_SECRET_KEY").map(SecretString::from),
             stripe_api_base: var("STRIPE_API_BASE")
-                .unwrap_or_else(|| crate::stripe::client::DEFAULT_API_BASE.to_owned()),
+                .unwrap_or_else(|| DEFAULT_STRIPE_API_BASE.to_owned()),
             stripe_timeout: Duration::from_millis(parsed("SUBLEDGER_STRIPE_TIMEOUT_MS", 10_000)?),
             stripe_retries: parsed("SUBLEDGER_STRIPE_RETRIES", 2)?,
             stripe_backoff: Duration::from_millis(parsed("SUBLEDGER_STRIPE_BACKOFF_MS", 250)?),

@@ -1,4 +1,5 @@
-//! Postgres: connecting (creating the database when it is missing) and migrating.
+//! Postgres: connecting (creating the database when it is missing), migrating, and
+//! checking that it answers.
 //!
 //! All schema lives in `migrations/`, the event store's tables included; an applied
 //! migration is never edited.
@@ -76,4 +77,9 @@ pub async fn connect(settings: &Settings) -> Result<PgPool, DbError> {
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// Whether Postgres answers: one round trip, no table read (what `/readyz` checks).
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(pool).await.map(drop)
 }

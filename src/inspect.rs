@@ -17,7 +17,7 @@ use cqrs_es::Aggregate;
 use event_store::{read, StoreError};
 use projections::{Catalog, Entitlement, PlatformTables, RedisCache, SubscriptionInfo};
 use serde_json::Value;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::inbox::{self, InboxEntry};
 
@@ -411,51 +411,16 @@ pub fn explain(
     sentence
 }
 
-/// A customer a search found, and by what.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SearchHit {
-    pub customer_id: String,
-    pub matched_on: String,
-    pub org_id: Option<String>,
-    pub user_id: Option<String>,
-    pub subscription_id: Option<String>,
-    pub status: Option<String>,
-}
+/// A customer a search found, by what, and what its `subscriptions` row holds.
+pub use projections::platform::SearchHit;
 
 /// Customers a customer, org, user or subscription id names (exact match), from the
 /// table, the subscription mirror, the log and the inbox, so a customer whose events
-/// were all rejected is found too.
+/// were all rejected is found too. Each is read through the module that owns it.
 pub async fn search(pool: &PgPool, q: &str) -> Result<Vec<SearchHit>, sqlx::Error> {
-    // A customer the log or the inbox knows by this id (each read through its owner).
     let known = read::aggregate_exists(pool, q).await? || inbox::has_customer(pool, q).await?;
-    let known: Vec<&str> = if known { vec![q] } else { Vec::new() };
-    let rows = sqlx::query(
-        "WITH found AS ( \
-            SELECT customer_id, CASE WHEN customer_id = $1 THEN 'customer' WHEN org_id = $1 THEN 'org' \
-                   WHEN user_id = $1 THEN 'user' ELSE 'subscription' END AS matched_on \
-              FROM subscriptions WHERE $1 IN (customer_id, org_id, user_id, subscription_id) \
-            UNION SELECT customer_id, 'subscription' FROM merchant_subscriptions WHERE subscription_id = $1 \
-            UNION SELECT unnest($2::text[]), 'customer' \
-         ) \
-         SELECT DISTINCT ON (f.customer_id) f.customer_id, f.matched_on, s.org_id, s.user_id, s.subscription_id, s.status \
-           FROM found f LEFT JOIN subscriptions s ON s.customer_id = f.customer_id \
-          ORDER BY f.customer_id, f.matched_on LIMIT 50",
-    )
-    .bind(q)
-    .bind(&known)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| SearchHit {
-            customer_id: row.get("customer_id"),
-            matched_on: row.get("matched_on"),
-            org_id: row.get("org_id"),
-            user_id: row.get("user_id"),
-            subscription_id: row.get("subscription_id"),
-            status: row.get("status"),
-        })
-        .collect())
+    let known: &[&str] = if known { &[q] } else { &[] };
+    PlatformTables::search(pool, q, known).await
 }
 
 fn or_dash(value: Option<&str>) -> &str {

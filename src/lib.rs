@@ -4,6 +4,7 @@
 //! and Redis wiring. The domain lives in the `aggregates` crate and the read models in
 //! `projections`; see ARCHITECTURE.md for the map.
 
+pub mod backoff;
 pub mod billing;
 pub mod config;
 pub mod db;

@@ -159,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
             let (mut failed, total) = (0, customers.len());
             for (i, customer) in customers.iter().enumerate() {
                 match syncer
-                    .sync_customer(customer, subledger::sync::SyncSource::Operator)
+                    .sync_customer(customer, subledger::sync_log::SyncSource::Operator)
                     .await
                 {
                     Ok(report) => eprintln!(

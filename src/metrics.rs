@@ -10,16 +10,21 @@
 //! of this module, so a rule can be evaluated before the first event arrives; the lag of
 //! each projection the runner names (`Projections::names`) is set at every scrape.
 //!
+//! Every label value is spelled by the enum it labels (`inbox::Outcome`, `InboxState`,
+//! `Received`, `sync_log::SyncSource`/`SyncOutcome`, [`CacheRead`], [`CacheWrite`],
+//! [`OutOfOrder`], `db_error::Refusal`, [`RefusedAt`], [`ReadTimeout`],
+//! [`ConnectionState`], [`TokenKind`]; a token's position is a number bounded by the
+//! configured tokens), so the series created at zero and the series counted later can never
+//! disagree; a test pins the spellings the alert rules and the dashboard name. The HTTP
+//! side (`GET /metrics`, request latency) is `http::metrics`: this module knows no HTTP.
+//!
 //! This module only observes: it must never change what the service does, and a failure
 //! to measure must never fail a request or a webhook.
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use projections::{Projections, RedisCache};
 use prometheus::{
     exponential_buckets, register_histogram_vec, register_int_counter, register_int_counter_vec,
     register_int_gauge, register_int_gauge_vec, Encoder, HistogramVec, IntCounter, IntCounterVec,
@@ -29,23 +34,77 @@ use sqlx::PgPool;
 
 use crate::db_error::Refusal;
 use crate::error_chain::error_chain;
-use crate::http::AppState;
-use crate::inbox::{self, InboxState, Outcome, Received};
+use crate::inbox::{self, Depth, Outcome, Received};
 use crate::stripe::StripeEvent;
 use crate::sync_log::{SyncOutcome, SyncSource};
 
-/// The outcomes a processed webhook can have (as the inbox records them).
-pub const OUTCOMES: [&str; Outcome::ALL.len()] = {
-    let mut labels = [""; Outcome::ALL.len()];
-    let mut i = 0;
-    while i < labels.len() {
-        labels[i] = Outcome::ALL[i].as_str();
-        i += 1;
-    }
-    labels
-};
+/// The event-type label of the series created at zero, before any event has a type.
+const NO_EVENT_TYPE: &str = "none";
 
-/// Where an event holding a value Postgres refuses was stopped.
+/// Why an event counts as out of order (label `kind` of
+/// `subledger_webhooks_out_of_order_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutOfOrder {
+    /// It arrived after a newer one (the inbox outcome `stale`).
+    Stale,
+    /// It made a `catch_up` move: the events between the two states had not arrived.
+    CatchUp,
+}
+
+impl OutOfOrder {
+    pub const ALL: [Self; 2] = [Self::Stale, Self::CatchUp];
+
+    /// The outcome's and the move's own spellings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stale => Outcome::Stale.as_str(),
+            Self::CatchUp => aggregates::Move::CatchUp.as_str(),
+        }
+    }
+}
+
+/// What an API read found in the cache (label `result` of
+/// `subledger_cache_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheRead {
+    Hit,
+    /// Not in Redis: read from Postgres.
+    Miss,
+    /// Redis failed: read from Postgres.
+    Fallback,
+}
+
+impl CacheRead {
+    pub const ALL: [Self; 3] = [Self::Hit, Self::Miss, Self::Fallback];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+/// A write to Redis that failed (label `op` of `subledger_cache_write_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheWrite {
+    /// Writing back what a read found in Postgres.
+    ReadThrough,
+}
+
+impl CacheWrite {
+    pub const ALL: [Self; 1] = [Self::ReadThrough];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadThrough => "read_through",
+        }
+    }
+}
+
+/// Where an event holding a value Postgres refuses was stopped (label `stage` of
+/// `subledger_webhooks_refused_total`; its `reason` is the [`Refusal`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusedAt {
     /// At the webhook: answered 400, never stored.
@@ -65,7 +124,8 @@ impl RefusedAt {
     }
 }
 
-/// Which part of a request did not arrive in time.
+/// Which part of a request did not arrive in time (label `part` of
+/// `subledger_http_read_timeouts_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadTimeout {
     Header,
@@ -83,7 +143,28 @@ impl ReadTimeout {
     }
 }
 
-/// Which setting a presented bearer token was found in.
+/// Where the server holds a connection (label `state` of `subledger_http_connections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Being served.
+    Open,
+    /// Beyond `SUBLEDGER_MAX_CONNECTIONS`, waiting for a place.
+    Waiting,
+}
+
+impl ConnectionState {
+    pub const ALL: [Self; 2] = [Self::Open, Self::Waiting];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Waiting => "waiting",
+        }
+    }
+}
+
+/// Which setting a presented bearer token was found in (label `kind` of
+/// `subledger_token_uses_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
     /// `SUBLEDGER_API_TOKEN`.
@@ -104,8 +185,10 @@ impl TokenKind {
     }
 }
 
-/// The states of a connection the server counts.
-const CONNECTION_STATES: [&str; 2] = ["open", "waiting"];
+/// `values` as a help text lists them: `a, b, c`.
+fn listed(values: impl IntoIterator<Item = &'static str>) -> String {
+    values.into_iter().collect::<Vec<_>>().join(", ")
+}
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric names are registered once")
@@ -134,7 +217,6 @@ pub struct Metrics {
     pub webhooks_out_of_order: IntCounterVec,
     pub webhook_retries: IntCounterVec,
     pub webhook_dead_letters: IntCounterVec,
-    pub webhooks_refused: IntCounterVec,
     pub inbox_depth: IntGaugeVec,
     pub inbox_oldest_pending_age_seconds: IntGauge,
     pub syncs: IntCounterVec,
@@ -145,6 +227,7 @@ pub struct Metrics {
     pub cache_up: IntGauge,
     pub projection_lag_events: IntGaugeVec,
     pub http_request_duration_seconds: HistogramVec,
+    pub webhooks_refused: IntCounterVec,
     pub http_connections: IntGaugeVec,
     pub http_connections_shed: IntCounter,
     pub http_read_timeouts: IntCounterVec,
@@ -156,12 +239,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = Metrics {
         webhooks_received: counter(
             "subledger_webhooks_received_total",
-            "Stripe events accepted by POST /webhooks/stripe, by type and what the inbox made of them (stored, duplicate, ignored)",
+            &format!(
+                "Stripe events accepted by POST /webhooks/stripe, by type and what the inbox made of them ({})",
+                listed(Received::ALL.map(Received::as_str))
+            ),
             &["type", "result"],
         ),
         webhooks_processed: counter(
             "subledger_webhooks_processed_total",
-            "Stripe events processed, by type and outcome (applied, duplicate, stale, illegal, ignored, failed)",
+            &format!(
+                "Stripe events processed, by type and outcome ({})",
+                listed(Outcome::ALL.map(Outcome::as_str))
+            ),
             &["type", "outcome"],
         ),
         webhook_processing_seconds: histogram(
@@ -197,11 +286,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Inbox rows dead-lettered after SUBLEDGER_MAX_ATTEMPTS failed attempts",
             &["type"],
         ),
-        webhooks_refused: counter(
-            "subledger_webhooks_refused_total",
-            "Events holding a value Postgres refuses for its content (a NUL character, an id too long, a time or number out of range), by where they were stopped (receipt: answered 400; processing: dead-lettered at once) and why",
-            &["stage", "reason"],
-        ),
         inbox_depth: register_int_gauge_vec!(
             "subledger_inbox_depth",
             "Inbox rows by state (pending: waiting or retrying; dead: dead-lettered)",
@@ -215,7 +299,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("registered once"),
         syncs: counter(
             "subledger_syncs_total",
-            "Syncs from Stripe's API, by source and outcome (ok, failed)",
+            &format!(
+                "Syncs from Stripe's API, by source and outcome ({})",
+                listed(SyncOutcome::ALL.map(SyncOutcome::as_str))
+            ),
             &["source", "outcome"],
         ),
         sync_duration_seconds: histogram(
@@ -256,6 +343,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["method", "route", "status"],
             latency_buckets(),
         ),
+        webhooks_refused: counter(
+            "subledger_webhooks_refused_total",
+            &format!(
+                "Events holding a value Postgres refuses for its content, by where they were stopped ({}: answered 400 at receipt, dead-lettered at once in processing) and why ({})",
+                listed(RefusedAt::ALL.map(RefusedAt::as_str)),
+                listed(Refusal::ALL.map(Refusal::as_str))
+            ),
+            &["stage", "reason"],
+        ),
         http_connections: register_int_gauge_vec!(
             "subledger_http_connections",
             "HTTP connections: open (being served) and waiting (beyond SUBLEDGER_MAX_CONNECTIONS, waiting their turn)",
@@ -264,7 +360,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("registered once"),
         http_connections_shed: register_int_counter!(
             "subledger_http_connections_shed_total",
-            "Connections answered 503 with Retry-After because every place, waiting ones included, was taken"
+            "Connections answered 503 with Retry-After (or closed, past the shedding budget) because every place, waiting ones included, was taken"
         )
         .expect("registered once"),
         http_read_timeouts: counter(
@@ -279,23 +375,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ),
     };
     // Create the series the alert rules and the dashboard name, at zero.
-    for outcome in OUTCOMES {
-        m.webhooks_processed.with_label_values(&["none", outcome]);
+    for outcome in Outcome::ALL {
+        m.webhooks_processed
+            .with_label_values(&[NO_EVENT_TYPE, outcome.as_str()]);
     }
-    // A stale outcome is an event that arrived after a newer one.
-    for kind in [Outcome::Stale.as_str(), "catch_up"] {
-        m.webhooks_out_of_order.with_label_values(&[kind]);
+    for kind in OutOfOrder::ALL {
+        m.webhooks_out_of_order.with_label_values(&[kind.as_str()]);
     }
-    m.webhook_retries.with_label_values(&["none"]);
-    m.webhook_dead_letters.with_label_values(&["none"]);
-    for stage in RefusedAt::ALL {
-        for reason in Refusal::ALL {
-            m.webhooks_refused
-                .with_label_values(&[stage.as_str(), reason.as_str()]);
-        }
-    }
-    // Done rows are history, not depth.
-    for state in [InboxState::Pending, InboxState::Dead] {
+    m.webhook_retries.with_label_values(&[NO_EVENT_TYPE]);
+    m.webhook_dead_letters.with_label_values(&[NO_EVENT_TYPE]);
+    for state in Depth::STATES {
         m.inbox_depth.with_label_values(&[state.as_str()]);
     }
     for source in SyncSource::ALL {
@@ -306,12 +395,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         m.sync_duration_seconds
             .with_label_values(&[source.as_str()]);
     }
-    for result in ["hit", "miss", "fallback"] {
-        m.cache_requests.with_label_values(&[result]);
+    for result in CacheRead::ALL {
+        m.cache_requests.with_label_values(&[result.as_str()]);
     }
-    m.cache_write_failures.with_label_values(&["read_through"]);
-    for state in CONNECTION_STATES {
-        m.http_connections.with_label_values(&[state]);
+    for op in CacheWrite::ALL {
+        m.cache_write_failures.with_label_values(&[op.as_str()]);
+    }
+    for stage in RefusedAt::ALL {
+        for reason in Refusal::ALL {
+            m.webhooks_refused
+                .with_label_values(&[stage.as_str(), reason.as_str()]);
+        }
+    }
+    for state in ConnectionState::ALL {
+        m.http_connections.with_label_values(&[state.as_str()]);
     }
     for part in ReadTimeout::ALL {
         m.http_read_timeouts.with_label_values(&[part.as_str()]);
@@ -341,15 +438,18 @@ pub fn webhook_processed(
             .observe(since_received.as_secs_f64());
     }
     if outcome == Outcome::Stale {
-        m.webhooks_out_of_order
-            .with_label_values(&[Outcome::Stale.as_str()])
-            .inc();
+        out_of_order(OutOfOrder::Stale);
     }
     if catch_up {
-        m.webhooks_out_of_order
-            .with_label_values(&["catch_up"])
-            .inc();
+        out_of_order(OutOfOrder::CatchUp);
     }
+}
+
+fn out_of_order(kind: OutOfOrder) {
+    METRICS
+        .webhooks_out_of_order
+        .with_label_values(&[kind.as_str()])
+        .inc();
 }
 
 /// Records a webhook the inbox accepted. An event type we do not handle is finished at
@@ -387,6 +487,22 @@ pub fn webhook_failed(event_type: &str, dead: bool) {
     }
 }
 
+/// Counts one API read by what it found in the cache.
+pub fn cache_read(result: CacheRead) {
+    METRICS
+        .cache_requests
+        .with_label_values(&[result.as_str()])
+        .inc();
+}
+
+/// Counts one failed write to Redis.
+pub fn cache_write_failed(op: CacheWrite) {
+    METRICS
+        .cache_write_failures
+        .with_label_values(&[op.as_str()])
+        .inc();
+}
+
 /// Records an event refused for a value Postgres cannot store.
 pub fn webhook_refused(stage: RefusedAt, reason: Refusal) {
     METRICS
@@ -395,33 +511,17 @@ pub fn webhook_refused(stage: RefusedAt, reason: Refusal) {
         .inc();
 }
 
-/// A connection started (`1`) or stopped (`-1`) being served.
-pub fn http_connection_open(delta: i64) {
+/// A connection started (`1`) or stopped (`-1`) being in `state`.
+pub fn http_connections(state: ConnectionState, delta: i64) {
     METRICS
         .http_connections
-        .with_label_values(&["open"])
+        .with_label_values(&[state.as_str()])
         .add(delta);
 }
 
-/// A connection started (`1`) or stopped (`-1`) waiting for a place.
-pub fn http_connection_waiting(delta: i64) {
-    METRICS
-        .http_connections
-        .with_label_values(&["waiting"])
-        .add(delta);
-}
-
-/// A connection was answered 503 for want of a place.
+/// A connection was answered 503 (or closed) for want of a place.
 pub fn http_connection_shed() {
     METRICS.http_connections_shed.inc();
-}
-
-/// A request was let in by the token at `position` of the `kind` setting.
-pub fn token_used(kind: TokenKind, position: usize) {
-    METRICS
-        .token_uses
-        .with_label_values(&[kind.as_str(), &position.to_string()])
-        .inc();
 }
 
 /// A request's head or body did not arrive in time.
@@ -432,48 +532,32 @@ pub fn http_read_timeout(part: ReadTimeout) {
         .inc();
 }
 
-/// What an API read found in the cache.
-#[derive(Debug, Clone, Copy)]
-pub enum CacheRead {
-    Hit,
-    Miss,
-    Fallback,
+/// A request was let in by the token at `position` of the `kind` setting.
+pub fn token_used(kind: TokenKind, position: usize) {
+    METRICS
+        .token_uses
+        .with_label_values(&[kind.as_str(), &position.to_string()])
+        .inc();
 }
 
-pub fn cache_read(result: CacheRead) {
-    let label = match result {
-        CacheRead::Hit => "hit",
-        CacheRead::Miss => "miss",
-        CacheRead::Fallback => "fallback",
-    };
-    METRICS.cache_requests.with_label_values(&[label]).inc();
-}
-
-/// Axum middleware: request latency by matched route. Requests that matched no route are
-/// counted under `unmatched`, so a scan of random paths cannot create unbounded series.
-pub async fn track_http(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
+/// Records one HTTP request's latency under its route pattern (never a raw path).
+pub fn http_request(method: &str, route: &str, status: &str, took: Duration) {
     METRICS
         .http_request_duration_seconds
-        .with_label_values(&[&method, &route, response.status().as_str()])
-        .observe(started.elapsed().as_secs_f64());
-    response
+        .with_label_values(&[method, route, status])
+        .observe(took.as_secs_f64());
 }
 
-/// Reads the gauges that describe stored state.
-async fn refresh_gauges(state: &AppState) {
+/// Reads the gauges that describe stored state, fresh (at each scrape): the inbox, the
+/// flagged syncs, each projection's lag and whether Redis answers. A failure to read one
+/// is logged and leaves that gauge as it was.
+pub async fn refresh_gauges(pool: &PgPool, projections: &Projections, cache: &RedisCache) {
     let m = &*METRICS;
-    if let Err(error) = refresh_inbox(&state.pool).await {
+    if let Err(error) = refresh_inbox(pool).await {
         tracing::warn!(error = %error_chain(&error), "cannot measure the inbox");
     }
-    for projection in state.projections.names() {
-        match state.projections.lag(projection).await {
+    for projection in projections.names() {
+        match projections.lag(projection).await {
             Ok(lag) => m
                 .projection_lag_events
                 .with_label_values(&[projection])
@@ -485,7 +569,7 @@ async fn refresh_gauges(state: &AppState) {
     }
     // A bounded wait: a hung Redis must not hang the scrape (it then counts as down).
     let up = matches!(
-        tokio::time::timeout(Duration::from_secs(2), state.cache.ping()).await,
+        tokio::time::timeout(Duration::from_secs(2), cache.ping()).await,
         Ok(Ok(()))
     );
     m.cache_up.set(i64::from(up));
@@ -494,12 +578,9 @@ async fn refresh_gauges(state: &AppState) {
 async fn refresh_inbox(pool: &PgPool) -> Result<(), sqlx::Error> {
     let m = &*METRICS;
     let depth = inbox::depth(pool).await?;
-    m.inbox_depth
-        .with_label_values(&[InboxState::Pending.as_str()])
-        .set(depth.pending);
-    m.inbox_depth
-        .with_label_values(&[InboxState::Dead.as_str()])
-        .set(depth.dead);
+    for (state, rows) in depth.by_state() {
+        m.inbox_depth.with_label_values(&[state.as_str()]).set(rows);
+    }
     m.inbox_oldest_pending_age_seconds
         .set(depth.oldest_pending_age_secs.unwrap_or(0.0).max(0.0) as i64);
     m.sync_flagged_customers
@@ -528,15 +609,70 @@ pub fn render() -> String {
     String::from_utf8(out).expect("the text format is UTF-8")
 }
 
-/// `GET /metrics`.
-pub async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
-    refresh_gauges(&state).await;
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        render(),
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The alert rules (`ops/alerts.yml`) and the dashboard select series by these label
+    /// values: a variant spelled differently must fail here before it silently empties a
+    /// panel or an alert.
+    #[test]
+    fn label_values_are_the_ones_operators_select() {
+        assert_eq!(
+            Outcome::ALL.map(Outcome::as_str),
+            [
+                "applied",
+                "duplicate",
+                "stale",
+                "illegal",
+                "ignored",
+                "failed"
+            ]
+        );
+        assert_eq!(
+            Received::ALL.map(Received::as_str),
+            ["stored", "duplicate", "ignored"]
+        );
+        assert_eq!(Depth::STATES.map(|s| s.as_str()), ["pending", "dead"]);
+        assert_eq!(
+            OutOfOrder::ALL.map(OutOfOrder::as_str),
+            ["stale", "catch_up"]
+        );
+        assert_eq!(
+            CacheRead::ALL.map(CacheRead::as_str),
+            ["hit", "miss", "fallback"]
+        );
+        assert_eq!(CacheWrite::ALL.map(CacheWrite::as_str), ["read_through"]);
+        // `sync_log`'s own test pins the sources and outcomes.
+    }
+
+    /// Every series an alert may be evaluated on exists at zero before anything happened.
+    #[test]
+    fn zero_series_exist_for_every_label_value() {
+        let text = render();
+        for outcome in Outcome::ALL {
+            let series = format!(
+                "subledger_webhooks_processed_total{{outcome=\"{}\",type=\"{NO_EVENT_TYPE}\"}} 0",
+                outcome.as_str()
+            );
+            assert!(text.contains(&series), "{series}");
+        }
+        for source in SyncSource::ALL {
+            for outcome in SyncOutcome::ALL {
+                let series = format!(
+                    "subledger_syncs_total{{outcome=\"{}\",source=\"{}\"}}",
+                    outcome.as_str(),
+                    source.as_str()
+                );
+                assert!(text.contains(&series), "{series}");
+            }
+        }
+        for kind in OutOfOrder::ALL {
+            let series = format!(
+                "subledger_webhooks_out_of_order_total{{kind=\"{}\"}}",
+                kind.as_str()
+            );
+            assert!(text.contains(&series), "{series}");
+        }
+    }
 }

@@ -20,7 +20,7 @@ use projections::{
 use sqlx::PgPool;
 
 use crate::error_chain::error_chain;
-use crate::metrics::{self, CacheRead};
+use crate::metrics::{self, CacheRead, CacheWrite};
 
 /// Events applied per projection transaction.
 pub const PROJECTION_BATCH: i64 = 5000;
@@ -190,10 +190,7 @@ impl Reads {
     async fn read_through(&self, info: Option<SubscriptionInfo>) -> Option<SubscriptionInfo> {
         if let Some(info) = &info {
             if let Err(error) = self.cache.put(info).await {
-                metrics::METRICS
-                    .cache_write_failures
-                    .with_label_values(&["read_through"])
-                    .inc();
+                metrics::cache_write_failed(CacheWrite::ReadThrough);
                 tracing::warn!(error = %error_chain(&error), "cache write-back failed");
             }
         }

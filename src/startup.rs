@@ -58,8 +58,7 @@ pub struct Services {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
     pub cache: RedisCache,
-    pub platform: PlatformTables,
-    /// Every read model (`platform`, then `cache`) and the runner that keeps them.
+    /// Every read model (the platform tables, then `cache`) and the runner that keeps them.
     pub projections: Projections,
     pub catalog: Arc<Catalog>,
     pub ledger: Ledger,
@@ -116,7 +115,6 @@ impl Services {
                 projections.clone(),
             ),
             ledger,
-            platform,
             projections,
             settings: Arc::new(settings),
             pool,

@@ -13,10 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregates::{
-    ApiSnapshot, Decision, Outcome, OwnerFacts, SubscriptionCommand, SubscriptionEvent,
-    SubscriptionStatus,
-};
+use aggregates::{ApiSnapshot, Decision, Outcome, OwnerFacts, SubscriptionCommand};
 use chrono::{DateTime, Utc};
 use projections::{Catalog, ProjectionError, SubscriptionInfo, WhenBusy};
 use secrecy::ExposeSecret;
@@ -29,13 +26,10 @@ use crate::ledger::{Decided, ExecuteError, Ledger};
 use crate::reads::Reads;
 use crate::stripe::client::{ClientOptions, StripeApi, StripeApiError};
 use crate::stripe::objects::{listed_subscription, ListedSubscription};
-use crate::sync_log::{self, Attempt, Standing, FLAG_AFTER};
+use crate::sync_log::{self, Attempt, Standing, SyncOutcome, SyncSource, FLAG_AFTER};
 
 /// Subscriptions asked for per page (Stripe's maximum).
 pub const PAGE_SIZE: i64 = 100;
-// A sync's vocabulary is the sync log's; `request_sync` is re-exported for the inbox worker
-// (in ledger.rs until it moves to its own module), which asks for a sync through this path.
-pub use crate::sync_log::{request_sync, SyncOutcome, SyncSource};
 
 /// Customers the reconciler requests per pass.
 const RECONCILE_BATCH: i64 = 500;
@@ -501,28 +495,4 @@ fn api_snapshot(
 
 fn whole_second(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
-}
-
-/// Whether a webhook's outcome is ambiguous enough that we should ask Stripe instead of
-/// guessing: a same-second tie the table could not order, or a `previous_attributes.status`
-/// that does not match the status we held before this event (we missed something).
-pub fn webhook_needs_sync(
-    decision: &Decision,
-    previous_status: Option<SubscriptionStatus>,
-) -> Option<String> {
-    if let Outcome::Rejected(rejection @ aggregates::Rejection::SameSecond { .. }) =
-        &decision.outcome
-    {
-        return Some(rejection.to_string());
-    }
-    let previous = previous_status?;
-    decision.events.iter().find_map(|event| match event {
-        SubscriptionEvent::SubscriptionChanged { from, .. } if *from != Some(previous) => {
-            Some(format!(
-                "previous_attributes.status is {previous} but we held {}",
-                from.map_or("nothing", |s| s.as_str())
-            ))
-        }
-        _ => None,
-    })
 }

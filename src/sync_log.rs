@@ -12,11 +12,22 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use crate::backoff::Backoff;
+
 /// Consecutive failures after which a customer is flagged ("more than three").
 pub const FLAG_AFTER: i32 = 3;
 
 /// How long a claimed sync request stays claimed (a crashed worker's claim expires).
 const CLAIM_LEASE: Duration = Duration::from_secs(300);
+
+/// The longest a failed sync waits for its retry.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+
+/// When a customer's failed sync runs again: `retry_base` after the first failure in a
+/// row, doubling with each next one, at most [`MAX_RETRY_DELAY`].
+pub fn retry_backoff(retry_base: Duration) -> Backoff {
+    Backoff::doubling(retry_base).capped(MAX_RETRY_DELAY)
+}
 
 /// Why a sync ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
@@ -109,9 +120,9 @@ pub struct Standing {
 }
 
 /// Records an attempt and, in the same transaction, what follows for the customer: a
-/// failure schedules a retry with backoff (`retry_base`, doubling, at most an hour) and
-/// flags the customer after more than [`FLAG_AFTER`] in a row; a success clears the run
-/// and the flag; an ambiguous answer asks again after `retry_base`.
+/// failure schedules a retry with backoff ([`retry_backoff`]) and flags the customer after
+/// more than [`FLAG_AFTER`] in a row; a success clears the run and the flag; an ambiguous
+/// answer asks again after `retry_base`.
 pub async fn record_attempt(
     pool: &PgPool,
     attempt: &Attempt<'_>,
@@ -136,24 +147,32 @@ pub async fn record_attempt(
     .bind(attempt.started_at)
     .execute(&mut *tx)
     .await?;
-    let base = retry_base.as_secs_f64();
     let standing = if attempt.outcome == SyncOutcome::Failed {
-        // Retry with backoff: base, 2×base, 4×base … at most an hour. The source of
-        // the retry stays the one that asked first.
+        // Retry with backoff. The delay depends on the failures already in a row, which
+        // only the row holds, so the statement picks it from the whole schedule (the
+        // delay before retry n is the nth, the cap past the end), in the same statement
+        // that counts this failure. The source of the retry stays the one that asked
+        // first.
+        let schedule: Vec<f64> = retry_backoff(retry_base)
+            .schedule()
+            .iter()
+            .map(Duration::as_secs_f64)
+            .collect();
         sqlx::query_as(
             "INSERT INTO sync_customers AS c (customer_id, next_attempt_at, pending_source, requested_at, \
                 consecutive_failures, last_outcome, last_error) \
-             VALUES ($1, now() + make_interval(secs => $2), $3, now(), 1, $6, $4) \
+             VALUES ($1, now() + make_interval(secs => $2[1]), $3, now(), 1, $6, $4) \
              ON CONFLICT (customer_id) DO UPDATE SET \
                 consecutive_failures = c.consecutive_failures + 1, \
-                next_attempt_at = now() + make_interval(secs => LEAST(3600, $2 * power(2, c.consecutive_failures))), \
+                next_attempt_at = now() + make_interval(secs => \
+                    $2[least(c.consecutive_failures, cardinality($2) - 1) + 1]), \
                 pending_source = COALESCE(c.pending_source, EXCLUDED.pending_source), \
                 flagged_at = CASE WHEN c.consecutive_failures + 1 > $5 THEN COALESCE(c.flagged_at, now()) END, \
                 last_outcome = EXCLUDED.last_outcome, last_error = EXCLUDED.last_error, updated_at = now() \
              RETURNING consecutive_failures, flagged_at IS NOT NULL AS flagged",
         )
         .bind(attempt.customer_id)
-        .bind(base)
+        .bind(&schedule)
         .bind(attempt.source)
         .bind(detail)
         .bind(FLAG_AFTER)
@@ -180,7 +199,7 @@ pub async fn record_attempt(
         .bind(attempt.customer_id)
         .bind(attempt.outcome)
         .bind(attempt.outcome == SyncOutcome::Ambiguous)
-        .bind(base)
+        .bind(retry_base.as_secs_f64())
         .bind(attempt.source)
         .bind(attempt.started_at)
         .fetch_one(&mut *tx)
@@ -326,6 +345,28 @@ pub async fn flagged_count(pool: &PgPool) -> Result<i64, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The delays the SQL used to compute: `base` for the first failure in a row, then
+    /// `LEAST(3600, base * power(2, failures before))` seconds.
+    #[test]
+    fn a_failed_sync_waits_the_base_doubling_at_most_an_hour() {
+        for base_ms in [20u64, 250, 5_000, 3_600_000, 7_200_000] {
+            let base = Duration::from_millis(base_ms);
+            let retry = retry_backoff(base);
+            let schedule = retry.schedule();
+            for before in 0..40i32 {
+                let sql = (base.as_secs_f64() * 2f64.powi(before)).min(3600.0);
+                assert_eq!(
+                    retry.delay(before as u32).as_secs_f64(),
+                    sql,
+                    "{base_ms} ms, {before}"
+                );
+                // What the statement picks: 1-based, the last entry past the end.
+                let picked = schedule[(before as usize).min(schedule.len() - 1)];
+                assert_eq!(picked.as_secs_f64(), sql, "{base_ms} ms, {before}");
+            }
+        }
+    }
 
     #[test]
     fn spellings_are_distinct_and_snake_case() {

@@ -11,9 +11,10 @@
 //! for a reason that may pass is retried with backoff and dead-lettered after
 //! `SUBLEDGER_MAX_ATTEMPTS`; one that can never be processed (it holds a value Postgres
 //! refuses for its content) is dead-lettered at once with its reason, and never fails the
-//! rows beside it, even of the same customer. An ambiguous
-//! webhook is not guessed at: a sync from Stripe's API is requested. This module never
-//! judges a fact (the aggregate does) and never writes the log itself (the ledger does).
+//! rows beside it, even of the same customer. An ambiguous webhook is not guessed at: a
+//! sync from Stripe's API is requested (through `sync_log`; the syncer runs it). This
+//! module never judges a fact (the aggregate does), never writes the log itself (the
+//! ledger does) and never calls Stripe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use crate::inbox::{self, Outcome, Processed};
 use crate::ledger::{check_storable, BatchAggregates, ExecuteError, Group, Ledger};
 use crate::metrics::RefusedAt;
 use crate::stripe::{parse_event, route, Route};
+use crate::sync_log::{self, SyncSource};
 
 pub use crate::inbox::Partition;
 
@@ -117,6 +119,7 @@ impl InboxWorker {
                 event_id.clone(),
                 InFlight {
                     event_type,
+                    attempts,
                     waited,
                     span,
                 },
@@ -268,8 +271,14 @@ impl InboxWorker {
                     chain,
                     refusal: None,
                 }) => {
-                    let inbox::Failed { attempts, dead } =
-                        inbox::mark_failed(&mut tx, &event_id, &chain, self.max_attempts).await?;
+                    let inbox::Failed { attempts, dead } = inbox::mark_failed(
+                        &mut tx,
+                        &event_id,
+                        row.attempts,
+                        &chain,
+                        self.max_attempts,
+                    )
+                    .await?;
                     row.span.record("outcome", Outcome::Failed.as_str());
                     row.span
                         .in_scope(|| tracing::warn!(attempts, dead, error = %chain, "webhook processing failed"));
@@ -294,7 +303,7 @@ impl InboxWorker {
                 }) => {
                     let reason = format!("{chain}; dead-lettered without retrying");
                     let inbox::Failed { attempts, .. } =
-                        inbox::mark_dead(&mut tx, &event_id, &reason).await?;
+                        inbox::mark_dead(&mut tx, &event_id, row.attempts, &reason).await?;
                     row.span.record("outcome", Outcome::Failed.as_str());
                     row.span.in_scope(|| {
                         tracing::warn!(
@@ -367,14 +376,14 @@ impl InboxWorker {
         decision: &Decision,
         previous_status: Option<SubscriptionStatus>,
     ) {
-        let Some(reason) = crate::sync::webhook_needs_sync(decision, previous_status) else {
+        let Some(reason) = webhook_needs_sync(decision, previous_status) else {
             return;
         };
         tracing::info!(event_id, customer_id, reason, "requesting a sync");
-        if let Err(error) = crate::sync::request_sync(
+        if let Err(error) = sync_log::request_sync(
             &self.pool,
             customer_id,
-            crate::sync::SyncSource::Webhook,
+            SyncSource::Webhook,
             WEBHOOK_SYNC_DELAY,
         )
         .await
@@ -431,6 +440,30 @@ impl InboxWorker {
     }
 }
 
+/// Whether a webhook's outcome is ambiguous enough that we should ask Stripe instead of
+/// guessing: a same-second tie the table could not order, or a `previous_attributes.status`
+/// that does not match the status we held before this event (we missed something).
+fn webhook_needs_sync(
+    decision: &Decision,
+    previous_status: Option<SubscriptionStatus>,
+) -> Option<String> {
+    if let aggregates::Outcome::Rejected(rejection @ aggregates::Rejection::SameSecond { .. }) =
+        &decision.outcome
+    {
+        return Some(rejection.to_string());
+    }
+    let previous = previous_status?;
+    decision.events.iter().find_map(|event| match event {
+        SubscriptionEvent::SubscriptionChanged { from, .. } if *from != Some(previous) => {
+            Some(format!(
+                "previous_attributes.status is {previous} but we held {}",
+                from.map_or("nothing", |s| s.as_str())
+            ))
+        }
+        _ => None,
+    })
+}
+
 fn detail_of(decision: &Decision) -> Option<String> {
     use aggregates::Outcome as Judged;
     match &decision.outcome {
@@ -470,6 +503,8 @@ impl WorkerWake {
 /// What processing needs to know about a claimed row besides its command.
 struct InFlight {
     event_type: String,
+    /// Attempts made before this one.
+    attempts: i32,
     /// From receipt to claim.
     waited: Duration,
     span: tracing::Span,

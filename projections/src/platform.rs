@@ -3,7 +3,9 @@
 //! fields, one row per subscription id).
 //!
 //! Rows only move forward: an upsert whose version is not newer than the row's changes
-//! nothing, so replays and repeated batches are harmless.
+//! nothing, so replays and repeated batches are harmless. The reads of these tables (a
+//! customer's answer, an owner's, the operators' search) are here too, beside the writes
+//! they must agree with.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +18,22 @@ use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
 use crate::log::{newest_per_aggregate, LoggedEvent};
 use crate::runner::{ProjectionError, TransactionalProjection};
+
+/// The most customers [`PlatformTables::search`] returns.
+pub const SEARCH_LIMIT: i64 = 50;
+
+/// A customer a search found, by what, and what its `subscriptions` row holds (all `None`
+/// for a customer without a row).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SearchHit {
+    pub customer_id: String,
+    /// `customer`, `org`, `user` or `subscription`.
+    pub matched_on: String,
+    pub org_id: Option<String>,
+    pub user_id: Option<String>,
+    pub subscription_id: Option<String>,
+    pub status: Option<String>,
+}
 
 #[derive(Clone)]
 pub struct PlatformTables {
@@ -56,6 +74,35 @@ impl PlatformTables {
             }
             (None, None) => Ok(None),
         }
+    }
+
+    /// The customers whose row names `q` (as customer, org, user or subscription id), or
+    /// whose subscription mirror names it as a subscription id, and the customers in
+    /// `known` (found by `q` elsewhere: the log, the inbox; matched as `customer`), each
+    /// with what its row holds. One per customer (by the first of `customer`, `org`,
+    /// `subscription`, `user` it matched on), at most [`SEARCH_LIMIT`], by customer id.
+    pub async fn search(
+        pool: &PgPool,
+        q: &str,
+        known: &[&str],
+    ) -> Result<Vec<SearchHit>, sqlx::Error> {
+        sqlx::query_as(
+            "WITH found AS ( \
+                SELECT customer_id, CASE WHEN customer_id = $1 THEN 'customer' WHEN org_id = $1 THEN 'org' \
+                       WHEN user_id = $1 THEN 'user' ELSE 'subscription' END AS matched_on \
+                  FROM subscriptions WHERE $1 IN (customer_id, org_id, user_id, subscription_id) \
+                UNION SELECT customer_id, 'subscription' FROM merchant_subscriptions WHERE subscription_id = $1 \
+                UNION SELECT unnest($2::text[]), 'customer' \
+             ) \
+             SELECT DISTINCT ON (f.customer_id) f.customer_id, f.matched_on, s.org_id, s.user_id, s.subscription_id, s.status \
+               FROM found f LEFT JOIN subscriptions s ON s.customer_id = f.customer_id \
+              ORDER BY f.customer_id, f.matched_on LIMIT $3",
+        )
+        .bind(q)
+        .bind(known)
+        .bind(SEARCH_LIMIT)
+        .fetch_all(pool)
+        .await
     }
 
     async fn one(

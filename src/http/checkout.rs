@@ -20,7 +20,8 @@ use crate::billing::{
     allowed_redirect, Billing, CheckoutSession, NewCheckout, PortalFor, PortalSession,
 };
 use crate::error_chain::error_chain;
-use crate::sync::{SyncReport, SyncSource, Syncer};
+use crate::sync::{SyncReport, Syncer};
+use crate::sync_log::SyncSource;
 
 fn syncer(state: &AppState) -> Result<&Syncer, ApiError> {
     state.sync.as_ref().ok_or(ApiError::StripeNotConfigured)

@@ -113,9 +113,7 @@ enum StripeCheckError {
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let target = host_port(&state.settings.stripe_api_base);
     let (postgres, redis, mut stripe) = tokio::join!(
-        timed("postgres", async {
-            sqlx::query("SELECT 1").execute(&state.pool).await.map(drop)
-        }),
+        timed("postgres", crate::db::ping(&state.pool)),
         timed("redis", state.cache.ping()),
         timed("stripe", async {
             let (host, port) = target.clone().ok_or(BadBase)?;

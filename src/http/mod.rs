@@ -8,6 +8,7 @@ pub mod auth;
 pub mod checkout;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod ops;
 pub mod params;
 pub mod serve;
@@ -89,7 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/checkout/success", get(checkout::success_page))
         .route("/portal/return", get(checkout::portal_return))
-        .route("/metrics", get(crate::metrics::scrape))
+        .route("/metrics", get(metrics::scrape))
         .merge(admin::router(state.clone()))
         .route("/readyz", get(health::readyz))
         .nest("/v1", v1)
@@ -99,6 +100,6 @@ pub fn router(state: AppState) -> Router {
             body_timeout,
             serve::body_deadline,
         ))
-        .layer(axum::middleware::from_fn(crate::metrics::track_http))
+        .layer(axum::middleware::from_fn(metrics::track_http))
         .with_state(state)
 }

@@ -43,7 +43,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use super::ApiError;
-use crate::metrics;
+use crate::metrics::{self, ConnectionState};
 
 /// File descriptors kept out of the connection budget: Postgres's pool, Redis, the log,
 /// the Stripe client's connections, and what the runtime itself opens.
@@ -163,10 +163,10 @@ pub async fn serve(
             let serving = serving.clone();
             let queue_wait = limits.queue_wait();
             tokio::spawn(async move {
-                metrics::http_connection_waiting(1);
+                metrics::http_connections(ConnectionState::Waiting, 1);
                 // Fair: places go to the waiting connections in their order of arrival.
                 let place = tokio::time::timeout(queue_wait, serving.acquire_owned()).await;
-                metrics::http_connection_waiting(-1);
+                metrics::http_connections(ConnectionState::Waiting, -1);
                 match place {
                     Ok(Ok(place)) => {
                         drop(wait);
@@ -218,7 +218,7 @@ impl Connection {
             builder,
             watcher,
         } = self;
-        metrics::http_connection_open(1);
+        metrics::http_connections(ConnectionState::Open, 1);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let mut router = router.clone();
             tower_service::Service::call(&mut router, request.map(Body::new))
@@ -230,7 +230,7 @@ impl Connection {
             }
             tracing::debug!(%error, "connection ended with an error");
         }
-        metrics::http_connection_open(-1);
+        metrics::http_connections(ConnectionState::Open, -1);
         drop(place);
     }
 }

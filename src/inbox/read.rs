@@ -83,6 +83,19 @@ pub struct Depth {
     pub oldest_pending_age_secs: Option<f64>,
 }
 
+impl Depth {
+    /// The states the depth counts: done rows are history, not depth.
+    pub const STATES: [InboxState; 2] = [InboxState::Pending, InboxState::Dead];
+
+    /// The rows in each of [`Depth::STATES`].
+    pub fn by_state(&self) -> [(InboxState, i64); 2] {
+        [
+            (InboxState::Pending, self.pending),
+            (InboxState::Dead, self.dead),
+        ]
+    }
+}
+
 pub async fn depth(pool: &PgPool) -> Result<Depth, sqlx::Error> {
     sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = $1) AS pending, \

@@ -34,7 +34,10 @@ pub enum Received {
 }
 
 impl Received {
-    pub fn as_str(self) -> &'static str {
+    /// In the order the metrics' help text lists them.
+    pub const ALL: [Self; 3] = [Self::Stored, Self::Duplicate, Self::Ignored];
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             Received::Stored => "stored",
             Received::Ignored => "ignored",

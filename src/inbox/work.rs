@@ -12,7 +12,13 @@ use std::time::Duration;
 use sqlx::{PgConnection, Row};
 
 use super::{InboxState, Outcome};
+use crate::backoff::Backoff;
 use crate::db_error::storable_text;
+
+/// When a failed row is due again: 2 s after its first failed attempt, doubling, at most an
+/// hour (2^attempts seconds, attempts counting this one).
+pub const RETRY: Backoff =
+    Backoff::doubling(Duration::from_secs(2)).capped(Duration::from_secs(3600));
 
 /// Which customers a worker claims rows of: those whose id hashes to `index` of `of`.
 /// Workers of one process take disjoint partitions, so their batches never race for a
@@ -130,16 +136,19 @@ pub struct Failed {
     pub dead: bool,
 }
 
-/// Records a failed attempt on a claimed row with its error: it is due again after a
-/// backoff (2^attempts seconds, at most an hour), or dead-lettered once `max_attempts`
-/// attempts have failed. The error stays on the row until processing succeeds.
+/// Records a failed attempt on a claimed row with its error: it is due again after the
+/// [`RETRY`] delay for its `attempts` (those made before this one, as [`Claimed`] says), or
+/// dead-lettered once `max_attempts` attempts have failed. The error stays on the row
+/// until processing succeeds. The claim holds the row locked for all of `tx`, so its
+/// attempt count is still the one it was claimed with.
 pub async fn mark_failed(
     tx: &mut PgConnection,
     event_id: &str,
+    attempts: i32,
     error: &str,
     max_attempts: i32,
 ) -> Result<Failed, sqlx::Error> {
-    record_failure(tx, event_id, error, max_attempts).await
+    record_failure(tx, event_id, attempts, error, max_attempts).await
 }
 
 /// Dead-letters a claimed row at once (outcome `failed`), with the reason it can never be
@@ -147,20 +156,23 @@ pub async fn mark_failed(
 pub async fn mark_dead(
     tx: &mut PgConnection,
     event_id: &str,
+    attempts: i32,
     reason: &str,
 ) -> Result<Failed, sqlx::Error> {
-    record_failure(tx, event_id, reason, 0).await
+    record_failure(tx, event_id, attempts, reason, 0).await
 }
 
 async fn record_failure(
     tx: &mut PgConnection,
     event_id: &str,
+    attempts: i32,
     error: &str,
     max_attempts: i32,
 ) -> Result<Failed, sqlx::Error> {
+    let retry_in = RETRY.delay(u32::try_from(attempts).unwrap_or(0));
     let row = sqlx::query(
         "UPDATE inbox SET attempts = attempts + 1, last_error = $2, \
-            next_attempt_at = now() + make_interval(secs => least(power(2, least(attempts + 1, 12)), 3600)::float8), \
+            next_attempt_at = now() + make_interval(secs => $6), \
             state = CASE WHEN attempts + 1 >= $3 THEN $4 ELSE state END, \
             outcome = CASE WHEN attempts + 1 >= $3 THEN $5 ELSE outcome END \
          WHERE event_id = $1 RETURNING attempts, state",
@@ -170,6 +182,7 @@ async fn record_failure(
     .bind(max_attempts)
     .bind(InboxState::Dead)
     .bind(Outcome::Failed)
+    .bind(retry_in.as_secs_f64())
     .fetch_one(&mut *tx)
     .await?;
     Ok(Failed {
@@ -181,6 +194,16 @@ async fn record_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The delays the SQL used to compute, `least(power(2, least(attempts + 1, 12)), 3600)`
+    /// seconds, for every attempt count.
+    #[test]
+    fn a_failed_row_waits_two_to_the_attempts_seconds_at_most_an_hour() {
+        for attempts in 0..40u32 {
+            let sql = 2f64.powi(((attempts + 1).min(12)) as i32).min(3600.0);
+            assert_eq!(RETRY.delay(attempts).as_secs_f64(), sql, "{attempts}");
+        }
+    }
 
     #[test]
     fn the_claim_takes_pending_rows() {

@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 
 pub use aggregate_cache::AggregateCache;
 
+use crate::backoff::Backoff;
 use crate::db_error::{self, Refusal, Refused};
 use crate::error_chain::error_chain;
 
@@ -49,6 +50,11 @@ const CONFLICT_RETRIES: usize = 20;
 /// text is not Stripe's. The bound also keeps every key the projections index (org and
 /// user ids, subscription ids) below the 2704-byte limit of a btree index row.
 pub const MAX_TEXT_BYTES: usize = 2000;
+
+/// The pause after losing a race, jittered below 1 ms, 3 ms, 5 ms … (one more step per
+/// loss), so that many writers of one hot customer (workers, replicas) stop colliding in
+/// lockstep instead of exhausting their retries together.
+const CONFLICT_PAUSE: Backoff = Backoff::linear(Duration::from_millis(1), Duration::from_millis(2));
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError {
@@ -255,14 +261,11 @@ impl Ledger {
                     return Ok((decisions, decided));
                 }
                 Err(StoreError::Conflict) => {
-                    // Someone else committed first: reload and decide again.
-                    // A short random pause, growing with each loss, so that many
-                    // writers of one hot customer (workers, replicas) stop colliding in
-                    // lockstep instead of exhausting their retries together.
+                    // Someone else committed first: reload and decide again, after a
+                    // short random pause.
                     self.conflicts_retried.fetch_add(1, Ordering::Relaxed);
-                    let spread = 1 + 2 * attempt as u64;
-                    let pause = (uuid::Uuid::new_v4().as_u128() as u64) % spread;
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    let random = uuid::Uuid::new_v4().as_u128() as u64;
+                    tokio::time::sleep(CONFLICT_PAUSE.jittered(attempt as u32, random)).await;
                 }
                 Err(error) => return Err(ExecuteError::Store(error)),
             }
@@ -434,5 +437,19 @@ mod tests {
                 .ends_with("fact.id holds 2001 bytes of text (at most 2000)"),
             "{refused}"
         );
+    }
+
+    /// The pause it replaced: `random % (1 + 2 × attempt)` milliseconds.
+    #[test]
+    fn a_lost_race_pauses_below_one_more_step_each_time() {
+        for attempt in 0..CONFLICT_RETRIES as u64 {
+            for random in [0, 1, 2, 7, 12_345, u64::MAX - 3, u64::MAX] {
+                assert_eq!(
+                    CONFLICT_PAUSE.jittered(attempt as u32, random),
+                    Duration::from_millis(random % (1 + 2 * attempt)),
+                    "attempt {attempt}, random {random}"
+                );
+            }
+        }
     }
 }

@@ -26,8 +26,7 @@ use stripe_checkout::CheckoutSessionMode;
 use stripe_client_core::{RequestBuilder, StripeMethod, StripeRequest};
 use stripe_core::customer::CreateCustomer;
 
-/// Stripe's own API base.
-pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
+use crate::backoff::Backoff;
 
 /// How the client talks to Stripe.
 #[derive(Debug, Clone)]
@@ -317,9 +316,14 @@ impl StripeApi {
                 error = described,
                 "Stripe call failed; retrying"
             );
-            tokio::time::sleep(self.options.backoff * 2u32.saturating_pow(attempts - 1)).await;
+            tokio::time::sleep(retry_delay(self.options.backoff, attempts)).await;
         }
     }
+}
+
+/// The pause after the `attempts`th attempt failed: `backoff`, then twice as long each time.
+fn retry_delay(backoff: Duration, attempts: u32) -> Duration {
+    Backoff::doubling(backoff).delay(attempts.saturating_sub(1))
 }
 
 /// Whether a failure is worth retrying, and a one-line description without secrets.
@@ -349,4 +353,22 @@ fn owner_metadata(org_id: &str, user_id: &str) -> std::collections::HashMap<Stri
         ("organizationId".to_owned(), org_id.to_owned()),
         ("userId".to_owned(), user_id.to_owned()),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pause it replaced: `backoff * 2^(attempts - 1)`.
+    #[test]
+    fn retries_wait_the_backoff_doubling() {
+        let backoff = Duration::from_millis(250);
+        for attempts in 1..=12u32 {
+            assert_eq!(
+                retry_delay(backoff, attempts),
+                backoff * 2u32.pow(attempts - 1),
+                "{attempts}"
+            );
+        }
+    }
 }

@@ -159,7 +159,7 @@ async fn a_compacted_batch_builds_what_every_event_one_at_a_time_builds() {
     let live = snapshot(&app).await;
     assert_eq!(live.0.len(), 8);
 
-    let platform = &app.services.platform;
+    let platform = &projections::PlatformTables::new(app.services.catalog.clone());
     let cache = &app.services.cache;
     let mut conn = app.pool.acquire().await.unwrap();
     let horizon = projections::log::read_horizon(&mut conn).await.unwrap();

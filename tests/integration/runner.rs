@@ -75,7 +75,7 @@ async fn logged(tag: &str, flaky: &Flaky) -> (Services, Projections, BTreeMap<St
     let runner = Projections::new(
         services.pool.clone(),
         [
-            Member::transactional(services.platform.clone()),
+            Member::transactional(PlatformTables::new(services.catalog.clone())),
             Member::eventual(flaky.clone()),
         ],
     );
