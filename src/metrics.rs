@@ -417,6 +417,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     m
 });
 
+/// The `type` label of an event: its type when it is shaped like one of Stripe's, else
+/// `other`, so that a hostile payload can put neither personal data nor unbounded text
+/// into `/metrics` (which needs no token).
+fn type_label(event_type: &str) -> &str {
+    if crate::telemetry::is_word_like(event_type) {
+        event_type
+    } else {
+        "other"
+    }
+}
+
 /// Records one processed inbox row.
 pub fn webhook_processed(
     event_type: &str,
@@ -425,6 +436,7 @@ pub fn webhook_processed(
     since_received: Duration,
     catch_up: bool,
 ) {
+    let event_type = type_label(event_type);
     let m = &*METRICS;
     m.webhooks_processed
         .with_label_values(&[event_type, outcome.as_str()])
@@ -456,7 +468,7 @@ fn out_of_order(kind: OutOfOrder) {
 /// once (outcome `ignored`), so it is counted as processed here: it never reaches a worker.
 pub fn webhook_received(event: &StripeEvent, received: Received) {
     let m = &*METRICS;
-    let event_type = event.event_type.as_str();
+    let event_type = type_label(&event.event_type);
     m.webhooks_received
         .with_label_values(&[event_type, received.as_str()])
         .inc();
@@ -477,6 +489,7 @@ pub fn webhook_received(event: &StripeEvent, received: Received) {
 
 /// Records a failed attempt: a retry, or a dead letter when `dead`.
 pub fn webhook_failed(event_type: &str, dead: bool) {
+    let event_type = type_label(event_type);
     let m = &*METRICS;
     if dead {
         m.webhook_dead_letters

@@ -27,6 +27,7 @@ use crate::reads::Reads;
 use crate::stripe::client::{ClientOptions, StripeApi, StripeApiError};
 use crate::stripe::objects::{listed_subscription, ListedSubscription};
 use crate::sync_log::{self, Attempt, Standing, SyncOutcome, SyncSource, FLAG_AFTER};
+use crate::telemetry::loggable_id;
 
 /// Subscriptions asked for per page (Stripe's maximum).
 pub const PAGE_SIZE: i64 = 100;
@@ -273,7 +274,11 @@ impl Syncer {
                 match listed_subscription(object) {
                     Ok(sub) if sub.customer_id == customer_id => listed.push(sub),
                     Ok(_) => {}
-                    Err(reason) => tracing::warn!(customer_id, reason, "unreadable subscription"),
+                    // The reason can quote the payload (an unknown status): debug only.
+                    Err(reason) => {
+                        tracing::warn!(customer_id = %loggable_id(customer_id), "unreadable subscription");
+                        tracing::debug!(reason, "unreadable subscription: why");
+                    }
                 }
             }
             match (page.value.has_more, page.value.last_id()) {
@@ -408,7 +413,8 @@ impl Syncer {
                         .push(sub),
                     Err(reason) => {
                         report.unreadable += 1;
-                        tracing::warn!(reason, "unreadable subscription in backfill");
+                        tracing::warn!("unreadable subscription in backfill");
+                        tracing::debug!(reason, "unreadable subscription in backfill: why");
                     }
                 }
             }

@@ -31,6 +31,7 @@ use crate::ledger::{check_storable, BatchAggregates, ExecuteError, Group, Ledger
 use crate::metrics::RefusedAt;
 use crate::stripe::{parse_event, route, Route};
 use crate::sync_log::{self, SyncSource};
+use crate::telemetry::{loggable_id, loggable_word};
 
 pub use crate::inbox::Partition;
 
@@ -106,12 +107,15 @@ impl InboxWorker {
                 waited,
             } = row;
             // One span per webhook processed: logs inside it carry the event, and its
-            // outcome is recorded once known.
+            // outcome is recorded once known. Only what looks like an id or a Stripe word
+            // is in it (crate::telemetry: no personal data at info).
             let span = tracing::info_span!(
                 "webhook",
-                event_id = %event_id,
-                event_type = %event_type,
-                customer_id = customer_id.unwrap_or_default(),
+                event_id = %loggable_id(&event_id),
+                event_type = %loggable_word(&event_type),
+                customer_id = customer_id
+                    .map(|id| loggable_id(&id).into_owned())
+                    .unwrap_or_default(),
                 attempt = attempts + 1,
                 outcome = tracing::field::Empty,
             );
@@ -252,8 +256,12 @@ impl InboxWorker {
             match outcome {
                 Ok((outcome, detail)) => {
                     row.span.record("outcome", outcome.as_str());
-                    row.span
-                        .in_scope(|| tracing::info!(detail, "webhook processed"));
+                    // The detail (why it was stale, illegal or ignored) can name values from
+                    // the payload: debug only. It is on the inbox row for `inspect`.
+                    row.span.in_scope(|| {
+                        tracing::info!("webhook processed");
+                        tracing::debug!(detail, "webhook processed: detail");
+                    });
                     crate::metrics::webhook_processed(
                         &row.event_type,
                         outcome,
@@ -379,7 +387,12 @@ impl InboxWorker {
         let Some(reason) = webhook_needs_sync(decision, previous_status) else {
             return;
         };
-        tracing::info!(event_id, customer_id, reason, "requesting a sync");
+        tracing::info!(
+            event_id = %loggable_id(event_id),
+            customer_id = %loggable_id(customer_id),
+            "requesting a sync"
+        );
+        tracing::debug!(reason, "requesting a sync: why");
         if let Err(error) = sync_log::request_sync(
             &self.pool,
             customer_id,
@@ -389,7 +402,7 @@ impl InboxWorker {
         .await
         {
             // The periodic reconciler will still get there.
-            tracing::warn!(event_id, error = %error_chain(&error), "cannot request a sync");
+            tracing::warn!(event_id = %loggable_id(event_id), error = %error_chain(&error), "cannot request a sync");
         }
     }
 

@@ -183,7 +183,15 @@ impl RedisCache {
         Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
             Ok(info) => Some(info),
             Err(error) => {
-                tracing::warn!(customer_id, %error, "undecodable cache value, reading through");
+                // serde_json's message can quote the value (an org or user id, which can
+                // be personal data): at warn only where it failed; the message at debug.
+                tracing::warn!(
+                    customer_id,
+                    line = error.line(),
+                    column = error.column(),
+                    "undecodable cache value, reading through"
+                );
+                tracing::debug!(customer_id, %error, "undecodable cache value: why");
                 None
             }
         }))

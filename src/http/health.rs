@@ -56,7 +56,7 @@ pub struct ProjectionLag {
 }
 
 /// Runs `check` within [`CHECK_TIMEOUT`], timing it and logging (never returning) its error.
-async fn timed<E: std::error::Error>(
+async fn timed<E: std::error::Error + 'static>(
     what: &'static str,
     check: impl std::future::Future<Output = Result<(), E>>,
 ) -> Check {

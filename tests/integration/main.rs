@@ -11,6 +11,7 @@ mod lifecycle;
 mod mutants;
 mod ops;
 mod outages;
+mod personal_data;
 mod processes;
 mod refusals;
 mod replay;
