@@ -78,6 +78,10 @@ pub struct Settings {
     /// `STRIPE_SECRET_KEY`: the API key. Unset: no sync, checkout, portal or reconciler
     /// (their endpoints answer 503).
     pub stripe_secret_key: Option<SecretString>,
+    /// Which of Stripe's modes this deployment serves: `SUBLEDGER_STRIPE_MODE` (`live` or
+    /// `test`), else the key's prefix (`sk_live_`/`rk_live_` or `sk_test_`/`rk_test_`), else
+    /// both (startup says so). An event of the other mode is stored and ignored.
+    pub stripe_mode: StripeMode,
     /// `STRIPE_API_BASE` (default `https://api.stripe.com`); `/readyz` also checks that it
     /// can be reached.
     pub stripe_api_base: String,
@@ -101,6 +105,72 @@ pub struct Settings {
     /// `SUBLEDGER_REDIRECT_ORIGINS`: comma-separated origins (`https://app.example.com`)
     /// the success and portal-return pages may redirect to; relative paths always may.
     pub redirect_origins: Vec<String>,
+}
+
+/// The Stripe mode a deployment serves. Live and test objects share no ids, and an event
+/// of the other mode must never grant anything here (issue 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeMode {
+    Live,
+    Test,
+    /// Neither `SUBLEDGER_STRIPE_MODE` nor the key's prefix says: events of both modes
+    /// are accepted (startup warns).
+    Both,
+}
+
+impl StripeMode {
+    /// Whether an event with this `livemode` belongs to the deployment.
+    pub fn accepts(self, livemode: bool) -> bool {
+        match self {
+            Self::Live => livemode,
+            Self::Test => !livemode,
+            Self::Both => true,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Test => "test",
+            Self::Both => "both",
+        }
+    }
+
+    /// The mode a key's prefix names (secret `sk_` or restricted `rk_` keys).
+    pub fn of_key(key: &str) -> Option<Self> {
+        if key.starts_with("sk_live_") || key.starts_with("rk_live_") {
+            Some(Self::Live)
+        } else if key.starts_with("sk_test_") || key.starts_with("rk_test_") {
+            Some(Self::Test)
+        } else {
+            None
+        }
+    }
+
+    /// `SUBLEDGER_STRIPE_MODE` if set, else the key's mode, else both. A setting that
+    /// contradicts the key is refused: the key could only ever read the other mode's
+    /// objects, so every sync would disagree with every accepted event.
+    pub fn resolve(setting: Option<&str>, key: Option<&str>) -> Result<Self, ConfigError> {
+        let of_key = key.and_then(Self::of_key);
+        let invalid = |reason: String| ConfigError::Invalid {
+            name: "SUBLEDGER_STRIPE_MODE",
+            reason,
+        };
+        let set = match setting.map(str::trim) {
+            None => return Ok(of_key.unwrap_or(Self::Both)),
+            Some("live") => Self::Live,
+            Some("test") => Self::Test,
+            Some(_) => return Err(invalid("must be `live` or `test`".into())),
+        };
+        match of_key {
+            Some(key_mode) if key_mode != set => Err(invalid(format!(
+                "is {} but STRIPE_SECRET_KEY is a {} key",
+                set.as_str(),
+                key_mode.as_str()
+            ))),
+            _ => Ok(set),
+        }
+    }
 }
 
 /// One org-scoped token: whoever presents `token` may read `org_id`'s entitlements only.
@@ -194,6 +264,10 @@ impl Settings {
             max_attempts: parsed("SUBLEDGER_MAX_ATTEMPTS", 8)?,
             db_pool_size: parsed("SUBLEDGER_DB_POOL", 16)?,
             poll_interval: Duration::from_millis(parsed("SUBLEDGER_POLL_MS", 500)?),
+            stripe_mode: StripeMode::resolve(
+                var("SUBLEDGER_STRIPE_MODE").as_deref(),
+                var("STRIPE_SECRET_KEY").as_deref(),
+            )?,
             stripe_secret_key: var("STRIPE_SECRET_KEY").map(SecretString::from),
             stripe_api_base: var("STRIPE_API_BASE")
                 .unwrap_or_else(|| DEFAULT_STRIPE_API_BASE.to_owned()),
@@ -259,5 +333,26 @@ mod tests {
         assert!(error.to_string().contains("entry 2"), "{error}");
         assert!(!error.to_string().contains("sekrit"), "{error}");
         assert!(org_tokens("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_mode_comes_from_the_setting_else_the_key_else_both() {
+        use StripeMode::*;
+        assert_eq!(StripeMode::resolve(None, Some("sk_live_x")).unwrap(), Live);
+        assert_eq!(StripeMode::resolve(None, Some("rk_live_x")).unwrap(), Live);
+        assert_eq!(StripeMode::resolve(None, Some("sk_test_x")).unwrap(), Test);
+        assert_eq!(StripeMode::resolve(None, Some("rk_test_x")).unwrap(), Test);
+        assert_eq!(StripeMode::resolve(None, Some("whatever")).unwrap(), Both);
+        assert_eq!(StripeMode::resolve(None, None).unwrap(), Both);
+        assert_eq!(StripeMode::resolve(Some("live"), None).unwrap(), Live);
+        assert_eq!(
+            StripeMode::resolve(Some("test"), Some("rk_test_x")).unwrap(),
+            Test
+        );
+        assert!(StripeMode::resolve(Some("live"), Some("sk_test_x")).is_err());
+        assert!(StripeMode::resolve(Some("both"), None).is_err());
+        assert!(Live.accepts(true) && !Live.accepts(false));
+        assert!(Test.accepts(false) && !Test.accepts(true));
+        assert!(Both.accepts(true) && Both.accepts(false));
     }
 }

@@ -32,6 +32,7 @@ use prometheus::{
 };
 use sqlx::PgPool;
 
+use crate::config::StripeMode;
 use crate::db_error::Refusal;
 use crate::error_chain::error_chain;
 use crate::inbox::{self, Depth, Outcome, Received};
@@ -232,6 +233,7 @@ pub struct Metrics {
     pub http_connections_shed: IntCounter,
     pub http_read_timeouts: IntCounterVec,
     pub token_uses: IntCounterVec,
+    pub webhooks_wrong_mode: IntCounterVec,
 }
 
 /// The process's metrics, registered on first use.
@@ -373,6 +375,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Requests let in by a bearer token, by setting (api, admin, org) and the token's position in it (0 for the first): shows when a token being rotated out is no longer used",
             &["kind", "position"],
         ),
+        webhooks_wrong_mode: counter(
+            "subledger_webhooks_wrong_mode_total",
+            "Events of the other Stripe mode (livemode) than the deployment's, stored and ignored, by the event's mode (live, test)",
+            &["mode"],
+        ),
     };
     // Create the series the alert rules and the dashboard name, at zero.
     for outcome in Outcome::ALL {
@@ -412,6 +419,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
     for part in ReadTimeout::ALL {
         m.http_read_timeouts.with_label_values(&[part.as_str()]);
+    }
+    for mode in [StripeMode::Live, StripeMode::Test] {
+        m.webhooks_wrong_mode.with_label_values(&[mode.as_str()]);
     }
     LazyLock::force(&projections::redis_cache::STALE_WRITES);
     m
@@ -485,6 +495,19 @@ pub fn webhook_received(event: &StripeEvent, received: Received) {
             .with_label_values(&[event_type])
             .observe(age as f64 / 1000.0);
     }
+}
+
+/// Counts an event of the other Stripe mode, ignored.
+pub fn webhook_wrong_mode(livemode: bool) {
+    let mode = if livemode {
+        StripeMode::Live
+    } else {
+        StripeMode::Test
+    };
+    METRICS
+        .webhooks_wrong_mode
+        .with_label_values(&[mode.as_str()])
+        .inc();
 }
 
 /// Records a failed attempt: a retry, or a dead letter when `dead`.

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
 use crate::billing::Billing;
-use crate::config::Settings;
+use crate::config::{Settings, StripeMode};
 use crate::db::{self, DbError};
 use crate::error_chain::error_chain;
 use crate::http::serve::{serve, Limits};
@@ -107,7 +107,12 @@ impl Services {
         );
         let ledger = Ledger::new(pool.clone(), settings.aggregate_cache);
         Ok(Self {
-            worker: InboxWorker::new(pool.clone(), ledger.clone(), settings.max_attempts),
+            worker: InboxWorker::new(
+                pool.clone(),
+                ledger.clone(),
+                settings.max_attempts,
+                settings.stripe_mode,
+            ),
             reads: Reads::new(
                 pool.clone(),
                 cache.clone(),
@@ -190,6 +195,15 @@ impl Application {
             tracing::warn!(
                 "STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 500 until it is"
             );
+        }
+        match services.settings.stripe_mode {
+            StripeMode::Both => tracing::warn!(
+                "neither SUBLEDGER_STRIPE_MODE nor the key's prefix names a Stripe mode: live and test events are both accepted"
+            ),
+            mode => tracing::info!(
+                mode = mode.as_str(),
+                "Stripe mode: events of the other mode are stored and ignored"
+            ),
         }
         if services.settings.api_tokens.is_empty() {
             tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");

@@ -24,6 +24,7 @@ use aggregates::{Decision, Move, SubscriptionEvent, SubscriptionStatus};
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
+use crate::config::StripeMode;
 use crate::db_error::{Refusal, Refused};
 use crate::error_chain::error_chain;
 use crate::inbox::{self, Outcome, Processed};
@@ -57,15 +58,19 @@ pub struct InboxWorker {
     pool: PgPool,
     ledger: Ledger,
     max_attempts: i32,
+    /// The Stripe mode this deployment serves: an event of the other mode is ignored.
+    mode: StripeMode,
 }
 
 impl InboxWorker {
-    /// `max_attempts`: failed attempts after which a row is dead-lettered.
-    pub fn new(pool: PgPool, ledger: Ledger, max_attempts: i32) -> Self {
+    /// `max_attempts`: failed attempts after which a row is dead-lettered; `mode`: the
+    /// Stripe mode whose events count here.
+    pub fn new(pool: PgPool, ledger: Ledger, max_attempts: i32, mode: StripeMode) -> Self {
         Self {
             pool,
             ledger,
             max_attempts,
+            mode,
         }
     }
 
@@ -137,6 +142,18 @@ impl InboxWorker {
                     continue;
                 }
             };
+            // Live and test never mix (issue 11): the other mode's event is kept in the
+            // inbox with why, counted, and changes nothing.
+            if !self.mode.accepts(event.livemode) {
+                crate::metrics::webhook_wrong_mode(event.livemode);
+                let reason = format!(
+                    "a {} mode event reached a {} mode deployment",
+                    if event.livemode { "live" } else { "test" },
+                    self.mode.as_str()
+                );
+                results.push(RowResult::done(event_id, Outcome::Ignored, Some(reason)));
+                continue;
+            }
             match route(&event) {
                 Route::Ignore { reason } => {
                     results.push(RowResult::done(event_id, Outcome::Ignored, Some(reason)))

@@ -8,6 +8,7 @@ mod dead_letters;
 mod events;
 mod fixtures;
 mod lifecycle;
+mod modes;
 mod mutants;
 mod ops;
 mod outages;
