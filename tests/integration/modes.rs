@@ -72,7 +72,11 @@ async fn an_event_of_the_other_mode_is_stored_ignored_counted_and_changes_nothin
                 && detail.contains(&format!("{} mode deployment", mode.as_str())),
             "{detail}"
         );
-        assert_eq!(app.count("SELECT count(*) FROM events").await, 0, "{mode:?}");
+        assert_eq!(
+            app.count("SELECT count(*) FROM events").await,
+            0,
+            "{mode:?}"
+        );
         assert_eq!(
             app.get("/v1/customers/cus_wrong/subscription")
                 .await
