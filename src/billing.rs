@@ -189,8 +189,9 @@ impl Billing {
             .syncer
             .api()
             .create_customer(&new.org_id, &new.user_id, email, &key)
-            .await?
-            .value;
+            .await?;
+        // Stripe's clock, when the object carries no `created` of its own.
+        let (customer, stripe_time) = (customer.value, customer.stripe_time);
         let customer_id = objects::text(&customer, "id")
             .ok_or_else(|| StripeApiError::Unexpected("a customer without an id".to_owned()))?;
         self.record_owner(
@@ -201,7 +202,9 @@ impl Billing {
             },
             format!("api_customer_{customer_id}"),
             "api.customer.create",
-            objects::created(&customer).unwrap_or_else(Utc::now),
+            objects::created(&customer)
+                .or(stripe_time)
+                .unwrap_or_else(Utc::now),
         )
         .await?;
         Ok(customer_id)
@@ -219,8 +222,8 @@ impl Billing {
             .syncer
             .api()
             .retrieve_checkout_session(session_id)
-            .await?
-            .value;
+            .await?;
+        let (session, stripe_time) = (session.value, session.stripe_time);
         let (customer_id, owner, created) = objects::checkout_session_owner(&session);
         let customer_id =
             customer_id.ok_or_else(|| BillingError::NoCustomerForSession(session_id.to_owned()))?;
@@ -230,7 +233,7 @@ impl Billing {
                 owner,
                 format!("api_{session_id}"),
                 "api.checkout.session.retrieve",
-                created.unwrap_or_else(Utc::now),
+                created.or(stripe_time).unwrap_or_else(Utc::now),
             )
             .await?;
         }

@@ -251,9 +251,13 @@ impl Syncer {
         customer_id: &str,
         sync_id: &str,
     ) -> (Result<(Decision, Decided), SyncError>, u32) {
-        // The answer is the truth as of the moment the request left: stamp that, in whole
-        // seconds like Stripe's `created` (see `aggregates::decide` for the ordering).
-        let fetched_at = whole_second(Utc::now());
+        // The answer is the truth as of the moment Stripe answered, on Stripe's clock (the
+        // first page's `Date` header, whole seconds like Stripe's `created`; see
+        // `aggregates::decide` for the ordering): our clock may run ahead of Stripe's, and
+        // an answer stamped ahead would outrank the webhook of a change made just after
+        // it. Only when Stripe sent no date is our clock at sending used.
+        let sent_at = whole_second(Utc::now());
+        let mut fetched_at: Option<DateTime<Utc>> = None;
         let mut attempts = 0;
         let mut listed = Vec::new();
         let mut cursor: Option<String> = None;
@@ -270,6 +274,7 @@ impl Syncer {
                 }
             };
             attempts += page.attempts;
+            fetched_at = fetched_at.or(page.stripe_time);
             for object in &page.value.data {
                 match listed_subscription(object) {
                     Ok(sub) if sub.customer_id == customer_id => listed.push(sub),
@@ -286,6 +291,7 @@ impl Syncer {
                 _ => break,
             }
         }
+        let fetched_at = fetched_at.map_or(sent_at, whole_second);
         let snapshot = api_snapshot(customer_id, sync_id, fetched_at, listed);
         let result = self
             .ledger
@@ -396,12 +402,14 @@ impl Syncer {
         let mut seen_customers = std::collections::HashSet::new();
         let mut cursor: Option<String> = None;
         loop {
-            let fetched_at = whole_second(Utc::now());
-            let page = self
+            let sent_at = whole_second(Utc::now());
+            let answer = self
                 .api
                 .list_subscriptions(customer_id, cursor.as_deref(), PAGE_SIZE)
-                .await?
-                .value;
+                .await?;
+            // Each page is the truth as of Stripe's clock when it answered.
+            let fetched_at = answer.stripe_time.map_or(sent_at, whole_second);
+            let page = answer.value;
             report.pages += 1;
             let mut by_customer: BTreeMap<String, Vec<ListedSubscription>> = BTreeMap::new();
             for object in &page.data {

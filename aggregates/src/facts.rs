@@ -55,8 +55,9 @@ pub struct PaymentMethodFacts {
 
 /// What Stripe's API answered when we asked it about a customer's subscriptions: the
 /// truth as of `fetched_at`. Stripe stamps no `created` on an API answer, so the caller
-/// stamps the time it sent the request (whole seconds, the resolution of Stripe's own
-/// `created`), and the aggregate orders the snapshot by it; it never reads a clock itself.
+/// stamps Stripe's clock from the answer's `Date` header (whole seconds, the resolution of
+/// Stripe's own `created`; ours only when Stripe sent none), and the aggregate orders the
+/// snapshot by it; it never reads a clock itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiSnapshot {
     pub customer_id: String,
@@ -65,7 +66,9 @@ pub struct ApiSnapshot {
     /// Which API call produced it (becomes the events' `stripe_event_type`, e.g.
     /// `api.subscriptions.list`).
     pub api_call: String,
-    /// When the request was sent, truncated to the second.
+    /// The time the answer is true as of, truncated to the second: Stripe's clock when it
+    /// answered (the response's `Date` header), or the caller's when the request was sent
+    /// if Stripe gave none.
     pub fetched_at: DateTime<Utc>,
     /// Ownership the listed objects carry (their metadata).
     pub owner: OwnerFacts,

@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_billing::subscription::{ListSubscription, ListSubscriptionStatus};
 use stripe_checkout::checkout_session::{
@@ -23,9 +23,10 @@ use stripe_checkout::checkout_session::{
     RetrieveCheckoutSession,
 };
 use stripe_checkout::CheckoutSessionMode;
-use stripe_client_core::{RequestBuilder, StripeMethod, StripeRequest};
+use stripe_client_core::{IdempotencyKey, RequestBuilder, StripeMethod, StripeRequest};
 use stripe_core::customer::CreateCustomer;
 
+use super::transport::{Transport, TransportError};
 use crate::backoff::Backoff;
 
 /// How the client talks to Stripe.
@@ -77,11 +78,15 @@ impl StripeApiError {
     }
 }
 
-/// One call's answer and how many HTTP attempts it took.
+/// One call's answer, how many HTTP attempts it took, and Stripe's clock when it
+/// answered.
 #[derive(Debug, Clone)]
 pub struct Answer<T> {
     pub value: T,
     pub attempts: u32,
+    /// The answer's `Date` header: the time the answer is true as of, on Stripe's clock
+    /// (whole seconds). `None` when Stripe (or a fake) sent none.
+    pub stripe_time: Option<DateTime<Utc>>,
 }
 
 /// One page of a Stripe list.
@@ -115,7 +120,7 @@ pub struct CheckoutParams<'a> {
 /// The calls subledger makes to Stripe's API.
 #[derive(Clone)]
 pub struct StripeApi {
-    client: Client,
+    transport: Transport,
     options: ClientOptions,
 }
 
@@ -130,12 +135,9 @@ impl std::fmt::Debug for StripeApi {
 
 impl StripeApi {
     pub fn new(secret_key: &str, options: ClientOptions) -> Result<Self, StripeApiError> {
-        let client = ClientBuilder::new(secret_key)
-            .url(options.base_url.trim_end_matches('/'))
-            .timeout(options.timeout)
-            .build()
+        let transport = Transport::new(secret_key, &options.base_url)
             .map_err(|error| StripeApiError::Config(error.to_string()))?;
-        Ok(Self { client, options })
+        Ok(Self { transport, options })
     }
 
     /// Every subscription (any status, newest first, with the default payment method
@@ -175,6 +177,7 @@ impl StripeApi {
         Ok(Answer {
             value: Page { data, has_more },
             attempts: answer.attempts,
+            stripe_time: answer.stripe_time,
         })
     }
 
@@ -247,63 +250,52 @@ impl StripeApi {
         idempotency_key: Option<&str>,
     ) -> Result<Answer<Map<String, Value>>, StripeApiError> {
         let key = match (request.method, idempotency_key) {
-            (StripeMethod::Post, Some(key)) => {
-                Some(IdempotencyKey::new(key).map_err(|e| StripeApiError::Config(e.to_string()))?)
-            }
-            (StripeMethod::Post, None) => Some(IdempotencyKey::new_uuid_v4()),
+            (StripeMethod::Post, Some(key)) => Some(
+                IdempotencyKey::new(key)
+                    .map_err(|e| StripeApiError::Config(e.to_string()))?
+                    .into_inner(),
+            ),
+            (StripeMethod::Post, None) => Some(IdempotencyKey::new_uuid_v4().into_inner()),
             // Stripe ignores idempotency keys on GET and DELETE.
             _ => None,
         };
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let attempt = RequestBuilder {
-                query: request.query.clone(),
-                body: request.body.clone(),
-                path: request.path.clone(),
-                method: request.method,
-            };
-            // The client's own strategies either retry with a fresh random key or never
-            // retry; we retry here so that one key covers every attempt.
-            let strategy = key
-                .clone()
-                .map_or(RequestStrategy::Once, RequestStrategy::Idempotent);
-            let result = attempt
-                .customize::<miniserde::json::Value>()
-                .request_strategy(strategy)
-                .timeout(self.options.timeout)
-                .send(&self.client)
+            let result = self
+                .transport
+                .send(&request, key.as_deref(), None, self.options.timeout)
                 .await;
-            let error = match result {
-                Ok(value) => {
-                    let text = miniserde::json::to_string(&value);
-                    return match serde_json::from_str(&text) {
+            let described = match result {
+                Ok(response) if (200..300).contains(&response.status) => {
+                    return match serde_json::from_slice(&response.body) {
                         Ok(Value::Object(object)) => Ok(Answer {
                             value: object,
                             attempts,
+                            stripe_time: response.date,
                         }),
                         _ => Err(StripeApiError::Unexpected(
                             "the answer is not a JSON object".to_owned(),
                         )),
                     };
                 }
-                Err(error) => error,
+                Ok(response) => {
+                    let (code, message) = error_of(&response.body);
+                    // 409: a concurrent request with the same idempotency key; 429 and
+                    // 5xx: Stripe or a proxy in front of it is overloaded or failing.
+                    if !matches!(response.status, 409 | 429 | 500..=599) {
+                        return Err(StripeApiError::Refused {
+                            status: response.status,
+                            code,
+                            message,
+                            attempts,
+                        });
+                    }
+                    format!("{} {message}", response.status)
+                }
+                Err(TransportError::Build(reason)) => return Err(StripeApiError::Config(reason)),
+                Err(error) => error.to_string(),
             };
-            let (retryable, described) = classify(&error);
-            if !retryable {
-                let StripeError::Stripe(details, status) = error else {
-                    return Err(StripeApiError::Unexpected(described));
-                };
-                return Err(StripeApiError::Refused {
-                    status,
-                    code: details.code.as_ref().map_or_else(
-                        || details.type_.as_str().to_owned(),
-                        |c| c.as_str().to_owned(),
-                    ),
-                    message: details.message.clone().unwrap_or_default(),
-                    attempts,
-                });
-            }
             if attempts > self.options.retries {
                 return Err(StripeApiError::Unavailable {
                     attempts,
@@ -321,31 +313,30 @@ impl StripeApi {
     }
 }
 
+/// Stripe's error body (`{"error": {"type", "code", "message"}}`): the code (else the
+/// type) and the message. A body in another format (a proxy's error page) gives neither.
+fn error_of(body: &[u8]) -> (String, String) {
+    let error = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|value| value.get("error").cloned());
+    let field = |name: &str| {
+        error
+            .as_ref()
+            .and_then(|error| error.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    (
+        field("code")
+            .or_else(|| field("type"))
+            .unwrap_or_else(|| "unknown".to_owned()),
+        field("message").unwrap_or_else(|| "(no message)".to_owned()),
+    )
+}
+
 /// The pause after the `attempts`th attempt failed: `backoff`, then twice as long each time.
 fn retry_delay(backoff: Duration, attempts: u32) -> Duration {
     Backoff::doubling(backoff).delay(attempts.saturating_sub(1))
-}
-
-/// Whether a failure is worth retrying, and a one-line description without secrets.
-fn classify(error: &StripeError) -> (bool, String) {
-    match error {
-        StripeError::Stripe(details, status) => (
-            matches!(status, 409 | 429 | 500..=599),
-            format!(
-                "{status} {}",
-                details.message.as_deref().unwrap_or("(no message)")
-            ),
-        ),
-        // A non-2xx whose body is not Stripe's error format (a proxy's 502 page) ends up
-        // here without its status: treat it as transient.
-        StripeError::JSONDeserialize(message) if message.contains("Stripe error") => {
-            (true, message.clone())
-        }
-        StripeError::JSONDeserialize(message) => (false, message.clone()),
-        StripeError::ClientError(message) => (true, format!("network: {message}")),
-        StripeError::Timeout => (true, "timed out".to_owned()),
-        StripeError::ConfigError(message) => (false, message.clone()),
-    }
 }
 
 fn owner_metadata(org_id: &str, user_id: &str) -> std::collections::HashMap<String, String> {

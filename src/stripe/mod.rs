@@ -10,6 +10,7 @@ pub mod client;
 pub mod event;
 pub mod objects;
 pub mod signature;
+pub mod transport;
 
 pub use event::{parse_event, route, ParseError, Route, StripeEvent};
 pub use signature::{verify_signature, SignatureError};

@@ -536,3 +536,34 @@ async fn backfill_pages_through_hundreds_of_subscriptions_and_is_safe_to_rerun()
     assert_eq!((again.subscriptions, again.events), (260, 0));
     app.stop().await;
 }
+
+/// Issue 11 item 7: a sync's facts are stamped with Stripe's clock (its answer's `Date`
+/// header), not ours. The fake's clock runs an hour behind ours: the recorded event's
+/// time is the fake's, to the second.
+#[tokio::test]
+async fn a_sync_is_stamped_with_stripes_clock() {
+    let (app, fake) = spawn_with_stripe("stripeclock").await;
+    fake.set_clock_offset(-3_600);
+    fake.add_subscription("cus_clock", "org_clock", "active", "price_pro", 7_200);
+    let before = chrono::Utc::now().timestamp() - 3_600;
+    let response = post_json(&app, "/v1/customers/cus_clock/sync", json!({})).await;
+    assert_eq!(response.status(), 200);
+    let after = chrono::Utc::now().timestamp() - 3_600;
+    let stamped: Vec<i64> = sqlx::query_scalar(
+        "SELECT (payload->'SubscriptionReconciled'->'source'->>'created')::timestamptz \
+         FROM events WHERE aggregate_id = 'cus_clock' AND event_type = 'SubscriptionReconciled'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|at: chrono::DateTime<chrono::Utc>| at.timestamp())
+    .collect();
+    assert_eq!(stamped.len(), 1, "{stamped:?}");
+    assert!(
+        (before..=after).contains(&stamped[0]),
+        "stamped {} outside Stripe's clock [{before}, {after}]",
+        stamped[0]
+    );
+    app.stop().await;
+}

@@ -44,6 +44,8 @@ struct Inner {
     injections: Vec<(String, VecDeque<Injection>)>,
     /// Path prefix → fail every request with this status until cleared.
     failing: Vec<(String, u16)>,
+    /// Seconds Stripe's clock (the `Date` header of every answer) is ahead of ours.
+    clock_offset: i64,
 }
 
 #[derive(Clone)]
@@ -66,6 +68,10 @@ impl FakeStripe {
             .route("/v1/checkout/sessions", post(create_session))
             .route("/v1/checkout/sessions/:id", get(retrieve_session))
             .route("/v1/billing_portal/sessions", post(create_portal_session))
+            .layer(axum::middleware::map_response_with_state(
+                inner.clone(),
+                stripe_date,
+            ))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
@@ -75,6 +81,12 @@ impl FakeStripe {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap()
+    }
+
+    /// Stripe's clock runs `seconds` ahead of ours (behind, if negative): the `Date` header
+    /// of every answer says so.
+    pub fn set_clock_offset(&self, seconds: i64) {
+        self.lock().clock_offset = seconds;
     }
 
     /// The next requests to `path_prefix` get these treatments, in order.
@@ -249,6 +261,20 @@ fn event(inner: &mut Inner, kind: &str, object: Value, previous: Option<Value>) 
     }
     json!({"id": format!("evt_fake{:06}", inner.seq), "object": "event", "type": kind,
         "created": now(), "api_version": "2025-03-31.basil", "livemode": false, "data": data})
+}
+
+/// Every answer carries Stripe's clock in its `Date` header, as an HTTP date (RFC 9110
+/// section 6.6.1; Stripe's API sends one on every response, e.g.
+/// `Date: Tue, 01 Dec 2026 10:00:00 GMT`).
+async fn stripe_date(State(state): State<Arc<Mutex<Inner>>>, mut response: Response) -> Response {
+    let offset = state.lock().unwrap().clock_offset;
+    let at = chrono::Utc::now() + chrono::Duration::seconds(offset);
+    let value = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    response.headers_mut().insert(
+        "date",
+        value.parse().expect("an HTTP date is a header value"),
+    );
+    response
 }
 
 fn stripe_error(status: u16, kind: &str, message: &str) -> Response {
