@@ -26,7 +26,7 @@ use crate::http::serve::{serve, Limits};
 use crate::http::{self, AppState};
 use crate::ledger::Ledger;
 use crate::reads::{Reads, PROJECTION_BATCH};
-use crate::stripe::client::StripeApiError;
+use crate::stripe::client::{StripeApi, StripeApiError};
 use crate::sync::Syncer;
 use crate::worker::{InboxWorker, Partition, WorkerWake};
 
@@ -112,7 +112,8 @@ impl Services {
                 ledger.clone(),
                 settings.max_attempts,
                 settings.stripe_mode,
-            ),
+            )
+            .with_stripe(StripeApi::from_settings(&settings)?),
             reads: Reads::new(
                 pool.clone(),
                 cache.clone(),

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use aggregates::{ApiSnapshot, Decision, Outcome, OwnerFacts, SubscriptionCommand};
 use chrono::{DateTime, Utc};
 use projections::{Catalog, ProjectionError, SubscriptionInfo, WhenBusy};
-use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
@@ -24,7 +23,7 @@ use crate::config::Settings;
 use crate::error_chain::error_chain;
 use crate::ledger::{Decided, ExecuteError, Ledger};
 use crate::reads::Reads;
-use crate::stripe::client::{ClientOptions, StripeApi, StripeApiError};
+use crate::stripe::client::{StripeApi, StripeApiError};
 use crate::stripe::objects::{listed_subscription, ListedSubscription};
 use crate::sync_log::{self, Attempt, Standing, SyncOutcome, SyncSource, FLAG_AFTER};
 use crate::telemetry::loggable_id;
@@ -108,18 +107,9 @@ impl Syncer {
         ledger: Ledger,
         reads: Reads,
     ) -> Result<Option<Self>, StripeApiError> {
-        let Some(key) = &settings.stripe_secret_key else {
+        let Some(api) = StripeApi::from_settings(settings)? else {
             return Ok(None);
         };
-        let api = StripeApi::new(
-            key.expose_secret(),
-            ClientOptions {
-                base_url: settings.stripe_api_base.clone(),
-                timeout: settings.stripe_timeout,
-                retries: settings.stripe_retries,
-                backoff: settings.stripe_backoff,
-            },
-        )?;
         Ok(Some(Self {
             api,
             ledger,

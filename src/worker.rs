@@ -13,14 +13,20 @@
 //! refuses for its content) is dead-lettered at once with its reason, and never fails the
 //! rows beside it, even of the same customer. An ambiguous webhook is not guessed at: a
 //! sync from Stripe's API is requested (through `sync_log`; the syncer runs it). This
-//! module never judges a fact (the aggregate does), never writes the log itself (the
-//! ledger does) and never calls Stripe.
+//! module never judges a fact (the aggregate does) and never writes the log itself (the
+//! ledger does). It calls Stripe for one thing only: a thin event carries no object, so
+//! the object it names is fetched (for its `context` account) and recorded as the API
+//! answer it is, stamped with Stripe's clock; a fetch that fails fails the row, which is
+//! retried and dead-lettered like any other.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregates::{Decision, Move, SubscriptionEvent, SubscriptionStatus};
+use aggregates::{
+    ApiSnapshot, Decision, Move, SubscriptionCommand, SubscriptionEvent, SubscriptionStatus,
+};
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
@@ -30,7 +36,10 @@ use crate::error_chain::error_chain;
 use crate::inbox::{self, Outcome, Processed};
 use crate::ledger::{check_storable, BatchAggregates, ExecuteError, Group, Ledger};
 use crate::metrics::RefusedAt;
-use crate::stripe::{parse_event, route, Route};
+use crate::stripe::client::StripeApi;
+use crate::stripe::event::{retrieve_path, ThinRef};
+use crate::stripe::objects::listed_subscription;
+use crate::stripe::{parse_event, route, Route, StripeEvent};
 use crate::sync_log::{self, SyncSource};
 use crate::telemetry::{loggable_id, loggable_word};
 
@@ -60,6 +69,8 @@ pub struct InboxWorker {
     max_attempts: i32,
     /// The Stripe mode this deployment serves: an event of the other mode is ignored.
     mode: StripeMode,
+    /// Fetches the objects thin events name; `None` without a Stripe key.
+    stripe: Option<StripeApi>,
 }
 
 impl InboxWorker {
@@ -71,7 +82,60 @@ impl InboxWorker {
             ledger,
             max_attempts,
             mode,
+            stripe: None,
         }
+    }
+
+    /// Thin events are processed by fetching the object they name with `api`.
+    pub fn with_stripe(mut self, api: Option<StripeApi>) -> Self {
+        self.stripe = api;
+        self
+    }
+
+    /// What a thin event means once the object it names is fetched (for its `context`
+    /// account), as the API answer it is, stamped with Stripe's clock: a subscription is a
+    /// `Reconcile` of that one subscription (as a sync records it); any other object is
+    /// routed as the snapshot event of the same type would be, its time Stripe's at the
+    /// fetch. `Err`: the fetch failed, and the row is retried like any failure.
+    async fn fetch_thin(&self, event: &StripeEvent, thin: &ThinRef) -> Result<Route, String> {
+        let Some(api) = &self.stripe else {
+            return Err(
+                "a thin event names an object to fetch, and STRIPE_SECRET_KEY is not set"
+                    .to_owned(),
+            );
+        };
+        let path = retrieve_path(&thin.object_type, &thin.id)
+            .expect("route answers Fetch only for a fetchable object");
+        let sent_at = Utc::now();
+        let answer = api
+            .retrieve(&path, thin.context.as_deref())
+            .await
+            .map_err(|error| {
+                format!("fetching the thin event's object: {}", error_chain(&error))
+            })?;
+        let fetched_at = answer.stripe_time.unwrap_or(sent_at);
+        let fetched_at = DateTime::from_timestamp(fetched_at.timestamp(), 0).unwrap_or(fetched_at);
+        if thin.object_type == "subscription" {
+            let listed = listed_subscription(&answer.value)
+                .map_err(|reason| format!("the fetched subscription cannot be read: {reason}"))?;
+            let customer_id = listed.customer_id.clone();
+            let snapshot = ApiSnapshot {
+                customer_id: customer_id.clone(),
+                sync_id: event.id.clone(),
+                api_call: format!("api.subscriptions.retrieve ({})", event.event_type),
+                fetched_at,
+                owner: listed.owner,
+                subscriptions: vec![(listed.facts, listed.payment_method)],
+            };
+            return Ok(Route::Command {
+                customer_id,
+                command: SubscriptionCommand::Reconcile(snapshot),
+            });
+        }
+        Ok(match route(&event.with_fetched(answer.value, fetched_at)) {
+            Route::Fetch(_) => unreachable!("a fetched event is not thin"),
+            routed => routed,
+        })
     }
 
     /// Claims up to `limit` due inbox rows (of one partition of the customers, if given),
@@ -154,7 +218,22 @@ impl InboxWorker {
                 results.push(RowResult::done(event_id, Outcome::Ignored, Some(reason)));
                 continue;
             }
-            match route(&event) {
+            let routed = match route(&event) {
+                Route::Fetch(thin) => match self.fetch_thin(&event, &thin).await {
+                    Ok(routed) => routed,
+                    Err(chain) => {
+                        let failure = RowFailure {
+                            chain,
+                            refusal: None,
+                        };
+                        results.push(RowResult::failed(event_id, failure));
+                        continue;
+                    }
+                },
+                routed => routed,
+            };
+            match routed {
+                Route::Fetch(_) => unreachable!("fetched above"),
                 Route::Ignore { reason } => {
                     results.push(RowResult::done(event_id, Outcome::Ignored, Some(reason)))
                 }

@@ -92,6 +92,8 @@ pub async fn record_many(
             Route::Command { customer_id, .. } => {
                 (Some(customer_id), InboxState::Pending, None, None)
             }
+            // A thin event's customer is known only once its object is fetched.
+            Route::Fetch(_) => (None, InboxState::Pending, None, None),
             Route::Ignore { reason } => (
                 event.customer_id(),
                 InboxState::Done,

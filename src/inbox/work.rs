@@ -20,7 +20,8 @@ use crate::db_error::storable_text;
 pub const RETRY: Backoff =
     Backoff::doubling(Duration::from_secs(2)).capped(Duration::from_secs(3600));
 
-/// Which customers a worker claims rows of: those whose id hashes to `index` of `of`.
+/// Which customers a worker claims rows of: those whose id hashes to `index` of `of`. A
+/// row whose customer is not known yet (a thin event) hashes as the empty id.
 /// Workers of one process take disjoint partitions, so their batches never race for a
 /// customer; workers of other replicas may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +51,7 @@ pub struct Claimed {
 const CLAIM: &str = "SELECT event_id, event_type, customer_id, payload, attempts, \
         extract(epoch FROM now() - received_at)::float8 AS waited FROM inbox \
      WHERE state = 'pending' AND next_attempt_at <= now() \
-       AND ($2::int8 IS NULL OR abs(hashtext(customer_id)::int8) % $3::int8 = $2::int8) \
+       AND ($2::int8 IS NULL OR abs(hashtext(coalesce(customer_id, ''))::int8) % $3::int8 = $2::int8) \
      ORDER BY next_attempt_at, stripe_created LIMIT $1 FOR UPDATE SKIP LOCKED";
 
 /// Claims up to `limit` due rows (of one partition of the customers, if given), oldest due

@@ -28,6 +28,8 @@ use stripe_core::customer::CreateCustomer;
 
 use super::transport::{Transport, TransportError};
 use crate::backoff::Backoff;
+use crate::config::Settings;
+use secrecy::ExposeSecret;
 
 /// How the client talks to Stripe.
 #[derive(Debug, Clone)]
@@ -134,6 +136,23 @@ impl std::fmt::Debug for StripeApi {
 }
 
 impl StripeApi {
+    /// The client the settings describe, or `None` when `STRIPE_SECRET_KEY` is not set.
+    pub fn from_settings(settings: &Settings) -> Result<Option<Self>, StripeApiError> {
+        let Some(key) = &settings.stripe_secret_key else {
+            return Ok(None);
+        };
+        Self::new(
+            key.expose_secret(),
+            ClientOptions {
+                base_url: settings.stripe_api_base.clone(),
+                timeout: settings.stripe_timeout,
+                retries: settings.stripe_retries,
+                backoff: settings.stripe_backoff,
+            },
+        )
+        .map(Some)
+    }
+
     pub fn new(secret_key: &str, options: ClientOptions) -> Result<Self, StripeApiError> {
         let transport = Transport::new(secret_key, &options.base_url)
             .map_err(|error| StripeApiError::Config(error.to_string()))?;
@@ -242,12 +261,38 @@ impl StripeApi {
         self.send(request.build(), None).await
     }
 
+    /// Retrieves one object by its API path (`/subscriptions/sub_1`, see
+    /// `stripe::event::retrieve_path`), for `account` (`Stripe-Account`) when it belongs to
+    /// a connected account. A subscription comes with its default payment method expanded,
+    /// as a sync lists it.
+    pub async fn retrieve(
+        &self,
+        path: &str,
+        account: Option<&str>,
+    ) -> Result<Answer<Map<String, Value>>, StripeApiError> {
+        let mut request = RequestBuilder::new(StripeMethod::Get, path);
+        if path.starts_with("/subscriptions/") {
+            request.query = Some("expand[0]=default_payment_method".to_owned());
+        }
+        self.send_as(request, None, account).await
+    }
+
     /// Sends one request, retrying safe failures. A POST carries `idempotency_key` (or a
     /// random one) on every attempt.
     async fn send(
         &self,
         request: RequestBuilder,
         idempotency_key: Option<&str>,
+    ) -> Result<Answer<Map<String, Value>>, StripeApiError> {
+        self.send_as(request, idempotency_key, None).await
+    }
+
+    /// As [`StripeApi::send`], made for a connected `account` (`Stripe-Account`) if given.
+    async fn send_as(
+        &self,
+        request: RequestBuilder,
+        idempotency_key: Option<&str>,
+        account: Option<&str>,
     ) -> Result<Answer<Map<String, Value>>, StripeApiError> {
         let key = match (request.method, idempotency_key) {
             (StripeMethod::Post, Some(key)) => Some(
@@ -264,7 +309,7 @@ impl StripeApi {
             attempts += 1;
             let result = self
                 .transport
-                .send(&request, key.as_deref(), None, self.options.timeout)
+                .send(&request, key.as_deref(), account, self.options.timeout)
                 .await;
             let described = match result {
                 Ok(response) if (200..300).contains(&response.status) => {

@@ -9,6 +9,14 @@
 //!
 //! Parsing never fails on a field we don't need; it fails only when the payload is not a
 //! Stripe event at all.
+//!
+//! Thin events (`"object": "v2.core.event"`, API 2026-09-30.endive onward) carry no
+//! object: only which one changed (`related_object`) and the connected account it belongs
+//! to (`context`). They parse into the same [`StripeEvent`] with [`StripeEvent::thin`] set
+//! and an empty object; [`route`] answers [`Route::Fetch`] for a thin type whose snapshot
+//! type we handle, and the worker fetches the object (see `worker`). Their shape:
+//! <https://docs.stripe.com/api/v2/core/events/object>, stripe-node
+//! `src/resources/V2/Core/Events.ts` (`EventBase`, `V2.Core.Events.RelatedObject`).
 
 use aggregates::{
     Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, StripeFacts, SubscriptionCommand,
@@ -27,6 +35,46 @@ pub struct StripeEvent {
     pub livemode: bool,
     pub object: Map<String, Value>,
     pub previous_attributes: Option<Value>,
+    /// What a thin event names instead of carrying an object; `None` for a snapshot event.
+    pub thin: Option<ThinRef>,
+}
+
+/// The object a thin event is about and where to fetch it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinRef {
+    /// `related_object.id`, e.g. `sub_123`.
+    pub id: String,
+    /// `related_object.type`, the object's `object` tag, e.g. `subscription`.
+    pub object_type: String,
+    /// `context`: the connected account the object belongs to (`Stripe-Account` when
+    /// fetching it), if any.
+    pub context: Option<String>,
+}
+
+/// The prefix of a thin event type for an API v1 resource: `v1.customer.created` is the
+/// thin twin of `customer.created`
+/// (<https://docs.stripe.com/changelog/endive/2026-09-30/thin-events-for-api-v1-resources-generally-available>).
+pub const THIN_V1_PREFIX: &str = "v1.";
+
+/// The API path an object of `object_type` is retrieved at, for the types whose snapshot
+/// events we handle. Built from the type and id rather than taken from
+/// `related_object.url`, so that what we call never depends on a URL in a payload.
+pub fn retrieve_path(object_type: &str, id: &str) -> Option<String> {
+    let collection = match object_type {
+        "subscription" => "subscriptions",
+        "customer" => "customers",
+        "invoice" => "invoices",
+        "payment_intent" => "payment_intents",
+        "checkout.session" => "checkout/sessions",
+        _ => return None,
+    };
+    // An id is one path segment of Stripe's id alphabet, never a path or a query.
+    let id_like = !id.is_empty()
+        && id.len() <= 255
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    id_like.then(|| format!("/{collection}/{id}"))
 }
 
 /// Why a body is not a Stripe event we can record.
@@ -51,6 +99,9 @@ pub enum Route {
     },
     /// Acknowledge and record, but change nothing (unhandled type, no customer…).
     Ignore { reason: String },
+    /// A thin event of a handled type: fetch the object it names, then route that as the
+    /// snapshot event of the same type would be (`worker`).
+    Fetch(ThinRef),
 }
 
 /// The event types subledger acts on. Everything else is acknowledged and recorded as
@@ -91,8 +142,14 @@ pub fn event_from_value(value: Value) -> Result<StripeEvent, ParseError> {
         return Err(ParseError::NotAnEvent("the body is not a JSON object"));
     };
     if let Some(kind) = envelope.get("object") {
-        if kind.as_str() != Some("event") {
-            return Err(ParseError::NotAnEvent("\"object\" is not \"event\""));
+        match kind.as_str() {
+            Some("event") => {}
+            Some("v2.core.event") => return thin_event(envelope),
+            _ => {
+                return Err(ParseError::NotAnEvent(
+                    "\"object\" is neither \"event\" nor \"v2.core.event\"",
+                ))
+            }
         }
     }
     let id = envelope
@@ -134,12 +191,99 @@ pub fn event_from_value(value: Value) -> Result<StripeEvent, ParseError> {
         livemode,
         object,
         previous_attributes: data.remove("previous_attributes"),
+        thin: None,
+    })
+}
+
+/// A thin event: `id`, `type`, `created` as an RFC 3339 string, `livemode`, and, when it
+/// names one, `related_object` `{id, type, url}` and `context`.
+fn thin_event(envelope: Map<String, Value>) -> Result<StripeEvent, ParseError> {
+    let text = |field: &str| {
+        envelope
+            .get(field)
+            .and_then(Value::as_str)
+            .filter(|value| !value.is_empty())
+    };
+    let id = text("id").ok_or(ParseError::NotAnEvent("no \"id\""))?;
+    let event_type = text("type").ok_or(ParseError::NotAnEvent("no \"type\""))?;
+    let created = text("created")
+        .and_then(|created| DateTime::parse_from_rfc3339(created).ok())
+        .map(|created| created.with_timezone(&Utc))
+        .filter(|created| created.timestamp() >= EARLIEST_UNIX_SECS)
+        .ok_or(ParseError::NotAnEvent("no valid \"created\""))?;
+    let thin = match envelope.get("related_object") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(related)) => Some(ThinRef {
+            id: str_field(related, "id")
+                .ok_or(ParseError::NotAnEvent("a \"related_object\" without an id"))?,
+            object_type: str_field(related, "type").ok_or(ParseError::NotAnEvent(
+                "a \"related_object\" without a type",
+            ))?,
+            context: text("context").map(str::to_owned),
+        }),
+        Some(_) => {
+            return Err(ParseError::NotAnEvent(
+                "\"related_object\" is not an object",
+            ))
+        }
+    };
+    Ok(StripeEvent {
+        id: id.to_owned(),
+        event_type: event_type.to_owned(),
+        created,
+        // Thin payloads are unversioned.
+        api_version: None,
+        livemode: envelope
+            .get("livemode")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        object: Map::new(),
+        previous_attributes: None,
+        // A thin event that names no object is kept as thin all the same: `route` ignores it.
+        thin: Some(thin.unwrap_or_else(|| ThinRef {
+            id: String::new(),
+            object_type: String::new(),
+            context: text("context").map(str::to_owned),
+        })),
     })
 }
 
 impl StripeEvent {
+    /// The snapshot event of the same change: a thin event's type without its `v1.` prefix,
+    /// carrying `object` (fetched from the API, at `fetched_at` on Stripe's clock) in place
+    /// of the reference. The id stays the thin event's.
+    pub fn with_fetched(
+        &self,
+        object: Map<String, Value>,
+        fetched_at: DateTime<Utc>,
+    ) -> StripeEvent {
+        StripeEvent {
+            id: self.id.clone(),
+            event_type: self
+                .event_type
+                .strip_prefix(THIN_V1_PREFIX)
+                .unwrap_or(&self.event_type)
+                .to_owned(),
+            created: fetched_at,
+            api_version: None,
+            livemode: self.livemode,
+            object,
+            previous_attributes: None,
+            thin: None,
+        }
+    }
+
+    /// The connected account a thin event's object belongs to (`context`).
+    pub fn account(&self) -> Option<&str> {
+        self.thin.as_ref().and_then(|thin| thin.context.as_deref())
+    }
+
     /// The customer the event is about, when it names one.
     pub fn customer_id(&self) -> Option<String> {
+        if self.thin.is_some() {
+            // A thin event names an object, not its customer: known once fetched.
+            return None;
+        }
         if self.event_type.starts_with("customer.")
             && !self.event_type.starts_with("customer.subscription.")
         {
@@ -159,6 +303,23 @@ impl StripeEvent {
 
 /// Decides what an event means for the domain. Pure.
 pub fn route(event: &StripeEvent) -> Route {
+    if let Some(thin) = &event.thin {
+        let snapshot_type = event.event_type.strip_prefix(THIN_V1_PREFIX);
+        if !snapshot_type.is_some_and(|t| HANDLED_TYPES.contains(&t)) {
+            return Route::Ignore {
+                reason: format!("thin event type {} is not handled", event.event_type),
+            };
+        }
+        if retrieve_path(&thin.object_type, &thin.id).is_none() {
+            return Route::Ignore {
+                reason: format!(
+                    "thin event {} names no object subledger can fetch",
+                    event.event_type
+                ),
+            };
+        }
+        return Route::Fetch(thin.clone());
+    }
     if !HANDLED_TYPES.contains(&event.event_type.as_str()) {
         return Route::Ignore {
             reason: format!("event type {} is not handled", event.event_type),
@@ -423,6 +584,73 @@ mod tests {
         };
         assert_eq!(s.current_period_end, None);
         assert_eq!(s.trial_end, timestamp(1_700_000_000));
+    }
+
+    /// A thin event, shaped as https://docs.stripe.com/api/v2/core/events/object and
+    /// stripe-node `src/resources/V2/Core/Events.ts` (`EventBase`, `RelatedObject`).
+    fn thin(event_type: &str, related: Value, context: Value) -> Value {
+        json!({"id": "evt_thin_1", "object": "v2.core.event", "type": event_type,
+            "created": "2026-10-01T12:00:00.000Z", "livemode": true, "context": context,
+            "related_object": related, "reason": {"type": "request", "request": {"id": "req_1", "idempotency_key": null}}})
+    }
+
+    #[test]
+    fn a_thin_event_routes_to_a_fetch_with_its_account() {
+        let body = thin(
+            "v1.customer.subscription.updated",
+            json!({"id": "sub_1", "type": "subscription", "url": "/v1/subscriptions/sub_1"}),
+            json!("acct_1"),
+        );
+        let event = parse_event(body.to_string().as_bytes()).unwrap();
+        assert_eq!(event.created.timestamp(), 1_790_856_000);
+        assert!(event.livemode);
+        assert_eq!(event.customer_id(), None);
+        assert_eq!(event.account(), Some("acct_1"));
+        let Route::Fetch(related) = route(&event) else {
+            panic!("a fetch")
+        };
+        assert_eq!(
+            retrieve_path(&related.object_type, &related.id).as_deref(),
+            Some("/subscriptions/sub_1")
+        );
+        // Once fetched, it reads as the snapshot type, at the fetch's time.
+        let at = timestamp(1_790_856_100).unwrap();
+        let fetched = event.with_fetched(Map::new(), at);
+        assert_eq!(
+            (fetched.event_type.as_str(), fetched.created, fetched.thin),
+            ("customer.subscription.updated", at, None)
+        );
+    }
+
+    #[test]
+    fn thin_events_we_cannot_use_are_ignored_and_broken_ones_refused() {
+        for (event_type, related) in [
+            ("v2.core.event_destination.ping", Value::Null),
+            (
+                "v1.charge.succeeded",
+                json!({"id": "ch_1", "type": "charge", "url": "/v1/charges/ch_1"}),
+            ),
+            (
+                "v1.invoice.paid",
+                json!({"id": "in_1/../x", "type": "invoice", "url": "/v1/invoices/in_1"}),
+            ),
+        ] {
+            let event = parse_event(
+                thin(event_type, related, Value::Null)
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap();
+            assert!(
+                matches!(route(&event), Route::Ignore { .. }),
+                "{event_type}"
+            );
+        }
+        let mut no_created = thin("v1.invoice.paid", Value::Null, Value::Null);
+        no_created["created"] = json!(1_790_856_000);
+        assert!(parse_event(no_created.to_string().as_bytes()).is_err());
+        let bad_related = thin("v1.invoice.paid", json!("in_1"), Value::Null);
+        assert!(parse_event(bad_related.to_string().as_bytes()).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod api;
 mod batches;
 mod cli;
 mod dead_letters;
+mod deliveries;
 mod events;
 mod fixtures;
 mod lifecycle;

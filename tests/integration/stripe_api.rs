@@ -13,7 +13,7 @@ use crate::ops::ADMIN;
 use crate::support::fake_stripe::{FakeStripe, Injection};
 use crate::support::helpers::{spawn_with, test_settings, TestApp, TOKEN};
 
-async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
+pub(crate) async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     let fake = FakeStripe::start().await;
     let (mut settings, db_name, prefix) = test_settings(tag);
     settings.stripe_secret_key = Some(SecretString::from("sk_test_fake".to_owned()));

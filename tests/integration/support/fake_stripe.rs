@@ -40,6 +40,8 @@ struct Inner {
     idempotent: HashMap<String, (u16, Value)>,
     /// Every (method, path, idempotency key) seen, in order.
     requests: Vec<(String, String, Option<String>)>,
+    /// The `Stripe-Account` header of each request, in the same order.
+    accounts: Vec<Option<String>>,
     /// Path prefix → what to do to its next requests.
     injections: Vec<(String, VecDeque<Injection>)>,
     /// Path prefix → fail every request with this status until cleared.
@@ -110,6 +112,62 @@ impl FakeStripe {
     /// (method, path, idempotency key) of every request so far.
     pub fn requests(&self) -> Vec<(String, String, Option<String>)> {
         self.lock().requests.clone()
+    }
+
+    /// (method, path, `Stripe-Account`) of every request so far.
+    pub fn requests_with_account(&self) -> Vec<(String, String, Option<String>)> {
+        let inner = self.lock();
+        inner
+            .requests
+            .iter()
+            .zip(&inner.accounts)
+            .map(|((method, path, _), account)| (method.clone(), path.clone(), account.clone()))
+            .collect()
+    }
+
+    /// Stripe changes a subscription's status (as a dunning step or an operator would).
+    /// Returns the snapshot event and the thin event Stripe sends for that one change (not
+    /// delivered), for a `context` account if given.
+    pub fn change_status(
+        &self,
+        subscription_id: &str,
+        status: &str,
+        context: Option<&str>,
+    ) -> (Value, Value) {
+        let mut inner = self.lock();
+        let sub = inner
+            .subscriptions
+            .get_mut(subscription_id)
+            .expect("a subscription");
+        let previous = sub["status"].clone();
+        sub["status"] = json!(status);
+        let sub = sub.clone();
+        let mut snapshot = event(
+            &mut inner,
+            "customer.subscription.updated",
+            webhook_shape(&sub),
+            Some(json!({"status": previous})),
+        );
+        if let Some(account) = context {
+            snapshot["account"] = json!(account);
+        }
+        let thin = thin_event(
+            &mut inner,
+            "v1.customer.subscription.updated",
+            Some(("subscription", subscription_id)),
+            context,
+        );
+        (snapshot, thin)
+    }
+
+    /// A thin event (not delivered) naming `related` (type, id), or nothing.
+    pub fn thin_event(
+        &self,
+        kind: &str,
+        related: Option<(&str, &str)>,
+        context: Option<&str>,
+    ) -> Value {
+        thin_event(&mut self.lock(), kind, related, context)
     }
 
     pub fn count(&self, what: &str) -> usize {
@@ -277,6 +335,33 @@ async fn stripe_date(State(state): State<Arc<Mutex<Inner>>>, mut response: Respo
     response
 }
 
+/// A thin event as Stripe delivers it: `object: "v2.core.event"`, `created` as RFC 3339,
+/// `related_object {id, type, url}`, `context` (the connected account, or null),
+/// `livemode`, `reason`. Shape: https://docs.stripe.com/api/v2/core/events/object and
+/// stripe-node `src/resources/V2/Core/Events.ts` (`EventBase`,
+/// `V2.Core.Events.RelatedObject`); the `v1.` type names:
+/// https://docs.stripe.com/changelog/endive/2026-09-30/thin-events-for-api-v1-resources-generally-available
+fn thin_event(
+    inner: &mut Inner,
+    kind: &str,
+    related: Option<(&str, &str)>,
+    context: Option<&str>,
+) -> Value {
+    inner.seq += 1;
+    let related = related.map(|(object_type, id)| {
+        let collection = match object_type {
+            "subscription" => "subscriptions",
+            "customer" => "customers",
+            other => other,
+        };
+        json!({"id": id, "type": object_type, "url": format!("/v1/{collection}/{id}")})
+    });
+    json!({"id": format!("evt_thin{:06}", inner.seq), "object": "v2.core.event", "type": kind,
+        "created": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "livemode": false, "context": context, "related_object": related,
+        "reason": {"type": "request", "request": {"id": format!("req_fake{:06}", inner.seq), "idempotency_key": null}}})
+}
+
 fn stripe_error(status: u16, kind: &str, message: &str) -> Response {
     (
         StatusCode::from_u16(status).unwrap(),
@@ -301,6 +386,12 @@ async fn intercept(
         inner
             .requests
             .push((method.to_owned(), path.to_owned(), key.clone()));
+        inner.accounts.push(
+            headers
+                .get("stripe-account")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        );
         let failing = inner
             .failing
             .iter()
@@ -464,11 +555,18 @@ async fn retrieve_subscription(
     State(state): State<Arc<Mutex<Inner>>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Response {
-    if let Err(response) = intercept(&state, "GET", "/v1/subscriptions/", &headers).await {
+    if let Err(response) =
+        intercept(&state, "GET", &format!("/v1/subscriptions/{id}"), &headers).await
+    {
         return response;
     }
+    let expand = form(query.as_deref().unwrap_or(""))
+        .iter()
+        .any(|(k, v)| k.starts_with("expand") && v == "default_payment_method");
     match state.lock().unwrap().subscriptions.get(&id) {
+        Some(sub) if expand => Json(sub.clone()).into_response(),
         Some(sub) => Json(webhook_shape(sub)).into_response(),
         None => stripe_error(
             404,

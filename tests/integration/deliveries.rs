@@ -1,0 +1,196 @@
+//! Every way Stripe delivers an event (issue 12): thin events on the webhook, fetched
+//! with their `context` account and recorded as the API answer they are, converging with
+//! the snapshot event of the same change.
+
+use serde_json::Value;
+
+use crate::stripe_api::spawn_with_stripe;
+use crate::support::helpers::TestApp;
+
+async fn deliver(app: &TestApp, event: &Value) {
+    let response = app.post_webhook(event.to_string().as_bytes()).await;
+    assert_eq!(response.status(), 200, "{event}");
+    app.settle().await;
+}
+
+async fn events_of(app: &TestApp, customer: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
+        .bind(customer)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// The thin events' shapes are built by `FakeStripe::thin_event` (see its sources:
+/// https://docs.stripe.com/api/v2/core/events/object, stripe-node
+/// `src/resources/V2/Core/Events.ts`).
+#[tokio::test]
+async fn a_thin_event_is_fetched_and_converges_with_its_snapshot_twin() {
+    let (app, fake) = spawn_with_stripe("thin").await;
+    let sub = fake.add_subscription("cus_thin", "org_thin", "active", "price_pro", 3_600);
+    let sub_id = sub["id"].as_str().unwrap();
+    let (snapshot, thin) = fake.change_status(sub_id, "past_due", None);
+
+    // Thin first: stored (no customer known yet), then fetched and recorded.
+    deliver(&app, &thin).await;
+    let thin_id = thin["id"].as_str().unwrap();
+    let (state, outcome, detail) = app.inbox_row(thin_id).await.expect("stored");
+    assert_eq!(
+        (state.as_str(), outcome.as_deref()),
+        ("done", Some("applied")),
+        "{detail:?}"
+    );
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|(method, path, _)| method == "GET"
+                && path == &format!("/v1/subscriptions/{sub_id}"))
+    );
+    let info = app.get_json("/v1/customers/cus_thin/subscription").await;
+    assert_eq!(info["status"], "past_due", "{info}");
+    assert_eq!(info["org_id"], "org_thin");
+    assert_eq!(info["payment_method"]["brand"], "visa", "{info}");
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT event_type FROM events WHERE aggregate_id = 'cus_thin'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert!(
+        kinds.contains(&"SubscriptionReconciled".to_owned()),
+        "{kinds:?}"
+    );
+    let recorded = events_of(&app, "cus_thin").await;
+
+    // The same change as a snapshot, and the thin event again: nothing more is recorded.
+    deliver(&app, &snapshot).await;
+    let response = app.post_webhook(thin.to_string().as_bytes()).await;
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["result"], "duplicate", "{body}");
+    app.settle().await;
+    assert_eq!(events_of(&app, "cus_thin").await, recorded);
+    assert_eq!(
+        app.get_json("/v1/customers/cus_thin/subscription").await["status"],
+        "past_due"
+    );
+    let org = app.get_json("/v1/orgs/org_thin/entitlements").await;
+    assert_eq!(org["status"], "past_due", "{org}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_thin_event_is_fetched_for_its_context_account() {
+    let (app, fake) = spawn_with_stripe("thinctx").await;
+    let sub = fake.add_subscription("cus_ctx", "org_ctx", "active", "price_pro", 3_600);
+    let sub_id = sub["id"].as_str().unwrap();
+    let (_, thin) = fake.change_status(sub_id, "canceled", Some("acct_1Connected"));
+    deliver(&app, &thin).await;
+    let fetched: Vec<_> = fake
+        .requests_with_account()
+        .into_iter()
+        .filter(|(_, path, _)| path == &format!("/v1/subscriptions/{sub_id}"))
+        .collect();
+    assert!(!fetched.is_empty());
+    assert!(
+        fetched
+            .iter()
+            .all(|(_, _, account)| account.as_deref() == Some("acct_1Connected")),
+        "{fetched:?}"
+    );
+    let info = app.get_json("/v1/customers/cus_ctx/subscription").await;
+    assert_eq!(info["status"], "canceled");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_thin_types_are_stored_and_ignored() {
+    let (app, fake) = spawn_with_stripe("thinunknown").await;
+    let cases = [
+        // A v2 type (stripe-node's `V2CoreEventDestinationPingEvent`), naming nothing.
+        fake.thin_event("v2.core.event_destination.ping", None, None),
+        // A v1 resource subledger does not act on.
+        fake.thin_event("v1.charge.succeeded", Some(("charge", "ch_1")), None),
+        // A handled type naming an object of a type we cannot fetch.
+        fake.thin_event(
+            "v1.customer.subscription.updated",
+            Some(("plan", "plan_1")),
+            None,
+        ),
+    ];
+    for event in &cases {
+        deliver(&app, event).await;
+        let (state, outcome, detail) = app
+            .inbox_row(event["id"].as_str().unwrap())
+            .await
+            .expect("stored");
+        assert_eq!(
+            (state.as_str(), outcome.as_deref()),
+            ("done", Some("ignored")),
+            "{event}"
+        );
+        assert!(detail.is_some());
+    }
+    assert_eq!(app.count("SELECT count(*) FROM events").await, 0);
+    assert!(fake.requests().is_empty(), "{:?}", fake.requests());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_fetch_is_retried_and_dead_lettered_then_redriven() {
+    let (app, fake) = spawn_with_stripe("thinfail").await;
+    let sub = fake.add_subscription("cus_tf", "org_tf", "active", "price_pro", 3_600);
+    let sub_id = sub["id"].as_str().unwrap().to_owned();
+    let (_, thin) = fake.change_status(&sub_id, "past_due", None);
+    let thin_id = thin["id"].as_str().unwrap().to_owned();
+    fake.fail_always("/v1/subscriptions/", 500);
+    let response = app.post_webhook(thin.to_string().as_bytes()).await;
+    assert_eq!(response.status(), 200);
+    // The failure is recorded on the row and scheduled again.
+    wait_for(&app, &thin_id, |attempts, last_error| {
+        attempts >= 1 && last_error.is_some_and(|e| e.contains("fetching"))
+    })
+    .await;
+    // Dead-lettered once the attempts run out (here: pushed to its last attempt now).
+    sqlx::query("UPDATE inbox SET attempts = $2 - 1, next_attempt_at = now() WHERE event_id = $1")
+        .bind(&thin_id)
+        .bind(app.services.settings.max_attempts)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.services.worker.process_batch(64, None).await.unwrap();
+    let (state, _, _) = app.inbox_row(&thin_id).await.unwrap();
+    assert_eq!(state, "dead");
+    assert_eq!(events_of(&app, "cus_tf").await, 0);
+
+    // Stripe recovers; the dead letter is redriven and recorded.
+    fake.heal();
+    subledger::inbox::redrive(&app.pool, &subledger::inbox::Redrive::One(thin_id.clone()))
+        .await
+        .unwrap();
+    app.services.worker.process_batch(64, None).await.unwrap();
+    app.settle().await;
+    let (state, outcome, _) = app.inbox_row(&thin_id).await.unwrap();
+    assert_eq!(
+        (state.as_str(), outcome.as_deref()),
+        ("done", Some("applied"))
+    );
+    let info = app.get_json("/v1/customers/cus_tf/subscription").await;
+    assert_eq!(info["status"], "past_due");
+    app.stop().await;
+}
+
+/// Waits (bounded) until the row's attempts and last error satisfy `done`.
+async fn wait_for(app: &TestApp, event_id: &str, done: impl Fn(i32, Option<&str>) -> bool) {
+    for _ in 0..400 {
+        let (attempts, last_error): (i32, Option<String>) =
+            sqlx::query_as("SELECT attempts, last_error FROM inbox WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if done(attempts, last_error.as_deref()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{event_id} never reached the expected state");
+}
