@@ -32,6 +32,14 @@ pub struct Settings {
     pub cache_ttl: Duration,
     /// `STRIPE_WEBHOOK_SECRET`: one or more signing secrets, comma-separated.
     pub webhook_secrets: Vec<SecretString>,
+    /// `SUBLEDGER_EVENTBRIDGE_SECRET`: the secrets an EventBridge API destination sends in
+    /// its header (comma-separated, each accepted, for rotation). Unset:
+    /// `POST /webhooks/eventbridge` refuses everything.
+    pub eventbridge_secrets: Vec<SecretString>,
+    /// `SUBLEDGER_EVENTBRIDGE_HEADER`: the header that carries it (default
+    /// `x-subledger-eventbridge-secret`), as configured on the API destination's
+    /// connection (API key authorization: a header name and value of the operator's choice).
+    pub eventbridge_header: String,
     /// `SUBLEDGER_SIGNATURE_TOLERANCE_SECS` (default 300).
     pub signature_tolerance_secs: i64,
     /// `SUBLEDGER_API_TOKEN`: the bearer tokens for `/v1`, comma-separated; any of them
@@ -247,6 +255,10 @@ impl Settings {
             redis_prefix: var("SUBLEDGER_REDIS_PREFIX").unwrap_or_default(),
             cache_ttl: Duration::from_secs(parsed("SUBLEDGER_CACHE_TTL_SECS", 86_400)?),
             webhook_secrets: secrets("STRIPE_WEBHOOK_SECRET"),
+            eventbridge_secrets: secrets("SUBLEDGER_EVENTBRIDGE_SECRET"),
+            eventbridge_header: var("SUBLEDGER_EVENTBRIDGE_HEADER")
+                .map(|name| name.trim().to_ascii_lowercase())
+                .unwrap_or_else(|| "x-subledger-eventbridge-secret".to_owned()),
             signature_tolerance_secs: parsed("SUBLEDGER_SIGNATURE_TOLERANCE_SECS", 300)?,
             api_tokens: secrets("SUBLEDGER_API_TOKEN"),
             admin_tokens: secrets("SUBLEDGER_ADMIN_TOKEN"),

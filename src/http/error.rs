@@ -20,6 +20,10 @@ pub enum ApiError {
     /// 500: no webhook signing secret is configured (Stripe will retry once it is).
     #[error("the webhook signing secret is not configured")]
     NoWebhookSecret,
+    /// 500: no EventBridge header secret is configured, so `POST /webhooks/eventbridge`
+    /// refuses everything (EventBridge retries once it is).
+    #[error("the EventBridge secret is not configured")]
+    NoEventBridgeSecret,
     /// 400: the body is not JSON, or not a Stripe event.
     #[error(transparent)]
     Payload(#[from] ParseError),
@@ -142,7 +146,9 @@ impl ApiError {
             | ApiError::InvalidParameter(_)
             | ApiError::RefusedValue(_)
             | ApiError::UnstorableEvent(_) => StatusCode::BAD_REQUEST,
-            ApiError::NoWebhookSecret => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NoWebhookSecret | ApiError::NoEventBridgeSecret => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -159,7 +165,7 @@ impl ApiError {
     fn code(&self) -> &'static str {
         match self {
             ApiError::Signature(_) => "invalid_signature",
-            ApiError::NoWebhookSecret => "not_configured",
+            ApiError::NoWebhookSecret | ApiError::NoEventBridgeSecret => "not_configured",
             ApiError::Payload(_) => "invalid_event",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::PayloadTooLarge(_) => "payload_too_large",

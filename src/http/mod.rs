@@ -87,6 +87,10 @@ pub fn router(state: AppState) -> Router {
             "/webhooks/stripe",
             post(webhook::receive).layer(DefaultBodyLimit::max(max_body)),
         )
+        .route(
+            "/webhooks/eventbridge",
+            post(webhook::receive_eventbridge).layer(DefaultBodyLimit::max(max_body)),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/checkout/success", get(checkout::success_page))
         .route("/portal/return", get(checkout::portal_return))

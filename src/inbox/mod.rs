@@ -128,6 +128,12 @@ impl std::fmt::Display for Outcome {
 pub enum Source {
     Webhook,
     Import,
+    /// `POST /webhooks/eventbridge`: an Amazon EventBridge event destination.
+    #[sqlx(rename = "eventbridge")]
+    #[serde(rename = "eventbridge")]
+    EventBridge,
+    /// Read from Stripe's Events API by the missed-event recovery poller.
+    Recovery,
 }
 
 impl Source {
@@ -135,6 +141,8 @@ impl Source {
         match self {
             Source::Webhook => "webhook",
             Source::Import => "import",
+            Source::EventBridge => "eventbridge",
+            Source::Recovery => "recovery",
         }
     }
 }

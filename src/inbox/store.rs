@@ -359,6 +359,7 @@ pub struct InboxWriter {
 struct Queued {
     event: Arc<StripeEvent>,
     raw: bytes::Bytes,
+    source: Source,
     reply: oneshot::Sender<Result<Received, InboxError>>,
 }
 
@@ -388,7 +389,7 @@ impl InboxWriter {
                         .map(|q| NewEvent {
                             event: &q.event,
                             raw: &q.raw,
-                            source: Source::Webhook,
+                            source: q.source,
                         })
                         .collect();
                     let answers = store_batch(&pool, &events).await;
@@ -409,9 +410,24 @@ impl InboxWriter {
         event: Arc<StripeEvent>,
         raw: bytes::Bytes,
     ) -> Result<Received, InboxError> {
+        self.store_from(event, raw, Source::Webhook).await
+    }
+
+    /// As [`InboxWriter::store`], for an event that came another way than Stripe's webhook.
+    pub async fn store_from(
+        &self,
+        event: Arc<StripeEvent>,
+        raw: bytes::Bytes,
+        source: Source,
+    ) -> Result<Received, InboxError> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Queued { event, raw, reply })
+            .send(Queued {
+                event,
+                raw,
+                source,
+                reply,
+            })
             .await
             .map_err(|_| InboxError::Closed)?;
         answer.await.map_err(|_| InboxError::Closed)?

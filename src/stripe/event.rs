@@ -248,6 +248,38 @@ fn thin_event(envelope: Map<String, Value>) -> Result<StripeEvent, ParseError> {
     })
 }
 
+/// The prefix of the `source` of every event a Stripe event destination puts on an
+/// EventBridge bus: `aws.partner/stripe.com/{destination id}`.
+pub const EVENTBRIDGE_SOURCE_PREFIX: &str = "aws.partner/stripe.com/";
+
+/// Unwraps an Amazon EventBridge event (the envelope AWS puts around every event:
+/// `version`, `id`, `detail-type`, `source`, `account`, `time`, `region`, `resources`,
+/// `detail`; <https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-events-structure.html>)
+/// whose `detail` is the Stripe event, snapshot or thin, exactly as a webhook would carry
+/// it (<https://docs.stripe.com/event-destinations/eventbridge>; stripe-node
+/// `test/CloudProviderEvent.spec.ts`, `EVENTBRIDGE_PAYLOAD` and `EVENTBRIDGE_V2_PAYLOAD`).
+/// Returns the event and `detail`'s JSON, which is what the inbox keeps as the payload.
+/// An envelope whose `source` is not a Stripe partner source is refused.
+pub fn parse_eventbridge(body: &[u8]) -> Result<(StripeEvent, Vec<u8>), ParseError> {
+    let value: Value = serde_json::from_slice(body)?;
+    let Value::Object(mut envelope) = value else {
+        return Err(ParseError::NotAnEvent("the body is not a JSON object"));
+    };
+    match envelope.get("source").and_then(Value::as_str) {
+        Some(source) if source.starts_with(EVENTBRIDGE_SOURCE_PREFIX) => {}
+        _ => {
+            return Err(ParseError::NotAnEvent(
+                "not an EventBridge event from Stripe (\"source\" is not aws.partner/stripe.com/…)",
+            ))
+        }
+    }
+    let Some(detail) = envelope.remove("detail").filter(Value::is_object) else {
+        return Err(ParseError::NotAnEvent("no \"detail\" object"));
+    };
+    let raw = serde_json::to_vec(&detail)?;
+    Ok((event_from_value(detail)?, raw))
+}
+
 impl StripeEvent {
     /// The snapshot event of the same change: a thin event's type without its `v1.` prefix,
     /// carrying `object` (fetched from the API, at `fetched_at` on Stripe's clock) in place

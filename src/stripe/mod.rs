@@ -12,5 +12,5 @@ pub mod objects;
 pub mod signature;
 pub mod transport;
 
-pub use event::{parse_event, route, ParseError, Route, StripeEvent};
+pub use event::{parse_event, parse_eventbridge, route, ParseError, Route, StripeEvent};
 pub use signature::{verify_signature, SignatureError};

@@ -194,3 +194,153 @@ async fn wait_for(app: &TestApp, event_id: &str, done: impl Fn(i32, Option<&str>
     }
     panic!("{event_id} never reached the expected state");
 }
+
+const EB_HEADER: &str = "x-subledger-eventbridge-secret";
+const EB_SECRET: &str = "eb-secret-current";
+const EB_OLD: &str = "eb-secret-rotated-out";
+
+async fn eventbridge_app(
+    tag: &str,
+    secrets: &[&str],
+) -> (TestApp, crate::support::fake_stripe::FakeStripe) {
+    let fake = crate::support::fake_stripe::FakeStripe::start().await;
+    let (mut settings, db, prefix) = crate::support::helpers::test_settings(tag);
+    settings.eventbridge_secrets = secrets
+        .iter()
+        .map(|s| secrecy::SecretString::from(s.to_string()))
+        .collect();
+    settings.stripe_secret_key = Some(secrecy::SecretString::from("sk_test_fake".to_owned()));
+    settings.stripe_api_base = fake.base_url.clone();
+    settings.reconcile_interval = None;
+    (
+        crate::support::helpers::spawn_with(settings, db, prefix).await,
+        fake,
+    )
+}
+
+async fn post_eventbridge(app: &TestApp, body: &[u8], secret: Option<&str>) -> reqwest::Response {
+    let mut request = app
+        .client
+        .post(format!("{}/webhooks/eventbridge", app.address))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(secret) = secret {
+        request = request.header(EB_HEADER, secret);
+    }
+    request.send().await.unwrap()
+}
+
+/// The EventBridge envelope around a Stripe event, as AWS delivers it: `version`, `id`,
+/// `detail-type`, `source` (`aws.partner/stripe.com/{event destination}`), `account`,
+/// `time`, `region`, `resources`, `detail` (the Stripe event). Shapes:
+/// https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-events-structure.html,
+/// https://docs.stripe.com/event-destinations/eventbridge, and stripe-node
+/// `test/CloudProviderEvent.spec.ts` (`EVENTBRIDGE_PAYLOAD`, `EVENTBRIDGE_V2_PAYLOAD`).
+fn envelope_of(detail: &Value) -> Value {
+    serde_json::json!({
+        "version": "0", "id": "17e8dff5-d6cd-3770-ace9-aeac02b6ac3f",
+        "detail-type": detail["type"], "source": "aws.partner/stripe.com/ed_test_61Sub",
+        "account": "506417113029", "time": "2026-10-01T12:00:00Z", "region": "us-west-2",
+        "resources": [], "detail": detail
+    })
+}
+
+#[tokio::test]
+async fn eventbridge_delivers_snapshot_and_thin_events_into_the_same_inbox() {
+    let (app, fake) = eventbridge_app("eb", &[EB_OLD, EB_SECRET]).await;
+    let sub = fake.add_subscription("cus_eb", "org_eb", "active", "price_pro", 3_600);
+    let sub_id = sub["id"].as_str().unwrap().to_owned();
+    let (snapshot, thin) = fake.change_status(&sub_id, "past_due", None);
+    for (event, secret) in [(&thin, EB_SECRET), (&snapshot, EB_OLD)] {
+        let response = post_eventbridge(
+            &app,
+            envelope_of(event).to_string().as_bytes(),
+            Some(secret),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["result"], "stored", "{body}");
+    }
+    app.settle().await;
+    for event in [&thin, &snapshot] {
+        let id = event["id"].as_str().unwrap();
+        let (source, payload): (String, String) =
+            sqlx::query_as("SELECT source, payload FROM inbox WHERE event_id = $1")
+                .bind(id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(source, "eventbridge");
+        // The inbox keeps the Stripe event itself, not AWS's envelope.
+        assert_eq!(serde_json::from_str::<Value>(&payload).unwrap(), *event);
+    }
+    let info = app.get_json("/v1/customers/cus_eb/subscription").await;
+    assert_eq!(info["status"], "past_due", "{info}");
+    // The same event again through the webhook is a duplicate.
+    let again = app.post_webhook(snapshot.to_string().as_bytes()).await;
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["result"], "duplicate");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn eventbridge_bad_input_is_refused_and_stores_nothing() {
+    let (app, fake) = eventbridge_app("ebbad", &[EB_SECRET]).await;
+    let sub = fake.add_subscription("cus_ebb", "org_ebb", "active", "price_pro", 3_600);
+    let (snapshot, _) = fake.change_status(sub["id"].as_str().unwrap(), "past_due", None);
+    let good = envelope_of(&snapshot).to_string().into_bytes();
+    let mut not_stripe = envelope_of(&snapshot);
+    not_stripe["source"] = serde_json::json!("aws.partner/example.com/x");
+    let mut no_detail = envelope_of(&snapshot);
+    no_detail.as_object_mut().unwrap().remove("detail");
+    let not_an_event = envelope_of(&serde_json::json!({"id": "cus_1", "object": "customer"}));
+    let huge = envelope_of(&serde_json::json!({"padding": "x".repeat(70 * 1024)}));
+    let cases: Vec<(&str, Vec<u8>, Option<&str>, u16)> = vec![
+        ("missing secret", good.clone(), None, 401),
+        ("wrong secret", good.clone(), Some("nope"), 401),
+        ("empty secret", good.clone(), Some(""), 401),
+        ("malformed", b"{not json".to_vec(), Some(EB_SECRET), 400),
+        (
+            "not a Stripe source",
+            not_stripe.to_string().into_bytes(),
+            Some(EB_SECRET),
+            400,
+        ),
+        (
+            "no detail",
+            no_detail.to_string().into_bytes(),
+            Some(EB_SECRET),
+            400,
+        ),
+        (
+            "detail not an event",
+            not_an_event.to_string().into_bytes(),
+            Some(EB_SECRET),
+            400,
+        ),
+        (
+            "oversized",
+            huge.to_string().into_bytes(),
+            Some(EB_SECRET),
+            413,
+        ),
+    ];
+    for (name, body, secret, status) in cases {
+        let response = post_eventbridge(&app, &body, secret).await;
+        assert_eq!(response.status().as_u16(), status, "{name}");
+        let text = response.text().await.unwrap();
+        assert!(!text.contains(EB_SECRET), "{name}: {text}");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM inbox").await, 0);
+    app.stop().await;
+
+    // With no secret configured, everything is refused.
+    let (app, _fake) = eventbridge_app("ebunset", &[]).await;
+    let response = post_eventbridge(&app, &good, Some(EB_SECRET)).await;
+    assert_eq!(response.status(), 500);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_configured");
+    assert_eq!(app.count("SELECT count(*) FROM inbox").await, 0);
+    app.stop().await;
+}
