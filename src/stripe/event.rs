@@ -321,7 +321,7 @@ impl StripeEvent {
         {
             return str_field(&self.object, "id");
         }
-        id_of(self.object.get("customer"))
+        customer_of(&self.object)
     }
 
     fn source(&self) -> FactSource {
@@ -546,6 +546,14 @@ pub(crate) fn str_field(object: &Map<String, Value>, field: &str) -> Option<Stri
         .map(str::to_owned)
 }
 
+/// The customer an object belongs to: `customer`, else `customer_account` (API 2025-12-15
+/// onward, Accounts v2: a customer represented by an Account names it there, and
+/// `customer` is null; <https://docs.stripe.com/accounts-v2/use-accounts-as-customers>).
+/// Either way it is the id the customer's aggregate is keyed by.
+pub(crate) fn customer_of(object: &Map<String, Value>) -> Option<String> {
+    id_of(object.get("customer")).or_else(|| id_of(object.get("customer_account")))
+}
+
 /// An id given either as a string or as an expanded object with an `id`.
 pub(crate) fn id_of(value: Option<&Value>) -> Option<String> {
     match value? {
@@ -683,6 +691,31 @@ mod tests {
         assert!(parse_event(no_created.to_string().as_bytes()).is_err());
         let bad_related = thin("v1.invoice.paid", json!("in_1"), Value::Null);
         assert!(parse_event(bad_related.to_string().as_bytes()).is_err());
+    }
+
+    /// Accounts v2 (API 2025-12-15 onward): `customer` is null and `customer_account`
+    /// names the Account that represents the customer
+    /// (https://docs.stripe.com/accounts-v2/use-accounts-as-customers).
+    #[test]
+    fn an_object_naming_its_customer_as_customer_account_is_attributed_to_it() {
+        let sub = json!({"id": "sub_1", "object": "subscription", "customer": null,
+            "customer_account": "acct_1Cust", "status": "active"});
+        let f = facts(route(&event("customer.subscription.created", sub.clone())));
+        assert_eq!(f.customer_id, "acct_1Cust");
+        let invoice = json!({"id": "in_1", "object": "invoice", "customer": null,
+            "customer_account": "acct_1Cust", "status": "paid", "subscription": "sub_1"});
+        assert_eq!(
+            facts(route(&event("invoice.paid", invoice))).customer_id,
+            "acct_1Cust"
+        );
+        let listed = crate::stripe::objects::listed_subscription(sub.as_object().unwrap()).unwrap();
+        assert_eq!(listed.customer_id, "acct_1Cust");
+        // `customer` wins when both are given.
+        let both = json!({"id": "sub_2", "customer": "cus_1", "customer_account": "acct_1Cust", "status": "active"});
+        assert_eq!(
+            facts(route(&event("customer.subscription.updated", both))).customer_id,
+            "cus_1"
+        );
     }
 
     #[test]

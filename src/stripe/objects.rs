@@ -8,7 +8,9 @@ use aggregates::{OwnerFacts, PaymentMethodFacts, SubscriptionFacts};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::event::{id_of, owner_from_metadata, str_field, subscription_facts, ts_field};
+use super::event::{
+    customer_of, id_of, owner_from_metadata, str_field, subscription_facts, ts_field,
+};
 
 /// One subscription as the API listed it.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,7 +23,7 @@ pub struct ListedSubscription {
 
 /// A subscription object from `GET /v1/subscriptions` (any API version).
 pub fn listed_subscription(object: &Map<String, Value>) -> Result<ListedSubscription, String> {
-    let customer_id = id_of(object.get("customer")).ok_or("subscription without a customer")?;
+    let customer_id = customer_of(object).ok_or("subscription without a customer")?;
     Ok(ListedSubscription {
         customer_id,
         facts: subscription_facts(object)?,
@@ -69,11 +71,7 @@ pub fn checkout_session_owner(
     if owner.org_id.is_none() {
         owner.org_id = str_field(object, "client_reference_id");
     }
-    (
-        id_of(object.get("customer")),
-        owner,
-        ts_field(object, "created"),
-    )
+    (customer_of(object), owner, ts_field(object, "created"))
 }
 
 /// A string field of an API answer (`id`, `url`).

@@ -344,3 +344,33 @@ async fn eventbridge_bad_input_is_refused_and_stores_nothing() {
     assert_eq!(app.count("SELECT count(*) FROM inbox").await, 0);
     app.stop().await;
 }
+
+/// Accounts v2 (API 2025-12-15 onward): a subscription whose customer is an Account names
+/// it as `customer_account`, with `customer` null
+/// (https://docs.stripe.com/accounts-v2/use-accounts-as-customers).
+#[tokio::test]
+async fn a_subscription_naming_its_customer_account_is_attributed_to_it() {
+    let app = crate::support::helpers::spawn_app("custacct").await;
+    let far = chrono::Utc::now().timestamp() + 30 * 86_400;
+    let mut sub = crate::events::subscription("sub_ca", "cus_unused", "active", far, "org_ca");
+    sub["customer"] = Value::Null;
+    sub["customer_account"] = serde_json::json!("acct_1CustAcct");
+    let event = crate::events::envelope(
+        "evt_ca",
+        "customer.subscription.created",
+        crate::events::T0,
+        sub,
+    );
+    deliver(&app, &event).await;
+    let info = app
+        .get_json("/v1/customers/acct_1CustAcct/subscription")
+        .await;
+    assert_eq!(info["status"], "active", "{info}");
+    let org = app.get_json("/v1/orgs/org_ca/entitlements").await;
+    assert_eq!(
+        (org["access"].as_bool(), org["customer_id"].as_str()),
+        (Some(true), Some("acct_1CustAcct")),
+        "{org}"
+    );
+    app.stop().await;
+}
