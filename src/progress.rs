@@ -170,11 +170,9 @@ impl Progress {
         let rate = self.position as f64 / elapsed.as_secs_f64().max(0.001);
         match self.total {
             Some(total) => {
-                let percent = if total == 0 {
-                    100
-                } else {
-                    (self.position.min(total) * 100 / total) as u32
-                };
+                let percent = (self.position.min(total) * 100)
+                    .checked_div(total)
+                    .unwrap_or(100);
                 let _ = write!(line, "/{total} {} ({percent}%)", self.unit);
                 if self.position > 0 {
                     let _ = write!(line, ", {rate:.0}/s");
