@@ -113,6 +113,10 @@ pub struct Settings {
     /// `SUBLEDGER_REDIRECT_ORIGINS`: comma-separated origins (`https://app.example.com`)
     /// the success and portal-return pages may redirect to; relative paths always may.
     pub redirect_origins: Vec<String>,
+    /// `SUBLEDGER_PROGRESS_SECS`: how often a long command (replay, import, backfill)
+    /// prints a progress line when standard error is not a terminal (default 5; 0 prints
+    /// one at every step). On a terminal it draws a bar instead.
+    pub progress_every: Duration,
 }
 
 /// The Stripe mode a deployment serves. Live and test objects share no ids, and an event
@@ -292,6 +296,7 @@ impl Settings {
                 secs => Some(Duration::from_secs(secs)),
             },
             public_url: var("SUBLEDGER_PUBLIC_URL").map(|url| url.trim_end_matches('/').to_owned()),
+            progress_every: Duration::from_secs(parsed("SUBLEDGER_PROGRESS_SECS", 5)?),
             redirect_origins: var("SUBLEDGER_REDIRECT_ORIGINS")
                 .map(|raw| {
                     raw.split(',')

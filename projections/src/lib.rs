@@ -7,6 +7,7 @@
 //! any time. Nothing here decides what a Stripe fact means: the events already say it.
 
 pub mod catalog;
+pub mod feature;
 pub mod info;
 pub mod log;
 pub mod platform;
@@ -14,6 +15,7 @@ pub mod redis_cache;
 pub mod runner;
 
 pub use catalog::{Catalog, CatalogError, Entitlement};
+pub use feature::FeatureAccess;
 pub use info::{LatestInvoice, SubscriptionInfo};
 pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;

@@ -57,6 +57,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/orgs/:org_id/entitlements", get(api::org_entitlements))
         .route("/users/:user_id/entitlements", get(api::user_entitlements))
+        .route("/orgs/:org_id/entitlements/:feature", get(api::org_feature))
+        .route(
+            "/users/:user_id/entitlements/:feature",
+            get(api::user_feature),
+        )
         .route(
             "/customers/:customer_id/sync",
             post(checkout::sync_customer),
