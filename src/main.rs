@@ -58,6 +58,8 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
+    Openapi,
     /// Print the transition table the aggregate runs.
     Transitions {
         #[arg(long, value_enum, default_value = "text")]
@@ -91,6 +93,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Transitions { format } = cli.command {
         print!("{}", subledger::transitions::render(format));
+        return Ok(());
+    }
+    if let Command::Openapi = cli.command {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(subledger::http::openapi_document())?
+        );
         return Ok(());
     }
     let settings = Settings::from_env().context("reading configuration")?;
@@ -275,7 +284,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Dlq { action } => dlq(settings, action).await?,
-        Command::Transitions { .. } => unreachable!("handled before reading settings"),
+        Command::Transitions { .. } | Command::Openapi => {
+            unreachable!("handled before reading settings")
+        }
     }
     Ok(())
 }

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::Entitlement;
 
 /// The answer of `GET /v1/orgs|users/{id}/entitlements/{feature}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "feature": "api", "access": true, "plan": "pro", "access_until": "2026-12-25T00:00:00Z"
+}))]
 pub struct FeatureAccess {
     /// The feature asked about, as asked.
     pub feature: String,

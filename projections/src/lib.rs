@@ -16,7 +16,7 @@ pub mod runner;
 
 pub use catalog::{Catalog, CatalogError, Entitlement};
 pub use feature::FeatureAccess;
-pub use info::{LatestInvoice, SubscriptionInfo};
+pub use info::{LatestInvoice, PaymentMethod, SubscriptionInfo};
 pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;
 pub use redis_cache::{CacheKeys, LazyConnection, RedisCache};

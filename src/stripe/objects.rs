@@ -8,9 +8,7 @@ use aggregates::{OwnerFacts, PaymentMethodFacts, SubscriptionFacts};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::event::{
-    customer_of, id_of, owner_from_metadata, str_field, subscription_facts, ts_field,
-};
+use super::event::{customer_of, owner_from_metadata, str_field, subscription_facts, ts_field};
 
 /// One subscription as the API listed it.
 #[derive(Debug, Clone, PartialEq)]

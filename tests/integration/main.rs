@@ -11,6 +11,7 @@ mod fixtures;
 mod lifecycle;
 mod modes;
 mod mutants;
+mod openapi;
 mod ops;
 mod outages;
 mod personal_data;
