@@ -58,12 +58,35 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Stripe's webhook endpoints for subledger: `setup --url` creates one sending exactly
+    /// the handled event types at the pinned API version (printing its signing secret
+    /// once); `check` lists what is missing or wrong on each and exits non-zero on a
+    /// problem. Needs STRIPE_SECRET_KEY.
+    Stripe {
+        #[command(subcommand)]
+        action: StripeAction,
+    },
     /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
     Openapi,
     /// Print the transition table the aggregate runs.
     Transitions {
         #[arg(long, value_enum, default_value = "text")]
         format: subledger::transitions::Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum StripeAction {
+    /// Create the webhook endpoint at URL (e.g. https://billing.example.com/webhooks/stripe)
+    /// unless one points there already, in which case check it.
+    Setup {
+        #[arg(long)]
+        url: String,
+    },
+    /// Check every webhook endpoint (or the one at --url).
+    Check {
+        #[arg(long)]
+        url: Option<String>,
     },
 }
 
@@ -284,6 +307,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Dlq { action } => dlq(settings, action).await?,
+        Command::Stripe { action } => stripe(settings, action).await?,
         Command::Transitions { .. } | Command::Openapi => {
             unreachable!("handled before reading settings")
         }
@@ -319,6 +343,61 @@ async fn process_inbox(services: &Services) -> anyhow::Result<u64> {
     progress.set_detail("");
     progress.finish();
     Ok(processed)
+}
+
+async fn stripe(settings: Settings, action: StripeAction) -> anyhow::Result<()> {
+    use subledger::setup::{check_endpoints, setup, Setup};
+    let api = subledger::stripe::client::StripeApi::from_settings(&settings)
+        .context("setting up the Stripe client")?
+        .context("STRIPE_SECRET_KEY is not set")?;
+    let report = match action {
+        StripeAction::Setup { url } => match setup(&api, &url).await.context("setting up")? {
+            Setup::Created { id, secret } => {
+                eprintln!("created webhook endpoint {id} at {url}");
+                match secret {
+                    // Stripe shows the signing secret only now: on stdout, alone.
+                    Some(secret) => println!("STRIPE_WEBHOOK_SECRET={secret}"),
+                    None => eprintln!("Stripe returned no signing secret; see the Dashboard"),
+                }
+                return Ok(());
+            }
+            Setup::Exists(report) => {
+                eprintln!("an endpoint already points at {url}; checking it");
+                report
+            }
+        },
+        StripeAction::Check { url } => check_endpoints(&api, url.as_deref())
+            .await
+            .context("listing webhook endpoints")?,
+    };
+    for endpoint in &report.endpoints {
+        println!(
+            "{}\t{}\t{}\t{}\t{}",
+            endpoint.id,
+            endpoint.url,
+            endpoint.status,
+            endpoint.api_version.as_deref().unwrap_or("(unpinned)"),
+            if endpoint.problems.is_empty() {
+                "ok"
+            } else {
+                "PROBLEM"
+            }
+        );
+        for missing in &endpoint.missing {
+            println!("  missing\t{missing}");
+        }
+        for extra in &endpoint.extra {
+            println!("  extra\t{extra}");
+        }
+    }
+    let problems = report.all_problems();
+    for problem in &problems {
+        eprintln!("problem: {problem}");
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{} problem(s) with the webhook endpoints", problems.len());
+    }
+    Ok(())
 }
 
 async fn dlq(settings: Settings, action: DlqAction) -> anyhow::Result<()> {

@@ -33,6 +33,10 @@ use crate::worker::{InboxWorker, Partition, WorkerWake};
 /// Inbox inserts in flight at once (each stores every webhook that queued meanwhile).
 const INBOX_WRITERS: usize = 4;
 
+/// How often the server checks the account's webhook endpoints (`/readyz` shows the last
+/// result). Endpoints change by hand, rarely; each check is one list request.
+const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(15 * 60);
+
 /// Events read per transaction when a replay catches up with what was committed while it
 /// rebuilt: larger, since a batch decodes and writes about one event per customer in it
 /// however many it reads (`projections::log::read_batch`).
@@ -291,7 +295,17 @@ impl Application {
             }
         }
 
+        let endpoint_check = crate::setup::LastCheckCell::default();
+        if let Some(api) = sync.as_ref().map(|sync| sync.api().clone()) {
+            tasks.push(tokio::spawn(crate::setup::run_checker(
+                api,
+                ENDPOINT_CHECK_INTERVAL,
+                endpoint_check.clone(),
+                stop_rx.clone(),
+            )));
+        }
         let state = AppState {
+            endpoint_check,
             pool: services.pool.clone(),
             cache: services.cache.clone(),
             projections: services.projections.clone(),

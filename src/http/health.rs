@@ -4,7 +4,8 @@
 //! at once, each bounded by [`CHECK_TIMEOUT`], and reports the inbox depth and projection
 //! lag. 503 when Postgres cannot be reached (nothing can be acknowledged); 200 `degraded`
 //! when only Redis or Stripe cannot (webhooks are still stored, reads fall back to
-//! Postgres). It must stay cheap (no Stripe request, no TLS) and never put an error's text
+//! Postgres); Stripe only counts when a key is configured (without one it is "not
+//! configured": nothing calls it). The last webhook endpoint check is reported beside it. It must stay cheap (no Stripe request, no TLS) and never put an error's text
 //! in its body: errors can carry connection details, so they are logged, not shown.
 
 use std::time::{Duration, Instant};
@@ -49,6 +50,15 @@ pub struct Check {
     /// What was checked, when it helps (Stripe's `host:port`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// Stripe only: whether `STRIPE_SECRET_KEY` is set. Without it nothing calls Stripe,
+    /// so an unreachable Stripe is not a degradation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configured: Option<bool>,
+    /// Stripe only: the last check of the account's webhook endpoints (`subledger stripe
+    /// check`'s judgement, run by the server every 15 minutes); absent before the first
+    /// or without a key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<crate::setup::LastCheck>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -82,6 +92,8 @@ async fn timed<E: std::error::Error + 'static>(
         latency_ms,
         error,
         target: None,
+        configured: None,
+        endpoints: None,
     }
 }
 
@@ -134,6 +146,9 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         }),
     );
     stripe.target = target.map(|(host, port)| format!("{host}:{port}"));
+    let stripe_configured = state.settings.stripe_secret_key.is_some();
+    stripe.configured = Some(stripe_configured);
+    stripe.endpoints = state.endpoint_check.read().await.clone();
 
     let (inbox, projections) = if postgres.reachable {
         let depth = tokio::time::timeout(CHECK_TIMEOUT, crate::inbox::depth(&state.pool)).await;
@@ -151,7 +166,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     };
     let (code, status) = if !postgres.reachable {
         (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-    } else if !redis.reachable || !stripe.reachable {
+    } else if !redis.reachable || (stripe_configured && !stripe.reachable) {
         (StatusCode::OK, "degraded")
     } else {
         (StatusCode::OK, "ok")

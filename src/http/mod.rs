@@ -153,6 +153,8 @@ async fn healthz() -> &'static str {
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
+    /// The last webhook endpoint check (`setup::run_checker`), for `/readyz`.
+    pub endpoint_check: crate::setup::LastCheckCell,
     pub pool: PgPool,
     pub cache: RedisCache,
     /// The read models' runner: their names and lag.

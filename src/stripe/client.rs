@@ -30,6 +30,7 @@ use super::transport::{Transport, TransportError};
 use crate::backoff::Backoff;
 use crate::config::Settings;
 use secrecy::ExposeSecret;
+use sha2::Digest;
 
 /// How the client talks to Stripe.
 #[derive(Debug, Clone)]
@@ -275,6 +276,70 @@ impl StripeApi {
             request.query = Some("expand[0]=default_payment_method".to_owned());
         }
         self.send_as(request, None, account).await
+    }
+
+    /// Every webhook endpoint of the account (`GET /v1/webhook_endpoints`, all pages).
+    pub async fn list_webhook_endpoints(&self) -> Result<Vec<Map<String, Value>>, StripeApiError> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut request = RequestBuilder::new(StripeMethod::Get, "/webhook_endpoints");
+            request.query = Some(match &cursor {
+                Some(after) => format!("limit=100&starting_after={after}"),
+                None => "limit=100".to_owned(),
+            });
+            let mut page = self.send(request, None).await?.value;
+            let has_more = page.get("has_more").and_then(Value::as_bool) == Some(true);
+            let Some(Value::Array(data)) = page.remove("data") else {
+                return Err(StripeApiError::Unexpected("a list without data".to_owned()));
+            };
+            all.extend(data.into_iter().filter_map(|item| match item {
+                Value::Object(object) => Some(object),
+                _ => None,
+            }));
+            cursor = all
+                .last()
+                .and_then(|last| last.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if !has_more || cursor.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Creates a webhook endpoint at `url` sending exactly `events`, pinned to
+    /// `api_version` (`POST /v1/webhook_endpoints`; its answer holds the signing `secret`,
+    /// which Stripe shows only here). One idempotency key per URL and set of events, so a
+    /// retried setup creates one endpoint.
+    pub async fn create_webhook_endpoint(
+        &self,
+        url: &str,
+        events: &[&str],
+        api_version: &str,
+    ) -> Result<Map<String, Value>, StripeApiError> {
+        #[derive(serde::Serialize)]
+        struct Params<'a> {
+            url: &'a str,
+            enabled_events: &'a [&'a str],
+            api_version: &'a str,
+            description: &'a str,
+        }
+        let request = RequestBuilder::new(StripeMethod::Post, "/webhook_endpoints").form(&Params {
+            url,
+            enabled_events: events,
+            api_version,
+            description: "subledger",
+        });
+        let key = format!(
+            "subledger-endpoint-{}",
+            hex::encode(
+                &sha2::Sha256::digest(
+                    format!("{url}|{}|{api_version}", events.join(",")).as_bytes()
+                )[..16]
+            )
+        );
+        Ok(self.send(request, Some(&key)).await?.value)
     }
 
     /// Sends one request, retrying safe failures. A POST carries `idempotency_key` (or a

@@ -7,6 +7,7 @@
 //! Stripe) and returns values, so it can be fuzzed and tested against real fixtures.
 
 pub mod client;
+pub mod endpoints;
 pub mod event;
 pub mod objects;
 pub mod signature;

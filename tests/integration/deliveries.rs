@@ -374,3 +374,89 @@ async fn a_subscription_naming_its_customer_account_is_attributed_to_it() {
     );
     app.stop().await;
 }
+
+/// `subledger stripe setup` / `check` (issue 12 item 5), through the library functions the
+/// commands call, against the fake's `/v1/webhook_endpoints` (shapes:
+/// https://docs.stripe.com/api/webhook_endpoints/object); and `/readyz` reporting the
+/// server's own check.
+#[tokio::test]
+async fn setup_creates_the_endpoint_once_and_check_reports_what_is_wrong() {
+    use subledger::setup::{check_endpoints, setup, Setup};
+    use subledger::stripe::event::HANDLED_TYPES;
+    use subledger::stripe::transport::API_VERSION;
+    let (app, fake) = spawn_with_stripe("setup").await;
+    let api = app.services.syncer().unwrap().unwrap().api().clone();
+    let url = "https://billing.example.test/webhooks/stripe";
+    let Setup::Created { id, secret } = setup(&api, url).await.unwrap() else {
+        panic!("created");
+    };
+    assert!(secret.unwrap().starts_with("whsec_"));
+    let endpoints = fake.endpoints();
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0]["id"], id.as_str());
+    assert_eq!(
+        endpoints[0]["enabled_events"],
+        serde_json::json!(HANDLED_TYPES)
+    );
+    assert_eq!(endpoints[0]["api_version"], API_VERSION);
+    // Again: nothing is created, and the endpoint checks out.
+    let Setup::Exists(report) = setup(&api, url).await.unwrap() else {
+        panic!("exists");
+    };
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(fake.endpoints().len(), 1);
+
+    // An endpoint made by hand, missing a type and unpinned, with an extra one.
+    let mut events: Vec<&str> = HANDLED_TYPES[1..].to_vec();
+    events.push("charge.succeeded");
+    fake.add_endpoint("https://old.example.test/hook", &events, None);
+    let report = check_endpoints(&api, None).await.unwrap();
+    assert!(!report.ok());
+    let old = report
+        .endpoints
+        .iter()
+        .find(|e| e.url == "https://old.example.test/hook")
+        .unwrap();
+    assert_eq!(old.missing, [HANDLED_TYPES[0]]);
+    assert_eq!(old.extra, ["charge.succeeded"]);
+    assert_eq!(old.problems.len(), 2, "{:?}", old.problems);
+
+    // The server checked at start; /readyz shows a result and Stripe as configured.
+    let ready: Value = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["stripe"]["configured"], true, "{ready}");
+    assert!(
+        ready["checks"]["stripe"]["endpoints"]["ok"].is_boolean(),
+        "{ready}"
+    );
+    app.stop().await;
+}
+
+/// With no Stripe key, Stripe is "not configured", never a degradation.
+#[tokio::test]
+async fn without_a_key_stripe_is_not_configured_and_not_degraded() {
+    let (mut settings, db, prefix) = crate::support::helpers::test_settings("nokey");
+    settings.stripe_secret_key = None;
+    // Nothing listens there.
+    settings.stripe_api_base = "http://127.0.0.1:9".to_owned();
+    let app = crate::support::helpers::spawn_with(settings, db, prefix).await;
+    let ready: Value = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["stripe"]["configured"], false, "{ready}");
+    assert_eq!(ready["status"], "ok", "{ready}");
+    app.stop().await;
+}

@@ -36,6 +36,8 @@ struct Inner {
     subscriptions: BTreeMap<String, Value>,
     sessions: BTreeMap<String, Value>,
     portal_sessions: Vec<Value>,
+    /// Webhook endpoints, in creation order.
+    endpoints: Vec<Value>,
     /// Idempotency key → the answer first given for it.
     idempotent: HashMap<String, (u16, Value)>,
     /// Every (method, path, idempotency key) seen, in order.
@@ -70,6 +72,10 @@ impl FakeStripe {
             .route("/v1/checkout/sessions", post(create_session))
             .route("/v1/checkout/sessions/:id", get(retrieve_session))
             .route("/v1/billing_portal/sessions", post(create_portal_session))
+            .route(
+                "/v1/webhook_endpoints",
+                get(list_endpoints).post(create_endpoint),
+            )
             .layer(axum::middleware::map_response_with_state(
                 inner.clone(),
                 stripe_date,
@@ -168,6 +174,20 @@ impl FakeStripe {
         context: Option<&str>,
     ) -> Value {
         thin_event(&mut self.lock(), kind, related, context)
+    }
+
+    /// Adds a webhook endpoint as if made in the Dashboard.
+    pub fn add_endpoint(&self, url: &str, events: &[&str], api_version: Option<&str>) {
+        let mut inner = self.lock();
+        inner.seq += 1;
+        let endpoint = json!({"id": format!("we_fake{:06}", inner.seq), "object": "webhook_endpoint",
+            "url": url, "enabled_events": events, "api_version": api_version, "status": "enabled",
+            "livemode": false, "created": now(), "description": null, "metadata": {}});
+        inner.endpoints.push(endpoint);
+    }
+
+    pub fn endpoints(&self) -> Vec<Value> {
+        self.lock().endpoints.clone()
     }
 
     pub fn count(&self, what: &str) -> usize {
@@ -649,5 +669,50 @@ async fn create_portal_session(
             "url": format!("https://billing.stripe.test/p/session/{}", inner.seq), "created": now()});
         inner.portal_sessions.push(session.clone());
         (200, session)
+    })
+}
+
+/// `GET /v1/webhook_endpoints`: one page of every endpoint (shape:
+/// https://docs.stripe.com/api/webhook_endpoints/list).
+async fn list_endpoints(State(state): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> Response {
+    if let Err(response) = intercept(&state, "GET", "/v1/webhook_endpoints", &headers).await {
+        return response;
+    }
+    let data = state.lock().unwrap().endpoints.clone();
+    Json(json!({"object": "list", "url": "/v1/webhook_endpoints", "has_more": false, "data": data}))
+        .into_response()
+}
+
+/// `POST /v1/webhook_endpoints`: the answer carries the signing `secret`, which Stripe
+/// returns only on creation (https://docs.stripe.com/api/webhook_endpoints/create).
+async fn create_endpoint(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let key = match intercept(&state, "POST", "/v1/webhook_endpoints", &headers).await {
+        Ok(key) => key,
+        Err(response) => return response,
+    };
+    let params = form(&body);
+    idempotent(&state, key, |inner| {
+        let mut events: Vec<(usize, String)> = params
+            .iter()
+            .filter_map(|(k, v)| {
+                let index = k.strip_prefix("enabled_events[")?.strip_suffix(']')?;
+                Some((index.parse().ok()?, v.clone()))
+            })
+            .collect();
+        events.sort();
+        let events: Vec<String> = events.into_iter().map(|(_, v)| v).collect();
+        inner.seq += 1;
+        let endpoint = json!({"id": format!("we_fake{:06}", inner.seq), "object": "webhook_endpoint",
+            "url": params.get("url"), "enabled_events": events, "api_version": params.get("api_version"),
+            "status": "enabled", "livemode": false, "created": now(), "description": params.get("description"),
+            "metadata": {}});
+        inner.endpoints.push(endpoint.clone());
+        let mut created = endpoint;
+        created["secret"] = json!(format!("whsec_fake{:06}", inner.seq));
+        (200, created)
     })
 }
