@@ -173,7 +173,7 @@ mod tests {
         assert!(star.missing.is_empty());
         assert_eq!(star.problems.len(), 1, "unpinned: {:?}", star.problems);
         assert!(!check(&[], None).ok());
-        assert!(check(&[right.clone()], None).ok());
+        assert!(check(std::slice::from_ref(&right), None).ok());
         assert!(!check(&[right], Some("https://elsewhere.test")).ok());
     }
 }
