@@ -106,6 +106,9 @@ pub struct Settings {
     /// `SUBLEDGER_RECONCILE_INTERVAL_SECS`: the periodic reconciler syncs customers whose
     /// state is older than this, and flagged ones (default 3600; 0 turns it off).
     pub reconcile_interval: Option<Duration>,
+    /// `SUBLEDGER_RECOVERY_INTERVAL_SECS`: how often the missed-event recovery poller reads
+    /// Stripe's Events API for undelivered events (default 300; 0 turns it off; needs a key).
+    pub recovery_interval: Option<Duration>,
     /// `SUBLEDGER_PUBLIC_URL`: where browsers reach subledger. When set, checkout and
     /// portal sessions return through `/checkout/success` and `/portal/return` (which sync
     /// before redirecting to the caller's URL).
@@ -292,6 +295,10 @@ impl Settings {
             stripe_backoff: Duration::from_millis(parsed("SUBLEDGER_STRIPE_BACKOFF_MS", 250)?),
             sync_retry_base: Duration::from_millis(parsed("SUBLEDGER_SYNC_RETRY_MS", 5_000)?),
             reconcile_interval: match parsed("SUBLEDGER_RECONCILE_INTERVAL_SECS", 3_600u64)? {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
+            recovery_interval: match parsed("SUBLEDGER_RECOVERY_INTERVAL_SECS", 300u64)? {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
             },

@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod progress;
 pub mod reads;
+pub mod recovery;
 pub mod setup;
 pub mod startup;
 pub mod stripe;

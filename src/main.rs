@@ -66,6 +66,13 @@ enum Command {
         #[command(subcommand)]
         action: StripeAction,
     },
+    /// Stripe's Events API: `recover --since 2h` stores every handled event of the window
+    /// that the inbox lacks (delivered or not), then processes the inbox. Needs
+    /// STRIPE_SECRET_KEY; Stripe keeps 30 days.
+    Events {
+        #[command(subcommand)]
+        action: EventsAction,
+    },
     /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
     Openapi,
     /// Print the transition table the aggregate runs.
@@ -73,6 +80,32 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: subledger::transitions::Format,
     },
+}
+
+#[derive(Subcommand)]
+enum EventsAction {
+    Recover {
+        /// How far back: a number with s, m, h or d (`90m`, `2h`, `3d`).
+        #[arg(long, value_parser = parse_duration)]
+        since: std::time::Duration,
+    },
+}
+
+/// `90m`, `2h`, `3d`, `45s`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number followed by s, m, h or d"))?;
+    let secs = match unit {
+        "s" => number,
+        "m" => number * 60,
+        "h" => number * 3_600,
+        "d" => number * 86_400,
+        _ => return Err(format!("{text:?} does not end in s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Subcommand)]
@@ -308,6 +341,26 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dlq { action } => dlq(settings, action).await?,
         Command::Stripe { action } => stripe(settings, action).await?,
+        Command::Events {
+            action: EventsAction::Recover { since },
+        } => {
+            let services = Services::connect(settings).await.context("connecting")?;
+            let api = subledger::stripe::client::StripeApi::from_settings(&services.settings)
+                .context("setting up the Stripe client")?
+                .context("STRIPE_SECRET_KEY is not set")?;
+            let from = chrono::Utc::now()
+                - chrono::Duration::from_std(since).context("--since is too long")?;
+            let (report, _) = subledger::recovery::Recovery::new(api, services.pool.clone())
+                .recover_since(from, false)
+                .await
+                .context("recovering events")?;
+            eprintln!(
+                "{} events listed since {from}: {} recovered into the inbox, {} skipped",
+                report.listed, report.recovered, report.skipped
+            );
+            let processed = process_inbox(&services).await?;
+            eprintln!("{processed} inbox rows processed");
+        }
         Command::Transitions { .. } | Command::Openapi => {
             unreachable!("handled before reading settings")
         }

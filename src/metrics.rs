@@ -234,6 +234,7 @@ pub struct Metrics {
     pub http_read_timeouts: IntCounterVec,
     pub token_uses: IntCounterVec,
     pub webhooks_wrong_mode: IntCounterVec,
+    pub events_recovered: IntCounterVec,
 }
 
 /// The process's metrics, registered on first use.
@@ -375,6 +376,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Requests let in by a bearer token, by setting (api, admin, org) and the token's position in it (0 for the first): shows when a token being rotated out is no longer used",
             &["kind", "position"],
         ),
+        events_recovered: counter(
+            "subledger_events_recovered_total",
+            "Events the inbox lacked, read from Stripe's Events API by the missed-event recovery (poller or `subledger events recover`), by type",
+            &["type"],
+        ),
         webhooks_wrong_mode: counter(
             "subledger_webhooks_wrong_mode_total",
             "Events of the other Stripe mode (livemode) than the deployment's, stored and ignored, by the event's mode (live, test)",
@@ -420,6 +426,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     for part in ReadTimeout::ALL {
         m.http_read_timeouts.with_label_values(&[part.as_str()]);
     }
+    m.events_recovered.with_label_values(&[NO_EVENT_TYPE]);
     for mode in [StripeMode::Live, StripeMode::Test] {
         m.webhooks_wrong_mode.with_label_values(&[mode.as_str()]);
     }
@@ -495,6 +502,14 @@ pub fn webhook_received(event: &StripeEvent, received: Received) {
             .with_label_values(&[event_type])
             .observe(age as f64 / 1000.0);
     }
+}
+
+/// Counts an event recovered from Stripe's Events API.
+pub fn event_recovered(event_type: &str) {
+    METRICS
+        .events_recovered
+        .with_label_values(&[type_label(event_type)])
+        .inc();
 }
 
 /// Counts an event of the other Stripe mode, ignored.

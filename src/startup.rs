@@ -295,6 +295,13 @@ impl Application {
             }
         }
 
+        // Missed-event recovery from Stripe's Events API.
+        if let (Some(sync), Some(interval)) = (&sync, services.settings.recovery_interval) {
+            let recovery =
+                crate::recovery::Recovery::new(sync.api().clone(), services.pool.clone())
+                    .waking(inbox_wake.clone());
+            tasks.push(tokio::spawn(recovery.run_poller(interval, stop_rx.clone())));
+        }
         let endpoint_check = crate::setup::LastCheckCell::default();
         if let Some(api) = sync.as_ref().map(|sync| sync.api().clone()) {
             tasks.push(tokio::spawn(crate::setup::run_checker(

@@ -234,6 +234,27 @@ impl InboxWorker {
             };
             match routed {
                 Route::Fetch(_) => unreachable!("fetched above"),
+                Route::ReconcileAll => {
+                    // Every customer with a subscription is synced soon (the sync worker
+                    // runs them, at its pace); the row is done once they are requested.
+                    let result = match sync_log::request_stale(&self.pool, Duration::ZERO, i64::MAX).await {
+                        Ok(requested) => RowResult::done(
+                            event_id,
+                            Outcome::Ignored,
+                            Some(format!(
+                                "Stripe failed to generate events for a while: a sync of {requested} customers requested"
+                            )),
+                        ),
+                        Err(error) => RowResult::failed(
+                            event_id,
+                            RowFailure {
+                                chain: format!("requesting syncs: {}", error_chain(&error)),
+                                refusal: None,
+                            },
+                        ),
+                    };
+                    results.push(result);
+                }
                 Route::Ignore { reason } => {
                     results.push(RowResult::done(event_id, Outcome::Ignored, Some(reason)))
                 }

@@ -53,7 +53,7 @@ const LAYERS: &[&[&str]] = &[
     &["sync", "worker"],
     // 6. What people and clients ask for: checkout and portal rules, a customer's whole
     //    story for operators, importing events from a file.
-    &["billing", "import", "inspect", "setup"],
+    &["billing", "import", "inspect", "recovery", "setup"],
     // 7. The HTTP surface: handlers, router, `GET /metrics`, the admin page.
     &["http"],
     // 8. Wiring: the services and the application that runs them.

@@ -93,7 +93,7 @@ pub async fn record_many(
                 (Some(customer_id), InboxState::Pending, None, None)
             }
             // A thin event's customer is known only once its object is fetched.
-            Route::Fetch(_) => (None, InboxState::Pending, None, None),
+            Route::Fetch(_) | Route::ReconcileAll => (None, InboxState::Pending, None, None),
             Route::Ignore { reason } => (
                 event.customer_id(),
                 InboxState::Done,

@@ -278,6 +278,50 @@ impl StripeApi {
         self.send_as(request, None, account).await
     }
 
+    /// One page of Stripe's events (`GET /v1/events`, newest first, kept 30 days) of the
+    /// given `types` (at most 20) created at or after `created_gte`; only those whose
+    /// webhook delivery has not succeeded when `undelivered`.
+    pub async fn list_events(
+        &self,
+        types: &[&str],
+        created_gte: i64,
+        undelivered: bool,
+        starting_after: Option<&str>,
+    ) -> Result<Answer<Page>, StripeApiError> {
+        let mut query = format!("limit=100&created[gte]={created_gte}");
+        for (i, kind) in types.iter().enumerate() {
+            query.push_str(&format!("&types[{i}]={kind}"));
+        }
+        if undelivered {
+            query.push_str("&delivery_success=false");
+        }
+        if let Some(after) = starting_after {
+            query.push_str(&format!("&starting_after={after}"));
+        }
+        let mut request = RequestBuilder::new(StripeMethod::Get, "/events");
+        request.query = Some(query);
+        let answer = self.send(request, None).await?;
+        let mut object = answer.value;
+        let Some(Value::Array(items)) = object.remove("data") else {
+            return Err(StripeApiError::Unexpected("a list without data".to_owned()));
+        };
+        let data = items
+            .into_iter()
+            .filter_map(|item| match item {
+                Value::Object(object) => Some(object),
+                _ => None,
+            })
+            .collect();
+        Ok(Answer {
+            value: Page {
+                data,
+                has_more: object.get("has_more").and_then(Value::as_bool) == Some(true),
+            },
+            attempts: answer.attempts,
+            stripe_time: answer.stripe_time,
+        })
+    }
+
     /// Every webhook endpoint of the account (`GET /v1/webhook_endpoints`, all pages).
     pub async fn list_webhook_endpoints(&self) -> Result<Vec<Map<String, Value>>, StripeApiError> {
         let mut all = Vec::new();

@@ -102,7 +102,17 @@ pub enum Route {
     /// A thin event of a handled type: fetch the object it names, then route that as the
     /// snapshot event of the same type would be (`worker`).
     Fetch(ThinRef),
+    /// Stripe failed to generate events for a while and says it is over
+    /// ([`HEALTH_RESOLVED`]): what those events would have told us is unknown, so every
+    /// customer is synced from the API (`worker` requests it through `sync_log`).
+    ReconcileAll,
 }
+
+/// The thin event Stripe sends when a period in which it failed to generate events is over
+/// (<https://docs.stripe.com/api/v2/core/events/event-types>, stripe-java
+/// `V2CoreHealthEventGenerationFailureResolvedEvent`). Those events will never exist, so
+/// neither a webhook retry nor the Events API can bring them: only a sync can.
+pub const HEALTH_RESOLVED: &str = "v2.core.health.event_generation_failure.resolved";
 
 /// The event types subledger acts on. Everything else is acknowledged and recorded as
 /// ignored.
@@ -336,6 +346,9 @@ impl StripeEvent {
 /// Decides what an event means for the domain. Pure.
 pub fn route(event: &StripeEvent) -> Route {
     if let Some(thin) = &event.thin {
+        if event.event_type == HEALTH_RESOLVED {
+            return Route::ReconcileAll;
+        }
         let snapshot_type = event.event_type.strip_prefix(THIN_V1_PREFIX);
         if !snapshot_type.is_some_and(|t| HANDLED_TYPES.contains(&t)) {
             return Route::Ignore {

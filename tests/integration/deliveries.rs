@@ -468,3 +468,89 @@ async fn without_a_key_stripe_is_not_configured_and_not_degraded() {
     assert_eq!(ready["status"], "ok", "{ready}");
     app.stop().await;
 }
+
+/// Missed-event recovery (issue 12 item 4): events whose webhooks never arrived are read
+/// from Stripe's Events API (the fake serves `GET /v1/events` with `delivery_success`,
+/// `types[]` and `created[gte]`: https://docs.stripe.com/api/events/list), stored once,
+/// and processed like any other.
+#[tokio::test]
+async fn missed_events_are_recovered_from_the_events_api_once() {
+    use subledger::recovery::Recovery;
+    let (app, fake) = spawn_with_stripe("recover").await;
+    let sub = fake.add_subscription("cus_rec", "org_rec", "active", "price_pro", 3_600);
+    let sub_id = sub["id"].as_str().unwrap().to_owned();
+    // The change happens; its webhook never reaches us.
+    let (snapshot, _thin) = fake.change_status(&sub_id, "past_due", None);
+    let api = app.services.syncer().unwrap().unwrap().api().clone();
+    let recovery = Recovery::new(api, app.pool.clone());
+    let report = recovery.poll_once().await.unwrap();
+    assert_eq!(report.recovered, 1, "{report:?}");
+    app.services.worker.process_batch(64, None).await.unwrap();
+    app.settle().await;
+    let (source,): (String,) = sqlx::query_as("SELECT source FROM inbox WHERE event_id = $1")
+        .bind(snapshot["id"].as_str().unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(source, "recovery");
+    let info = app.get_json("/v1/customers/cus_rec/subscription").await;
+    assert_eq!(info["status"], "past_due", "{info}");
+    let recorded = events_of(&app, "cus_rec").await;
+
+    // Again (the overlap reads it again), by hand, and the late webhook: nothing new.
+    assert_eq!(recovery.poll_once().await.unwrap().recovered, 0);
+    let since = chrono::Utc::now() - chrono::Duration::hours(2);
+    let (report, _) = recovery.recover_since(since, false).await.unwrap();
+    assert_eq!((report.listed, report.recovered), (1, 0), "{report:?}");
+    let late = app.post_webhook(snapshot.to_string().as_bytes()).await;
+    let body: Value = late.json().await.unwrap();
+    assert_eq!(body["result"], "duplicate");
+    app.settle().await;
+    assert_eq!(events_of(&app, "cus_rec").await, recorded);
+    app.stop().await;
+}
+
+/// `v2.core.health.event_generation_failure.resolved` (a thin event: its shape is every
+/// thin event's, https://docs.stripe.com/api/v2/core/events/event-types): the events Stripe
+/// failed to generate will never come, so every customer is synced.
+#[tokio::test]
+async fn the_event_generation_failure_resolved_event_requests_a_sync_of_every_customer() {
+    let (app, fake) = spawn_with_stripe("health").await;
+    for (customer, org) in [("cus_h1", "org_h1"), ("cus_h2", "org_h2")] {
+        let sub = fake.add_subscription(customer, org, "active", "price_pro", 3_600);
+        let sub_id = sub["id"].as_str().unwrap().to_owned();
+        let (snapshot, _) = fake.change_status(&sub_id, "active", None);
+        deliver(&app, &snapshot).await;
+    }
+    let health = fake.thin_event(
+        "v2.core.health.event_generation_failure.resolved",
+        None,
+        None,
+    );
+    deliver(&app, &health).await;
+    let (state, outcome, detail) = app.inbox_row(health["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(
+        (state.as_str(), outcome.as_deref()),
+        ("done", Some("ignored"))
+    );
+    // Customers whose sync is pending already are not requested twice.
+    let detail = detail.unwrap();
+    assert!(detail.contains("customers requested"), "{detail}");
+    // The sync worker runs them: each customer's attempt is recorded.
+    for _ in 0..400 {
+        if app
+            .count("SELECT count(DISTINCT customer_id) FROM sync_attempts")
+            .await
+            >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        app.count("SELECT count(DISTINCT customer_id) FROM sync_attempts WHERE customer_id IN ('cus_h1', 'cus_h2')")
+            .await,
+        2
+    );
+    app.stop().await;
+}

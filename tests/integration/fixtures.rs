@@ -92,7 +92,9 @@ fn every_fixture_parses_and_routes_as_its_manifest_says() {
                 command: SubscriptionCommand::Reconcile(_),
                 ..
             } => unreachable!("webhooks never route to Reconcile"),
-            Route::Fetch(_) => unreachable!("the shared fixtures are snapshot events"),
+            Route::Fetch(_) | Route::ReconcileAll => {
+                unreachable!("the shared fixtures are snapshot events")
+            }
             Route::Ignore { reason } => {
                 assert!(
                     !handled || f.customer_id.is_empty(),

@@ -319,6 +319,11 @@ async fn readyz_is_degraded_when_stripe_cannot_be_reached() {
     // A port nothing listens on: connection refused at once.
     let (mut settings, db_name, prefix) = test_settings("nostripe");
     settings.stripe_api_base = format!("http://127.0.0.1:{}", crate::support::procs::free_port());
+    // Only a configured Stripe degrades the deployment (without a key it is "not
+    // configured"); its background callers stay off.
+    settings.stripe_secret_key = Some(secrecy::SecretString::from("sk_test_fake".to_owned()));
+    settings.reconcile_interval = None;
+    settings.recovery_interval = None;
     let app = crate::support::helpers::spawn_with(settings, db_name, prefix).await;
     let (status, ready) = readyz(&app.client, &app.address).await;
     assert_eq!(

@@ -24,6 +24,8 @@ pub(crate) async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     settings.sync_retry_base = Duration::from_millis(20);
     // The periodic reconciler stays off in tests.
     settings.reconcile_interval = None;
+    // So does the missed-event poller: tests run recovery passes themselves.
+    settings.recovery_interval = None;
     settings.public_url = Some("https://billing.example.test".to_owned());
     settings.redirect_origins = vec!["https://app.example.test".to_owned()];
     settings.admin_tokens = vec![SecretString::from(ADMIN.to_owned())];

@@ -36,6 +36,9 @@ struct Inner {
     subscriptions: BTreeMap<String, Value>,
     sessions: BTreeMap<String, Value>,
     portal_sessions: Vec<Value>,
+    /// Every snapshot event made, oldest first, with whether its delivery succeeded (all
+    /// `false`: the fake delivers nothing itself).
+    events: Vec<Value>,
     /// Webhook endpoints, in creation order.
     endpoints: Vec<Value>,
     /// Idempotency key → the answer first given for it.
@@ -72,6 +75,7 @@ impl FakeStripe {
             .route("/v1/checkout/sessions", post(create_session))
             .route("/v1/checkout/sessions/:id", get(retrieve_session))
             .route("/v1/billing_portal/sessions", post(create_portal_session))
+            .route("/v1/events", get(list_events))
             .route(
                 "/v1/webhook_endpoints",
                 get(list_endpoints).post(create_endpoint),
@@ -337,8 +341,11 @@ fn event(inner: &mut Inner, kind: &str, object: Value, previous: Option<Value>) 
     if let Some(previous) = previous {
         data["previous_attributes"] = previous;
     }
-    json!({"id": format!("evt_fake{:06}", inner.seq), "object": "event", "type": kind,
-        "created": now(), "api_version": "2025-03-31.basil", "livemode": false, "data": data})
+    let event = json!({"id": format!("evt_fake{:06}", inner.seq), "object": "event", "type": kind,
+        "created": now(), "api_version": "2025-03-31.basil", "livemode": false, "pending_webhooks": 1,
+        "data": data});
+    inner.events.push(event.clone());
+    event
 }
 
 /// Every answer carries Stripe's clock in its `Date` header, as an HTTP date (RFC 9110
@@ -715,4 +722,59 @@ async fn create_endpoint(
         created["secret"] = json!(format!("whsec_fake{:06}", inner.seq));
         (200, created)
     })
+}
+
+/// `GET /v1/events`: newest first, filtered by `types[]`, `created[gte]` and
+/// `delivery_success` (every event here is undelivered), paged by `starting_after`
+/// (https://docs.stripe.com/api/events/list).
+async fn list_events(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Err(response) = intercept(&state, "GET", "/v1/events", &headers).await {
+        return response;
+    }
+    let query = query.unwrap_or_default();
+    let params: Vec<(String, String)> = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect();
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let types: Vec<&String> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("types["))
+        .map(|(_, v)| v)
+        .collect();
+    let gte: i64 = get("created[gte]")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let limit: usize = get("limit").and_then(|v| v.parse().ok()).unwrap_or(10);
+    let inner = state.lock().unwrap();
+    let mut all: Vec<&Value> = inner
+        .events
+        .iter()
+        .rev()
+        .filter(|e| e["created"].as_i64().unwrap_or(0) >= gte)
+        .filter(|e| {
+            types.is_empty() || types.iter().any(|t| e["type"].as_str() == Some(t.as_str()))
+        })
+        .collect();
+    if let Some(after) = get("starting_after") {
+        let start = all
+            .iter()
+            .position(|e| e["id"].as_str() == Some(after.as_str()))
+            .map_or(all.len(), |i| i + 1);
+        all.drain(..start);
+    }
+    let page: Vec<Value> = all.iter().take(limit).map(|e| (*e).clone()).collect();
+    let has_more = all.len() > page.len();
+    Json(json!({"object": "list", "url": "/v1/events", "has_more": has_more, "data": page}))
+        .into_response()
 }
