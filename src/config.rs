@@ -70,6 +70,12 @@ pub struct Settings {
     /// `SUBLEDGER_MAX_ATTEMPTS`: processing attempts before an inbox row is dead-lettered
     /// (default 8).
     pub max_attempts: i32,
+    /// `SUBLEDGER_INBOX_RETENTION_HOURS`: a processed inbox row's raw payload is dropped
+    /// this long after it was processed (default 720, 30 days: ten times Stripe's three
+    /// days of retries, and as long as Stripe's own Events API keeps an event, so an
+    /// operator can compare the two for a month; 0 keeps payloads forever). The row stays;
+    /// dead letters and pending rows keep theirs; the log is never pruned.
+    pub inbox_retention: Option<Duration>,
     /// `SUBLEDGER_DB_POOL`: Postgres connections (default 16).
     pub db_pool_size: u32,
     /// `SUBLEDGER_POLL_MS`: how often workers and projections look for work they were not
@@ -192,6 +198,10 @@ impl Settings {
             workers: parsed("SUBLEDGER_WORKERS", 4)?,
             aggregate_cache: parsed("SUBLEDGER_AGGREGATE_CACHE", 4096)?,
             max_attempts: parsed("SUBLEDGER_MAX_ATTEMPTS", 8)?,
+            inbox_retention: match parsed("SUBLEDGER_INBOX_RETENTION_HOURS", 720u64)? {
+                0 => None,
+                hours => Some(Duration::from_secs(hours * 3600)),
+            },
             db_pool_size: parsed("SUBLEDGER_DB_POOL", 16)?,
             poll_interval: Duration::from_millis(parsed("SUBLEDGER_POLL_MS", 500)?),
             stripe_secret_key: var("STRIPE_SECRET_KEY").map(SecretString::from),

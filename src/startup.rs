@@ -259,6 +259,14 @@ impl Application {
             services.ledger.committed.clone(),
             stop_rx.clone(),
         )));
+        // Processed payloads past retention, dropped in small batches beside ingestion.
+        if let Some(older_than) = services.settings.inbox_retention {
+            tasks.push(tokio::spawn(crate::inbox::retention::run_pruner(
+                services.pool.clone(),
+                older_than,
+                stop_rx.clone(),
+            )));
+        }
         // Rows left pending by a previous run are picked up at once.
         inbox_wake.wake_all();
         // Syncs with Stripe's API (requested by webhooks, retries, the reconciler).

@@ -15,6 +15,7 @@ mod personal_data;
 mod processes;
 mod refusals;
 mod replay;
+mod retention;
 mod runner;
 mod security;
 mod slow_clients;
