@@ -30,6 +30,11 @@ pub struct Settings {
     pub redis_prefix: String,
     /// `SUBLEDGER_CACHE_TTL_SECS` (default 86400).
     pub cache_ttl: Duration,
+    /// `SUBLEDGER_LOCAL_CACHE_ENTRIES` (default 100000), `SUBLEDGER_LOCAL_CACHE_BYTES`
+    /// (default 64 MiB), `SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS` (default 1000; 0 turns it
+    /// off): the in-process cache in front of Redis. Invalidated by every replica's
+    /// writes; the age is only the backstop for a message that never came.
+    pub local_cache: projections::LocalCacheConfig,
     /// `STRIPE_WEBHOOK_SECRET`: one or more signing secrets, comma-separated.
     pub webhook_secrets: Vec<SecretString>,
     /// `SUBLEDGER_SIGNATURE_TOLERANCE_SECS` (default 300).
@@ -182,6 +187,11 @@ impl Settings {
                 .into(),
             redis_prefix: var("SUBLEDGER_REDIS_PREFIX").unwrap_or_default(),
             cache_ttl: Duration::from_secs(parsed("SUBLEDGER_CACHE_TTL_SECS", 86_400)?),
+            local_cache: projections::LocalCacheConfig {
+                max_entries: parsed("SUBLEDGER_LOCAL_CACHE_ENTRIES", 100_000)?,
+                max_bytes: parsed("SUBLEDGER_LOCAL_CACHE_BYTES", 64 * 1024 * 1024)?,
+                max_age: Duration::from_millis(parsed("SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS", 1_000)?),
+            },
             webhook_secrets: secrets("STRIPE_WEBHOOK_SECRET"),
             signature_tolerance_secs: parsed("SUBLEDGER_SIGNATURE_TOLERANCE_SECS", 300)?,
             api_tokens: secrets("SUBLEDGER_API_TOKEN"),

@@ -7,6 +7,7 @@ mod cli;
 mod dead_letters;
 mod events;
 mod fixtures;
+mod freshness;
 mod lifecycle;
 mod mutants;
 mod ops;
