@@ -73,7 +73,12 @@ pub struct Catalog {
 }
 
 /// What an org or user may do, as the entitlements API answers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "org_id": "org_123", "user_id": "user_9", "customer_id": "cus_123", "status": "active",
+    "plan": "pro", "features": ["api", "priority_support"], "access": true,
+    "access_until": "2026-12-25T00:00:00Z"
+}))]
 pub struct Entitlement {
     pub org_id: Option<String>,
     pub user_id: Option<String>,

@@ -10,7 +10,19 @@ use crate::catalog::Catalog;
 use crate::log::LoggedEvent;
 
 /// The latest invoice of the current subscription.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The schema of `aggregates::PaymentMethodFacts` as `SubscriptionInfo` serializes it:
+/// the domain crate carries no schema derive (it stays pure), so its shape is described
+/// here; the committed OpenAPI document and the schema tests catch any drift.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PaymentMethod {
+    pub id: String,
+    /// `card.brand` (for example `visa`), or the method's `type` when it is not a card.
+    pub brand: Option<String>,
+    pub last4: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LatestInvoice {
     pub id: String,
     pub status: Option<String>,
@@ -30,7 +42,18 @@ impl From<&InvoiceFacts> for LatestInvoice {
 }
 
 /// A customer's subscription as the API answers it. Timestamps serialize as RFC 3339 UTC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "customer_id": "cus_123", "subscription_id": "sub_123", "status": "active",
+    "price_id": "price_pro_monthly", "product_id": "prod_pro", "lookup_key": "pro_monthly",
+    "plan": "pro", "quantity": 1, "current_period_start": "2026-11-25T00:00:00Z",
+    "current_period_end": "2026-12-25T00:00:00Z", "cancel_at_period_end": false,
+    "cancel_at": null, "canceled_at": null, "ended_at": null, "trial_end": null,
+    "org_id": "org_123", "user_id": "user_9",
+    "latest_invoice": {"id": "in_123", "status": "paid", "attempt_count": 1, "next_payment_attempt": null},
+    "payment_method": {"id": "pm_123", "brand": "visa", "last4": "4242"},
+    "version": 3, "updated_at": "2026-11-25T00:00:05Z"
+}))]
 pub struct SubscriptionInfo {
     pub customer_id: String,
     pub subscription_id: Option<String>,
@@ -54,6 +77,7 @@ pub struct SubscriptionInfo {
     /// The current subscription's default payment method, as the last sync saw it
     /// (webhooks carry only its id). Absent from answers stored before syncs existed.
     #[serde(default)]
+    #[schema(value_type = Option<PaymentMethod>)]
     pub payment_method: Option<PaymentMethodFacts>,
     /// The aggregate version (event sequence) this answer reflects.
     pub version: u64,

@@ -8,6 +8,7 @@
 //! any time. Nothing here decides what a Stripe fact means: the events already say it.
 
 pub mod catalog;
+pub mod feature;
 pub mod info;
 pub mod local_cache;
 pub mod log;
@@ -16,7 +17,8 @@ pub mod redis_cache;
 pub mod runner;
 
 pub use catalog::{Catalog, CatalogError, Entitlement};
-pub use info::{LatestInvoice, SubscriptionInfo};
+pub use feature::FeatureAccess;
+pub use info::{LatestInvoice, PaymentMethod, SubscriptionInfo};
 pub use local_cache::{LocalCache, LocalCacheConfig, Lookup};
 pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;

@@ -10,6 +10,7 @@ mod fixtures;
 mod freshness;
 mod lifecycle;
 mod mutants;
+mod openapi;
 mod ops;
 mod outages;
 mod personal_data;
