@@ -11,6 +11,7 @@ use subledger::inbox::retention::{prune, prune_batch};
 use crate::dead_letters::REFUSE_POISON;
 use crate::events::{sub_event, T0};
 use crate::support::helpers::{spawn_with, test_settings, TestApp};
+use crate::support::procs::subledger_command;
 
 const MONTH: Duration = Duration::from_secs(30 * 86_400);
 
@@ -57,7 +58,7 @@ async fn age_all(app: &TestApp, days: i32) {
 async fn processed_payloads_past_retention_are_dropped_dead_letters_and_the_log_kept() {
     let (mut settings, db_name, prefix) = test_settings("retention");
     settings.max_attempts = 1;
-    let app = spawn_with(settings, db_name, prefix).await;
+    let app = spawn_with(settings.clone(), db_name, prefix).await;
     sqlx::raw_sql(REFUSE_POISON)
         .execute(&app.pool)
         .await
@@ -97,7 +98,15 @@ async fn processed_payloads_past_retention_are_dropped_dead_letters_and_the_log_
     // A month and a bit later: the processed rows lose their payload, the dead letter
     // keeps it (the test ages it too, so only its state protects it).
     age_all(&app, 31).await;
-    assert_eq!(prune(&app.pool, MONTH).await.unwrap(), 2);
+    // `subledger prune`, as an operator would run it (`serve` does the same every 10 min).
+    let mut command = subledger_command(&settings);
+    command.args(["prune", "--older-than-hours", "720"]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("2 inbox payloads dropped"), "{stderr}");
     assert_eq!(payload_of(&app, "evt_r1").await, (false, true));
     assert_eq!(payload_of(&app, "evt_r2").await, (false, true));
     assert_eq!(payload_of(&app, "evt_rdead").await, (true, false));
