@@ -35,6 +35,15 @@ pub struct AccessPolicy {
     pub grant: Vec<SubscriptionStatus>,
 }
 
+impl AccessPolicy {
+    /// Whether a subscription in `status` has access while its period lasts.
+    pub fn grants(&self, status: &str) -> bool {
+        status
+            .parse::<SubscriptionStatus>()
+            .is_ok_and(|status| self.grant.contains(&status))
+    }
+}
+
 impl Default for AccessPolicy {
     /// `active`, `trialing` and `past_due` (Stripe is still retrying) grant access.
     fn default() -> Self {
@@ -162,10 +171,7 @@ impl Catalog {
             info.lookup_key.as_deref(),
             info.product_id.as_deref(),
         );
-        let granted = info
-            .status
-            .parse::<SubscriptionStatus>()
-            .is_ok_and(|status| self.access.grant.contains(&status));
+        let granted = self.access.grants(&info.status);
         let within_period = info.current_period_end.is_none_or(|end| now < end);
         let access = granted && within_period;
         Entitlement {

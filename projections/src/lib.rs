@@ -21,7 +21,7 @@ pub use feature::FeatureAccess;
 pub use info::{LatestInvoice, PaymentMethod, SubscriptionInfo};
 pub use local_cache::{LocalCache, LocalCacheConfig, Lookup};
 pub use log::{LoggedEvent, Position};
-pub use platform::PlatformTables;
+pub use platform::{PlatformTables, StatusCount};
 pub use redis_cache::{CacheKeys, LazyConnection, RedisCache};
 pub use runner::{
     CatchUp, EventualProjection, Member, ProjectionError, Projections, TransactionalProjection,
