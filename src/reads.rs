@@ -5,6 +5,9 @@
 //! the log (through the `projections` runner), for the projection loop and for a caller
 //! that must see its own write.
 //!
+//! "Redis" here includes each replica's in-process cache in front of it (`projections::
+//! local_cache`), which the Redis projection's writes invalidate.
+//!
 //! Redis is never trusted over Postgres: a cached value reached through an org or user
 //! key that names another owner is ignored (a mapping key can outlive a change of owner).
 //! This module must never decide what a Stripe fact means nor write a read model by hand:

@@ -8,6 +8,10 @@
 //!
 //! The connection is made on first use and again after a failure ([`LazyConnection`]), so
 //! the service starts and serves without Redis and picks it up when it comes back.
+//!
+//! Reads go through the in-process cache first ([`crate::local_cache`]) when it is
+//! turned on and its invalidation channel is up; every write here publishes the keys it
+//! wrote on that channel, after writing them.
 
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +22,7 @@ use redis::AsyncCommands;
 
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
+use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup};
 use crate::log::{newest_per_aggregate, LoggedEvent};
 use crate::runner::{EventualProjection, ProjectionError};
 
@@ -98,6 +103,13 @@ pub struct LazyConnection {
 }
 
 impl LazyConnection {
+    /// The client it connects with (for a connection of another kind: a subscription).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+}
+
+impl LazyConnection {
     pub fn new(client: redis::Client, config: ConnectionManagerConfig) -> Self {
         Self {
             client,
@@ -148,6 +160,8 @@ pub struct RedisCache {
     keys: CacheKeys,
     ttl_secs: u64,
     catalog: Arc<Catalog>,
+    /// Raw values read from Redis, by full key (off unless [`RedisCache::with_local_cache`]).
+    local: Arc<LocalCache<Arc<str>>>,
 }
 
 impl RedisCache {
@@ -162,11 +176,95 @@ impl RedisCache {
             keys,
             ttl_secs,
             catalog,
+            local: Arc::new(LocalCache::new(LocalCacheConfig {
+                max_entries: 0,
+                max_bytes: 0,
+                max_age: Duration::ZERO,
+            })),
         }
+    }
+
+    /// Puts an in-process cache in front of Redis. It serves nothing until
+    /// [`RedisCache::listen_for_invalidations`] runs and is subscribed.
+    pub fn with_local_cache(mut self, config: LocalCacheConfig) -> Self {
+        self.local = Arc::new(LocalCache::new(config));
+        self
     }
 
     pub fn keys(&self) -> &CacheKeys {
         &self.keys
+    }
+
+    /// The in-process cache (for its gauges).
+    pub fn local(&self) -> &LocalCache<Arc<str>> {
+        &self.local
+    }
+
+    /// The channel this cache's writes are published on.
+    fn channel(&self) -> String {
+        local_cache::channel(&self.keys.prefix)
+    }
+
+    /// Keeps the in-process cache subscribed to the invalidations of every replica's
+    /// writes until `stop` (it is bypassed whenever it is not). Returns at once when the
+    /// in-process cache is off.
+    pub async fn listen_for_invalidations(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        let conn = self.conn.clone();
+        let channel = self.channel();
+        let publish = move || {
+            let conn = conn.clone();
+            let channel = channel.clone();
+            async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(local_cache::HEARTBEAT)
+                    .query_async::<i64>(&mut conn.get().await?)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        local_cache::listen(
+            self.conn.client().clone(),
+            self.channel(),
+            self.local.clone(),
+            publish,
+            stop,
+        )
+        .await
+    }
+
+    /// A string key's value: from memory when the in-process cache holds it, else from
+    /// Redis (and then kept in memory, if no invalidation came meanwhile).
+    async fn get_string(&self, key: &str) -> Result<Option<Arc<str>>, redis::RedisError> {
+        let ticket = match self.local.get(key) {
+            Lookup::Hit(value) => return Ok(Some(value)),
+            Lookup::Miss(ticket) => Some(ticket),
+            Lookup::Bypass => None,
+        };
+        let raw: Option<String> = self.conn.get().await?.get(key).await?;
+        let value: Option<Arc<str>> = raw.map(Arc::from);
+        if let (Some(ticket), Some(value)) = (ticket, &value) {
+            self.local.insert(key, value.clone(), value.len(), ticket);
+        }
+        Ok(value)
+    }
+
+    /// The keys a write of `info` sets.
+    fn keys_of(&self, info: &SubscriptionInfo) -> Vec<String> {
+        let mut keys = vec![self.keys.customer(&info.customer_id)];
+        keys.extend(info.org_id.as_deref().map(|org| self.keys.org(org)));
+        keys.extend(info.user_id.as_deref().map(|user| self.keys.user(user)));
+        keys
+    }
+
+    /// Publishes, after the writes before it in `pipe`, that these keys changed.
+    fn publish_written(&self, pipe: &mut redis::Pipeline, keys: &[String]) {
+        if !keys.is_empty() {
+            pipe.cmd("PUBLISH")
+                .arg(self.channel())
+                .arg(keys.join("\n"))
+                .ignore();
+        }
     }
 
     /// The cached answer for a customer; a value that does not decode counts as a miss.
@@ -174,12 +272,7 @@ impl RedisCache {
         &self,
         customer_id: &str,
     ) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
-        let raw: Option<String> = self
-            .conn
-            .get()
-            .await?
-            .get(self.keys.customer(customer_id))
-            .await?;
+        let raw = self.get_string(&self.keys.customer(customer_id)).await?;
         Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
             Ok(info) => Some(info),
             Err(error) => {
@@ -208,15 +301,13 @@ impl RedisCache {
             (None, Some(user)) => self.keys.user(user),
             (None, None) => return Ok(None),
         };
-        self.conn.get().await?.get(key).await
+        Ok(self.get_string(&key).await?.map(|id| id.to_string()))
     }
 
     /// The script call that writes `info`, by the script's hash (`EVALSHA`): the script
     /// must have been loaded (every batch loads it first; `put` falls back by itself).
     fn put_command(&self, info: &SubscriptionInfo) -> Result<redis::Cmd, serde_json::Error> {
-        let mut keys = vec![self.keys.customer(&info.customer_id)];
-        keys.extend(info.org_id.as_deref().map(|org| self.keys.org(org)));
-        keys.extend(info.user_id.as_deref().map(|user| self.keys.user(user)));
+        let keys = self.keys_of(info);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(put_script().get_hash())
             .arg(keys.len())
@@ -231,10 +322,10 @@ impl RedisCache {
     /// Writes one answer (read-through after a miss). Returns false when the cache
     /// already held a newer version.
     pub async fn put(&self, info: &SubscriptionInfo) -> Result<bool, ProjectionError> {
-        let written: i64 = self
-            .put_command(info)?
-            .query_async(&mut self.conn.get().await?)
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.put_command(info)?);
+        self.publish_written(&mut pipe, &self.keys_of(info));
+        let (written,): (i64,) = pipe.query_async(&mut self.conn.get().await?).await?;
         if written != 1 {
             STALE_WRITES.with_label_values(&["read_through"]).inc();
         }
@@ -286,6 +377,11 @@ impl RedisCache {
                 cursor = next;
             }
         }
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.channel())
+            .arg(local_cache::ALL_KEYS)
+            .query_async(&mut conn)
+            .await?;
         Ok(deleted)
     }
 }
@@ -298,10 +394,14 @@ impl EventualProjection for RedisCache {
         // Loading is idempotent and cheap; it makes every EVALSHA below find the script,
         // even on a Redis that restarted since the last batch.
         pipe.cmd("SCRIPT").arg("LOAD").arg(PUT_SCRIPT).ignore();
+        let mut written_keys = Vec::new();
         for logged in newest_per_aggregate(events) {
             let info = SubscriptionInfo::from_logged(logged, &self.catalog);
             pipe.add_command(self.put_command(&info)?);
+            written_keys.extend(self.keys_of(&info));
         }
+        // Last in the pipeline, so every replica hears of the keys after they are written.
+        self.publish_written(&mut pipe, &written_keys);
         let written: Vec<i64> = pipe.query_async(&mut self.conn.get().await?).await?;
         let refused = written.iter().filter(|w| **w == 0).count();
         if refused > 0 {
