@@ -220,6 +220,8 @@ async fn eventbridge_app(
     settings.stripe_secret_key = Some(secrecy::SecretString::from("sk_test_fake".to_owned()));
     settings.stripe_api_base = fake.base_url.clone();
     settings.reconcile_interval = None;
+    // The missed-event poller would store the fake's events itself.
+    settings.recovery_interval = None;
     (
         crate::support::helpers::spawn_with(settings, db, prefix).await,
         fake,
