@@ -497,7 +497,18 @@ async fn missed_events_are_recovered_from_the_events_api_once() {
     assert_eq!(source, "recovery");
     let info = app.get_json("/v1/customers/cus_rec/subscription").await;
     assert_eq!(info["status"], "past_due", "{info}");
-    let recorded = events_of(&app, "cus_rec").await;
+    // The change is recorded once (a sync the webhook asked for may add what only the
+    // API shows, like the card, at its own pace: not counted here).
+    let changes = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE aggregate_id = 'cus_rec' AND event_type = 'SubscriptionChanged'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let recorded = changes().await;
+    assert_eq!(recorded, 1);
 
     // Again (the overlap reads it again), by hand, and the late webhook: nothing new.
     assert_eq!(recovery.poll_once().await.unwrap().recovered, 0);
@@ -508,7 +519,7 @@ async fn missed_events_are_recovered_from_the_events_api_once() {
     let body: Value = late.json().await.unwrap();
     assert_eq!(body["result"], "duplicate");
     app.settle().await;
-    assert_eq!(events_of(&app, "cus_rec").await, recorded);
+    assert_eq!(changes().await, recorded);
     app.stop().await;
 }
 
