@@ -496,6 +496,7 @@ fn api_snapshot(
             .into_iter()
             .map(|sub| (sub.facts, sub.payment_method))
             .collect(),
+        entitlements: None,
     }
 }
 

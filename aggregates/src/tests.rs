@@ -42,6 +42,8 @@ fn snapshot(status: SubscriptionStatus) -> SubscriptionFacts {
         trial_end: None,
         latest_invoice_id: None,
         currency: Some("usd".to_owned()),
+        items: vec![],
+        pause_reason: None,
     }
 }
 
@@ -407,6 +409,7 @@ fn api_snapshot(
         fetched_at: at(secs),
         owner: OwnerFacts::default(),
         subscriptions,
+        entitlements: None,
     })
 }
 

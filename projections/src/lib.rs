@@ -13,11 +13,11 @@ pub mod platform;
 pub mod redis_cache;
 pub mod runner;
 
-pub use catalog::{Catalog, CatalogError, Entitlement};
-pub use info::{LatestInvoice, SubscriptionInfo};
+pub use catalog::{AccessPolicy, Catalog, CatalogError, Entitlement, OwnedSubscription, Plan};
+pub use info::{ItemInfo, LatestInvoice, SubscriptionEntry, SubscriptionInfo};
 pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;
-pub use redis_cache::{CacheKeys, LazyConnection, RedisCache};
+pub use redis_cache::{CacheKeys, LazyConnection, Owner, RedisCache};
 pub use runner::{
     CatchUp, EventualProjection, Member, ProjectionError, Projections, TransactionalProjection,
     WhenBusy,

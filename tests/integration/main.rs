@@ -17,6 +17,7 @@ mod refusals;
 mod replay;
 mod runner;
 mod security;
+mod shapes;
 mod slow_clients;
 mod stripe_api;
 mod support;

@@ -536,3 +536,35 @@ async fn backfill_pages_through_hundreds_of_subscriptions_and_is_safe_to_rerun()
     assert_eq!((again.subscriptions, again.events), (260, 0));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn after_customer_deleted_checkout_creates_a_fresh_customer() {
+    let (app, fake) = spawn_with_stripe("deletedcus").await;
+    let first: Value = post_json(&app, "/v1/checkout/sessions", checkout_body("org_gone"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let deleted = first["customer_id"].as_str().unwrap().to_owned();
+    assert_eq!(fake.count("customers"), 1);
+    // docs.stripe.com/api/events/types#event_types-customer.deleted: data.object is the
+    // customer (docs.stripe.com/api/customers/object) as it was.
+    let event = crate::events::envelope(
+        "evt_cus_deleted",
+        "customer.deleted",
+        chrono::Utc::now().timestamp(),
+        json!({"id": deleted, "object": "customer", "deleted": true,
+            "metadata": {"organizationId": "org_gone", "userId": "user_1"}}),
+    );
+    deliver(&app, &[event]).await;
+    let second = post_json(&app, "/v1/checkout/sessions", checkout_body("org_gone")).await;
+    assert_eq!(second.status(), 200);
+    let second: Value = second.json().await.unwrap();
+    assert_ne!(second["customer_id"].as_str(), Some(deleted.as_str()));
+    assert_eq!(
+        fake.count("customers"),
+        2,
+        "Stripe saw a second customer create"
+    );
+    app.stop().await;
+}
