@@ -42,6 +42,21 @@ fi
 promtool check rules ops/alerts.yml
 promtool test rules ops/alerts.test.yml
 
+# The OpenAPI tests run schemathesis (PyPI) against the live service: it is installed, at a
+# pinned version, into a virtualenv under target/ when absent (Debian's python3-venv first
+# when Python cannot make one).
+schemathesis_venv=target/tools/schemathesis
+if [ ! -x "$schemathesis_venv/bin/schemathesis" ]; then
+  echo "test: installing schemathesis into $schemathesis_venv" >&2
+  if ! python3 -m venv "$schemathesis_venv" >/dev/null 2>&1; then
+    apt_install python3-venv
+    rm -rf "$schemathesis_venv"
+    python3 -m venv "$schemathesis_venv"
+  fi
+  "$schemathesis_venv/bin/pip" install -q 'schemathesis==4.32.5'
+fi
+export SCHEMATHESIS="$PWD/$schemathesis_venv/bin/schemathesis"
+
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 cargo test --workspace --all-targets "$@"

@@ -67,7 +67,8 @@ pub struct NewCheckout {
 }
 
 /// A Checkout Session made for a [`NewCheckout`].
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"url": "https://checkout.stripe.com/c/pay/cs_test_123", "session_id": "cs_test_123", "customer_id": "cus_123"}))]
 pub struct CheckoutSession {
     pub url: Option<String>,
     pub session_id: Option<String>,
@@ -83,7 +84,8 @@ pub enum PortalFor {
 }
 
 /// A billing portal session.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"url": "https://billing.stripe.com/p/session/test_123"}))]
 pub struct PortalSession {
     pub url: Option<String>,
 }

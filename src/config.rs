@@ -101,6 +101,10 @@ pub struct Settings {
     /// `SUBLEDGER_REDIRECT_ORIGINS`: comma-separated origins (`https://app.example.com`)
     /// the success and portal-return pages may redirect to; relative paths always may.
     pub redirect_origins: Vec<String>,
+    /// `SUBLEDGER_PROGRESS_SECS`: how often a long command (replay, import, backfill)
+    /// prints a progress line when standard error is not a terminal (default 5; 0 prints
+    /// one at every step). On a terminal it draws a bar instead.
+    pub progress_every: Duration,
 }
 
 /// One org-scoped token: whoever presents `token` may read `org_id`'s entitlements only.
@@ -206,6 +210,7 @@ impl Settings {
                 secs => Some(Duration::from_secs(secs)),
             },
             public_url: var("SUBLEDGER_PUBLIC_URL").map(|url| url.trim_end_matches('/').to_owned()),
+            progress_every: Duration::from_secs(parsed("SUBLEDGER_PROGRESS_SECS", 5)?),
             redirect_origins: var("SUBLEDGER_REDIRECT_ORIGINS")
                 .map(|raw| {
                     raw.split(',')

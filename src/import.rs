@@ -101,16 +101,24 @@ fn looks_like_lines(text: &str) -> bool {
     second.is_some() && first.is_some_and(|l| serde_json::from_str::<Value>(l).is_ok())
 }
 
-/// Stores every event of the file in the inbox (idempotent on event ids).
-pub async fn import(pool: &sqlx::PgPool, text: &str) -> Result<ImportReport, ImportError> {
+/// Stores every event of the file in the inbox (idempotent on event ids). `progress` is
+/// told the file's event count once it is read, then the report after each event.
+pub async fn import(
+    pool: &sqlx::PgPool,
+    text: &str,
+    mut progress: impl FnMut(u64, &ImportReport),
+) -> Result<ImportReport, ImportError> {
     let events = parse_file(text)?;
+    let total = events.len() as u64;
     let mut report = ImportReport::default();
+    progress(total, &report);
     for (event, raw) in events {
         match inbox::record(pool, &event, &raw, Source::Import).await?? {
             Received::Stored => report.stored += 1,
             Received::Ignored => report.ignored += 1,
             Received::Duplicate => report.duplicates += 1,
         }
+        progress(total, &report);
     }
     Ok(report)
 }

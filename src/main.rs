@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use subledger::progress::Progress;
 use subledger::{startup, telemetry, Application, Services, Settings};
 
 #[global_allocator]
@@ -57,6 +58,8 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
+    Openapi,
     /// Print the transition table the aggregate runs.
     Transitions {
         #[arg(long, value_enum, default_value = "text")]
@@ -92,6 +95,13 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", subledger::transitions::render(format));
         return Ok(());
     }
+    if let Command::Openapi = cli.command {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(subledger::http::openapi_document())?
+        );
+        return Ok(());
+    }
     let settings = Settings::from_env().context("reading configuration")?;
     let explain_only = matches!(cli.command, Command::Explain { .. });
     match cli.command {
@@ -111,15 +121,33 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("migrations applied");
         }
         Command::Replay => {
+            let every = settings.progress_every;
             let services = Services::connect(settings).await.context("connecting")?;
+            let total = {
+                let mut conn = services.pool.acquire().await.context("connecting")?;
+                event_store::read::count_after(&mut conn, Default::default())
+                    .await
+                    .context("counting the log")?
+            };
+            // The bar follows the projection furthest behind; each reports log events.
+            let names: Vec<&str> = services.projections.names().collect();
+            let mut applied = vec![0u64; names.len()];
+            let mut progress = Progress::new("replay", "events", Some(total as u64), every);
             let done = services
                 .replay(|name, n| {
-                    eprint!("\r{name}: {n} events applied");
-                    let _ = std::io::stderr().flush();
+                    if let Some(i) = names.iter().position(|&known| known == name) {
+                        applied[i] = n;
+                    }
+                    progress.set_detail(name);
+                    progress.set_position(applied.iter().copied().min().unwrap_or(n));
                 })
                 .await
                 .context("replaying the log")?;
-            eprintln!();
+            // Every projection now stands at the end of the log counted above, also when a
+            // running service applied part of it meanwhile.
+            progress.set_detail("");
+            progress.set_position(total as u64);
+            progress.finish();
             // "replayed 10 events into platform_tables and 10 into redis_cache"
             let each: Vec<String> = done
                 .iter()
@@ -134,10 +162,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Import { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
+            let every = settings.progress_every;
             let services = Services::connect(settings).await.context("connecting")?;
-            let report = subledger::import::import(&services.pool, &text)
-                .await
-                .context("importing")?;
+            let mut progress: Option<Progress> = None;
+            let report = subledger::import::import(&services.pool, &text, |total, report| {
+                let progress = progress
+                    .get_or_insert_with(|| Progress::new("import", "events", Some(total), every));
+                progress.set_detail(format!(
+                    "{} new, {} ignored, {} duplicates",
+                    report.stored, report.ignored, report.duplicates
+                ));
+                progress.set_position(report.stored + report.ignored + report.duplicates);
+            })
+            .await
+            .context("importing")?;
+            if let Some(progress) = progress {
+                progress.finish();
+            }
             let processed = process_inbox(&services).await?;
             eprintln!(
                 "imported {} new events ({} ignored, {} duplicates); processed {processed}",
@@ -157,24 +198,36 @@ async fn main() -> anyhow::Result<()> {
                     .context("listing customers")?,
             };
             let (mut failed, total) = (0, customers.len());
+            let mut progress = Progress::new(
+                "reconcile",
+                "customers",
+                Some(total as u64),
+                services.settings.progress_every,
+            );
             for (i, customer) in customers.iter().enumerate() {
                 match syncer
                     .sync_customer(customer, subledger::sync_log::SyncSource::Operator)
                     .await
                 {
-                    Ok(report) => eprintln!(
+                    Ok(report) => progress.println(&format!(
                         "[{}/{total}] {customer}: {} ({} events, {} attempts)",
                         i + 1,
                         report.outcome.as_str(),
                         report.events,
                         report.attempts
-                    ),
+                    )),
                     Err(error) => {
                         failed += 1;
-                        eprintln!("[{}/{total}] {customer}: failed: {error:#}", i + 1);
+                        progress.println(&format!(
+                            "[{}/{total}] {customer}: failed: {error:#}",
+                            i + 1
+                        ));
                     }
                 }
+                progress.set_detail(format!("{failed} failed"));
+                progress.set_position(i as u64 + 1);
             }
+            progress.finish();
             // No runner runs here: bring the projections up to what the syncs recorded.
             services
                 .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
@@ -190,19 +243,24 @@ async fn main() -> anyhow::Result<()> {
                 .syncer()
                 .context("setting up the Stripe client")?
                 .context("STRIPE_SECRET_KEY is not set")?;
+            // Stripe's list gives no total: a count with its rate, no time left.
+            let mut progress = Progress::new(
+                "backfill",
+                "subscriptions",
+                None,
+                services.settings.progress_every,
+            );
             let report = syncer
                 .backfill(customer.as_deref(), |r| {
-                    // A progress line: pages and subscriptions so far (Stripe gives no total).
-                    let bar = "#".repeat((r.pages as usize).min(40));
-                    eprint!(
-                        "\r[{bar:<40}] {} pages, {} subscriptions, {} customers, {} events",
-                        r.pages, r.subscriptions, r.customers, r.events
-                    );
-                    let _ = std::io::stderr().flush();
+                    progress.set_detail(format!(
+                        "{} pages, {} customers, {} events recorded",
+                        r.pages, r.customers, r.events
+                    ));
+                    progress.set_position(r.subscriptions);
                 })
                 .await
                 .context("backfilling")?;
-            eprintln!();
+            progress.finish();
             eprintln!(
                 "backfilled {} subscriptions of {} customers over {} pages: {} events recorded, {} unreadable",
                 report.subscriptions, report.customers, report.pages, report.events, report.unreadable
@@ -226,7 +284,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Dlq { action } => dlq(settings, action).await?,
-        Command::Transitions { .. } => unreachable!("handled before reading settings"),
+        Command::Transitions { .. } | Command::Openapi => {
+            unreachable!("handled before reading settings")
+        }
     }
     Ok(())
 }
@@ -234,15 +294,30 @@ async fn main() -> anyhow::Result<()> {
 /// Processes every due inbox row, then brings the projections up to the end of the log
 /// (what a running service's workers would do), returning the rows processed.
 async fn process_inbox(services: &Services) -> anyhow::Result<u64> {
+    let every = services.settings.progress_every;
+    let pending = subledger::inbox::depth(&services.pool)
+        .await
+        .context("reading the inbox")?
+        .pending;
+    let mut progress = Progress::new("process", "inbox rows", Some(pending as u64), every);
     let processed = services
         .worker
-        .drain()
+        .drain_with(|n| progress.set_position(n))
         .await
         .context("processing the inbox")?;
+    // A running service's workers may have taken some of the rows counted: none is left.
+    progress.set_total(processed);
+    progress.finish();
+    let mut progress = Progress::new("projections", "events", None, every);
     services
-        .catch_up_projections(projections::WhenBusy::Wait, |_, _| {})
+        .catch_up_projections(projections::WhenBusy::Wait, |name, n| {
+            progress.set_detail(name);
+            progress.set_position(n);
+        })
         .await
         .context("updating projections")?;
+    progress.set_detail("");
+    progress.finish();
     Ok(processed)
 }
 

@@ -408,6 +408,11 @@ impl InboxWorker {
 
     /// Processes due rows until none is left (for `import` and tests).
     pub async fn drain(&self) -> Result<u64, ProcessError> {
+        self.drain_with(|_| {}).await
+    }
+
+    /// [`InboxWorker::drain`], telling `progress` the rows processed after each batch.
+    pub async fn drain_with(&self, mut progress: impl FnMut(u64)) -> Result<u64, ProcessError> {
         let mut count = 0;
         loop {
             let batch = self.process_batch(BATCH, None).await?;
@@ -415,6 +420,7 @@ impl InboxWorker {
                 return Ok(count);
             }
             count += batch.len() as u64;
+            progress(count);
         }
     }
 

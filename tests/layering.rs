@@ -26,13 +26,14 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // 0. Leaves that know nothing of the service: the error-chain formatter, what a
     //    database error means (refused or transient), typed settings from the
-    //    environment, logging set-up, the retry delays, and the transition table rendered
-    //    for people.
+    //    environment, logging set-up, the retry delays, the transition table rendered
+    //    for people, and a long command's progress display.
     &[
         "backoff",
         "config",
         "db_error",
         "error_chain",
+        "progress",
         "telemetry",
         "transitions",
     ],

@@ -107,7 +107,7 @@ pub struct Catalog {
 }
 
 /// One subscription behind an [`Entitlement`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OwnedSubscription {
     pub customer_id: String,
     pub subscription_id: String,
@@ -121,7 +121,19 @@ pub struct OwnedSubscription {
 
 /// What an org or user may do, as the entitlements API answers it: the union over every
 /// subscription of every customer linked to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "org_id": "org_123", "user_id": null, "customer_id": "cus_123", "subscription_id": "sub_123",
+    "status": "active", "plan": "pro", "features": ["projects:unlimited", "api", "priority_support"],
+    "access": true, "access_until": "2026-12-26T00:00:00Z", "seats": 5,
+    "customers": ["cus_123", "cus_old"],
+    "subscriptions": [
+        {"customer_id": "cus_123", "subscription_id": "sub_123", "status": "active", "plan": "pro",
+         "seats": 5, "access": true, "access_until": "2026-12-26T00:00:00Z", "pause_reason": null},
+        {"customer_id": "cus_old", "subscription_id": "sub_old", "status": "canceled", "plan": "basic",
+         "seats": 1, "access": false, "access_until": null, "pause_reason": null}
+    ]
+}))]
 pub struct Entitlement {
     pub org_id: Option<String>,
     pub user_id: Option<String>,

@@ -17,8 +17,20 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::Catalog;
 use crate::log::LoggedEvent;
 
+/// The schema of `aggregates::PaymentMethodFacts` as `SubscriptionInfo` serializes it:
+/// the domain crate carries no schema derive (it stays pure), so its shape is described
+/// here; the committed OpenAPI document and the schema tests catch any drift.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PaymentMethod {
+    pub id: String,
+    /// `card.brand` (for example `visa`), or the method's `type` when it is not a card.
+    pub brand: Option<String>,
+    pub last4: Option<String>,
+}
+
 /// The latest invoice of a subscription.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LatestInvoice {
     pub id: String,
     pub status: Option<String>,
@@ -43,7 +55,7 @@ impl From<&InvoiceFacts> for LatestInvoice {
 }
 
 /// One subscription item as the API answers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemInfo {
     pub id: Option<String>,
     pub price_id: Option<String>,
@@ -51,6 +63,7 @@ pub struct ItemInfo {
     pub lookup_key: Option<String>,
     pub quantity: Option<u64>,
     /// `licensed` or `metered`; `null` when Stripe did not say (counted as licensed).
+    #[schema(value_type = Option<String>, example = "licensed")]
     pub usage_type: Option<UsageType>,
     /// The catalogue plan this item's price names (price id, then lookup key, then
     /// product); always `null` for a metered item. Filled at read time.
@@ -76,7 +89,7 @@ impl From<&ItemFacts> for ItemInfo {
 
 /// One subscription of a customer as the API answers it. The stored fields come from the
 /// log; `plan`, `seats`, `features`, `access` and `access_until` are judged at read time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubscriptionEntry {
     pub subscription_id: String,
     pub status: String,
@@ -99,6 +112,7 @@ pub struct SubscriptionEntry {
     /// `status_details.paused.subscription.type` of a paused subscription.
     pub pause_reason: Option<String>,
     pub latest_invoice: Option<LatestInvoice>,
+    #[schema(value_type = Option<PaymentMethod>)]
     pub payment_method: Option<PaymentMethodFacts>,
 }
 
@@ -145,7 +159,38 @@ impl SubscriptionEntry {
 /// A customer's subscriptions as the API answers them. Timestamps serialize as RFC 3339
 /// UTC. The top-level subscription fields describe the primary subscription (see
 /// [`Catalog::primary`]); `subscriptions` lists every one, newest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "customer_id": "cus_123", "subscription_id": "sub_123", "status": "active",
+    "price_id": "price_pro_monthly", "product_id": "prod_pro", "lookup_key": "pro_monthly",
+    "plan": "pro", "quantity": 5, "current_period_start": "2026-11-25T00:00:00Z",
+    "current_period_end": "2026-12-25T00:00:00Z", "cancel_at_period_end": false,
+    "cancel_at": null, "canceled_at": null, "ended_at": null, "trial_end": null,
+    "org_id": "org_123", "user_id": "user_9",
+    "latest_invoice": {"id": "in_123", "status": "paid", "attempt_count": 1, "next_payment_attempt": null,
+        "created": "2026-11-25T00:00:00Z"},
+    "payment_method": {"id": "pm_123", "brand": "visa", "last4": "4242"},
+    "version": 3, "updated_at": "2026-11-25T00:00:05Z",
+    "access": true, "access_until": "2026-12-26T00:00:00Z", "seats": 5, "pause_reason": null,
+    "deleted": false, "stripe_features": [],
+    "subscriptions": [{
+        "subscription_id": "sub_123", "status": "active", "created": "2026-10-25T00:00:00Z",
+        "plan": "pro", "seats": 5, "features": ["projects:unlimited", "api", "priority_support"],
+        "access": true, "access_until": "2026-12-26T00:00:00Z",
+        "items": [
+            {"id": "si_1", "price_id": "price_pro_monthly", "product_id": "prod_pro", "lookup_key": "pro_monthly",
+             "quantity": 5, "usage_type": "licensed", "plan": "pro", "current_period_end": "2026-12-25T00:00:00Z"},
+            {"id": "si_2", "price_id": "price_api_calls", "product_id": "prod_api", "lookup_key": null,
+             "quantity": null, "usage_type": "metered", "plan": null, "current_period_end": "2026-12-25T00:00:00Z"}
+        ],
+        "current_period_start": "2026-11-25T00:00:00Z", "current_period_end": "2026-12-25T00:00:00Z",
+        "cancel_at_period_end": false, "cancel_at": null, "canceled_at": null, "ended_at": null,
+        "trial_end": null, "pause_reason": null,
+        "latest_invoice": {"id": "in_123", "status": "paid", "attempt_count": 1, "next_payment_attempt": null,
+            "created": "2026-11-25T00:00:00Z"},
+        "payment_method": {"id": "pm_123", "brand": "visa", "last4": "4242"}
+    }]
+}))]
 pub struct SubscriptionInfo {
     pub customer_id: String,
     pub subscription_id: Option<String>,
@@ -169,6 +214,7 @@ pub struct SubscriptionInfo {
     /// The current subscription's default payment method, as the last sync saw it
     /// (webhooks carry only its id). Absent from answers stored before syncs existed.
     #[serde(default)]
+    #[schema(value_type = Option<PaymentMethod>)]
     pub payment_method: Option<PaymentMethodFacts>,
     /// The aggregate version (event sequence) this answer reflects.
     pub version: u64,

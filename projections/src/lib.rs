@@ -6,7 +6,11 @@
 //! event idempotently (by aggregate version), so it can be replayed from position 0 at
 //! any time. Nothing here decides what a Stripe fact means: the events already say it.
 
+// The OpenAPI examples are large `json!` literals.
+#![recursion_limit = "256"]
+
 pub mod catalog;
+pub mod feature;
 pub mod info;
 pub mod log;
 pub mod platform;
@@ -14,7 +18,8 @@ pub mod redis_cache;
 pub mod runner;
 
 pub use catalog::{AccessPolicy, Catalog, CatalogError, Entitlement, OwnedSubscription, Plan};
-pub use info::{ItemInfo, LatestInvoice, SubscriptionEntry, SubscriptionInfo};
+pub use feature::FeatureAccess;
+pub use info::{ItemInfo, LatestInvoice, PaymentMethod, SubscriptionEntry, SubscriptionInfo};
 pub use log::{LoggedEvent, Position};
 pub use platform::PlatformTables;
 pub use redis_cache::{CacheKeys, LazyConnection, Owner, RedisCache};

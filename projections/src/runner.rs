@@ -622,6 +622,7 @@ impl Projections {
             };
             let mut chunks = newest.global_seqs.chunks(REBUILD_CHUNK);
             let mut next = chunks.next().map(read_chunk);
+            let (needed, mut applied) = (newest.global_seqs.len() as u128, 0u128);
             while let Some(reading) = next.take() {
                 let events = reading.await.map_err(|_| ProjectionError::Stopped)??;
                 next = chunks.next().map(read_chunk);
@@ -630,6 +631,13 @@ impl Projections {
                     if group.is_empty() {
                         return Err(error);
                     }
+                }
+                // Progress in log events, like the catch-up's: the share of the log the
+                // chunks applied so far stand for (the compacted log has fewer events).
+                applied += events.len() as u128;
+                let covered = (newest.read as u128 * applied / needed.max(1)) as u64;
+                for &i in &group {
+                    progress(names[i], covered);
                 }
             }
             save_checkpoints(&mut tx, &self.names_of(&group), last).await?;

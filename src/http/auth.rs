@@ -1,5 +1,5 @@
 //! Who may call what: bearer tokens for `/v1` (the API token, or an org-scoped token that
-//! reads only its own org's entitlements) and for the operator endpoints (the admin token),
+//! reads only its own org's entitlements and features) and for the operator endpoints (the admin token),
 //! and the admin page's session: the admin token as a bearer token, or traded once (as
 //! `?token=`, which the login form sends) for an HttpOnly, SameSite=Strict cookie holding
 //! the token's SHA-256, with a redirect to the same URL without it, so the token stays out
@@ -36,8 +36,12 @@ const ADMIN_COOKIE: &str = "subledger_admin";
 /// Where that cookie is sent.
 const ADMIN_PATH: &str = "/admin";
 
-/// The one `/v1` route an org-scoped token may call, as axum names it.
-const ORG_ENTITLEMENTS_ROUTE: &str = "/v1/orgs/:org_id/entitlements";
+/// The `/v1` routes an org-scoped token may call (for its own org), as axum names them:
+/// its entitlements and the feature check on them.
+const ORG_ROUTES: &[&str] = &[
+    "/v1/orgs/:org_id/entitlements",
+    "/v1/orgs/:org_id/entitlements/:feature",
+];
 
 /// Who a `/v1` request is from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +115,7 @@ pub async fn require_reader(
             .as_ref()
             .and_then(|p| p.iter().find(|(key, _)| *key == "org_id"))
             .map(|(_, value)| value);
-        if route != Some(ORG_ENTITLEMENTS_ROUTE) || asked != Some(own.as_str()) {
+        if !route.is_some_and(|route| ORG_ROUTES.contains(&route)) || asked != Some(own.as_str()) {
             return Err(ApiError::Forbidden);
         }
     }

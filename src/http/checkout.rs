@@ -7,6 +7,7 @@
 //! The two browser pages (`/checkout/success`, `/portal/return`) always redirect, and only
 //! to a relative path or a configured origin (no open redirect).
 
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use axum::Json;
 use projections::SubscriptionInfo;
 use serde::Deserialize;
 
+use super::error::ErrorBody;
 use super::params::valid_id;
 use super::{ApiError, AppState};
 use crate::billing::{
@@ -32,10 +34,25 @@ fn billing(state: &AppState) -> Result<&Billing, ApiError> {
 }
 
 /// `POST /v1/customers/{id}/sync`: sync now (source `operator`), answer the result.
+#[utoipa::path(
+    post, path = "/v1/customers/{customer_id}/sync", tag = "stripe",
+    summary = "Sync a customer from Stripe's API now",
+    description = "Asks Stripe for the customer's subscriptions, records what differs through the ledger, and answers the result.",
+    params(("customer_id" = String, Path, description = "A Stripe customer id", example = "cus_123", pattern = "^[A-Za-z0-9_-]{1,255}$")),
+    responses(
+        (status = 200, description = "The subscription after the sync", body = SubscriptionInfo),
+        (status = 400, description = "A malformed id (`invalid_parameter`) or Stripe refused the request (`stripe_refused`)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one (`unauthorized`)", body = ErrorBody), (status = 403, description = "An org-scoped token (it reads its own entitlements only: `forbidden`)", body = ErrorBody),
+        (status = 404, description = "Neither Stripe nor the ledger knows the customer (`not_found`)", body = ErrorBody),
+        (status = 502, description = "Stripe could not be reached or kept failing (`stripe_unavailable`); the sync is recorded and retried", body = ErrorBody), (status = 503, description = "`STRIPE_SECRET_KEY` unset (`stripe_not_configured`) or Postgres unavailable (`storage_unavailable`); retry", body = ErrorBody),
+    ),
+    security(("api_token" = [])),
+)]
 pub async fn sync_customer(
     State(state): State<AppState>,
-    Path(customer_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<SubscriptionInfo>, ApiError> {
+    let Path(customer_id) = path?;
     valid_id(&customer_id, "customer id")?;
     let report = syncer(&state)?
         .sync_customer(&customer_id, SyncSource::Operator)
@@ -61,7 +78,12 @@ async fn answer(state: &AppState, report: SyncReport) -> Result<Json<Subscriptio
     Ok(Json(info))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "org_id": "org_123", "user_id": "user_9", "email": "ada@example.com",
+    "price_id": "price_pro_monthly", "success_url": "https://app.example.com/billing/done",
+    "cancel_url": "https://app.example.com/billing"
+}))]
 pub struct CheckoutRequest {
     pub org_id: Option<String>,
     pub user_id: Option<String>,
@@ -97,15 +119,30 @@ impl CheckoutRequest {
 
 /// `POST /v1/checkout/sessions`: a Checkout Session for the org (409 when it already has
 /// a live subscription).
+#[utoipa::path(
+    post, path = "/v1/checkout/sessions", tag = "stripe",
+    summary = "Start a Stripe Checkout for an org",
+    description = "Creates (once per request, by idempotency key) a subscription Checkout Session whose metadata names the org and user. `org_id`, `user_id`, `price_id`, `success_url` and `cancel_url` are required.",
+    request_body = CheckoutRequest,
+    responses(
+        (status = 200, description = "The session to redirect the browser to", body = CheckoutSession),
+        (status = 400, description = "A missing or malformed field (`invalid_parameter`) or Stripe refused it (`stripe_refused`)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one (`unauthorized`)", body = ErrorBody), (status = 403, description = "An org-scoped token (it reads its own entitlements only: `forbidden`)", body = ErrorBody),
+        (status = 409, description = "The org already has a subscription that is not terminal (`conflict`)", body = ErrorBody),
+        (status = 502, description = "Stripe could not be reached or kept failing (`stripe_unavailable`); the sync is recorded and retried", body = ErrorBody), (status = 503, description = "`STRIPE_SECRET_KEY` unset (`stripe_not_configured`) or Postgres unavailable (`storage_unavailable`); retry", body = ErrorBody),
+    ),
+    security(("api_token" = [])),
+)]
 pub async fn create_checkout_session(
     State(state): State<AppState>,
-    Json(request): Json<CheckoutRequest>,
+    body: Result<Json<CheckoutRequest>, JsonRejection>,
 ) -> Result<Json<CheckoutSession>, ApiError> {
+    let Json(request) = body?;
     let new = request.check()?;
     Ok(Json(billing(&state)?.checkout(&new).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct SuccessQuery {
     pub session_id: Option<String>,
     pub redirect: Option<String>,
@@ -113,10 +150,22 @@ pub struct SuccessQuery {
 
 /// `GET /checkout/success?session_id=…&redirect=…`: sync the session's customer, then
 /// redirect. A failed sync still redirects; it is recorded and retried.
+#[utoipa::path(
+    get, path = "/checkout/success", tag = "pages",
+    summary = "Checkout's return page (browsers)",
+    description = "Syncs the session's customer, waits (bounded) until the read models show it, then redirects. A failed sync still redirects (it is recorded and retried).",
+    params(SuccessQuery),
+    responses(
+        (status = 303, description = "To `redirect` (default `/`)", headers(("location" = String, description = "Where the browser goes next"))),
+        (status = 400, description = "No `session_id`, or `redirect` to an origin not in `SUBLEDGER_REDIRECT_ORIGINS` (`invalid_parameter`)", body = ErrorBody),
+        (status = 503, description = "`STRIPE_SECRET_KEY` unset (`stripe_not_configured`)", body = ErrorBody),
+    ),
+)]
 pub async fn success_page(
     State(state): State<AppState>,
-    Query(query): Query<SuccessQuery>,
+    query: Result<Query<SuccessQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query?;
     let redirect = query.redirect.unwrap_or_else(|| "/".to_owned());
     allowed_redirect(&state.settings.redirect_origins, &redirect)?;
     let session_id = query
@@ -134,10 +183,25 @@ pub async fn success_page(
 }
 
 /// `POST /v1/checkout/sessions/{id}/sync`: the success page for SPAs.
+#[utoipa::path(
+    post, path = "/v1/checkout/sessions/{session_id}/sync", tag = "stripe",
+    summary = "Checkout's success step for single-page apps",
+    description = "Syncs the Checkout Session's customer and answers its subscription.",
+    params(("session_id" = String, Path, description = "A Checkout Session id", example = "cs_test_123", pattern = "^[A-Za-z0-9_-]{1,255}$")),
+    responses(
+        (status = 200, description = "The subscription after the sync", body = SubscriptionInfo),
+        (status = 400, description = "A malformed id (`invalid_parameter`) or Stripe refused the request (`stripe_refused`)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one (`unauthorized`)", body = ErrorBody), (status = 403, description = "An org-scoped token (it reads its own entitlements only: `forbidden`)", body = ErrorBody),
+        (status = 404, description = "No customer for that session (`not_found`)", body = ErrorBody),
+        (status = 502, description = "Stripe could not be reached or kept failing (`stripe_unavailable`); the sync is recorded and retried", body = ErrorBody), (status = 503, description = "`STRIPE_SECRET_KEY` unset (`stripe_not_configured`) or Postgres unavailable (`storage_unavailable`); retry", body = ErrorBody),
+    ),
+    security(("api_token" = [])),
+)]
 pub async fn sync_checkout_session(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<SubscriptionInfo>, ApiError> {
+    let Path(session_id) = path?;
     valid_id(&session_id, "session id")?;
     let report = sync_session(&state, &session_id).await?;
     answer(&state, report).await
@@ -151,7 +215,8 @@ async fn sync_session(state: &AppState, session_id: &str) -> Result<SyncReport, 
         .await?)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"org_id": "org_123", "return_url": "https://app.example.com/billing"}))]
 pub struct PortalRequest {
     pub org_id: Option<String>,
     pub customer_id: Option<String>,
@@ -160,10 +225,25 @@ pub struct PortalRequest {
 
 /// `POST /v1/portal/sessions`: a billing portal session for the org's (or the named)
 /// customer, returning through `/portal/return` when `SUBLEDGER_PUBLIC_URL` is set.
+#[utoipa::path(
+    post, path = "/v1/portal/sessions", tag = "stripe",
+    summary = "Open Stripe's billing portal",
+    description = "A billing portal session for the org's customer (or the named customer). `return_url` and one of `org_id`, `customer_id` are required.",
+    request_body = PortalRequest,
+    responses(
+        (status = 200, description = "The portal URL", body = PortalSession),
+        (status = 400, description = "A missing or malformed field (`invalid_parameter`) or Stripe refused it (`stripe_refused`)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one (`unauthorized`)", body = ErrorBody), (status = 403, description = "An org-scoped token (it reads its own entitlements only: `forbidden`)", body = ErrorBody),
+        (status = 404, description = "No customer for that org (`not_found`)", body = ErrorBody),
+        (status = 502, description = "Stripe could not be reached or kept failing (`stripe_unavailable`); the sync is recorded and retried", body = ErrorBody), (status = 503, description = "`STRIPE_SECRET_KEY` unset (`stripe_not_configured`) or Postgres unavailable (`storage_unavailable`); retry", body = ErrorBody),
+    ),
+    security(("api_token" = [])),
+)]
 pub async fn create_portal_session(
     State(state): State<AppState>,
-    Json(request): Json<PortalRequest>,
+    body: Result<Json<PortalRequest>, JsonRejection>,
 ) -> Result<Json<PortalSession>, ApiError> {
+    let Json(request) = body?;
     let return_url = required(request.return_url, "return_url")?;
     let billing = billing(&state)?;
     let whose = match (request.customer_id, request.org_id) {
@@ -180,7 +260,7 @@ pub async fn create_portal_session(
     Ok(Json(billing.portal(whose, &return_url).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct PortalReturnQuery {
     pub customer: Option<String>,
     pub redirect: Option<String>,
@@ -188,10 +268,21 @@ pub struct PortalReturnQuery {
 
 /// `GET /portal/return?customer=…&redirect=…`: sync, then redirect, so a change made in
 /// the portal shows at once (before its webhooks). A failed sync still redirects.
+#[utoipa::path(
+    get, path = "/portal/return", tag = "pages",
+    summary = "The billing portal's return page (browsers)",
+    description = "Syncs the customer (when Stripe is configured), then redirects, so a change made in the portal shows at once. A failed sync still redirects.",
+    params(PortalReturnQuery),
+    responses(
+        (status = 303, description = "To `redirect` (default `/`)", headers(("location" = String, description = "Where the browser goes next"))),
+        (status = 400, description = "No `customer`, or `redirect` to an origin not allowed (`invalid_parameter`)", body = ErrorBody),
+    ),
+)]
 pub async fn portal_return(
     State(state): State<AppState>,
-    Query(query): Query<PortalReturnQuery>,
+    query: Result<Query<PortalReturnQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query?;
     let redirect = query.redirect.unwrap_or_else(|| "/".to_owned());
     allowed_redirect(&state.settings.redirect_origins, &redirect)?;
     let customer_id = query

@@ -5,7 +5,6 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::billing::BillingError;
 use crate::db_error::{self, Failure, Refusal, Refused};
@@ -178,13 +177,60 @@ impl ApiError {
     }
 }
 
+/// Every error's body: `{"error": {"code", "message"}}` (the OpenAPI document's
+/// `ErrorBody`; each operation lists the statuses it can answer).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_parameter", "message": "invalid org id"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable word to branch on: `invalid_signature`, `invalid_event`,
+    /// `invalid_parameter`, `unstorable_event`, `payload_too_large`, `body_timeout`,
+    /// `unauthorized`, `forbidden`, `not_found`, `conflict`, `stripe_refused`,
+    /// `stripe_unavailable`, `stripe_not_configured`, `storage_unavailable`,
+    /// `not_configured`.
+    pub code: &'static str,
+    /// For people; never holds a secret.
+    pub message: String,
+}
+
+/// A path segment that is not valid UTF-8 once decoded (or of the wrong type).
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(_: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::InvalidParameter("path parameter")
+    }
+}
+
+/// A body that is not JSON, not of the documented shape, or sent without
+/// `Content-Type: application/json`.
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(_: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError::InvalidParameter("JSON body")
+    }
+}
+
+/// A query string that cannot be decoded.
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(_: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::InvalidParameter("query string")
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
             tracing::error!(error = %error_chain(&self), "request failed");
         }
-        let body = Json(json!({"error": {"code": self.code(), "message": self.to_string()}}));
+        let body = Json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        });
         let mut response = (status, body).into_response();
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

@@ -19,9 +19,10 @@ use super::AppState;
 /// The longest any one check may take.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Readiness {
     /// `ok`, `degraded` (Redis or Stripe unreachable) or `unavailable` (Postgres unreachable).
+    #[schema(value_type = String, example = "ok")]
     pub status: &'static str,
     pub checks: Checks,
     /// Absent when Postgres cannot be reached.
@@ -30,27 +31,29 @@ pub struct Readiness {
     pub projections: Option<Vec<ProjectionLag>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Checks {
     pub postgres: Check,
     pub redis: Check,
     pub stripe: Check,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Check {
     pub reachable: bool,
     pub latency_ms: f64,
     /// `timeout` or `error` when not reachable (the detail is in the log).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub error: Option<&'static str>,
     /// What was checked, when it helps (Stripe's `host:port`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectionLag {
+    #[schema(value_type = String)]
     pub name: &'static str,
     pub lag: i64,
 }
@@ -110,6 +113,15 @@ enum StripeCheckError {
     Connect(#[from] std::io::Error),
 }
 
+#[utoipa::path(
+    get, path = "/readyz", tag = "health",
+    summary = "Can this replica do its job now?",
+    description = "Postgres, Redis and Stripe reachability with latency, inbox depth and projection lag. No auth.",
+    responses(
+        (status = 200, description = "`ok`, or `degraded` when Redis or Stripe cannot be reached", body = Readiness),
+        (status = 503, description = "Postgres cannot be reached (`unavailable`)", body = Readiness),
+    ),
+)]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let target = host_port(&state.settings.stripe_api_base);
     let (postgres, redis, mut stripe) = tokio::join!(

@@ -18,6 +18,12 @@ use crate::metrics;
 const UNMATCHED: &str = "unmatched";
 
 /// `GET /metrics`.
+#[utoipa::path(
+    get, path = "/metrics", tag = "health",
+    summary = "Prometheus metrics",
+    description = "Every metric in Prometheus' text format (docs/operations.md). No auth.",
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain", body = String)),
+)]
 pub async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
     metrics::refresh_gauges(&state.pool, &state.projections, &state.cache).await;
     (

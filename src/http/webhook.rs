@@ -11,19 +11,46 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use secrecy::ExposeSecret;
-use serde_json::{json, Value};
+use serde::Serialize;
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::inbox::{InboxError, Received};
 use crate::metrics::RefusedAt;
 use crate::stripe::{parse_event, verify_signature};
 use crate::telemetry::{loggable_id, loggable_word};
 
+/// The acknowledgement Stripe gets once the event is stored.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"received": true, "event_id": "evt_1NiQ6cL0xUzj0hVl", "result": "stored"}))]
+pub struct WebhookAck {
+    /// Always `true`: the event is durably stored (or was already).
+    pub received: bool,
+    pub event_id: String,
+    pub result: Received,
+}
+
+#[utoipa::path(
+    post, path = "/webhooks/stripe", tag = "webhooks",
+    summary = "Stripe's webhook endpoint",
+    description = "Verifies the `Stripe-Signature` (any of `STRIPE_WEBHOOK_SECRET`'s secrets, within the tolerance), stores the event in the inbox and answers; processing happens after. 2xx only once the event is stored; duplicates are acknowledged too.",
+    params(("stripe-signature" = String, Header, description = "Stripe's signature header: `t=<unix time>,v1=<hex HMAC-SHA256 of \"t.body\">`", example = "t=1764000000,v1=5257a869e7ecebeda32affa62cdca3fa51cad7e77a0e56ff536d0ce8e108d8bd")),
+    request_body(content = Object, content_type = "application/json", description = "A Stripe event, as Stripe sends it",
+        example = json!({"id": "evt_1NiQ6cL0xUzj0hVl", "object": "event", "type": "customer.subscription.updated", "created": 1764000000, "api_version": "2025-03-31.basil", "data": {"object": {"id": "sub_123", "object": "subscription", "customer": "cus_123", "status": "active"}}})),
+    responses(
+        (status = 200, description = "Stored (`stored`, `ignored`) or already held (`duplicate`)", body = WebhookAck),
+        (status = 400, description = "A missing, stale or wrong signature (`invalid_signature`), a body that is not a Stripe event (`invalid_event`), or a value Postgres refuses (`unstorable_event`)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within `SUBLEDGER_BODY_TIMEOUT_MS` (`body_timeout`)", body = ErrorBody),
+        (status = 413, description = "Larger than `SUBLEDGER_MAX_BODY_BYTES` (`payload_too_large`)", body = ErrorBody),
+        (status = 500, description = "No signing secret configured (`not_configured`); Stripe retries", body = ErrorBody),
+        (status = 503, description = "The inbox could not store it (`storage_unavailable`) or too many connections; Stripe retries", body = ErrorBody),
+    ),
+)]
 pub async fn receive(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<WebhookAck>), ApiError> {
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(state.settings.max_body_bytes),
         _ => ApiError::InvalidParameter("body"),
@@ -80,6 +107,10 @@ pub async fn receive(
     .in_scope(|| tracing::info!("webhook received"));
     Ok((
         StatusCode::OK,
-        Json(json!({"received": true, "event_id": event.id, "result": received})),
+        Json(WebhookAck {
+            received: true,
+            event_id: event.id.clone(),
+            result: received,
+        }),
     ))
 }

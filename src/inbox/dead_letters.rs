@@ -30,7 +30,7 @@ pub async fn dead_letters(
 }
 
 /// A dead letter as `GET /ops/dead-letters` and `subledger dlq list --json` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     pub event_id: String,
     pub event_type: String,

@@ -73,7 +73,7 @@ pub async fn state_of(
 }
 
 /// How much waits in the inbox: what `/readyz` reports and `/metrics` measures.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Depth {
     /// Rows waiting to be processed or retried.
     pub pending: i64,

@@ -21,7 +21,7 @@ use crate::stripe::event::EARLIEST_UNIX_SECS;
 use crate::stripe::{route, Route, StripeEvent};
 
 /// Whether the event was new.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Received {
     /// Stored now, for the workers to process.

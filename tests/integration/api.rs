@@ -196,3 +196,79 @@ async fn the_cache_never_goes_back_to_an_older_version() {
     );
     app.stop().await;
 }
+
+/// The feature check answers from the same read as the entitlement: granted exactly when
+/// the entitlement lists the feature, with its plan and end of access; an unknown org or
+/// feature is a plain "no"; a malformed feature is a 400; an org-scoped token may ask
+/// about its own org only.
+#[tokio::test]
+async fn the_feature_check_answers_one_feature_of_the_entitlement() {
+    let app = spawn_app("feature").await;
+    let body = sub_event(
+        "evt_f1",
+        "customer.subscription.created",
+        T0,
+        "sub_f",
+        "cus_f",
+        "active",
+        "org_f",
+    );
+    assert_eq!(app.post_webhook(&body).await.status(), 200);
+    app.settle().await;
+    for owner in ["/v1/orgs/org_f", "/v1/users/user_of_org_f"] {
+        let entitlement = app.get_json(&format!("{owner}/entitlements")).await;
+        assert_eq!(entitlement["access"], true);
+        for feature in ["api", "projects:unlimited", "sso", "projects:3"] {
+            let check = app
+                .get_json(&format!("{owner}/entitlements/{feature}"))
+                .await;
+            let listed = entitlement["features"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == feature);
+            assert_eq!(
+                check,
+                serde_json::json!({
+                    "feature": feature,
+                    "access": listed,
+                    "plan": "pro",
+                    "access_until": if listed { entitlement["access_until"].clone() } else { Value::Null },
+                }),
+                "{owner} {feature}"
+            );
+        }
+    }
+    assert_eq!(
+        app.get_json("/v1/orgs/org_never/entitlements/api").await,
+        serde_json::json!({"feature": "api", "access": false, "plan": null, "access_until": null})
+    );
+    for bad in [
+        "/v1/orgs/org_f/entitlements/a%20b",
+        "/v1/orgs/org_f/entitlements/%C3%A9",
+        "/v1/users/bad%20id/entitlements/api",
+    ] {
+        let response = app.get(bad).await;
+        assert_eq!(response.status(), 400, "{bad}");
+    }
+
+    // Cancelled: the plan stays named, the feature is no longer granted.
+    let body = sub_event(
+        "evt_f2",
+        "customer.subscription.deleted",
+        T0 + 10,
+        "sub_f",
+        "cus_f",
+        "canceled",
+        "org_f",
+    );
+    assert_eq!(app.post_webhook(&body).await.status(), 200);
+    app.settle().await;
+    let check = app.get_json("/v1/orgs/org_f/entitlements/api").await;
+    assert_eq!(
+        (check["access"].as_bool(), check["plan"].as_str()),
+        (Some(false), Some("pro"))
+    );
+    assert!(check["access_until"].is_null());
+    app.stop().await;
+}

@@ -108,6 +108,104 @@ async fn import_then_replay_through_the_binary() {
     app.stop().await;
 }
 
+/// Off a terminal (here a pipe), long commands print plain progress lines: a first one, one
+/// per step when `SUBLEDGER_PROGRESS_SECS=0`, a last one at 100%; never a carriage return
+/// or an escape code, which would garble a log.
+#[tokio::test]
+async fn long_commands_print_plain_progress_lines_off_a_terminal() {
+    let app = spawn_app("cliprogress").await;
+    let settings = {
+        let (mut s, _, _) = test_settings("unused");
+        s.database_url = format!("postgres://postgres@127.0.0.1:5432/{}", app.db_name).into();
+        s.redis_prefix = app.prefix.clone();
+        s
+    };
+    let far = chrono::Utc::now().timestamp() + 86_400;
+    let lines: String = (0..4)
+        .map(|i| {
+            let customer = format!("cus_p{i}");
+            let event = envelope(
+                &format!("evt_p{i}"),
+                "customer.subscription.created",
+                T0 + i,
+                subscription(
+                    &format!("sub_p{i}"),
+                    &customer,
+                    "active",
+                    far,
+                    &format!("org_p{i}"),
+                ),
+            );
+            format!("{event}\n")
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(app.prefix.replace(':', "_"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("events.jsonl");
+    std::fs::write(&file, &lines).unwrap();
+
+    let progress_of = |out: &std::process::Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            !stderr.contains('\r') && !stderr.contains('\x1b'),
+            "plain lines only: {stderr:?}"
+        );
+        stderr
+    };
+    let mut import = subledger(&settings);
+    import
+        .env("SUBLEDGER_PROGRESS_SECS", "0")
+        .args(["import".as_ref(), file.as_os_str()]);
+    let stderr = progress_of(&run(import).await);
+    for expected in [
+        "import: 0/4 events (0%)",
+        "import: 1/4 events (25%), ",
+        "import: 4/4 events (100%), ",
+        "4 new, 0 ignored, 0 duplicates",
+        "imported 4 new events",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+    }
+    // The app beside it may have processed some rows first: the count varies, the end not.
+    let processed: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("process: "))
+        .collect();
+    assert!(
+        processed
+            .last()
+            .is_some_and(|l| l.contains(" inbox rows (100%)")),
+        "{stderr}"
+    );
+
+    let mut replay = subledger(&settings);
+    replay.env("SUBLEDGER_PROGRESS_SECS", "0").arg("replay");
+    let stderr = progress_of(&run(replay).await);
+    let replay_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("replay: "))
+        .collect();
+    assert!(replay_lines[0].starts_with("replay: 0/"), "{stderr}");
+    assert!(
+        replay_lines.last().unwrap().contains(" events (100%), "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("replayed "), "{stderr}");
+
+    // With the default interval a short run prints its first and last line only.
+    let mut replay = subledger(&settings);
+    replay.arg("replay");
+    let stderr = progress_of(&run(replay).await);
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("replay: ")).count(),
+        2,
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn replay_fails_loudly_when_it_cannot_reach_redis() {
     let app = spawn_app("clifail").await;

@@ -68,7 +68,7 @@ async fn logged(tag: &str, flaky: &Flaky) -> (Services, Projections, BTreeMap<St
         .iter()
         .map(|event| event.body.to_string())
         .collect();
-    subledger::import::import(&services.pool, &lines.join("\n"))
+    subledger::import::import(&services.pool, &lines.join("\n"), |_, _| {})
         .await
         .unwrap();
     services.worker.drain().await.unwrap();

@@ -389,6 +389,14 @@ async fn tokens_rotate_without_a_window_where_either_is_refused() {
             403,
             "{token}"
         );
+        // The feature check on its own org's entitlements, and no other org's.
+        for (url, expected) in [(&entitlements, 200), (&other_org, 403)] {
+            assert_eq!(
+                status(client.get(format!("{url}/api")).bearer_auth(token)).await,
+                expected,
+                "{token} {url}/api"
+            );
+        }
     }
     for token in [ADMIN_OLD, ADMIN_NEW] {
         assert_eq!(

@@ -18,6 +18,7 @@
 mod diagram;
 mod pages;
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -27,6 +28,7 @@ use axum::Router;
 use maud::{html, Markup};
 
 use super::auth::{self, AdminAccess};
+use super::error::ErrorBody;
 use super::params::valid_id;
 use super::{ApiError, AppState};
 use crate::inbox::{self, Redrive};
@@ -62,17 +64,34 @@ fn html_page(markup: Markup) -> Html<String> {
     Html(markup.into_string())
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
 pub struct HomeQuery {
+    /// Search by customer, org, user or subscription id (at most 255 characters).
     q: Option<String>,
+    /// The event id a re-drive just put back (shown as a notice).
     redriven: Option<String>,
 }
 
 /// `GET /admin[?q=…]`: search, or the dead-letter queue, the latest inbox rows and syncs.
+#[utoipa::path(
+    get, path = "/admin", tag = "admin",
+    summary = "The operators' page",
+    description = "Server-rendered HTML, no script: search, the dead-letter queue, the latest webhooks and syncs. `?token=` with the admin token is traded once for a cookie (303 to the same URL without it).",
+    params(HomeQuery),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 303, description = "The token was traded for the session cookie", headers(("location" = String), ("set-cookie" = String))),
+        (status = 400, description = "`q` longer than 255 characters (`invalid_parameter`)", body = ErrorBody),
+        (status = 401, description = "The login page: no admin token or cookie, or a wrong `?token=`", content_type = "text/html", body = String),
+        (status = 503, description = "Postgres unavailable (`storage_unavailable`)", body = ErrorBody),
+    ),
+    security(("admin_token" = []), ("admin_cookie" = [])),
+)]
 pub async fn home(
     State(state): State<AppState>,
-    Query(query): Query<HomeQuery>,
+    query: Result<Query<HomeQuery>, QueryRejection>,
 ) -> Result<Html<String>, ApiError> {
+    let Query(query) = query?;
     let notice = html! {
         @if let Some(event_id) = &query.redriven { (pages::redriven(event_id)) }
     };
@@ -138,10 +157,23 @@ async fn report(state: &AppState, customer_id: &str) -> Result<CustomerReport, A
 }
 
 /// `GET /admin/customers/{id}`.
+#[utoipa::path(
+    get, path = "/admin/customers/{customer_id}", tag = "admin",
+    summary = "One customer on the operators' page",
+    params(("customer_id" = String, Path, description = "A Stripe customer id", example = "cus_123")),
+    responses(
+        (status = 200, description = "State, event timeline, diagram, cache inspector, syncs", content_type = "text/html", body = String),
+        (status = 401, description = "The login page: no admin token or cookie, or a wrong `?token=`", content_type = "text/html", body = String),
+        (status = 404, description = "A customer the ledger never saw (`not_found`)", body = ErrorBody),
+        (status = 503, description = "Postgres unavailable (`storage_unavailable`)", body = ErrorBody),
+    ),
+    security(("admin_token" = []), ("admin_cookie" = [])),
+)]
 pub async fn customer(
     State(state): State<AppState>,
-    Path(customer_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Html<String>, ApiError> {
+    let Path(customer_id) = path?;
     let report = report(&state, &customer_id).await?;
     if report.is_unknown() {
         return Err(ApiError::NotFound(format!("customer {customer_id}")));
@@ -152,10 +184,23 @@ pub async fn customer(
 }
 
 /// `POST /admin/inbox/{event_id}/redrive`: puts a dead-lettered row back in the queue.
+#[utoipa::path(
+    post, path = "/admin/inbox/{event_id}/redrive", tag = "admin",
+    summary = "The page's re-drive button",
+    params(("event_id" = String, Path, description = "A dead letter's Stripe event id", example = "evt_1NiQ6cL0xUzj0hVl")),
+    responses(
+        (status = 303, description = "Back to the page with a notice", headers(("location" = String))),
+        (status = 401, description = "The login page: no admin token or cookie, or a wrong `?token=`", content_type = "text/html", body = String),
+        (status = 404, description = "That event is not a dead letter (`not_found`)", body = ErrorBody),
+        (status = 503, description = "Postgres unavailable (`storage_unavailable`)", body = ErrorBody),
+    ),
+    security(("admin_token" = []), ("admin_cookie" = [])),
+)]
 pub async fn redrive(
     State(state): State<AppState>,
-    Path(event_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Redirect, ApiError> {
+    let Path(event_id) = path?;
     if inbox::redrive(&state.pool, &Redrive::One(event_id.clone()))
         .await
         .map_err(ApiError::storage)?
