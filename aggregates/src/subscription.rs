@@ -692,6 +692,11 @@ fn judge_entitlements(
     let mut features = features.to_vec();
     features.sort();
     features.dedup();
+    // An API answer of no entitlements for a customer of whom we hold none says nothing new
+    // (most accounts do not use Stripe Entitlements): nothing to record.
+    if only_changes && state.entitlements.is_none() && features.is_empty() {
+        return Outcome::Duplicate;
+    }
     if let Some(held) = &state.entitlements {
         let same = held.value == features;
         if same && (only_changes || held.observed_at == source.created) {

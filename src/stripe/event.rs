@@ -289,7 +289,20 @@ pub fn subscription_facts(object: &Map<String, Value>) -> Result<SubscriptionFac
         latest_invoice_id: id_of(object.get("latest_invoice")),
         currency: str_field(object, "currency")
             .or_else(|| price.and_then(|p| str_field(p, "currency"))),
-        items: items.iter().map(|item| item_facts(item)).collect(),
+        // Before basil the period is the subscription's, and so every item's.
+        items: items
+            .iter()
+            .map(|item| {
+                let mut facts = item_facts(item);
+                facts.current_period_start = facts
+                    .current_period_start
+                    .or_else(|| ts_field(object, "current_period_start"));
+                facts.current_period_end = facts
+                    .current_period_end
+                    .or_else(|| ts_field(object, "current_period_end"));
+                facts
+            })
+            .collect(),
         pause_reason: object
             .get("status_details")
             .and_then(|details| details.get("paused"))

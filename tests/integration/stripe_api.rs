@@ -568,3 +568,42 @@ async fn after_customer_deleted_checkout_creates_a_fresh_customer() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_sync_records_the_customers_stripe_entitlements() {
+    let (app, fake) = spawn_with_stripe("entsync").await;
+    fake.add_subscription("cus_ent", "org_ent", "active", "price_basic_monthly", 60);
+    fake.set_entitlements("cus_ent", &["sso", "audit_log"]);
+    let response = post_json(&app, "/v1/customers/cus_ent/sync", json!({})).await;
+    assert_eq!(response.status(), 200);
+    let info: Value = response.json().await.unwrap();
+    assert_eq!(
+        info["stripe_features"],
+        json!(["audit_log", "sso"]),
+        "{info}"
+    );
+    app.settle().await;
+    let e = app.get_json("/v1/orgs/org_ent/entitlements").await;
+    assert_eq!(
+        e["features"],
+        json!(["projects:3", "audit_log", "sso"]),
+        "{e}"
+    );
+    // A second sync with the same answer records nothing; a changed one replaces the set.
+    post_json(&app, "/v1/customers/cus_ent/sync", json!({})).await;
+    fake.set_entitlements("cus_ent", &["sso"]);
+    // Stripe stamps whole seconds: the next answer must be a later second to be newer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let info: Value = post_json(&app, "/v1/customers/cus_ent/sync", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["stripe_features"], json!(["sso"]), "{info}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM events WHERE event_type = 'EntitlementsRecorded'")
+            .await,
+        2
+    );
+    app.stop().await;
+}

@@ -36,6 +36,8 @@ struct Inner {
     subscriptions: BTreeMap<String, Value>,
     sessions: BTreeMap<String, Value>,
     portal_sessions: Vec<Value>,
+    /// Customer → the lookup keys of its active entitlements.
+    entitlements: BTreeMap<String, Vec<String>>,
     /// Idempotency key → the answer first given for it.
     idempotent: HashMap<String, (u16, Value)>,
     /// Every (method, path, idempotency key) seen, in order.
@@ -66,6 +68,10 @@ impl FakeStripe {
             .route("/v1/checkout/sessions", post(create_session))
             .route("/v1/checkout/sessions/:id", get(retrieve_session))
             .route("/v1/billing_portal/sessions", post(create_portal_session))
+            .route(
+                "/v1/entitlements/active_entitlements",
+                get(list_active_entitlements),
+            )
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
@@ -82,6 +88,14 @@ impl FakeStripe {
         self.lock()
             .injections
             .push((path_prefix.to_owned(), injections.into()));
+    }
+
+    /// Sets a customer's active Stripe Entitlements (their features' lookup keys).
+    pub fn set_entitlements(&self, customer_id: &str, lookup_keys: &[&str]) {
+        self.lock().entitlements.insert(
+            customer_id.to_owned(),
+            lookup_keys.iter().map(|k| k.to_string()).collect(),
+        );
     }
 
     /// Every request to `path_prefix` fails with `status` (until `heal`).
@@ -377,6 +391,45 @@ async fn create_customer(
         inner.customers.insert(id, customer.clone());
         (200, customer)
     })
+}
+
+/// `GET /v1/entitlements/active_entitlements?customer=…`: a list of
+/// `entitlements.active_entitlement` objects (async-stripe `EntitlementsActiveEntitlement`:
+/// `id`, `feature`, `livemode`, `lookup_key`), one page.
+async fn list_active_entitlements(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Err(response) = intercept(
+        &state,
+        "GET",
+        "/v1/entitlements/active_entitlements",
+        &headers,
+    )
+    .await
+    {
+        return response;
+    }
+    let params = form(query.as_deref().unwrap_or(""));
+    let inner = state.lock().unwrap();
+    let keys = params
+        .get("customer")
+        .and_then(|customer| inner.entitlements.get(customer))
+        .cloned()
+        .unwrap_or_default();
+    let data: Vec<Value> = keys
+        .iter()
+        .map(|key| {
+            json!({"id": format!("ent_{key}"), "object": "entitlements.active_entitlement",
+                "feature": format!("feat_{key}"), "livemode": false, "lookup_key": key})
+        })
+        .collect();
+    Json(
+        json!({"object": "list", "url": "/v1/entitlements/active_entitlements",
+        "has_more": false, "data": data}),
+    )
+    .into_response()
 }
 
 async fn list_subscriptions(
