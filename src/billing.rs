@@ -120,18 +120,24 @@ impl Billing {
             .org_in_table(&new.org_id)
             .await
             .map_err(BillingError::Storage)?;
-        if let Some(info) = &held {
-            if is_live(info) {
+        // Every customer linked to the org counts; a deleted one is never reused.
+        let (deleted, linked): (Vec<&SubscriptionInfo>, Vec<&SubscriptionInfo>) =
+            held.iter().partition(|info| info.deleted);
+        for info in &linked {
+            if let Some(live) = info.subscriptions.iter().find(|s| is_live(&s.status)) {
                 return Err(BillingError::LiveSubscription {
                     org_id: new.org_id.clone(),
-                    subscription_id: info.subscription_id.as_deref().unwrap_or("?").to_owned(),
-                    status: info.status.clone(),
+                    subscription_id: live.subscription_id.clone(),
+                    status: live.status.clone(),
                 });
             }
         }
-        let customer_id = match held {
-            Some(info) => info.customer_id,
-            None => self.create_customer(new).await?,
+        let customer_id = match linked.iter().max_by_key(|info| info.updated_at) {
+            Some(info) => info.customer_id.clone(),
+            None => {
+                let deleted: Vec<&str> = deleted.iter().map(|i| i.customer_id.as_str()).collect();
+                self.create_customer(new, &deleted).await?
+            }
         };
         let success = match &self.settings.public_url {
             Some(public) => {
@@ -181,12 +187,23 @@ impl Billing {
     /// Creates the org's Stripe customer and records its owner. The same org, user and
     /// email always give the same idempotency key, so two concurrent first checkouts
     /// create one customer.
-    async fn create_customer(&self, new: &NewCheckout) -> Result<String, BillingError> {
+    ///
+    /// Customers of the org that Stripe deleted (`deleted`) are part of the key, so that a
+    /// checkout after a deletion creates a fresh customer rather than replaying the
+    /// creation of the deleted one.
+    async fn create_customer(
+        &self,
+        new: &NewCheckout,
+        deleted: &[&str],
+    ) -> Result<String, BillingError> {
         let email = new.email.as_deref();
-        let key = derived_key(
-            "customer",
-            &[&new.org_id, &new.user_id, email.unwrap_or("")],
-        );
+        let mut parts = vec![
+            new.org_id.as_str(),
+            new.user_id.as_str(),
+            email.unwrap_or(""),
+        ];
+        parts.extend_from_slice(deleted);
+        let key = derived_key("customer", &parts);
         let customer = self
             .syncer
             .api()
@@ -253,12 +270,22 @@ impl Billing {
         let customer_id = match whose {
             PortalFor::Customer(customer_id) => customer_id,
             PortalFor::Org(org_id) => {
-                self.reads
+                // The org's customer with a live subscription, else its newest one.
+                let held = self
+                    .reads
                     .org_in_table(&org_id)
                     .await
-                    .map_err(BillingError::Storage)?
+                    .map_err(BillingError::Storage)?;
+                held.iter()
+                    .filter(|info| !info.deleted)
+                    .max_by_key(|info| {
+                        (
+                            info.subscriptions.iter().any(|s| is_live(&s.status)),
+                            info.updated_at,
+                        )
+                    })
+                    .map(|info| info.customer_id.clone())
                     .ok_or(BillingError::NoCustomerForOrg(org_id))?
-                    .customer_id
             }
         };
         let back = match &self.settings.public_url {
@@ -337,13 +364,10 @@ pub fn allowed_redirect(origins: &[String], url: &str) -> Result<(), BillingErro
 
 /// Whether the org's subscription blocks a new checkout: anything but none or a terminal
 /// status (one subscription per customer).
-fn is_live(info: &SubscriptionInfo) -> bool {
-    let terminal = info.status == SubscriptionInfo::NO_SUBSCRIPTION
-        || info
-            .status
-            .parse::<aggregates::SubscriptionStatus>()
-            .is_ok_and(|s| s.is_terminal());
-    !terminal
+fn is_live(status: &str) -> bool {
+    status
+        .parse::<aggregates::SubscriptionStatus>()
+        .is_ok_and(|s| !s.is_terminal())
 }
 
 /// An idempotency key from a request's identifying fields: the same request gives the

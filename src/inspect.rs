@@ -184,6 +184,12 @@ fn describe(event: &SubscriptionEvent) -> String {
         SubscriptionEvent::PaymentRecorded { payment, .. } => {
             format!("payment {}: {}", payment.id, payment.status)
         }
+        SubscriptionEvent::CustomerDeleted { .. } => {
+            "customer deleted in Stripe: its owner links end".to_owned()
+        }
+        SubscriptionEvent::EntitlementsRecorded { features, .. } => {
+            format!("Stripe entitlements: [{}]", features.join(", "))
+        }
     }
 }
 
@@ -215,6 +221,8 @@ pub async fn inspect(
                 SubscriptionEvent::InvoiceRecorded { .. } => "InvoiceRecorded",
                 SubscriptionEvent::PaymentRecorded { .. } => "PaymentRecorded",
                 SubscriptionEvent::SubscriptionReconciled { .. } => "SubscriptionReconciled",
+                SubscriptionEvent::CustomerDeleted { .. } => "CustomerDeleted",
+                SubscriptionEvent::EntitlementsRecorded { .. } => "EntitlementsRecorded",
             },
             stripe_event_id: source.stripe_event_id.clone(),
             stripe_event_type: source.stripe_event_type.clone(),
@@ -258,7 +266,7 @@ pub async fn inspect(
         if cache_keys.iter().any(|k: &CacheEntry| k.key == key) {
             continue;
         }
-        match cache.inspect_key(&key).await {
+        match cache.inspect_key(&key, customer_id).await {
             Ok((value, ttl_secs)) => cache_keys.push(CacheEntry {
                 key,
                 value,
@@ -277,7 +285,12 @@ pub async fn inspect(
 
     let differences = differences(log.as_ref(), table.as_ref(), cached.as_ref());
     let reference = log.as_ref().or(table.as_ref());
-    let entitlement = catalog.entitlement(None, None, reference, now);
+    let entitlement = catalog.entitlement(
+        None,
+        None,
+        &reference.cloned().into_iter().collect::<Vec<_>>(),
+        now,
+    );
     let explanation = explain(customer_id, reference, catalog, &entitlement, &differences);
     Ok(CustomerReport {
         customer_id: customer_id.to_owned(),
@@ -595,17 +608,17 @@ mod tests {
         let catalog = Catalog::default();
         let now = Utc::now();
         let canceled = info("canceled", 2);
-        let e = catalog.entitlement(None, None, Some(&canceled), now);
+        let e = catalog.entitlement(None, None, std::slice::from_ref(&canceled), now);
         let s = explain("cus_1", Some(&canceled), &catalog, &e, &[]);
         assert!(s.starts_with("cus_1 lacks access: subscription sub_1 is canceled, and only active, trialing, past_due grant access"), "{s}");
         let active = info("active", 2);
-        let e = catalog.entitlement(None, None, Some(&active), now);
+        let e = catalog.entitlement(None, None, std::slice::from_ref(&active), now);
         let s = explain("cus_1", Some(&active), &catalog, &e, &[]);
         assert!(
             s.starts_with("cus_1 has access: subscription sub_1 is active, which grants access"),
             "{s}"
         );
-        let e = catalog.entitlement(None, None, None, now);
+        let e = catalog.entitlement(None, None, &[], now);
         assert!(explain("cus_x", None, &catalog, &e, &[]).contains("holds no event"));
     }
 }

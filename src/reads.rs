@@ -8,8 +8,11 @@
 //! "Redis" here includes each replica's in-process cache in front of it (`projections::
 //! local_cache`), which the Redis projection's writes invalidate.
 //!
-//! Redis is never trusted over Postgres: a cached value reached through an org or user
-//! key that names another owner is ignored (a mapping key can outlive a change of owner).
+//! An org's or user's answer is the union over every customer linked to it: one Redis
+//! round trip (`HGETALL` of the owner's hash, which holds each linked customer's answer)
+//! or, when the hash is missing or incomplete, the `subscriptions` rows linked to it, with
+//! the hash filled. Redis is never trusted over Postgres: a cached answer in an owner's
+//! hash that no longer links the customer to it is ignored.
 //! This module must never decide what a Stripe fact means nor write a read model by hand:
 //! the write-back stores what Postgres already holds (version-guarded), and catching up
 //! runs the projections' own runner.
@@ -17,7 +20,7 @@
 use std::sync::Arc;
 
 use projections::{
-    Catalog, CatchUp, Entitlement, PlatformTables, ProjectionError, Projections, RedisCache,
+    Catalog, CatchUp, Entitlement, Owner, PlatformTables, ProjectionError, Projections, RedisCache,
     SubscriptionInfo, WhenBusy,
 };
 use sqlx::PgPool;
@@ -106,7 +109,7 @@ impl Reads {
             }
         };
         Ok(info.map(|mut info| {
-            info.resolve_plan(&self.catalog);
+            info.resolve(&self.catalog, chrono::Utc::now());
             info
         }))
     }
@@ -119,73 +122,74 @@ impl Reads {
         Ok(self.read_through(info).await)
     }
 
-    /// What an org is entitled to now.
+    /// What an org is entitled to now: the union over every customer linked to it.
     pub async fn org_entitlement(&self, org_id: &str) -> Result<Entitlement, sqlx::Error> {
-        let info = self.owner(Some(org_id), None).await?;
+        let infos = self.owner(Owner::Org, org_id).await?;
         Ok(self
             .catalog
-            .entitlement(Some(org_id), None, info.as_ref(), chrono::Utc::now()))
+            .entitlement(Some(org_id), None, &infos, chrono::Utc::now()))
     }
 
-    /// What a user is entitled to now.
+    /// What a user is entitled to now: the union over every customer linked to it.
     pub async fn user_entitlement(&self, user_id: &str) -> Result<Entitlement, sqlx::Error> {
-        let info = self.owner(None, Some(user_id)).await?;
+        let infos = self.owner(Owner::User, user_id).await?;
         Ok(self
             .catalog
-            .entitlement(None, Some(user_id), info.as_ref(), chrono::Utc::now()))
+            .entitlement(None, Some(user_id), &infos, chrono::Utc::now()))
     }
 
-    /// The org's customer as the `subscriptions` table holds it, Redis skipped: for
-    /// decisions that must not rest on a cached value (billing's one live subscription
-    /// per org).
-    pub async fn org_in_table(
-        &self,
-        org_id: &str,
-    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
-        PlatformTables::for_owner(&self.pool, Some(org_id), None).await
+    /// Every customer that ever named the org, deleted ones included, as the
+    /// `subscriptions` table holds them, Redis skipped: for decisions that must not rest
+    /// on a cached value (billing's one live subscription per org, and never reusing a
+    /// deleted customer).
+    pub async fn org_in_table(&self, org_id: &str) -> Result<Vec<SubscriptionInfo>, sqlx::Error> {
+        let mut infos = PlatformTables::named_by_org(&self.pool, org_id).await?;
+        for info in &mut infos {
+            info.resolve(&self.catalog, chrono::Utc::now());
+        }
+        Ok(infos)
     }
 
-    /// The answer for the customer an org (or else a user) belongs to.
-    async fn owner(
-        &self,
-        org_id: Option<&str>,
-        user_id: Option<&str>,
-    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
-        let mut failed = false;
-        let cached = match self.cache.customer_id_for(org_id, user_id).await {
-            Ok(Some(customer_id)) => {
-                self.cache
-                    .customer(&customer_id)
-                    .await
-                    .unwrap_or_else(|error| {
-                        failed = true;
-                        tracing::warn!(%error, "cache read failed; reading Postgres");
-                        None
-                    })
+    /// The answers of every customer linked to an owner: one Redis round trip (the
+    /// owner's hash) when it is complete; otherwise Postgres, and the hash filled. Only
+    /// when Postgres cannot be read is an incomplete hash answered (better than no answer
+    /// during an outage, and counted as a fallback); with nothing cached the error stands.
+    async fn owner(&self, owner: Owner, id: &str) -> Result<Vec<SubscriptionInfo>, sqlx::Error> {
+        let (failed, partial) = match self.cache.owner(owner, id).await {
+            Ok((true, infos)) => {
+                metrics::cache_read(CacheRead::Hit);
+                return Ok(infos);
             }
-            Ok(None) => None,
+            Ok((false, partial)) => (false, partial),
             Err(error) => {
-                failed = true;
                 tracing::warn!(%error, "cache read failed; reading Postgres");
-                None
+                (true, vec![])
             }
         };
-        // A mapping key can outlive a change of owner: only trust a value that names the owner.
-        if let Some(info) = cached {
-            let matches = org_id.is_none_or(|org| info.org_id.as_deref() == Some(org))
-                && user_id.is_none_or(|user| info.user_id.as_deref() == Some(user));
-            if matches {
-                metrics::cache_read(CacheRead::Hit);
-                return Ok(Some(info));
+        let infos = match PlatformTables::linked_to(&self.pool, owner, id).await {
+            Ok(infos) => infos,
+            Err(error) if !partial.is_empty() => {
+                metrics::cache_read(CacheRead::Fallback);
+                tracing::warn!(
+                    error = %error_chain(&error),
+                    "Postgres unavailable; answering from an incomplete cached owner"
+                );
+                return Ok(partial);
             }
-        }
+            Err(error) => return Err(error),
+        };
         metrics::cache_read(if failed {
             CacheRead::Fallback
         } else {
             CacheRead::Miss
         });
-        let info = PlatformTables::for_owner(&self.pool, org_id, user_id).await?;
-        Ok(self.read_through(info).await)
+        if !failed {
+            if let Err(error) = self.cache.fill_owner(owner, id, &infos).await {
+                metrics::cache_write_failed(CacheWrite::ReadThrough);
+                tracing::warn!(error = %error_chain(&error), "cache write-back failed");
+            }
+        }
+        Ok(infos)
     }
 
     /// Writes what Postgres answered back to Redis. A failure only costs the next read a

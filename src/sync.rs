@@ -282,7 +282,24 @@ impl Syncer {
             }
         }
         let fetched_at = fetched_at.map_or(sent_at, whole_second);
-        let snapshot = api_snapshot(customer_id, sync_id, fetched_at, listed);
+        let mut snapshot = api_snapshot(customer_id, sync_id, fetched_at, listed);
+        // Stripe Entitlements, when the account uses them. An account without the feature,
+        // or an answer we cannot get, leaves what we hold alone: the subscriptions are
+        // what the sync is for, and a webhook or the next sync brings the summary.
+        match self.api.list_active_entitlements(customer_id).await {
+            Ok(answer) => {
+                attempts += answer.attempts;
+                snapshot.entitlements = Some(answer.value);
+            }
+            Err(error) => {
+                attempts += error.attempts();
+                tracing::warn!(
+                    customer_id = %loggable_id(customer_id),
+                    error = %error_chain(&error),
+                    "active entitlements not listed; kept what we hold"
+                );
+            }
+        }
         let result = self
             .ledger
             .execute(
@@ -494,6 +511,7 @@ fn api_snapshot(
             .into_iter()
             .map(|sub| (sub.facts, sub.payment_method))
             .collect(),
+        entitlements: None,
     }
 }
 

@@ -126,6 +126,8 @@ impl InboxWorker {
                 fetched_at,
                 owner: listed.owner,
                 subscriptions: vec![(listed.facts, listed.payment_method)],
+                // A subscription's fetch says nothing about the customer's entitlements.
+                entitlements: None,
             };
             return Ok(Route::Command {
                 customer_id,

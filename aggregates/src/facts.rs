@@ -40,6 +40,72 @@ pub struct SubscriptionFacts {
     pub trial_end: Option<DateTime<Utc>>,
     pub latest_invoice_id: Option<String>,
     pub currency: Option<String>,
+    /// Every item of the subscription (`items.data[]`), in Stripe's order. Absent from
+    /// facts recorded before items were read: [`SubscriptionFacts::all_items`] then makes
+    /// one licensed item of the price fields above, which is what those facts meant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<ItemFacts>,
+    /// Why a `paused` subscription is paused: `status_details.paused.subscription.type`
+    /// (API 2026-09-30.endive: `first_payment_failure`, `final_payment_failure`, or a
+    /// requested pause or a trial that ended without a payment method), as Stripe spells it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
+}
+
+impl SubscriptionFacts {
+    /// The subscription's items; for facts recorded before items were read, one item made
+    /// of the subscription's price fields (the first item's, as they were read then),
+    /// counted as licensed as the answer then did.
+    pub fn all_items(&self) -> Vec<ItemFacts> {
+        if !self.items.is_empty()
+            || self.price_id.is_none() && self.lookup_key.is_none() && self.product_id.is_none()
+        {
+            return self.items.clone();
+        }
+        vec![ItemFacts {
+            id: None,
+            price_id: self.price_id.clone(),
+            product_id: self.product_id.clone(),
+            lookup_key: self.lookup_key.clone(),
+            quantity: self.quantity,
+            usage_type: None,
+            current_period_start: self.current_period_start,
+            current_period_end: self.current_period_end,
+        }]
+    }
+}
+
+/// How a price charges: `price.recurring.usage_type` (or the legacy `plan.usage_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageType {
+    /// Per seat: the item's `quantity` is the number of seats.
+    Licensed,
+    /// By reported usage: the quantity means nothing and the item never names the plan.
+    Metered,
+}
+
+/// One subscription item: its price and how many.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ItemFacts {
+    /// The item's id (`si_…`); `None` only for items made from legacy facts.
+    pub id: Option<String>,
+    pub price_id: Option<String>,
+    pub product_id: Option<String>,
+    pub lookup_key: Option<String>,
+    pub quantity: Option<u64>,
+    /// `None` when the payload does not say (a one-off price, an old shape): licensed.
+    pub usage_type: Option<UsageType>,
+    /// Since basil (2025-03-31) the period is per item.
+    pub current_period_start: Option<DateTime<Utc>>,
+    pub current_period_end: Option<DateTime<Utc>>,
+}
+
+impl ItemFacts {
+    /// Whether the item counts seats (only a licensed item may name the plan).
+    pub fn is_licensed(&self) -> bool {
+        self.usage_type != Some(UsageType::Metered)
+    }
 }
 
 /// The card (or other method) a subscription charges by default, as Stripe's API shows it
@@ -76,6 +142,10 @@ pub struct ApiSnapshot {
     /// Stripe expanded it. Subscriptions we hold that the answer does not list are left
     /// alone: a page of a backfill lists only some of a customer's subscriptions.
     pub subscriptions: Vec<(SubscriptionFacts, Option<PaymentMethodFacts>)>,
+    /// The lookup keys of the customer's active Stripe Entitlements features
+    /// (`GET /v1/entitlements/active_entitlements`), when the sync asked for them.
+    #[serde(default)]
+    pub entitlements: Option<Vec<String>>,
 }
 
 /// An invoice's payment facts.
@@ -140,6 +210,11 @@ pub enum Fact {
     Payment(PaymentFacts),
     /// Only ownership (`checkout.session.completed`, `customer.*`).
     OwnerOnly,
+    /// The customer was deleted in Stripe (`customer.deleted`): its owner links end.
+    CustomerDeleted,
+    /// The lookup keys of every feature the customer is entitled to in Stripe
+    /// Entitlements (`entitlements.active_entitlement_summary.updated`): the whole set.
+    Entitlements { features: Vec<String> },
     /// A handled event that carries nothing the customer's state depends on (for example
     /// `invoice.upcoming`, whose invoice has no id yet). Recorded, changes nothing.
     Nothing { reason: String },

@@ -10,13 +10,14 @@ pub mod status;
 pub mod subscription;
 
 pub use facts::{
-    ApiSnapshot, Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, PaymentMethodFacts,
-    SubscriptionFacts,
+    ApiSnapshot, Fact, FactSource, InvoiceFacts, ItemFacts, OwnerFacts, PaymentFacts,
+    PaymentMethodFacts, SubscriptionFacts, UsageType,
 };
 pub use status::{transition, Move, SubscriptionStatus, TRANSITIONS};
 pub use subscription::{
     decide, CustomerView, Decision, Observed, Outcome, Rejection, StripeFacts, Subscription,
     SubscriptionCommand, SubscriptionError, SubscriptionEvent, SubscriptionRecord,
+    SubscriptionView,
 };
 
 #[cfg(test)]

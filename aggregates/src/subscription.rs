@@ -63,6 +63,48 @@ pub struct CustomerView {
     /// events' JSON is unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_method: Option<PaymentMethodFacts>,
+    /// Every subscription the customer has had, newest first (by Stripe's `created`,
+    /// then id), each with its latest invoice: the answers are judged over all of them.
+    /// Absent from events written before this field (one subscription per customer was
+    /// all the answer showed); readers then take `subscription` alone (see
+    /// [`CustomerView::all_subscriptions`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<SubscriptionView>,
+    /// Stripe deleted the customer (`customer.deleted`): it belongs to no org or user any
+    /// more, whatever `org_id`/`user_id` last said.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// The lookup keys of the customer's active Stripe Entitlements features, as the
+    /// newest summary (webhook or sync) gave them; `None` when none was ever seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_features: Option<Vec<String>>,
+}
+
+/// One subscription in a [`CustomerView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionView {
+    pub subscription: SubscriptionFacts,
+    pub latest_invoice: Option<InvoiceFacts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_method: Option<PaymentMethodFacts>,
+}
+
+impl CustomerView {
+    /// Every subscription of the customer. A view stored before `subscriptions` existed
+    /// (an old log replayed) gives its one current subscription: the upcast of that shape.
+    pub fn all_subscriptions(&self) -> Vec<SubscriptionView> {
+        if !self.subscriptions.is_empty() {
+            return self.subscriptions.clone();
+        }
+        self.subscription
+            .iter()
+            .map(|subscription| SubscriptionView {
+                subscription: subscription.clone(),
+                latest_invoice: self.latest_invoice.clone(),
+                payment_method: self.payment_method.clone(),
+            })
+            .collect()
+    }
 }
 
 /// Stored events. Their serialized shape is a persistence format: change it only together
@@ -109,6 +151,19 @@ pub enum SubscriptionEvent {
         payment_method: Option<PaymentMethodFacts>,
         view: CustomerView,
     },
+    /// Stripe deleted the customer (`customer.deleted`): its links to an org and a user
+    /// end. Stripe never revives a deleted customer id.
+    CustomerDeleted {
+        source: FactSource,
+        view: CustomerView,
+    },
+    /// The customer's active Stripe Entitlements features (their lookup keys), the whole
+    /// set, as a summary webhook or a sync of the active entitlements gave it.
+    EntitlementsRecorded {
+        source: FactSource,
+        features: Vec<String>,
+        view: CustomerView,
+    },
 }
 
 impl SubscriptionEvent {
@@ -118,7 +173,9 @@ impl SubscriptionEvent {
             | Self::SubscriptionChanged { source, .. }
             | Self::InvoiceRecorded { source, .. }
             | Self::PaymentRecorded { source, .. }
-            | Self::SubscriptionReconciled { source, .. } => source,
+            | Self::SubscriptionReconciled { source, .. }
+            | Self::CustomerDeleted { source, .. }
+            | Self::EntitlementsRecorded { source, .. } => source,
         }
     }
 
@@ -128,7 +185,9 @@ impl SubscriptionEvent {
             | Self::SubscriptionChanged { view, .. }
             | Self::InvoiceRecorded { view, .. }
             | Self::PaymentRecorded { view, .. }
-            | Self::SubscriptionReconciled { view, .. } => view,
+            | Self::SubscriptionReconciled { view, .. }
+            | Self::CustomerDeleted { view, .. }
+            | Self::EntitlementsRecorded { view, .. } => view,
         }
     }
 
@@ -138,7 +197,9 @@ impl SubscriptionEvent {
             | Self::SubscriptionChanged { view, .. }
             | Self::InvoiceRecorded { view, .. }
             | Self::PaymentRecorded { view, .. }
-            | Self::SubscriptionReconciled { view, .. } => view,
+            | Self::SubscriptionReconciled { view, .. }
+            | Self::CustomerDeleted { view, .. }
+            | Self::EntitlementsRecorded { view, .. } => view,
         }
     }
 }
@@ -151,6 +212,8 @@ impl DomainEvent for SubscriptionEvent {
             Self::InvoiceRecorded { .. } => "InvoiceRecorded",
             Self::PaymentRecorded { .. } => "PaymentRecorded",
             Self::SubscriptionReconciled { .. } => "SubscriptionReconciled",
+            Self::CustomerDeleted { .. } => "CustomerDeleted",
+            Self::EntitlementsRecorded { .. } => "EntitlementsRecorded",
         }
         .to_owned()
     }
@@ -186,6 +249,11 @@ pub enum Rejection {
     StaleInvoice { invoice_id: String },
     #[error("stale: payment {payment_id} is older than the payment facts already held")]
     StalePayment { payment_id: String },
+    #[error("stale: an entitlements summary from {applied} is already held (this one is from {created})")]
+    StaleEntitlements {
+        created: DateTime<Utc>,
+        applied: DateTime<Utc>,
+    },
 }
 
 /// The aggregate's error: a rejected fact, or a command sent to the wrong aggregate.
@@ -268,6 +336,12 @@ pub struct Subscription {
     pub user: Option<Observed<String>>,
     pub subscriptions: BTreeMap<String, SubscriptionRecord>,
     pub last_payment: Option<Observed<PaymentFacts>>,
+    /// When Stripe deleted the customer, if it did.
+    #[serde(default)]
+    pub deleted: Option<Observed<()>>,
+    /// The newest Stripe Entitlements summary (feature lookup keys, sorted).
+    #[serde(default)]
+    pub entitlements: Option<Observed<Vec<String>>>,
 }
 
 impl Subscription {
@@ -290,14 +364,39 @@ impl Subscription {
         let record = current.and_then(|snap| self.subscriptions.get(&snap.value.id));
         let latest_invoice = record.and_then(|record| record.latest_invoice.as_ref());
         let as_of = [
-            current.map(|s| s.observed_at),
-            latest_invoice.map(|i| i.observed_at),
+            self.subscriptions
+                .values()
+                .filter_map(|record| record.snapshot.as_ref())
+                .map(|s| s.observed_at)
+                .max(),
+            self.subscriptions
+                .values()
+                .filter_map(|record| record.latest_invoice.as_ref())
+                .map(|i| i.observed_at)
+                .max(),
             self.org.as_ref().map(|o| o.observed_at),
             self.user.as_ref().map(|u| u.observed_at),
+            self.deleted.as_ref().map(|d| d.observed_at),
+            self.entitlements.as_ref().map(|e| e.observed_at),
         ]
         .into_iter()
         .flatten()
         .max();
+        let mut subscriptions: Vec<SubscriptionView> = self
+            .subscriptions
+            .values()
+            .filter_map(|record| {
+                record.snapshot.as_ref().map(|snap| SubscriptionView {
+                    subscription: snap.value.clone(),
+                    latest_invoice: record.latest_invoice.as_ref().map(|i| i.value.clone()),
+                    payment_method: record.payment_method.clone(),
+                })
+            })
+            .collect();
+        subscriptions.sort_by(|a, b| {
+            (b.subscription.created, &b.subscription.id)
+                .cmp(&(a.subscription.created, &a.subscription.id))
+        });
         CustomerView {
             customer_id: self.customer_id.clone().unwrap_or_default(),
             org_id: self.org.as_ref().map(|o| o.value.clone()),
@@ -306,6 +405,9 @@ impl Subscription {
             latest_invoice: latest_invoice.map(|inv| inv.value.clone()),
             as_of,
             payment_method: record.and_then(|record| record.payment_method.clone()),
+            subscriptions,
+            deleted: self.deleted.is_some(),
+            stripe_features: self.entitlements.as_ref().map(|e| e.value.clone()),
         }
     }
 }
@@ -334,6 +436,7 @@ fn same_second_key(facts: &SubscriptionFacts) -> impl Ord + '_ {
             facts.created,
             &facts.currency,
         ),
+        (&facts.items, &facts.pause_reason),
     )
 }
 
@@ -440,7 +543,14 @@ pub fn decide(
     let facts = match command {
         SubscriptionCommand::RecordStripeFacts(facts) => facts,
         SubscriptionCommand::Reconcile(snapshot) => {
-            let outcome = judge_api_snapshot(state, source, snapshot, &mut drafts);
+            let mut outcome = judge_api_snapshot(state, source, snapshot, &mut drafts);
+            if let Some(features) = &snapshot.entitlements {
+                if judge_entitlements(state, source, features, true, &mut drafts)
+                    == Outcome::Applied
+                {
+                    outcome = Outcome::Applied;
+                }
+            }
             return Ok(finish(state, customer_id, drafts, outcome));
         }
     };
@@ -493,6 +603,23 @@ pub fn decide(
                     Outcome::Applied
                 }
             }
+        }
+        Fact::CustomerDeleted if state.deleted.is_some() => {
+            if drafts.is_empty() {
+                Outcome::Duplicate
+            } else {
+                Outcome::Applied
+            }
+        }
+        Fact::CustomerDeleted => {
+            drafts.push(SubscriptionEvent::CustomerDeleted {
+                source: source.clone(),
+                view: CustomerView::default(),
+            });
+            Outcome::Applied
+        }
+        Fact::Entitlements { features } => {
+            judge_entitlements(state, source, features, false, &mut drafts)
         }
         Fact::OwnerOnly if drafts.is_empty() && facts.owner.is_empty() => {
             Outcome::NothingToRecord("the event names no org or user".to_owned())
@@ -550,6 +677,44 @@ fn same_second_order(
             to,
         })
     }
+}
+
+/// Judges a customer's Stripe Entitlements summary: a register like ownership, the newest
+/// observation wins (ties by value), so a stale summary never replaces a newer one. An API
+/// answer records only a set that differs from the one held.
+fn judge_entitlements(
+    state: &Subscription,
+    source: &FactSource,
+    features: &[String],
+    only_changes: bool,
+    drafts: &mut Vec<SubscriptionEvent>,
+) -> Outcome {
+    let mut features = features.to_vec();
+    features.sort();
+    features.dedup();
+    // An API answer of no entitlements for a customer of whom we hold none says nothing new
+    // (most accounts do not use Stripe Entitlements): nothing to record.
+    if only_changes && state.entitlements.is_none() && features.is_empty() {
+        return Outcome::Duplicate;
+    }
+    if let Some(held) = &state.entitlements {
+        let same = held.value == features;
+        if same && (only_changes || held.observed_at == source.created) {
+            return Outcome::Duplicate;
+        }
+        if (source.created, &features) < (held.observed_at, &held.value) {
+            return Outcome::Rejected(Rejection::StaleEntitlements {
+                created: source.created,
+                applied: held.observed_at,
+            });
+        }
+    }
+    drafts.push(SubscriptionEvent::EntitlementsRecorded {
+        source: source.clone(),
+        features,
+        view: CustomerView::default(),
+    });
+    Outcome::Applied
 }
 
 /// Judges an API answer, subscription by subscription (see [`decide`] for the rule).
@@ -708,6 +873,14 @@ impl Subscription {
                     .or_default();
                 record.snapshot = Some(Observed::new(subscription.clone(), source));
                 record.payment_method = payment_method.clone();
+            }
+            SubscriptionEvent::CustomerDeleted { source, .. } => {
+                self.deleted = Some(Observed::new((), source));
+            }
+            SubscriptionEvent::EntitlementsRecorded {
+                source, features, ..
+            } => {
+                self.entitlements = Some(Observed::new(features.clone(), source));
             }
         }
     }

@@ -99,6 +99,8 @@ fn snapshot(
             trial_end: None,
             latest_invoice_id: None,
             currency: Some("usd".to_owned()),
+            items: vec![],
+            pause_reason: None,
         }),
     })
 }

@@ -54,6 +54,10 @@ mod tests {
             features: features.iter().map(|f| f.to_string()).collect(),
             access,
             access_until: access.then(|| DateTime::from_timestamp(2_000_000_000, 0).unwrap()),
+            subscription_id: Some("sub_1".into()),
+            seats: Some(1),
+            customers: vec!["cus_1".into()],
+            subscriptions: vec![],
         }
     }
 

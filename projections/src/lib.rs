@@ -7,6 +7,9 @@
 //! event idempotently (by aggregate version), so it can be replayed from position 0 at
 //! any time. Nothing here decides what a Stripe fact means: the events already say it.
 
+// The OpenAPI examples are large `json!` literals.
+#![recursion_limit = "256"]
+
 pub mod catalog;
 pub mod feature;
 pub mod info;
@@ -16,13 +19,13 @@ pub mod platform;
 pub mod redis_cache;
 pub mod runner;
 
-pub use catalog::{Catalog, CatalogError, Entitlement};
+pub use catalog::{AccessPolicy, Catalog, CatalogError, Entitlement, OwnedSubscription, Plan};
 pub use feature::FeatureAccess;
-pub use info::{LatestInvoice, PaymentMethod, SubscriptionInfo};
+pub use info::{ItemInfo, LatestInvoice, PaymentMethod, SubscriptionEntry, SubscriptionInfo};
 pub use local_cache::{LocalCache, LocalCacheConfig, Lookup};
 pub use log::{LoggedEvent, Position};
 pub use platform::{PlatformTables, StatusCount};
-pub use redis_cache::{CacheKeys, LazyConnection, RedisCache};
+pub use redis_cache::{CacheKeys, LazyConnection, Owner, RedisCache};
 pub use runner::{
     CatchUp, EventualProjection, Member, ProjectionError, Projections, TransactionalProjection,
     WhenBusy,

@@ -1,5 +1,6 @@
 //! The platform tables in Postgres: `subscriptions` (one row per customer, the answer the
-//! API gives when Redis has no key) and `merchant_subscriptions` (Stripe's subscription
+//! API gives when Redis has no key; an org's or user's answer is the union over the rows
+//! linked to it) and `merchant_subscriptions` (Stripe's subscription
 //! fields, one row per subscription id).
 //!
 //! Rows only move forward: an upsert whose version is not newer than the row's changes
@@ -17,6 +18,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
 use crate::log::{newest_per_aggregate, LoggedEvent};
+use crate::redis_cache::Owner;
 use crate::runner::{ProjectionError, TransactionalProjection};
 
 /// The most customers [`PlatformTables::search`] returns.
@@ -83,22 +85,45 @@ impl PlatformTables {
         .await
     }
 
-    /// The stored answer for the customer an org (or else a user) belongs to; the most
-    /// recently updated one if several customers name it.
-    pub async fn for_owner(
+    /// The stored answers of every customer linked to an owner now: named by it and not
+    /// deleted (a customer that moved to another owner names that one). The owner's answer
+    /// is the union over these, so it never depends on which was written last.
+    pub async fn linked_to(
         pool: &PgPool,
-        org_id: Option<&str>,
-        user_id: Option<&str>,
-    ) -> Result<Option<SubscriptionInfo>, sqlx::Error> {
-        match (org_id, user_id) {
-            (Some(org), _) => {
-                Self::one(pool, "SELECT info FROM subscriptions WHERE org_id = $1 ORDER BY updated_at DESC LIMIT 1", org).await
-            }
-            (None, Some(user)) => {
-                Self::one(pool, "SELECT info FROM subscriptions WHERE user_id = $1 ORDER BY updated_at DESC LIMIT 1", user).await
-            }
-            (None, None) => Ok(None),
-        }
+        owner: Owner,
+        id: &str,
+    ) -> Result<Vec<SubscriptionInfo>, sqlx::Error> {
+        let sql = match owner {
+            Owner::Org => "SELECT info FROM subscriptions WHERE org_id = $1 \
+                           AND NOT coalesce((info->>'deleted')::boolean, false) ORDER BY customer_id",
+            Owner::User => "SELECT info FROM subscriptions WHERE user_id = $1 \
+                            AND NOT coalesce((info->>'deleted')::boolean, false) ORDER BY customer_id",
+        };
+        Self::all(pool, sql, id).await
+    }
+
+    /// The stored answers of every customer that ever named the org, deleted ones
+    /// included (billing must not reuse a deleted customer, and must know it existed).
+    pub async fn named_by_org(
+        pool: &PgPool,
+        org_id: &str,
+    ) -> Result<Vec<SubscriptionInfo>, sqlx::Error> {
+        Self::all(
+            pool,
+            "SELECT info FROM subscriptions WHERE org_id = $1 ORDER BY customer_id",
+            org_id,
+        )
+        .await
+    }
+
+    async fn all(
+        pool: &PgPool,
+        sql: &str,
+        key: &str,
+    ) -> Result<Vec<SubscriptionInfo>, sqlx::Error> {
+        let infos: Vec<sqlx::types::Json<SubscriptionInfo>> =
+            sqlx::query_scalar(sql).bind(key).fetch_all(pool).await?;
+        Ok(infos.into_iter().map(|json| json.0).collect())
     }
 
     /// The customers whose row names `q` (as customer, org, user or subscription id), or

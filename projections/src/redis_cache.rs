@@ -1,6 +1,10 @@
 //! The Redis cache: `stripe:customer:{customer_id}` holds the customer's
-//! `SubscriptionInfo` JSON, `stripe:org:{org_id}` and `stripe:user:{user_id}` hold the
-//! customer id; all with a TTL (24 h by default).
+//! `SubscriptionInfo` JSON; `stripe:org:{org_id}` and `stripe:user:{user_id}` are hashes
+//! holding the answer of every customer linked to that owner (field = customer id), plus
+//! `~complete` once a fill from Postgres made it whole, so that an owner's read is one
+//! `HGETALL` and the union is judged from what it returns; all with a TTL (24 h by
+//! default). A hash without `~complete` (it expired and a write began it again) is read
+//! as a miss: a union over part of the customers would be wrong.
 //!
 //! Redis is never the source of truth: every key can be dropped at any time and is
 //! rebuilt from the log (or read through from Postgres). A write never replaces a value
@@ -26,23 +30,126 @@ use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup};
 use crate::log::{newest_per_aggregate, LoggedEvent};
 use crate::runner::{EventualProjection, ProjectionError};
 
-/// Sets the customer value unless the stored one has a newer version, and (re)points the
-/// org and user keys at the customer. Returns 1 when written, 0 when the stored value was
-/// newer.
+/// Sets the customer value unless the stored one has a newer version, and writes it into
+/// the hash of each owner (org, user) the customer is linked to, dropping it from the
+/// hashes of owners the stored value linked it to and this one does not (moved, deleted).
+/// Returns 1 when written, 0 when the stored value was newer.
+///
+/// KEYS[1]: the customer key. ARGV: the answer's JSON, its version, the TTL, the customer
+/// id, the key prefix, the linked org id and user id ('' for none), and the in-process
+/// caches' invalidation channel (an owner's hash it drops the customer from is published
+/// there: the caller publishes only the keys the new value names).
 const PUT_SCRIPT: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if current then
-  local ok, decoded = pcall(cjson.decode, current)
-  if ok and type(decoded) == 'table' and tonumber(decoded['version']) and tonumber(decoded['version']) > tonumber(ARGV[2]) then
-    return 0
-  end
+local function version_of(raw)
+  if not raw then return nil end
+  local ok, decoded = pcall(cjson.decode, raw)
+  if ok and type(decoded) == 'table' then return decoded, tonumber(decoded['version']) end
+  return nil
+end
+local new_version = tonumber(ARGV[2])
+local old, old_version = version_of(redis.call('GET', KEYS[1]))
+if old_version and old_version > new_version then
+  return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-for i = 2, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[4], 'EX', ARGV[3])
+local function owner_key(kind, id) return ARGV[5] .. 'stripe:' .. kind .. ':' .. id end
+local function unlink(key)
+  if redis.call('TYPE', key)['ok'] == 'hash' then
+    redis.call('HDEL', key, ARGV[4])
+    redis.call('PUBLISH', ARGV[8], key)
+  end
 end
+local function link(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
+  local _, held = version_of(redis.call('HGET', key, ARGV[4]))
+  if not held or held <= new_version then redis.call('HSET', key, ARGV[4], ARGV[1]) end
+  redis.call('EXPIRE', key, ARGV[3])
+end
+if old and old['deleted'] ~= true then
+  if type(old['org_id']) == 'string' and old['org_id'] ~= ARGV[6] then unlink(owner_key('org', old['org_id'])) end
+  if type(old['user_id']) == 'string' and old['user_id'] ~= ARGV[7] then unlink(owner_key('user', old['user_id'])) end
+end
+if ARGV[6] ~= '' then link(owner_key('org', ARGV[6])) end
+if ARGV[7] ~= '' then link(owner_key('user', ARGV[7])) end
 return 1
 "#;
+
+/// Fills an owner's hash from what Postgres holds (a read that found it missing or
+/// incomplete), then marks it complete; a member's own customer key is written too when
+/// Redis held an older one or none. Each member is written as the newest of what
+/// Postgres gave, the customer key and the hash field hold, and only if that newest value
+/// still links the customer to this owner, so a fill racing the projection never brings
+/// back a customer that moved away nor drops one that just arrived.
+///
+/// KEYS[1]: the owner hash. ARGV: the TTL, the owner field (`org_id`/`user_id`), the owner
+/// id, the key prefix, then (customer id, JSON, version) for each member.
+const FILL_SCRIPT: &str = r#"
+local function decode(raw)
+  if not raw then return nil, nil end
+  local ok, decoded = pcall(cjson.decode, raw)
+  if ok and type(decoded) == 'table' then return decoded, tonumber(decoded['version']) end
+  return nil, nil
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+for i = 5, #ARGV, 3 do
+  local id, value, version = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local customer_key = ARGV[4] .. 'stripe:customer:' .. id
+  local _, cached = decode(redis.call('GET', customer_key) or nil)
+  if cached and cached > version then
+    value, version = redis.call('GET', customer_key), cached
+  elseif not cached or cached < version then
+    -- The customer's own key is read through too.
+    redis.call('SET', customer_key, value, 'EX', ARGV[1])
+  end
+  local _, held = decode(redis.call('HGET', KEYS[1], id) or nil)
+  if held and held > version then value, version = redis.call('HGET', KEYS[1], id), held end
+  local decoded = decode(value)
+  if decoded and decoded[ARGV[2]] == ARGV[3] and decoded['deleted'] ~= true then
+    redis.call('HSET', KEYS[1], id, value)
+  else
+    redis.call('HDEL', KEYS[1], id)
+  end
+end
+redis.call('HSET', KEYS[1], '~complete', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// The field that marks an owner's hash as holding every linked customer.
+pub const COMPLETE_FIELD: &str = "~complete";
+
+/// Which kind of owner a hash belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Org,
+    User,
+}
+
+impl Owner {
+    /// The `SubscriptionInfo` field naming this kind of owner.
+    pub fn field(self) -> &'static str {
+        match self {
+            Owner::Org => "org_id",
+            Owner::User => "user_id",
+        }
+    }
+
+    /// Whether `info` is linked to this owner now (named by it, and not deleted).
+    pub fn links(self, info: &SubscriptionInfo, id: &str) -> bool {
+        let (org, user) = info.linked_owners();
+        match self {
+            Owner::Org => org == Some(id),
+            Owner::User => user == Some(id),
+        }
+    }
+}
+
+fn fill_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(FILL_SCRIPT))
+}
 
 fn put_script() -> &'static redis::Script {
     static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
@@ -290,32 +397,137 @@ impl RedisCache {
         }))
     }
 
-    /// The customer an org or user key points at.
-    pub async fn customer_id_for(
+    /// The answers of the customers linked to an owner that its hash holds, and whether
+    /// the hash is complete (holds every one). An incomplete or missing hash must be read
+    /// from Postgres and filled ([`RedisCache::fill_owner`]); what it holds is only good
+    /// for an outage of Postgres. One round trip. Values that no longer link the customer
+    /// here are left out.
+    pub async fn owner(
         &self,
-        org_id: Option<&str>,
-        user_id: Option<&str>,
-    ) -> Result<Option<String>, redis::RedisError> {
-        let key = match (org_id, user_id) {
-            (Some(org), _) => self.keys.org(org),
-            (None, Some(user)) => self.keys.user(user),
-            (None, None) => return Ok(None),
+        owner: Owner,
+        id: &str,
+    ) -> Result<(bool, Vec<SubscriptionInfo>), redis::RedisError> {
+        let key = self.owner_key(owner, id);
+        // The in-process cache holds the hash's fields as one JSON array of pairs, under
+        // the hash's key (invalidated by every write that touches the hash).
+        let ticket = match self.local.get(&key) {
+            Lookup::Hit(raw) => match serde_json::from_str::<Vec<(String, String)>>(&raw) {
+                Ok(fields) => return Ok(Self::owner_fields(owner, id, fields)),
+                Err(_) => None,
+            },
+            Lookup::Miss(ticket) => Some(ticket),
+            Lookup::Bypass => None,
         };
-        Ok(self.get_string(&key).await?.map(|id| id.to_string()))
+        let fields: Result<Vec<(String, String)>, redis::RedisError> =
+            self.conn.get().await?.hgetall(&key).await;
+        let fields = match fields {
+            Ok(fields) => fields,
+            // A key of the old shape (a customer id as a string): a miss; the fill
+            // replaces it.
+            Err(error) if error.kind() == redis::ErrorKind::TypeError => {
+                return Ok((false, vec![]))
+            }
+            Err(error) => return Err(error),
+        };
+        if let Some(ticket) = ticket {
+            if fields.iter().any(|(field, _)| field == COMPLETE_FIELD) {
+                let raw: Arc<str> = Arc::from(serde_json::to_string(&fields).unwrap_or_default());
+                self.local.insert(&key, raw.clone(), raw.len(), ticket);
+            }
+        }
+        Ok(Self::owner_fields(owner, id, fields))
+    }
+
+    /// What an owner's hash holds: whether it is complete, and the answers that still
+    /// link their customer to it.
+    fn owner_fields(
+        owner: Owner,
+        id: &str,
+        fields: Vec<(String, String)>,
+    ) -> (bool, Vec<SubscriptionInfo>) {
+        let mut complete = false;
+        let mut infos = Vec::with_capacity(fields.len());
+        for (field, raw) in fields {
+            if field == COMPLETE_FIELD {
+                complete = true;
+                continue;
+            }
+            match serde_json::from_str::<SubscriptionInfo>(&raw) {
+                Ok(info) if owner.links(&info, id) => infos.push(info),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(
+                        customer_id = field,
+                        line = error.line(),
+                        column = error.column(),
+                        "undecodable cache value, reading through"
+                    );
+                    return (false, vec![]);
+                }
+            }
+        }
+        (complete, infos)
+    }
+
+    fn owner_key(&self, owner: Owner, id: &str) -> String {
+        match owner {
+            Owner::Org => self.keys.org(id),
+            Owner::User => self.keys.user(id),
+        }
+    }
+
+    /// Writes every linked customer's answer (as Postgres holds them) into the owner's
+    /// hash and marks it complete (see `FILL_SCRIPT` for how it stays right while the
+    /// projection writes at the same time).
+    pub async fn fill_owner(
+        &self,
+        owner: Owner,
+        id: &str,
+        infos: &[SubscriptionInfo],
+    ) -> Result<(), ProjectionError> {
+        let mut invocation = fill_script().key(self.owner_key(owner, id));
+        invocation
+            .arg(self.ttl_secs)
+            .arg(owner.field())
+            .arg(id)
+            .arg(&self.keys.prefix);
+        for info in infos {
+            invocation
+                .arg(&info.customer_id)
+                .arg(serde_json::to_string(info)?)
+                .arg(info.version);
+        }
+        let _: i64 = invocation.invoke_async(&mut self.conn.get().await?).await?;
+        // Every replica drops what it held of this hash (and of the customer keys the
+        // fill may have written).
+        let mut pipe = redis::pipe();
+        let mut keys = vec![self.owner_key(owner, id)];
+        keys.extend(
+            infos
+                .iter()
+                .map(|info| self.keys.customer(&info.customer_id)),
+        );
+        self.publish_written(&mut pipe, &keys);
+        let _: () = pipe.query_async(&mut self.conn.get().await?).await?;
+        Ok(())
     }
 
     /// The script call that writes `info`, by the script's hash (`EVALSHA`): the script
     /// must have been loaded (every batch loads it first; `put` falls back by itself).
     fn put_command(&self, info: &SubscriptionInfo) -> Result<redis::Cmd, serde_json::Error> {
-        let keys = self.keys_of(info);
+        let (org, user) = info.linked_owners();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(put_script().get_hash())
-            .arg(keys.len())
-            .arg(keys)
+            .arg(1)
+            .arg(self.keys.customer(&info.customer_id))
             .arg(serde_json::to_string(info)?)
             .arg(info.version)
             .arg(self.ttl_secs)
-            .arg(&info.customer_id);
+            .arg(&info.customer_id)
+            .arg(&self.keys.prefix)
+            .arg(org.unwrap_or(""))
+            .arg(user.unwrap_or(""))
+            .arg(self.channel());
         Ok(cmd)
     }
 
@@ -341,14 +553,22 @@ impl RedisCache {
     }
 
     /// A key's raw value and its remaining TTL in seconds (-1: no TTL, -2: no key), for
-    /// the operators' inspectors. `key` is the full key, prefix included.
-    pub async fn inspect_key(&self, key: &str) -> Result<(Option<String>, i64), redis::RedisError> {
+    /// the operators' inspectors. `key` is the full key, prefix included; for an owner's
+    /// hash the value is `customer_id`'s field in it.
+    pub async fn inspect_key(
+        &self,
+        key: &str,
+        customer_id: &str,
+    ) -> Result<(Option<String>, i64), redis::RedisError> {
         let mut conn = self.conn.get().await?;
-        let (value, ttl): (Option<String>, i64) = redis::pipe()
-            .get(key)
-            .ttl(key)
-            .query_async(&mut conn)
-            .await?;
+        let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut conn).await?;
+        let mut pipe = redis::pipe();
+        if kind == "hash" {
+            pipe.hget(key, customer_id);
+        } else {
+            pipe.get(key);
+        }
+        let (value, ttl): (Option<String>, i64) = pipe.ttl(key).query_async(&mut conn).await?;
         Ok((value, ttl))
     }
 

@@ -74,7 +74,7 @@ async fn answer(state: &AppState, report: SyncReport) -> Result<Json<Subscriptio
             .map_err(ApiError::storage)?
             .ok_or_else(|| ApiError::NotFound(format!("customer {customer_id}")))?,
     };
-    info.resolve_plan(state.reads.catalog());
+    info.resolve(state.reads.catalog(), chrono::Utc::now());
     Ok(Json(info))
 }
 

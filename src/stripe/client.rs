@@ -201,6 +201,53 @@ impl StripeApi {
         })
     }
 
+    /// The lookup keys of a customer's active Stripe Entitlements features
+    /// (`GET /v1/entitlements/active_entitlements?customer=…`, every page).
+    pub async fn list_active_entitlements(
+        &self,
+        customer_id: &str,
+    ) -> Result<Answer<Vec<String>>, StripeApiError> {
+        let mut keys = Vec::new();
+        let mut attempts = 0;
+        let mut cursor: Option<String> = None;
+        loop {
+            // A map serializes as `key=value` pairs (a list of tuples would not).
+            let mut query = std::collections::BTreeMap::from([
+                ("customer", customer_id.to_owned()),
+                ("limit", "100".to_owned()),
+            ]);
+            if let Some(after) = &cursor {
+                query.insert("starting_after", after.clone());
+            }
+            let request =
+                RequestBuilder::new(StripeMethod::Get, "/entitlements/active_entitlements")
+                    .query(&query);
+            let answer = self.send(request, None).await?;
+            attempts += answer.attempts;
+            let page = Value::Object(answer.value);
+            keys.extend(super::event::entitlement_lookup_keys(Some(&page)));
+            let last = page
+                .get("data")
+                .and_then(Value::as_array)
+                .and_then(|data| data.last())
+                .and_then(|last| last.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            match (page.get("has_more").and_then(Value::as_bool), last) {
+                (Some(true), Some(last)) => cursor = Some(last),
+                _ => break,
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(Answer {
+            value: keys,
+            attempts,
+            // A list of several pages is not one moment of Stripe's clock.
+            stripe_time: None,
+        })
+    }
+
     /// Creates a customer owned by an org and a user (metadata `organizationId`,
     /// `userId`). `idempotency_key` makes a repeated request return the same customer.
     pub async fn create_customer(

@@ -19,8 +19,8 @@
 //! `src/resources/V2/Core/Events.ts` (`EventBase`, `V2.Core.Events.RelatedObject`).
 
 use aggregates::{
-    Fact, FactSource, InvoiceFacts, OwnerFacts, PaymentFacts, StripeFacts, SubscriptionCommand,
-    SubscriptionFacts, SubscriptionStatus,
+    Fact, FactSource, InvoiceFacts, ItemFacts, OwnerFacts, PaymentFacts, StripeFacts,
+    SubscriptionCommand, SubscriptionFacts, SubscriptionStatus, UsageType,
 };
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
@@ -120,6 +120,7 @@ pub const HANDLED_TYPES: &[&str] = &[
     "checkout.session.completed",
     "customer.created",
     "customer.updated",
+    "customer.deleted",
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
@@ -137,6 +138,7 @@ pub const HANDLED_TYPES: &[&str] = &[
     "payment_intent.succeeded",
     "payment_intent.payment_failed",
     "payment_intent.canceled",
+    "entitlements.active_entitlement_summary.updated",
 ];
 
 /// Parses a webhook body. Fails only if the body is not JSON or not an event envelope
@@ -384,9 +386,19 @@ pub fn route(event: &StripeEvent) -> Route {
             }
             (owner, Fact::OwnerOnly)
         }
+        Some("customer") if event.event_type == "customer.deleted" => (
+            owner_from_metadata(object.get("metadata")),
+            Fact::CustomerDeleted,
+        ),
         Some("customer") if !event.event_type.starts_with("customer.subscription.") => {
             (owner_from_metadata(object.get("metadata")), Fact::OwnerOnly)
         }
+        Some("entitlements") => (
+            OwnerFacts::default(),
+            Fact::Entitlements {
+                features: entitlement_lookup_keys(object.get("entitlements")),
+            },
+        ),
         Some("customer") => match subscription_facts(object) {
             Ok(facts) => (
                 owner_from_metadata(object.get("metadata")),
@@ -414,7 +426,7 @@ pub fn route(event: &StripeEvent) -> Route {
             }
         },
         _ => unreachable!(
-            "HANDLED_TYPES only lists checkout, customer, invoice and payment_intent events"
+            "HANDLED_TYPES only lists checkout, customer, entitlements, invoice and payment_intent events"
         ),
     };
     Route::Command {
@@ -483,7 +495,84 @@ pub fn subscription_facts(object: &Map<String, Value>) -> Result<SubscriptionFac
         latest_invoice_id: id_of(object.get("latest_invoice")),
         currency: str_field(object, "currency")
             .or_else(|| price.and_then(|p| str_field(p, "currency"))),
+        // Before basil the period is the subscription's, and so every item's.
+        items: items
+            .iter()
+            .map(|item| {
+                let mut facts = item_facts(item);
+                facts.current_period_start = facts
+                    .current_period_start
+                    .or_else(|| ts_field(object, "current_period_start"));
+                facts.current_period_end = facts
+                    .current_period_end
+                    .or_else(|| ts_field(object, "current_period_end"));
+                facts
+            })
+            .collect(),
+        pause_reason: object
+            .get("status_details")
+            .and_then(|details| details.get("paused"))
+            .and_then(|paused| paused.get("subscription"))
+            .and_then(Value::as_object)
+            .and_then(|pause| str_field(pause, "type")),
     })
+}
+
+/// One `items.data[]` entry: its price (`price`, or the legacy `plan`), quantity, usage
+/// type (`price.recurring.usage_type`, or the legacy `plan.usage_type`) and, since basil,
+/// its own period.
+fn item_facts(item: &Map<String, Value>) -> ItemFacts {
+    let price = item
+        .get("price")
+        .or_else(|| item.get("plan"))
+        .and_then(Value::as_object);
+    let usage_type = price
+        .and_then(|p| {
+            p.get("recurring")
+                .and_then(|recurring| recurring.get("usage_type"))
+                .or_else(|| p.get("usage_type"))
+        })
+        .and_then(Value::as_str)
+        .and_then(|usage| match usage {
+            "metered" => Some(UsageType::Metered),
+            "licensed" => Some(UsageType::Licensed),
+            _ => None,
+        });
+    ItemFacts {
+        id: str_field(item, "id"),
+        price_id: price.and_then(|p| str_field(p, "id")),
+        product_id: price.and_then(|p| id_of(p.get("product"))),
+        lookup_key: price.and_then(|p| str_field(p, "lookup_key")),
+        quantity: item.get("quantity").and_then(Value::as_u64),
+        usage_type,
+        current_period_start: ts_field(item, "current_period_start"),
+        current_period_end: ts_field(item, "current_period_end"),
+    }
+}
+
+/// The feature lookup keys of an active entitlements list (`{"data": [{"lookup_key": …}]}`,
+/// the summary's `entitlements` or `GET /v1/entitlements/active_entitlements`' answer).
+pub(crate) fn entitlement_lookup_keys(list: Option<&Value>) -> Vec<String> {
+    let mut keys: Vec<String> = list
+        .and_then(|list| list.get("data"))
+        .and_then(Value::as_array)
+        .map(|data| {
+            data.iter()
+                .filter_map(Value::as_object)
+                .filter_map(|entitlement| {
+                    str_field(entitlement, "lookup_key").or_else(|| {
+                        entitlement
+                            .get("feature")
+                            .and_then(Value::as_object)
+                            .and_then(|feature| str_field(feature, "lookup_key"))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 fn invoice_fact(object: &Map<String, Value>) -> (OwnerFacts, Fact) {

@@ -294,9 +294,7 @@ async fn read_models(
     keys.sort();
     let mut cache = Vec::new();
     for key in keys {
-        let value: String = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut redis)
+        let value = crate::support::helpers::redis_value(&mut redis, &key)
             .await
             .unwrap();
         cache.push((key, value));

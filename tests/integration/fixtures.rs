@@ -135,6 +135,12 @@ fn every_fixture_parses_and_routes_as_its_manifest_says() {
                         "{}",
                         f.file
                     ),
+                    Fact::CustomerDeleted => {
+                        assert_eq!(f.event_type, "customer.deleted", "{}", f.file)
+                    }
+                    Fact::Entitlements { .. } => {
+                        assert!(f.event_type.starts_with("entitlements."), "{}", f.file)
+                    }
                 }
             }
         }

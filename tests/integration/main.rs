@@ -22,6 +22,7 @@ mod replay;
 mod retention;
 mod runner;
 mod security;
+mod shapes;
 mod slow_clients;
 mod stripe_api;
 mod support;

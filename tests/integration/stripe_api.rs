@@ -569,3 +569,74 @@ async fn a_sync_is_stamped_with_stripes_clock() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn after_customer_deleted_checkout_creates_a_fresh_customer() {
+    let (app, fake) = spawn_with_stripe("deletedcus").await;
+    let first: Value = post_json(&app, "/v1/checkout/sessions", checkout_body("org_gone"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let deleted = first["customer_id"].as_str().unwrap().to_owned();
+    assert_eq!(fake.count("customers"), 1);
+    // docs.stripe.com/api/events/types#event_types-customer.deleted: data.object is the
+    // customer (docs.stripe.com/api/customers/object) as it was.
+    let event = crate::events::envelope(
+        "evt_cus_deleted",
+        "customer.deleted",
+        chrono::Utc::now().timestamp(),
+        json!({"id": deleted, "object": "customer", "deleted": true,
+            "metadata": {"organizationId": "org_gone", "userId": "user_1"}}),
+    );
+    deliver(&app, &[event]).await;
+    let second = post_json(&app, "/v1/checkout/sessions", checkout_body("org_gone")).await;
+    assert_eq!(second.status(), 200);
+    let second: Value = second.json().await.unwrap();
+    assert_ne!(second["customer_id"].as_str(), Some(deleted.as_str()));
+    assert_eq!(
+        fake.count("customers"),
+        2,
+        "Stripe saw a second customer create"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_sync_records_the_customers_stripe_entitlements() {
+    let (app, fake) = spawn_with_stripe("entsync").await;
+    fake.add_subscription("cus_ent", "org_ent", "active", "price_basic_monthly", 60);
+    fake.set_entitlements("cus_ent", &["sso", "audit_log"]);
+    let response = post_json(&app, "/v1/customers/cus_ent/sync", json!({})).await;
+    assert_eq!(response.status(), 200);
+    let info: Value = response.json().await.unwrap();
+    assert_eq!(
+        info["stripe_features"],
+        json!(["audit_log", "sso"]),
+        "{info}"
+    );
+    app.settle().await;
+    let e = app.get_json("/v1/orgs/org_ent/entitlements").await;
+    assert_eq!(
+        e["features"],
+        json!(["projects:3", "audit_log", "sso"]),
+        "{e}"
+    );
+    // A second sync with the same answer records nothing; a changed one replaces the set.
+    post_json(&app, "/v1/customers/cus_ent/sync", json!({})).await;
+    fake.set_entitlements("cus_ent", &["sso"]);
+    // Stripe stamps whole seconds: the next answer must be a later second to be newer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let info: Value = post_json(&app, "/v1/customers/cus_ent/sync", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["stripe_features"], json!(["sso"]), "{info}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM events WHERE event_type = 'EntitlementsRecorded'")
+            .await,
+        2
+    );
+    app.stop().await;
+}

@@ -41,6 +41,8 @@ struct Inner {
     events: Vec<Value>,
     /// Webhook endpoints, in creation order.
     endpoints: Vec<Value>,
+    /// Customer → the lookup keys of its active entitlements.
+    entitlements: BTreeMap<String, Vec<String>>,
     /// Idempotency key → the answer first given for it.
     idempotent: HashMap<String, (u16, Value)>,
     /// Every (method, path, idempotency key) seen, in order.
@@ -80,6 +82,10 @@ impl FakeStripe {
                 "/v1/webhook_endpoints",
                 get(list_endpoints).post(create_endpoint),
             )
+            .route(
+                "/v1/entitlements/active_entitlements",
+                get(list_active_entitlements),
+            )
             .layer(axum::middleware::map_response_with_state(
                 inner.clone(),
                 stripe_date,
@@ -106,6 +112,14 @@ impl FakeStripe {
         self.lock()
             .injections
             .push((path_prefix.to_owned(), injections.into()));
+    }
+
+    /// Sets a customer's active Stripe Entitlements (their features' lookup keys).
+    pub fn set_entitlements(&self, customer_id: &str, lookup_keys: &[&str]) {
+        self.lock().entitlements.insert(
+            customer_id.to_owned(),
+            lookup_keys.iter().map(|k| k.to_string()).collect(),
+        );
     }
 
     /// Every request to `path_prefix` fails with `status` (until `heal`).
@@ -521,6 +535,45 @@ async fn create_customer(
         inner.customers.insert(id, customer.clone());
         (200, customer)
     })
+}
+
+/// `GET /v1/entitlements/active_entitlements?customer=…`: a list of
+/// `entitlements.active_entitlement` objects (async-stripe `EntitlementsActiveEntitlement`:
+/// `id`, `feature`, `livemode`, `lookup_key`), one page.
+async fn list_active_entitlements(
+    State(state): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Err(response) = intercept(
+        &state,
+        "GET",
+        "/v1/entitlements/active_entitlements",
+        &headers,
+    )
+    .await
+    {
+        return response;
+    }
+    let params = form(query.as_deref().unwrap_or(""));
+    let inner = state.lock().unwrap();
+    let keys = params
+        .get("customer")
+        .and_then(|customer| inner.entitlements.get(customer))
+        .cloned()
+        .unwrap_or_default();
+    let data: Vec<Value> = keys
+        .iter()
+        .map(|key| {
+            json!({"id": format!("ent_{key}"), "object": "entitlements.active_entitlement",
+                "feature": format!("feat_{key}"), "livemode": false, "lookup_key": key})
+        })
+        .collect();
+    Json(
+        json!({"object": "list", "url": "/v1/entitlements/active_entitlements",
+        "has_more": false, "data": data}),
+    )
+    .into_response()
 }
 
 async fn list_subscriptions(

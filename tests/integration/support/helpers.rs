@@ -236,12 +236,10 @@ impl TestApp {
         keys
     }
 
+    /// A key's value; an owner's hash (`stripe:org:…`, `stripe:user:…`) as its fields,
+    /// sorted, one `field=value` a line.
     pub async fn redis_get(&self, key: &str) -> Option<String> {
-        self.redis
-            .clone()
-            .get(format!("{}{key}", self.prefix))
-            .await
-            .unwrap()
+        redis_value(&mut self.redis.clone(), &format!("{}{key}", self.prefix)).await
     }
 
     /// Deletes every key of this test behind the service's back, and tells the in-process
@@ -286,5 +284,36 @@ impl Drop for TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// A key's value as text: a string as it is, a hash as its sorted `field=value` lines.
+pub async fn redis_value(
+    redis: &mut (impl redis::aio::ConnectionLike + Send),
+    key: &str,
+) -> Option<String> {
+    let kind: String = redis::cmd("TYPE")
+        .arg(key)
+        .query_async(redis)
+        .await
+        .unwrap();
+    match kind.as_str() {
+        "none" => None,
+        "hash" => {
+            let mut fields: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(key)
+                .query_async(redis)
+                .await
+                .unwrap();
+            fields.sort();
+            Some(
+                fields
+                    .into_iter()
+                    .map(|(f, v)| format!("{f}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        }
+        _ => redis::cmd("GET").arg(key).query_async(redis).await.unwrap(),
     }
 }
