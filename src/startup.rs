@@ -24,7 +24,10 @@ use crate::db::{self, DbError};
 use crate::error_chain::error_chain;
 use crate::http::serve::{serve, Limits};
 use crate::http::{self, AppState};
+use crate::backoff::Backoff;
 use crate::ledger::Ledger;
+use crate::notify::send::{Sender, SigningKey};
+use crate::notify::Notifier;
 use crate::reads::{Reads, PROJECTION_BATCH};
 use crate::stripe::client::StripeApiError;
 use crate::sync::Syncer;
@@ -48,6 +51,8 @@ pub enum StartupError {
     Redis(#[from] redis::RedisError),
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
+    #[error("SUBLEDGER_NOTIFY_SECRET is not valid")]
+    NotifySecret(#[from] crate::notify::send::SecretError),
     #[error("cannot set up the Stripe client")]
     Stripe(#[from] StripeApiError),
 }
@@ -123,6 +128,34 @@ impl Services {
         })
     }
 
+    /// The notifier and its sender, or `None` when no notification endpoint is set.
+    pub fn notifications(
+        &self,
+    ) -> Result<Option<(Notifier, Sender)>, crate::notify::send::SecretError> {
+        let settings = &self.settings;
+        let Some(secret) = settings.notify_secret.as_ref() else {
+            return Ok(None);
+        };
+        if settings.notify_urls.is_empty() {
+            return Ok(None);
+        }
+        let key = SigningKey::parse(secret.expose_secret())?;
+        Ok(Some((
+            Notifier::new(
+                self.pool.clone(),
+                self.catalog.clone(),
+                settings.notify_urls.clone(),
+            ),
+            Sender::new(
+                self.pool.clone(),
+                key,
+                settings.notify_timeout,
+                Backoff::doubling(settings.notify_backoff).capped(Duration::from_secs(3600)),
+                settings.notify_max_attempts,
+            ),
+        )))
+    }
+
     /// Brings every projection up to the end of the log. `progress` is called with a
     /// projection's name and the events it has applied so far.
     pub async fn catch_up_projections(
@@ -169,6 +202,7 @@ impl Services {
 
 pub struct Application {
     services: Services,
+    notifications: Option<(Notifier, Sender)>,
     listener: tokio::net::TcpListener,
     port: u16,
     sync: Option<Syncer>,
@@ -195,6 +229,7 @@ impl Application {
             tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");
         }
         let sync = services.syncer()?;
+        let notifications = services.notifications()?;
         if sync.is_none() {
             tracing::warn!("STRIPE_SECRET_KEY is not set: no sync, checkout, portal or reconciler");
         }
@@ -215,6 +250,7 @@ impl Application {
         );
         Ok(Self {
             services,
+            notifications,
             listener,
             port,
             sync,
@@ -241,6 +277,7 @@ impl Application {
             listener,
             sync,
             limits,
+            notifications,
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -259,6 +296,17 @@ impl Application {
             services.ledger.committed.clone(),
             stop_rx.clone(),
         )));
+        // Outbound notifications: their own task, so an endpoint that fails or hangs
+        // never holds ingestion, projections or reads.
+        if let Some((notifier, sender)) = notifications {
+            tasks.push(tokio::spawn(crate::notify::send::run(
+                notifier,
+                sender,
+                services.projections.applied(),
+                services.settings.poll_interval,
+                stop_rx.clone(),
+            )));
+        }
         // Rows left pending by a previous run are picked up at once.
         inbox_wake.wake_all();
         // Syncs with Stripe's API (requested by webhooks, retries, the reconciler).

@@ -699,6 +699,13 @@ impl Projections {
         }
     }
 
+    /// Where this process's runner last published the projections stand (one position per
+    /// member, in order); changes after each of its passes. For a follower that must act
+    /// after the read models moved (the notifier), without polling.
+    pub fn applied(&self) -> watch::Receiver<Vec<Position>> {
+        self.inner.applied.subscribe()
+    }
+
     /// Waits until the projections have applied the event that brought `aggregate_id` to
     /// `version`, at most `within`; returns whether they did. It is woken by this
     /// process's runner after each of its passes (and asks it for one at once), then
