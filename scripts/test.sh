@@ -57,6 +57,15 @@ if [ ! -x "$schemathesis_venv/bin/schemathesis" ]; then
 fi
 export SCHEMATHESIS="$PWD/$schemathesis_venv/bin/schemathesis"
 
+# The TypeScript client (clients/typescript) is tested with node's test runner against the
+# live service (tests/integration/openapi.rs): its dev dependencies come from npm, at the
+# versions its lock file pins, whenever they are absent or older than the lock.
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+if [ ! -d clients/typescript/node_modules ] ||
+  [ clients/typescript/package-lock.json -nt clients/typescript/node_modules ]; then
+  (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 cargo test --workspace --all-targets "$@"

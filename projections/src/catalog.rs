@@ -61,6 +61,15 @@ fn default_grace_hours() -> u32 {
     24
 }
 
+impl AccessPolicy {
+    /// Whether a subscription in `status` has access while its period lasts.
+    pub fn grants(&self, status: &str) -> bool {
+        status
+            .parse::<SubscriptionStatus>()
+            .is_ok_and(|status| self.grant.contains(&status))
+    }
+}
+
 impl Default for AccessPolicy {
     /// `active`, `trialing` and `past_due` (Stripe is still retrying) grant access, with a
     /// day of grace after a renewal that is due, no cap on `past_due`, paused denies.

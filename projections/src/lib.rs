@@ -21,7 +21,7 @@ pub use catalog::{AccessPolicy, Catalog, CatalogError, Entitlement, OwnedSubscri
 pub use feature::FeatureAccess;
 pub use info::{ItemInfo, LatestInvoice, PaymentMethod, SubscriptionEntry, SubscriptionInfo};
 pub use log::{LoggedEvent, Position};
-pub use platform::PlatformTables;
+pub use platform::{PlatformTables, StatusCount};
 pub use redis_cache::{CacheKeys, LazyConnection, Owner, RedisCache};
 pub use runner::{
     CatchUp, EventualProjection, Member, ProjectionError, Projections, TransactionalProjection,

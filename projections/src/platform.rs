@@ -42,7 +42,32 @@ pub struct PlatformTables {
     catalog: Arc<Catalog>,
 }
 
+/// How many customers hold one status, and how many of those stand within their current
+/// period (which access needs as well as a granting status).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StatusCount {
+    pub status: String,
+    pub customers: i64,
+    pub within_period: i64,
+}
+
 impl PlatformTables {
+    /// Customers by status at `now`, most numerous first (the admin overview).
+    pub async fn status_counts(
+        pool: &PgPool,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<StatusCount>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT status, count(*) AS customers, \
+                    count(*) FILTER (WHERE current_period_end IS NULL OR current_period_end > $1) \
+                      AS within_period \
+             FROM subscriptions GROUP BY status ORDER BY count(*) DESC, status",
+        )
+        .bind(now)
+        .fetch_all(pool)
+        .await
+    }
+
     pub fn new(catalog: Arc<Catalog>) -> Self {
         Self { catalog }
     }

@@ -25,7 +25,9 @@ pub mod work;
 use serde::Serialize;
 
 pub use dead_letters::{dead_letters, redrive, DeadLetter, Redrive};
-pub use read::{depth, has_customer, of_customer, recent, state_of, Depth, InboxEntry};
+pub use read::{
+    depth, has_customer, hourly, of_customer, recent, state_of, Depth, HourlyCount, InboxEntry,
+};
 pub use store::{
     check, record, record_many, InboxError, InboxWriter, NewEvent, Received, Recorded,
 };

@@ -109,3 +109,26 @@ pub async fn depth(pool: &PgPool) -> Result<Depth, sqlx::Error> {
     .fetch_one(pool)
     .await
 }
+
+/// Inbox rows received in one hour (UTC) from one source with one outcome (`pending` or
+/// `dead` for rows not done).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct HourlyCount {
+    pub hour: DateTime<Utc>,
+    pub source: String,
+    pub outcome: String,
+    pub count: i64,
+}
+
+/// Rows received since `since`, by hour, source and outcome (the admin overview's charts).
+pub async fn hourly(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<HourlyCount>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT date_trunc('hour', received_at, 'UTC') AS hour, source, \
+                CASE WHEN state = 'done' THEN coalesce(outcome, 'done') ELSE state END AS outcome, \
+                count(*) AS count \
+         FROM inbox WHERE received_at >= $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await
+}

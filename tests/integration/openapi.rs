@@ -247,3 +247,61 @@ async fn schemathesis_finds_no_server_error_and_every_answer_conforms() {
     std::fs::remove_dir_all(&dir).ok();
     app.stop().await;
 }
+
+/// The TypeScript client (`clients/typescript`): its types are what openapi-typescript
+/// generates from the committed document (so an answer's shape that changes without the
+/// client's types fails here), and its tests, node's test runner, pass against the live
+/// service with none skipped.
+#[tokio::test]
+async fn the_typescript_client_is_generated_from_the_document_and_passes_against_the_service() {
+    let client = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/typescript");
+    let generator = format!("{client}/node_modules/.bin/openapi-typescript");
+    assert!(
+        std::path::Path::new(&generator).exists(),
+        "the client's dev dependencies are not installed: run ./scripts/test.sh (which runs npm ci in clients/typescript)"
+    );
+    let mut generate = Command::new(&generator);
+    generate.current_dir(client).arg("../../docs/openapi.json");
+    let generated = crate::cli::run(generate).await;
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let committed = std::fs::read_to_string(format!("{client}/src/schema.ts")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&generated.stdout) == committed,
+        "clients/typescript/src/schema.ts is not what openapi-typescript generates from docs/openapi.json: run `npm run generate` there"
+    );
+
+    let (settings, db_name, prefix) = test_settings("tsclient");
+    let app = spawn_with(settings, db_name, prefix).await;
+    let body = sub_event(
+        "evt_ts1",
+        "customer.subscription.created",
+        T0,
+        "sub_123",
+        "cus_123",
+        "active",
+        "org_123",
+    );
+    assert_eq!(app.post_webhook(&body).await.status(), 200);
+    app.settle().await;
+    let mut test = Command::new("npm");
+    test.current_dir(client)
+        .args(["test", "--silent"])
+        .env("SUBLEDGER_URL", &app.address)
+        .env("SUBLEDGER_TOKEN", TOKEN);
+    let output = crate::cli::run(test).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "npm test:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("# fail 0") && stdout.contains("# skipped 0"),
+        "{stdout}"
+    );
+    app.stop().await;
+}

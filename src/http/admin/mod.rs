@@ -15,6 +15,7 @@
 //! login form), traded for a cookie (`auth::admin_access` decides; this page only shows the
 //! login form when it says no).
 
+mod charts;
 mod diagram;
 mod pages;
 
@@ -25,6 +26,7 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use chrono::DurationRound;
 use maud::{html, Markup};
 
 use super::auth::{self, AdminAccess};
@@ -39,6 +41,8 @@ use crate::sync_log;
 const DEAD_LETTERS_SHOWN: i64 = 100;
 const RECENT_WEBHOOKS_SHOWN: i64 = 50;
 const SYNCS_SHOWN: i64 = 50;
+/// Hours the overview's charts cover.
+const OVERVIEW_HOURS: i64 = 24;
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
@@ -115,6 +119,7 @@ pub async fn home(
         let body = html! { (notice) (pages::search_heading(q)) (results) };
         return Ok(html_page(pages::page(&format!("Search {q}"), body)));
     }
+    let overview = overview(&state).await?;
     let dead = inbox::dead_letters(&state.pool, Some(DEAD_LETTERS_SHOWN))
         .await
         .map_err(ApiError::storage)?;
@@ -122,8 +127,59 @@ pub async fn home(
         .await
         .map_err(ApiError::storage)?;
     let syncs = sync_section(&state, None).await?;
-    let body = html! { (notice) (pages::inbox_overview(&dead, &recent)) (syncs) };
+    let body = html! { (notice) (pages::overview(&overview)) (pages::inbox_overview(&dead, &recent)) (syncs) };
     Ok(html_page(pages::page("Overview", body)))
+}
+
+/// What the overview draws: customers by status and access (the catalogue's policy judges
+/// which statuses grant it), the last 24 hours of the inbox by hour, its depth, and each
+/// projection's lag.
+async fn overview(state: &AppState) -> Result<pages::Overview, ApiError> {
+    let now = chrono::Utc::now();
+    let policy = &state.catalog.access;
+    let statuses = projections::PlatformTables::status_counts(&state.pool, now)
+        .await
+        .map_err(ApiError::storage)?
+        .into_iter()
+        .map(|count| {
+            let access = if policy.grants(&count.status) {
+                count.within_period
+            } else {
+                0
+            };
+            (count.status, count.customers, access)
+        })
+        .collect();
+    let this_hour = now
+        .duration_trunc(chrono::TimeDelta::hours(1))
+        .unwrap_or(now);
+    let hours: Vec<_> = (0..OVERVIEW_HOURS)
+        .rev()
+        .map(|back| this_hour - chrono::TimeDelta::hours(back))
+        .collect();
+    let hourly = inbox::hourly(&state.pool, hours[0])
+        .await
+        .map_err(ApiError::storage)?;
+    let depth = inbox::depth(&state.pool).await.map_err(ApiError::storage)?;
+    let mut lag = Vec::new();
+    for name in state.projections.names() {
+        // Like /readyz: a lag that cannot be read is shown as unknown, not as an error page.
+        let behind = match state.projections.lag(name).await {
+            Ok(behind) => Some(behind),
+            Err(error) => {
+                tracing::warn!(error = %crate::error_chain::error_chain(&error), "cannot read a projection's lag");
+                None
+            }
+        };
+        lag.push((name, behind));
+    }
+    Ok(pages::Overview {
+        statuses,
+        hours,
+        hourly,
+        depth,
+        lag,
+    })
 }
 
 /// The latest syncs from Stripe's API, for one customer or for all, with the customers

@@ -8,8 +8,9 @@
 use aggregates::SubscriptionStatus;
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
+use super::charts::{self, Series};
 use super::diagram::diagram;
-use crate::inbox::{InboxEntry, InboxState};
+use crate::inbox::{Depth, HourlyCount, InboxEntry, InboxState};
 use crate::inspect::{CustomerReport, SearchHit};
 use crate::sync_log::{AttemptRow, Flagged};
 use crate::transitions;
@@ -34,6 +35,8 @@ td.mono{overflow-wrap:anywhere}
 .v-yes{background:#ecfdf3;border:1px solid #a6f4c5}.v-no{background:#fef3f2;border:1px solid #fecdca}
 tr.diff td{background:#fffaeb}
 form.inline{display:inline}
+figure.chart{margin:12px 0}figure.chart figcaption{font-weight:600;color:#5b6475;margin:0 0 4px}
+svg{max-width:100%;height:auto}
 input[type=search]{width:420px;padding:6px 8px}
 button{padding:5px 12px;cursor:pointer}
 ";
@@ -366,6 +369,96 @@ pub fn customer(report: &CustomerReport) -> Markup {
         section {
             h2 { "Webhook inbox (" (report.inbox.len()) " Stripe events, with outcomes)" }
             (inbox_table(&report.inbox, false))
+        }
+    }
+}
+
+/// What the overview draws, fetched by the handler.
+pub struct Overview {
+    /// Per status: customers, and of them how many have access now.
+    pub statuses: Vec<(String, i64, i64)>,
+    /// The hours shown, oldest first (UTC, whole hours).
+    pub hours: Vec<chrono::DateTime<chrono::Utc>>,
+    /// Inbox rows received in those hours, by source and outcome.
+    pub hourly: Vec<HourlyCount>,
+    pub depth: Depth,
+    /// Events each projection has still to apply (`None`: could not be read).
+    pub lag: Vec<(&'static str, Option<i64>)>,
+}
+
+/// The overview: customers by status and access, webhook outcomes and ingestion by hour
+/// (inline SVG), projection lag and the inbox's depth.
+pub fn overview(o: &Overview) -> Markup {
+    let statuses: Vec<String> = o.statuses.iter().map(|(s, _, _)| s.clone()).collect();
+    let customers = [
+        Series {
+            name: "access".to_owned(),
+            values: o.statuses.iter().map(|(_, _, access)| *access).collect(),
+        },
+        Series {
+            name: "no access".to_owned(),
+            values: o
+                .statuses
+                .iter()
+                .map(|(_, all, access)| all - access)
+                .collect(),
+        },
+    ];
+    let labels: Vec<String> = o
+        .hours
+        .iter()
+        .map(|h| h.format("%H:00").to_string())
+        .collect();
+    let by_hour = |keep: &dyn Fn(&HourlyCount) -> Option<String>| {
+        let mut names: Vec<String> = o.hourly.iter().filter_map(keep).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| Series {
+                values: o
+                    .hours
+                    .iter()
+                    .map(|hour| {
+                        o.hourly
+                            .iter()
+                            .filter(|c| {
+                                c.hour == *hour && keep(c).as_deref() == Some(name.as_str())
+                            })
+                            .map(|c| c.count)
+                            .sum()
+                    })
+                    .collect(),
+                name,
+            })
+            .collect::<Vec<_>>()
+    };
+    let outcomes = by_hour(&|c| (c.source == "webhook").then(|| c.outcome.clone()));
+    let ingestion = by_hour(&|c| Some(c.source.clone()));
+    let total: i64 = o.statuses.iter().map(|(_, all, _)| all).sum();
+    let with_access: i64 = o.statuses.iter().map(|(_, _, access)| access).sum();
+    html! {
+        section #overview {
+            h2 { "Overview" }
+            p {
+                (total) " customers, " (with_access) " with access · inbox: "
+                span.{ @if o.depth.pending > 0 { "bad" } @else { "good" } } { (o.depth.pending) " pending" }
+                @if let Some(age) = o.depth.oldest_pending_age_secs { " (oldest " (format!("{age:.0}")) " s)" }
+                ", "
+                span.{ @if o.depth.dead > 0 { "bad" } @else { "good" } } { (o.depth.dead) " dead letters" }
+                " · projection lag: "
+                @for (i, (name, lag)) in o.lag.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    code { (name) } " "
+                    @match lag {
+                        Some(lag) => span.{ @if *lag > 0 { "bad" } @else { "good" } } data-lag=(name) { (lag) " events" },
+                        None => span.bad data-lag=(name) { "unknown" },
+                    }
+                }
+            }
+            (charts::bars("customers", "Customers by status and access", &statuses, &customers))
+            (charts::columns("outcomes", "Webhook outcomes by hour (UTC), last 24 hours", &labels, &outcomes))
+            (charts::columns("ingestion", "Events received by hour (UTC) and source, last 24 hours", &labels, &ingestion))
         }
     }
 }
