@@ -18,13 +18,13 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
+use crate::backoff::Backoff;
 use crate::billing::Billing;
 use crate::config::Settings;
 use crate::db::{self, DbError};
 use crate::error_chain::error_chain;
 use crate::http::serve::{serve, Limits};
 use crate::http::{self, AppState};
-use crate::backoff::Backoff;
 use crate::ledger::Ledger;
 use crate::notify::send::{Sender, SigningKey};
 use crate::notify::Notifier;

@@ -161,7 +161,10 @@ impl Notifier {
             vec![]
         };
         let more = read.len() as i64 == NOTIFY_BATCH;
-        let events: Vec<_> = read.into_iter().filter(|e| e.position <= platform).collect();
+        let events: Vec<_> = read
+            .into_iter()
+            .filter(|e| e.position <= platform)
+            .collect();
         let more = more && !events.is_empty();
         // Which customers changed, and the Stripe events that changed them, in log order.
         let mut caused: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -247,12 +250,12 @@ impl Notifier {
                     }
                 }
             }
-            let reason = if stripe_event_ids.is_empty() && ended.contains(&(kind.clone(), id.clone()))
-            {
-                Reason::Time
-            } else {
-                Reason::Log
-            };
+            let reason =
+                if stripe_event_ids.is_empty() && ended.contains(&(kind.clone(), id.clone())) {
+                    Reason::Time
+                } else {
+                    Reason::Log
+                };
             let envelope = Envelope {
                 kind: EVENT_TYPE.to_owned(),
                 timestamp: now,

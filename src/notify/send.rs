@@ -4,10 +4,10 @@
 //! `whsec_`), with exponential backoff between attempts and a dead-letter state after
 //! `SUBLEDGER_NOTIFY_MAX_ATTEMPTS`.
 //!
-//! At least once: a row is marked delivered only after a 2xx, in the transaction that
-//! locked it while it was sent, so a crash (SIGKILL) at any point leaves it pending and it
-//! is sent again. In order per owner and endpoint: only the oldest pending row of each
-//! (endpoint, owner) is ever claimed, and it stays locked while it is in flight.
+//! At least once: a row is marked delivered only after a 2xx; it is claimed with a lease
+//! (see [`Sender::deliver_once`]), so a crash (SIGKILL) at any point leaves it pending and
+//! it is sent again when the lease ends. In order per owner and endpoint: only the oldest
+//! pending row of each (endpoint, owner) is ever claimed.
 //! This module must never run on a request or ingestion path: a slow or failing endpoint
 //! only delays other notifications (each send is bounded by `SUBLEDGER_NOTIFY_TIMEOUT_MS`).
 
@@ -68,6 +68,7 @@ pub struct Sender {
     client: reqwest::Client,
     backoff: Backoff,
     max_attempts: i32,
+    timeout: Duration,
 }
 
 impl Sender {
@@ -90,28 +91,41 @@ impl Sender {
             client,
             backoff,
             max_attempts,
+            timeout,
         }
     }
 
     /// Claims the oldest pending notification of each (endpoint, owner) that is due, sends
-    /// them together, and records each outcome, all in one transaction that holds the
-    /// rows locked. Returns how many were attempted.
+    /// them together, and records each outcome. Returns how many were attempted.
+    ///
+    /// The claim is a lease, not a held transaction: it counts the attempt and moves the
+    /// row's `next_attempt_at` past the send's timeout, in a short transaction. An open
+    /// transaction would hold back the log's read horizon (`pg_snapshot_xmin`) and so
+    /// stall every projection while an endpoint hangs. A claimed row stays `pending`, so
+    /// it still holds back the owner's later notifications (order), another replica
+    /// cannot claim it before the lease ends, and a crash mid-send leaves it to be sent
+    /// again when the lease ends (at least once).
     pub async fn deliver_once(&self) -> Result<usize, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let lease = self.timeout + Duration::from_secs(1);
         let rows = sqlx::query(
-            "SELECT id, msg_id, endpoint, body, attempts FROM notifications n \
-             WHERE state = 'pending' AND next_attempt_at <= now() \
-               AND NOT EXISTS (SELECT 1 FROM notifications e WHERE e.state = 'pending' \
-                   AND e.endpoint = n.endpoint AND e.owner_kind = n.owner_kind \
-                   AND e.owner_id = n.owner_id AND e.id < n.id) \
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "UPDATE notifications SET attempts = attempts + 1, \
+                 next_attempt_at = now() + make_interval(secs => $2) \
+             WHERE id IN (SELECT id FROM notifications n \
+                 WHERE state = 'pending' AND next_attempt_at <= now() \
+                   AND NOT EXISTS (SELECT 1 FROM notifications e WHERE e.state = 'pending' \
+                       AND e.endpoint = n.endpoint AND e.owner_kind = n.owner_kind \
+                       AND e.owner_id = n.owner_id AND e.id < n.id) \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, msg_id, endpoint, body, attempts",
         )
         .bind(CLAIM)
-        .fetch_all(&mut *tx)
+        .bind(lease.as_secs_f64())
+        .fetch_all(&self.pool)
         .await?;
         let mut sends = tokio::task::JoinSet::new();
         for row in &rows {
             let id: i64 = row.get("id");
+            let tried: i32 = row.get("attempts");
             let msg_id: String = row.get("msg_id");
             let endpoint: String = row.get("endpoint");
             let body: String = row.get("body");
@@ -131,47 +145,42 @@ impl Sender {
                     Ok(response) => Err(format!("endpoint answered {}", response.status())),
                     Err(error) => Err(error_chain(&error)),
                 };
-                (id, outcome)
+                (id, tried, outcome)
             });
         }
-        let attempts: std::collections::HashMap<i64, i32> = rows
-            .iter()
-            .map(|row| (row.get("id"), row.get("attempts")))
-            .collect();
         let count = rows.len();
         while let Some(joined) = sends.join_next().await {
-            let Ok((id, outcome)) = joined else { continue };
+            let Ok((id, tried, outcome)) = joined else {
+                continue;
+            };
             match outcome {
                 Ok(()) => {
                     sqlx::query(
-                        "UPDATE notifications SET state = 'delivered', attempts = attempts + 1, \
-                         delivered_at = now(), last_error = NULL WHERE id = $1",
+                        "UPDATE notifications SET state = 'delivered', delivered_at = now(), \
+                         last_error = NULL WHERE id = $1",
                     )
                     .bind(id)
-                    .execute(&mut *tx)
+                    .execute(&self.pool)
                     .await?;
                 }
                 Err(error) => {
-                    let tried = attempts.get(&id).copied().unwrap_or(0) + 1;
                     let dead = tried >= self.max_attempts;
                     let delay = self.backoff.delay((tried - 1).max(0) as u32);
                     tracing::warn!(id, tried, dead, error = %error, "notification not delivered");
                     sqlx::query(
-                        "UPDATE notifications SET attempts = $2, last_error = $3, \
-                         state = CASE WHEN $4 THEN 'dead' ELSE 'pending' END, \
-                         next_attempt_at = now() + make_interval(secs => $5) WHERE id = $1",
+                        "UPDATE notifications SET last_error = $2, \
+                         state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
+                         next_attempt_at = now() + make_interval(secs => $4) WHERE id = $1",
                     )
                     .bind(id)
-                    .bind(tried)
                     .bind(error)
                     .bind(dead)
                     .bind(delay.as_secs_f64())
-                    .execute(&mut *tx)
+                    .execute(&self.pool)
                     .await?;
                 }
             }
         }
-        tx.commit().await?;
         Ok(count)
     }
 }

@@ -9,6 +9,7 @@ mod events;
 mod fixtures;
 mod lifecycle;
 mod mutants;
+mod notifications;
 mod openapi;
 mod ops;
 mod outages;
