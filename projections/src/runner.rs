@@ -916,6 +916,21 @@ async fn commit_or_roll_back<T>(
     }
 }
 
+/// Where a projection's checkpoint stands (before the first event when it has none), as
+/// `conn` sees it: for a follower that must never read past it (the notifier).
+pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<Position, ProjectionError> {
+    Ok(sqlx::query(
+        "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?
+    .as_ref()
+    .map(checkpoint_position)
+    .transpose()?
+    .unwrap_or_default())
+}
+
 /// How many events a projection is behind the log.
 pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
     let mut conn = pool.acquire().await?;

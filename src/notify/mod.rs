@@ -35,6 +35,8 @@ pub enum NotifyError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Projection(#[from] projections::ProjectionError),
     #[error("cannot encode a notification")]
     Encode(#[from] serde_json::Error),
 }
@@ -147,14 +149,11 @@ impl Notifier {
         .fetch_one(&mut *tx)
         .await?;
         let at = position(row.get("tx"), row.get("global_seq"));
-        let platform = sqlx::query(
-            "SELECT tx_id::text AS tx, global_seq FROM projection_checkpoints WHERE name = $1",
+        let platform = projections::runner::checkpoint(
+            &mut tx,
+            <PlatformTables as projections::TransactionalProjection>::NAME,
         )
-        .bind(<PlatformTables as projections::TransactionalProjection>::NAME)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|row| position(row.get("tx"), row.get("global_seq")))
-        .unwrap_or_default();
+        .await?;
         let read = if platform > at {
             log::read_after(&mut tx, at, horizon, NOTIFY_BATCH).await?
         } else {
