@@ -1,4 +1,6 @@
-//! subledger's benchmark harness: ingestion, entitlement reads, replay, memory and a
+//! subledger's benchmark harness: ingestion, entitlement reads (beside the server's own
+//! `/healthz` rate), cross-replica freshness, storage per event before and after
+//! retention, replay, memory and a
 //! peer, measured in one run on this machine, each beside its hardware ceiling.
 //!
 //! Run with `./bench/run.sh` (which sets up the services and the peer). It starts the
@@ -207,6 +209,83 @@ async fn send_all(
     (all, failures.load(Ordering::Relaxed))
 }
 
+/// GETs `urls` round-robin for `secs` seconds over `connections` keep-alive connections
+/// (with the API token); returns the latencies (µs) of 2xx answers, sorted, and the count
+/// of others.
+async fn hammer(
+    client: &reqwest::Client,
+    urls: Arc<Vec<String>>,
+    secs: u64,
+    connections: usize,
+) -> (Vec<u64>, u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, urls, next) = (client.clone(), urls.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize % urls.len();
+                let started = Instant::now();
+                match client.get(&urls[i]).bearer_auth(TOKEN).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        latencies.push(started.elapsed().as_micros() as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (l, e) = task.await.unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    all.sort_unstable();
+    (all, errors)
+}
+
+/// A basil-shaped `customer.subscription.updated` for the freshness probe: the shape of
+/// tests/integration/events.rs (fields from stripe/openapi spec3 `subscription`).
+fn probe_event(step: usize, status: &str) -> Vec<u8> {
+    let far = chrono::Utc::now().timestamp() + 30 * 86_400;
+    serde_json::to_vec(&serde_json::json!({
+        "id": format!("evt_probe{step}"), "object": "event", "api_version": "2025-03-31.basil",
+        "created": 1_780_000_000 + 10 * step as i64, "livemode": false, "pending_webhooks": 1,
+        "type": "customer.subscription.updated",
+        "data": {"object": {
+            "id": "sub_probe", "object": "subscription", "customer": "cus_probe", "status": status,
+            "created": 1_780_000_000, "cancel_at_period_end": false, "cancel_at": null,
+            "canceled_at": null, "ended_at": null, "trial_start": null, "trial_end": null,
+            "latest_invoice": null, "metadata": {"organizationId": "org_probe"},
+            "items": {"object": "list", "data": [{
+                "id": "si_probe", "object": "subscription_item", "quantity": 1,
+                "price": {"id": "price_pro_monthly", "object": "price", "product": "prod_pro", "lookup_key": "pro_monthly"},
+                "current_period_start": far - 30 * 86_400, "current_period_end": far
+            }]}
+        }}
+    }))
+    .unwrap()
+}
+
+/// Sizes of the stored data, in bytes: (log, inbox, platform tables).
+async fn storage(pool: &PgPool) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT pg_total_relation_size('events'), pg_total_relation_size('inbox'), \
+            pg_total_relation_size('subscriptions') + pg_total_relation_size('merchant_subscriptions') \
+            + pg_total_relation_size('projection_checkpoints')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// Waits until the inbox is drained and every projection has read the whole log.
 async fn wait_caught_up(pool: &PgPool) {
     loop {
@@ -379,43 +458,24 @@ async fn main() {
     );
     figures.add("ingest: peak RSS", format!("{ingest_rss:.1} MiB"));
 
-    // 2. Entitlement reads.
+    // 2. Entitlement reads, beside the server's own ceiling: `/healthz` (no auth, no IO)
+    // at the same concurrency. Warm first, so both run against a full cache.
+    let read_urls: Arc<Vec<String>> = Arc::new(
+        orgs.iter()
+            .map(|org| format!("{base}/v1/orgs/{org}/entitlements"))
+            .collect(),
+    );
+    hammer(&client, read_urls.clone(), 1, 50).await;
+    let (health, _) = hammer(
+        &client,
+        Arc::new(vec![format!("{base}/healthz")]),
+        options.read_secs,
+        50,
+    )
+    .await;
+    let health_rate = health.len() as f64 / options.read_secs as f64;
     let rss = RssSampler::start(server.id());
-    let deadline = Instant::now() + Duration::from_secs(options.read_secs);
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..50 {
-        let (client, base, orgs, next) = (client.clone(), base.clone(), orgs.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
-            while Instant::now() < deadline {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize % orgs.len();
-                let started = Instant::now();
-                match client
-                    .get(format!("{base}/v1/orgs/{}/entitlements", orgs[i]))
-                    .bearer_auth(TOKEN)
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        latencies.push(started.elapsed().as_micros() as u64);
-                    }
-                    _ => errors += 1,
-                }
-            }
-            (latencies, errors)
-        }));
-    }
-    let mut reads = Vec::new();
-    let mut read_errors = 0;
-    for task in tasks {
-        let (l, e) = task.await.unwrap();
-        reads.extend(l);
-        read_errors += e;
-    }
-    reads.sort_unstable();
+    let (reads, read_errors) = hammer(&client, read_urls, options.read_secs, 50).await;
     let read_rss = rss.finish();
     let read_rate = reads.len() as f64 / options.read_secs as f64;
     let redis_max = redis_ceiling();
@@ -438,6 +498,14 @@ async fn main() {
     figures.add(
         "reads: req/s / ceiling (goal >= 0.25)",
         format!("{:.2}", read_rate / redis_max),
+    );
+    figures.add(
+        "reads ceiling: the server's own /healthz req/s (50 connections)",
+        format!("{health_rate:.0}"),
+    );
+    figures.add(
+        "reads: req/s / /healthz (goal >= 0.6, p99 <= 2 ms)",
+        format!("{:.2}", read_rate / health_rate),
     );
     figures.add("reads: peak RSS", format!("{read_rss:.1} MiB"));
 
@@ -492,6 +560,122 @@ async fn main() {
             .collect::<Vec<_>>()
             .join(" → "),
     );
+
+    // Storage per event after the soak, then after retention has dropped every processed
+    // payload (`subledger prune --older-than-hours 0`) and the inbox was compacted.
+    let events_logged: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let per_event = |(log, inbox, tables): (i64, i64, i64)| {
+        let n = events_logged.max(1) as f64;
+        format!(
+            "log {:.0} / inbox {:.0} / tables {:.0} B per event ({events_logged} events; {:.0} MB per million)",
+            log as f64 / n,
+            inbox as f64 / n,
+            tables as f64 / n,
+            (log + inbox + tables) as f64 / n
+        )
+    };
+    figures.add("storage after the soak", per_event(storage(&pool).await));
+    let pruned = run_capture(
+        Command::new(env!("CARGO_BIN_EXE_subledger"))
+            .args(["prune", "--older-than-hours", "0"])
+            .env("DATABASE_URL", format!("{PG_BASE}/{DB}"))
+            .env("RUST_LOG", "warn"),
+    );
+    sqlx::query("VACUUM FULL inbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+    figures.add(
+        &format!("storage after retention ({})", pruned.trim()),
+        per_event(storage(&pool).await),
+    );
+
+    // Cross-replica freshness: two more replicas on the same database and Redis; a change
+    // posted to the first is timed from its write in Redis until both others answer it.
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let port = free_port();
+        others.push((
+            start_server(port, &prefix),
+            format!("http://127.0.0.1:{port}"),
+        ));
+    }
+    for (_, other) in &others {
+        wait_until_up(&client, other).await;
+    }
+    // Let their invalidation listeners subscribe (they bypass their caches until then).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut lags = Vec::new();
+    for step in 0..20 {
+        let status = if step % 2 == 0 { "active" } else { "past_due" };
+        let body = probe_event(step, status);
+        let header = sign(SECRET, chrono::Utc::now().timestamp(), &body);
+        let _ = client
+            .post(format!("{base}/webhooks/stripe"))
+            .header("stripe-signature", header)
+            .body(body)
+            .send()
+            .await;
+        let written = loop {
+            let raw: Option<String> = redis::cmd("GET")
+                .arg(format!("{prefix}stripe:customer:cus_probe"))
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            if raw.is_some_and(|raw| raw.contains(&format!("\"status\":\"{status}\""))) {
+                break Instant::now();
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        for (_, other) in &others {
+            loop {
+                let answer: serde_json::Value = client
+                    .get(format!("{other}/v1/orgs/org_probe/entitlements"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap_or_default();
+                if answer["status"] == status {
+                    break;
+                }
+            }
+        }
+        lags.push(written.elapsed().as_micros() as u64);
+        // Both replicas hold the answer in memory before the next change.
+        for _ in 0..3 {
+            for (_, other) in &others {
+                let _ = client
+                    .get(format!("{other}/v1/orgs/org_probe/entitlements"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await;
+            }
+        }
+    }
+    lags.sort_unstable();
+    figures.add(
+        "freshness: write in Redis → read on 2 other replicas, p50 / max (goal <= 250 ms)",
+        format!(
+            "{:.1} ms / {:.1} ms (20 changes)",
+            percentile(&lags, 0.5),
+            percentile(&lags, 1.0)
+        ),
+    );
+    for (mut other, _) in others {
+        let _ = other.kill();
+        let _ = other.wait();
+    }
     let _ = server.kill();
     let _ = server.wait();
 

@@ -30,6 +30,11 @@ pub struct Settings {
     pub redis_prefix: String,
     /// `SUBLEDGER_CACHE_TTL_SECS` (default 86400).
     pub cache_ttl: Duration,
+    /// `SUBLEDGER_LOCAL_CACHE_ENTRIES` (default 100000), `SUBLEDGER_LOCAL_CACHE_BYTES`
+    /// (default 64 MiB), `SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS` (default 1000; 0 turns it
+    /// off): the in-process cache in front of Redis. Invalidated by every replica's
+    /// writes; the age is only the backstop for a message that never came.
+    pub local_cache: projections::LocalCacheConfig,
     /// `STRIPE_WEBHOOK_SECRET`: one or more signing secrets, comma-separated.
     pub webhook_secrets: Vec<SecretString>,
     /// `SUBLEDGER_SIGNATURE_TOLERANCE_SECS` (default 300).
@@ -70,6 +75,12 @@ pub struct Settings {
     /// `SUBLEDGER_MAX_ATTEMPTS`: processing attempts before an inbox row is dead-lettered
     /// (default 8).
     pub max_attempts: i32,
+    /// `SUBLEDGER_INBOX_RETENTION_HOURS`: a processed inbox row's raw payload is dropped
+    /// this long after it was processed (default 720, 30 days: ten times Stripe's three
+    /// days of retries, and as long as Stripe's own Events API keeps an event, so an
+    /// operator can compare the two for a month; 0 keeps payloads forever). The row stays;
+    /// dead letters and pending rows keep theirs; the log is never pruned.
+    pub inbox_retention: Option<Duration>,
     /// `SUBLEDGER_DB_POOL`: Postgres connections (default 16).
     pub db_pool_size: u32,
     /// `SUBLEDGER_POLL_MS`: how often workers and projections look for work they were not
@@ -194,6 +205,11 @@ impl Settings {
                 .into(),
             redis_prefix: var("SUBLEDGER_REDIS_PREFIX").unwrap_or_default(),
             cache_ttl: Duration::from_secs(parsed("SUBLEDGER_CACHE_TTL_SECS", 86_400)?),
+            local_cache: projections::LocalCacheConfig {
+                max_entries: parsed("SUBLEDGER_LOCAL_CACHE_ENTRIES", 100_000)?,
+                max_bytes: parsed("SUBLEDGER_LOCAL_CACHE_BYTES", 64 * 1024 * 1024)?,
+                max_age: Duration::from_millis(parsed("SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS", 1_000)?),
+            },
             webhook_secrets: secrets("STRIPE_WEBHOOK_SECRET"),
             signature_tolerance_secs: parsed("SUBLEDGER_SIGNATURE_TOLERANCE_SECS", 300)?,
             api_tokens: secrets("SUBLEDGER_API_TOKEN"),
@@ -210,6 +226,10 @@ impl Settings {
             workers: parsed("SUBLEDGER_WORKERS", 4)?,
             aggregate_cache: parsed("SUBLEDGER_AGGREGATE_CACHE", 4096)?,
             max_attempts: parsed("SUBLEDGER_MAX_ATTEMPTS", 8)?,
+            inbox_retention: match parsed("SUBLEDGER_INBOX_RETENTION_HOURS", 720u64)? {
+                0 => None,
+                hours => Some(Duration::from_secs(hours * 3600)),
+            },
             db_pool_size: parsed("SUBLEDGER_DB_POOL", 16)?,
             poll_interval: Duration::from_millis(parsed("SUBLEDGER_POLL_MS", 500)?),
             stripe_secret_key: var("STRIPE_SECRET_KEY").map(SecretString::from),

@@ -502,13 +502,16 @@ pub fn render_text(report: &CustomerReport) -> String {
     for i in &report.inbox {
         let _ = writeln!(
             w,
-            "{} {:<38} {}  {:<7} {:<9} attempts {}{}{}",
+            "{} {:<38} {}  {:<7} {:<9} attempts {}{}{}{}",
             i.stripe_created.format("%Y-%m-%d %H:%M:%S"),
             i.event_type,
             i.event_id,
             i.state,
             i.outcome.map_or("-", inbox::Outcome::as_str),
             i.attempts,
+            i.payload_pruned_at
+                .map(|at| format!("  payload pruned {}", at.format("%Y-%m-%d %H:%M:%S")))
+                .unwrap_or_default(),
             i.detail
                 .as_deref()
                 .map(|d| format!("  why: {d}"))

@@ -65,6 +65,13 @@ enum Command {
         #[command(subcommand)]
         action: NotifyAction,
     },
+    /// Drop the raw payload of processed inbox rows processed more than
+    /// SUBLEDGER_INBOX_RETENTION_HOURS (or --older-than-hours) ago, in small batches, as
+    /// `serve` does every 10 minutes. The rows, dead letters and the event log stay.
+    Prune {
+        #[arg(long)]
+        older_than_hours: Option<u64>,
+    },
     /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
     Openapi,
     /// Print the transition table the aggregate runs.
@@ -319,6 +326,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dlq { action } => dlq(settings, action).await?,
         Command::Notify { action } => notify(settings, action).await?,
+        Command::Prune { older_than_hours } => {
+            let older_than = match older_than_hours {
+                Some(hours) => std::time::Duration::from_secs(hours * 3600),
+                None => settings.inbox_retention.context(
+                    "SUBLEDGER_INBOX_RETENTION_HOURS is 0 (keep payloads); pass --older-than-hours",
+                )?,
+            };
+            let services = Services::connect(settings).await.context("connecting")?;
+            let pruned = subledger::inbox::retention::prune(&services.pool, older_than)
+                .await
+                .context("pruning the inbox")?;
+            eprintln!("{pruned} inbox payloads dropped");
+        }
         Command::Transitions { .. } | Command::Openapi => {
             unreachable!("handled before reading settings")
         }

@@ -586,6 +586,7 @@ pub async fn refresh_gauges(pool: &PgPool, projections: &Projections, cache: &Re
         Ok(Ok(()))
     );
     m.cache_up.set(i64::from(up));
+    cache.local().record_size();
 }
 
 async fn refresh_inbox(pool: &PgPool) -> Result<(), sqlx::Error> {

@@ -5,6 +5,9 @@
 //! the log (through the `projections` runner), for the projection loop and for a caller
 //! that must see its own write.
 //!
+//! "Redis" here includes each replica's in-process cache in front of it (`projections::
+//! local_cache`), which the Redis projection's writes invalidate.
+//!
 //! An org's or user's answer is the union over every customer linked to it: one Redis
 //! round trip (`HGETALL` of the owner's hash, which holds each linked customer's answer)
 //! or, when the hash is missing or incomplete, the `subscriptions` rows linked to it, with

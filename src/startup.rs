@@ -99,7 +99,8 @@ impl Services {
         let keys = CacheKeys {
             prefix: settings.redis_prefix.clone(),
         };
-        let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone());
+        let cache = RedisCache::new(redis, keys, settings.cache_ttl.as_secs(), catalog.clone())
+            .with_local_cache(settings.local_cache);
         let platform = PlatformTables::new(catalog.clone());
         // The tables write through the checkpoint's transaction; the cache is applied
         // beside it and never holds the tables back when Redis is down.
@@ -304,6 +305,22 @@ impl Application {
                 sender,
                 services.projections.applied(),
                 services.settings.poll_interval,
+                stop_rx.clone(),
+            )));
+        }
+        // The in-process cache serves reads only while it hears every replica's writes.
+        {
+            let cache = services.cache.clone();
+            let stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                cache.listen_for_invalidations(stop).await
+            }));
+        }
+        // Processed payloads past retention, dropped in small batches beside ingestion.
+        if let Some(older_than) = services.settings.inbox_retention {
+            tasks.push(tokio::spawn(crate::inbox::retention::run_pruner(
+                services.pool.clone(),
+                older_than,
                 stop_rx.clone(),
             )));
         }

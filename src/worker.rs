@@ -128,6 +128,13 @@ impl InboxWorker {
                     span,
                 },
             );
+            // Only processed rows lose their payload (a constraint of the table); say so
+            // rather than fail on a row that somehow has none.
+            let Some(payload) = payload else {
+                let detail = "its payload was pruned before it was processed".to_owned();
+                results.push(RowResult::done(event_id, Outcome::Ignored, Some(detail)));
+                continue;
+            };
             let event = match parse_event(payload.as_bytes()) {
                 Ok(event) => event,
                 // Only parseable events are ever stored; say so rather than retry forever.

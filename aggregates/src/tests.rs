@@ -1,5 +1,6 @@
 //! Given/when/then for every (from, to) pair of the transition table, and the ordering
-//! rules (stale, same second, duplicates, ownership, invoices).
+//! rules (stale, same second, duplicates, ownership, invoices), deleted customers, the
+//! Stripe Entitlements register, and views of every subscription (and their old shape).
 
 use chrono::{DateTime, TimeZone, Utc};
 use cqrs_es::test::TestFramework;
@@ -606,4 +607,109 @@ fn reconcile_for_another_customer_is_refused() {
             expected: CUSTOMER.to_owned(),
             got: "cus_other".to_owned(),
         });
+}
+
+#[test]
+fn a_deleted_customer_is_recorded_once_and_its_view_says_so() {
+    let given = given_status(SubscriptionStatus::Active, 0);
+    let delete = record("evt_del", 10, OwnerFacts::default(), Fact::CustomerDeleted);
+    let first = decided(&given, &delete);
+    assert_eq!(first.outcome, Outcome::Applied);
+    assert!(matches!(
+        first.events.as_slice(),
+        [SubscriptionEvent::CustomerDeleted { view, .. }] if view.deleted
+    ));
+    let mut all = given.clone();
+    all.extend(first.events);
+    let again = decided(
+        &all,
+        &record("evt_del2", 20, OwnerFacts::default(), Fact::CustomerDeleted),
+    );
+    assert_eq!((again.outcome, again.events.len()), (Outcome::Duplicate, 0));
+}
+
+#[test]
+fn the_entitlements_summary_is_a_register_the_newest_wins_whatever_the_order() {
+    let summary = |id: &str, secs: i64, keys: &[&str]| {
+        record(
+            id,
+            secs,
+            OwnerFacts::default(),
+            Fact::Entitlements {
+                features: keys.iter().map(|k| k.to_string()).collect(),
+            },
+        )
+    };
+    let newer = summary("evt_new", 20, &["sso", "audit_log"]);
+    let older = summary("evt_old", 10, &["sso"]);
+    let run = |commands: &[&SubscriptionCommand]| {
+        let mut state = Subscription::default();
+        let mut outcomes = Vec::new();
+        for command in commands {
+            let decision = decide(&state, command).unwrap();
+            outcomes.push(decision.outcome.label());
+            for event in decision.events {
+                cqrs_es::Aggregate::apply(&mut state, event);
+            }
+        }
+        (state.view().stripe_features, outcomes)
+    };
+    let (a, outcomes) = run(&[&older, &newer]);
+    let (b, late) = run(&[&newer, &older, &newer]);
+    assert_eq!(a, Some(vec!["audit_log".to_owned(), "sso".to_owned()]));
+    assert_eq!(a, b);
+    assert_eq!(outcomes, ["applied", "applied"]);
+    assert_eq!(late, ["applied", "stale", "duplicate"]);
+}
+
+#[test]
+fn the_view_lists_every_subscription_newest_first() {
+    let mut old = snapshot(SubscriptionStatus::Active);
+    old.id = "sub_old".to_owned();
+    let mut new = snapshot(SubscriptionStatus::Incomplete);
+    new.id = "sub_new".to_owned();
+    new.created = Some(at(100));
+    let mut state = Subscription::default();
+    for command in [snap_cmd("evt_1", 0, old), snap_cmd("evt_2", 100, new)] {
+        for event in decide(&state, &command).unwrap().events {
+            cqrs_es::Aggregate::apply(&mut state, event);
+        }
+    }
+    let view = state.view();
+    let ids: Vec<&str> = view
+        .subscriptions
+        .iter()
+        .map(|s| s.subscription.id.as_str())
+        .collect();
+    assert_eq!(ids, ["sub_new", "sub_old"]);
+    assert_eq!(view.all_subscriptions().len(), 2);
+}
+
+#[test]
+fn a_view_and_facts_stored_before_items_and_subscriptions_read_as_their_one_subscription() {
+    // The JSON main (6482bbc) stored: no `subscriptions`, no `items`, no `deleted`.
+    let old = r#"{"as_of": "2025-11-01T00:00:00Z", "org_id": "org_1", "user_id": null,
+        "customer_id": "cus_1", "latest_invoice": null, "subscription": {"id": "sub_1",
+        "status": "active", "created": "2025-10-01T00:00:00Z", "currency": "usd", "ended_at": null,
+        "price_id": "price_pro", "quantity": 3, "cancel_at": null, "trial_end": null,
+        "lookup_key": "pro_monthly", "product_id": "prod_pro", "canceled_at": null, "trial_start": null,
+        "latest_invoice_id": null, "current_period_end": "2025-12-01T00:00:00Z",
+        "cancel_at_period_end": false, "current_period_start": "2025-11-01T00:00:00Z"}}"#;
+    let view: CustomerView = serde_json::from_str(old).unwrap();
+    assert!(!view.deleted);
+    let subs = view.all_subscriptions();
+    assert_eq!(subs.len(), 1);
+    let items = subs[0].subscription.all_items();
+    assert_eq!(items.len(), 1);
+    assert_eq!(
+        (
+            items[0].price_id.as_deref(),
+            items[0].quantity,
+            items[0].is_licensed()
+        ),
+        (Some("price_pro"), Some(3), true)
+    );
+    // And it is written back unchanged: the new fields are skipped when empty.
+    let again: serde_json::Value = serde_json::to_value(&view).unwrap();
+    assert!(again.get("subscriptions").is_none() && again.get("deleted").is_none());
 }

@@ -1,4 +1,5 @@
-//! Read models rebuilt from the event log alone: the Redis cache, the platform
+//! Read models rebuilt from the event log alone: the Redis cache (with the in-process
+//! cache in front of it, `local_cache`), the platform
 //! `subscriptions` table and the `merchant_subscriptions` mirror, plus the catalogue that
 //! maps prices to plans, features and access.
 //!
@@ -12,6 +13,7 @@
 pub mod catalog;
 pub mod feature;
 pub mod info;
+pub mod local_cache;
 pub mod log;
 pub mod platform;
 pub mod redis_cache;
@@ -20,6 +22,7 @@ pub mod runner;
 pub use catalog::{AccessPolicy, Catalog, CatalogError, Entitlement, OwnedSubscription, Plan};
 pub use feature::FeatureAccess;
 pub use info::{ItemInfo, LatestInvoice, PaymentMethod, SubscriptionEntry, SubscriptionInfo};
+pub use local_cache::{LocalCache, LocalCacheConfig, Lookup};
 pub use log::{LoggedEvent, Position};
 pub use platform::{PlatformTables, StatusCount};
 pub use redis_cache::{CacheKeys, LazyConnection, Owner, RedisCache};

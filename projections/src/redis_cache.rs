@@ -12,6 +12,10 @@
 //!
 //! The connection is made on first use and again after a failure ([`LazyConnection`]), so
 //! the service starts and serves without Redis and picks it up when it comes back.
+//!
+//! Reads go through the in-process cache first ([`crate::local_cache`]) when it is
+//! turned on and its invalidation channel is up; every write here publishes the keys it
+//! wrote on that channel, after writing them.
 
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +26,7 @@ use redis::AsyncCommands;
 
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
+use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup};
 use crate::log::{newest_per_aggregate, LoggedEvent};
 use crate::runner::{EventualProjection, ProjectionError};
 
@@ -31,7 +36,9 @@ use crate::runner::{EventualProjection, ProjectionError};
 /// Returns 1 when written, 0 when the stored value was newer.
 ///
 /// KEYS[1]: the customer key. ARGV: the answer's JSON, its version, the TTL, the customer
-/// id, the key prefix, the linked org id and user id ('' for none).
+/// id, the key prefix, the linked org id and user id ('' for none), and the in-process
+/// caches' invalidation channel (an owner's hash it drops the customer from is published
+/// there: the caller publishes only the keys the new value names).
 const PUT_SCRIPT: &str = r#"
 local function version_of(raw)
   if not raw then return nil end
@@ -47,7 +54,10 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 local function owner_key(kind, id) return ARGV[5] .. 'stripe:' .. kind .. ':' .. id end
 local function unlink(key)
-  if redis.call('TYPE', key)['ok'] == 'hash' then redis.call('HDEL', key, ARGV[4]) end
+  if redis.call('TYPE', key)['ok'] == 'hash' then
+    redis.call('HDEL', key, ARGV[4])
+    redis.call('PUBLISH', ARGV[8], key)
+  end
 end
 local function link(key)
   local kind = redis.call('TYPE', key)['ok']
@@ -200,6 +210,13 @@ pub struct LazyConnection {
 }
 
 impl LazyConnection {
+    /// The client it connects with (for a connection of another kind: a subscription).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+}
+
+impl LazyConnection {
     pub fn new(client: redis::Client, config: ConnectionManagerConfig) -> Self {
         Self {
             client,
@@ -250,6 +267,8 @@ pub struct RedisCache {
     keys: CacheKeys,
     ttl_secs: u64,
     catalog: Arc<Catalog>,
+    /// Raw values read from Redis, by full key (off unless [`RedisCache::with_local_cache`]).
+    local: Arc<LocalCache<Arc<str>>>,
 }
 
 impl RedisCache {
@@ -264,11 +283,95 @@ impl RedisCache {
             keys,
             ttl_secs,
             catalog,
+            local: Arc::new(LocalCache::new(LocalCacheConfig {
+                max_entries: 0,
+                max_bytes: 0,
+                max_age: Duration::ZERO,
+            })),
         }
+    }
+
+    /// Puts an in-process cache in front of Redis. It serves nothing until
+    /// [`RedisCache::listen_for_invalidations`] runs and is subscribed.
+    pub fn with_local_cache(mut self, config: LocalCacheConfig) -> Self {
+        self.local = Arc::new(LocalCache::new(config));
+        self
     }
 
     pub fn keys(&self) -> &CacheKeys {
         &self.keys
+    }
+
+    /// The in-process cache (for its gauges).
+    pub fn local(&self) -> &LocalCache<Arc<str>> {
+        &self.local
+    }
+
+    /// The channel this cache's writes are published on.
+    fn channel(&self) -> String {
+        local_cache::channel(&self.keys.prefix)
+    }
+
+    /// Keeps the in-process cache subscribed to the invalidations of every replica's
+    /// writes until `stop` (it is bypassed whenever it is not). Returns at once when the
+    /// in-process cache is off.
+    pub async fn listen_for_invalidations(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        let conn = self.conn.clone();
+        let channel = self.channel();
+        let publish = move || {
+            let conn = conn.clone();
+            let channel = channel.clone();
+            async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(local_cache::HEARTBEAT)
+                    .query_async::<i64>(&mut conn.get().await?)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        local_cache::listen(
+            self.conn.client().clone(),
+            self.channel(),
+            self.local.clone(),
+            publish,
+            stop,
+        )
+        .await
+    }
+
+    /// A string key's value: from memory when the in-process cache holds it, else from
+    /// Redis (and then kept in memory, if no invalidation came meanwhile).
+    async fn get_string(&self, key: &str) -> Result<Option<Arc<str>>, redis::RedisError> {
+        let ticket = match self.local.get(key) {
+            Lookup::Hit(value) => return Ok(Some(value)),
+            Lookup::Miss(ticket) => Some(ticket),
+            Lookup::Bypass => None,
+        };
+        let raw: Option<String> = self.conn.get().await?.get(key).await?;
+        let value: Option<Arc<str>> = raw.map(Arc::from);
+        if let (Some(ticket), Some(value)) = (ticket, &value) {
+            self.local.insert(key, value.clone(), value.len(), ticket);
+        }
+        Ok(value)
+    }
+
+    /// The keys a write of `info` sets.
+    fn keys_of(&self, info: &SubscriptionInfo) -> Vec<String> {
+        let mut keys = vec![self.keys.customer(&info.customer_id)];
+        keys.extend(info.org_id.as_deref().map(|org| self.keys.org(org)));
+        keys.extend(info.user_id.as_deref().map(|user| self.keys.user(user)));
+        keys
+    }
+
+    /// Publishes, after the writes before it in `pipe`, that these keys changed.
+    fn publish_written(&self, pipe: &mut redis::Pipeline, keys: &[String]) {
+        if !keys.is_empty() {
+            pipe.cmd("PUBLISH")
+                .arg(self.channel())
+                .arg(keys.join("\n"))
+                .ignore();
+        }
     }
 
     /// The cached answer for a customer; a value that does not decode counts as a miss.
@@ -276,12 +379,7 @@ impl RedisCache {
         &self,
         customer_id: &str,
     ) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
-        let raw: Option<String> = self
-            .conn
-            .get()
-            .await?
-            .get(self.keys.customer(customer_id))
-            .await?;
+        let raw = self.get_string(&self.keys.customer(customer_id)).await?;
         Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
             Ok(info) => Some(info),
             Err(error) => {
@@ -310,6 +408,16 @@ impl RedisCache {
         id: &str,
     ) -> Result<(bool, Vec<SubscriptionInfo>), redis::RedisError> {
         let key = self.owner_key(owner, id);
+        // The in-process cache holds the hash's fields as one JSON array of pairs, under
+        // the hash's key (invalidated by every write that touches the hash).
+        let ticket = match self.local.get(&key) {
+            Lookup::Hit(raw) => match serde_json::from_str::<Vec<(String, String)>>(&raw) {
+                Ok(fields) => return Ok(Self::owner_fields(owner, id, fields)),
+                Err(_) => None,
+            },
+            Lookup::Miss(ticket) => Some(ticket),
+            Lookup::Bypass => None,
+        };
         let fields: Result<Vec<(String, String)>, redis::RedisError> =
             self.conn.get().await?.hgetall(&key).await;
         let fields = match fields {
@@ -321,6 +429,22 @@ impl RedisCache {
             }
             Err(error) => return Err(error),
         };
+        if let Some(ticket) = ticket {
+            if fields.iter().any(|(field, _)| field == COMPLETE_FIELD) {
+                let raw: Arc<str> = Arc::from(serde_json::to_string(&fields).unwrap_or_default());
+                self.local.insert(&key, raw.clone(), raw.len(), ticket);
+            }
+        }
+        Ok(Self::owner_fields(owner, id, fields))
+    }
+
+    /// What an owner's hash holds: whether it is complete, and the answers that still
+    /// link their customer to it.
+    fn owner_fields(
+        owner: Owner,
+        id: &str,
+        fields: Vec<(String, String)>,
+    ) -> (bool, Vec<SubscriptionInfo>) {
         let mut complete = false;
         let mut infos = Vec::with_capacity(fields.len());
         for (field, raw) in fields {
@@ -338,11 +462,11 @@ impl RedisCache {
                         column = error.column(),
                         "undecodable cache value, reading through"
                     );
-                    return Ok((false, vec![]));
+                    return (false, vec![]);
                 }
             }
         }
-        Ok((complete, infos))
+        (complete, infos)
     }
 
     fn owner_key(&self, owner: Owner, id: &str) -> String {
@@ -374,6 +498,17 @@ impl RedisCache {
                 .arg(info.version);
         }
         let _: i64 = invocation.invoke_async(&mut self.conn.get().await?).await?;
+        // Every replica drops what it held of this hash (and of the customer keys the
+        // fill may have written).
+        let mut pipe = redis::pipe();
+        let mut keys = vec![self.owner_key(owner, id)];
+        keys.extend(
+            infos
+                .iter()
+                .map(|info| self.keys.customer(&info.customer_id)),
+        );
+        self.publish_written(&mut pipe, &keys);
+        let _: () = pipe.query_async(&mut self.conn.get().await?).await?;
         Ok(())
     }
 
@@ -391,17 +526,18 @@ impl RedisCache {
             .arg(&info.customer_id)
             .arg(&self.keys.prefix)
             .arg(org.unwrap_or(""))
-            .arg(user.unwrap_or(""));
+            .arg(user.unwrap_or(""))
+            .arg(self.channel());
         Ok(cmd)
     }
 
     /// Writes one answer (read-through after a miss). Returns false when the cache
     /// already held a newer version.
     pub async fn put(&self, info: &SubscriptionInfo) -> Result<bool, ProjectionError> {
-        let written: i64 = self
-            .put_command(info)?
-            .query_async(&mut self.conn.get().await?)
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.put_command(info)?);
+        self.publish_written(&mut pipe, &self.keys_of(info));
+        let (written,): (i64,) = pipe.query_async(&mut self.conn.get().await?).await?;
         if written != 1 {
             STALE_WRITES.with_label_values(&["read_through"]).inc();
         }
@@ -461,6 +597,11 @@ impl RedisCache {
                 cursor = next;
             }
         }
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.channel())
+            .arg(local_cache::ALL_KEYS)
+            .query_async(&mut conn)
+            .await?;
         Ok(deleted)
     }
 }
@@ -473,10 +614,14 @@ impl EventualProjection for RedisCache {
         // Loading is idempotent and cheap; it makes every EVALSHA below find the script,
         // even on a Redis that restarted since the last batch.
         pipe.cmd("SCRIPT").arg("LOAD").arg(PUT_SCRIPT).ignore();
+        let mut written_keys = Vec::new();
         for logged in newest_per_aggregate(events) {
             let info = SubscriptionInfo::from_logged(logged, &self.catalog);
             pipe.add_command(self.put_command(&info)?);
+            written_keys.extend(self.keys_of(&info));
         }
+        // Last in the pipeline, so every replica hears of the keys after they are written.
+        self.publish_written(&mut pipe, &written_keys);
         let written: Vec<i64> = pipe.query_async(&mut self.conn.get().await?).await?;
         let refused = written.iter().filter(|w| **w == 0).count();
         if refused > 0 {

@@ -12,6 +12,8 @@
 //! - [`dead_letters`]: the dead-letter queue, listed and re-driven.
 //! - [`read`]: what operators and health checks read (recent rows, a customer's rows, the
 //!   state and outcome of a row, the depth of the queue).
+//! - [`retention`]: a processed row's payload is dropped past the configured age; the row
+//!   stays (and says when its payload went).
 //!
 //! A row's state and outcome are the enums below, stored as text. This module never judges
 //! an event (the aggregate does) and never deletes a row: only processing decides an
@@ -19,6 +21,7 @@
 
 pub mod dead_letters;
 pub mod read;
+pub mod retention;
 pub mod store;
 pub mod work;
 

@@ -21,6 +21,8 @@ pub struct InboxEntry {
     pub detail: Option<String>,
     pub attempts: i32,
     pub last_error: Option<String>,
+    /// When retention dropped the row's raw payload (`None`: it still holds it).
+    pub payload_pruned_at: Option<DateTime<Utc>>,
 }
 
 /// `SELECT`s every column of [`InboxEntry`], followed by `$tail` (filter, order, limit).
@@ -28,7 +30,7 @@ macro_rules! select_entries {
     ($tail:literal) => {
         concat!(
             "SELECT event_id, event_type, customer_id, stripe_created, received_at, state, outcome, \
-                detail, attempts, last_error FROM inbox ",
+                detail, attempts, last_error, payload_pruned_at FROM inbox ",
             $tail
         )
     };

@@ -35,8 +35,9 @@ pub struct Claimed {
     pub event_id: String,
     pub event_type: String,
     pub customer_id: Option<String>,
-    /// The raw Stripe event, as received.
-    pub payload: String,
+    /// The raw Stripe event, as received. Always there for a pending row (the table's
+    /// `inbox_payload_kept` constraint: only processed rows lose it, see `retention`).
+    pub payload: Option<String>,
     /// Attempts made before this one.
     pub attempts: i32,
     /// From receipt to claim.

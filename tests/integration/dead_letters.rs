@@ -16,7 +16,7 @@ use crate::support::helpers::{spawn_app, spawn_with, test_settings, TestApp, TOK
 use crate::support::procs::{send_json, subledger_command, ADMIN_TOKEN};
 use crate::support::stripe_sim::{simulate, SimEvent};
 
-const REFUSE_POISON: &str = r#"
+pub const REFUSE_POISON: &str = r#"
 CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF NEW.aggregate_id = 'cus_poison' THEN

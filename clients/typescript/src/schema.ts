@@ -514,30 +514,84 @@ export interface components {
             pending: number;
         };
         /**
-         * @description What an org or user may do, as the entitlements API answers it.
+         * @description What an org or user may do, as the entitlements API answers it: the union over every
+         *     subscription of every customer linked to it.
          * @example {
          *       "access": true,
-         *       "access_until": "2026-12-25T00:00:00Z",
+         *       "access_until": "2026-12-26T00:00:00Z",
          *       "customer_id": "cus_123",
+         *       "customers": [
+         *         "cus_123",
+         *         "cus_old"
+         *       ],
          *       "features": [
+         *         "projects:unlimited",
          *         "api",
          *         "priority_support"
          *       ],
          *       "org_id": "org_123",
          *       "plan": "pro",
+         *       "seats": 5,
          *       "status": "active",
-         *       "user_id": "user_9"
+         *       "subscription_id": "sub_123",
+         *       "subscriptions": [
+         *         {
+         *           "access": true,
+         *           "access_until": "2026-12-26T00:00:00Z",
+         *           "customer_id": "cus_123",
+         *           "pause_reason": null,
+         *           "plan": "pro",
+         *           "seats": 5,
+         *           "status": "active",
+         *           "subscription_id": "sub_123"
+         *         },
+         *         {
+         *           "access": false,
+         *           "access_until": null,
+         *           "customer_id": "cus_old",
+         *           "pause_reason": null,
+         *           "plan": "basic",
+         *           "seats": 1,
+         *           "status": "canceled",
+         *           "subscription_id": "sub_old"
+         *         }
+         *       ],
+         *       "user_id": null
          *     }
          */
         Entitlement: {
             access: boolean;
-            /** Format: date-time */
+            /**
+             * Format: date-time
+             * @description The latest end among the granting subscriptions (`null`: no end known).
+             */
             access_until?: string | null;
+            /** @description The customer of the primary subscription. */
             customer_id?: string | null;
+            /** @description The customers linked to the owner (not deleted, not moved elsewhere). */
+            customers: string[];
+            /**
+             * @description The union of the granting subscriptions' plans' features and the customers'
+             *     Stripe Entitlements features.
+             */
             features: string[];
             org_id?: string | null;
+            /**
+             * @description The highest-ranked plan among the granting subscriptions (with none granting, the
+             *     primary subscription's plan).
+             */
             plan?: string | null;
+            /**
+             * Format: int64
+             * @description The seats of `plan`: the quantities of the granting licensed items naming it.
+             */
+            seats?: number | null;
+            /** @description The primary subscription's status, or `"none"`. */
             status: string;
+            /** @description The primary subscription: the highest-ranked granting one, else the newest live one. */
+            subscription_id?: string | null;
+            /** @description Every subscription of those customers, newest first. */
+            subscriptions: components["schemas"]["OwnedSubscription"][];
             user_id?: string | null;
         };
         /**
@@ -590,17 +644,57 @@ export interface components {
              */
             plan?: string | null;
         };
+        /** @description One subscription item as the API answers it. */
+        ItemInfo: {
+            /** Format: date-time */
+            current_period_end?: string | null;
+            id?: string | null;
+            lookup_key?: string | null;
+            /**
+             * @description The catalogue plan this item's price names (price id, then lookup key, then
+             *     product); always `null` for a metered item. Filled at read time.
+             */
+            plan?: string | null;
+            price_id?: string | null;
+            product_id?: string | null;
+            /** Format: int64 */
+            quantity?: number | null;
+            /**
+             * @description `licensed` or `metered`; `null` when Stripe did not say (counted as licensed).
+             * @example licensed
+             */
+            usage_type?: string | null;
+        };
+        /** @description The latest invoice of a subscription. */
         LatestInvoice: {
             /** Format: int32 */
             attempt_count: number;
+            /**
+             * Format: date-time
+             * @description When Stripe created the invoice: the start of a `past_due` stretch (see the
+             *     catalogue's `past_due_max_days`). Absent from answers stored before it was kept.
+             */
+            created?: string | null;
             id: string;
             /** Format: date-time */
             next_payment_attempt?: string | null;
             status?: string | null;
         };
+        /** @description One subscription behind an [`Entitlement`]. */
+        OwnedSubscription: {
+            access: boolean;
+            /** Format: date-time */
+            access_until?: string | null;
+            customer_id: string;
+            pause_reason?: string | null;
+            plan?: string | null;
+            /** Format: int64 */
+            seats?: number | null;
+            status: string;
+            subscription_id: string;
+        };
         /**
-         * @description The latest invoice of the current subscription.
-         *     The schema of `aggregates::PaymentMethodFacts` as `SubscriptionInfo` serializes it:
+         * @description The schema of `aggregates::PaymentMethodFacts` as `SubscriptionInfo` serializes it:
          *     the domain crate carries no schema derive (it stays pure), so its shape is described
          *     here; the committed OpenAPI document and the schema tests catch any drift.
          */
@@ -664,23 +758,71 @@ export interface components {
             requeued: string[];
         };
         /**
-         * @description A customer's subscription as the API answers it. Timestamps serialize as RFC 3339 UTC.
+         * @description One subscription of a customer as the API answers it. The stored fields come from the
+         *     log; `plan`, `seats`, `features`, `access` and `access_until` are judged at read time.
+         */
+        SubscriptionEntry: {
+            access: boolean;
+            /** Format: date-time */
+            access_until?: string | null;
+            /** Format: date-time */
+            cancel_at?: string | null;
+            cancel_at_period_end: boolean;
+            /** Format: date-time */
+            canceled_at?: string | null;
+            /**
+             * Format: date-time
+             * @description When Stripe created the subscription.
+             */
+            created?: string | null;
+            /** Format: date-time */
+            current_period_end?: string | null;
+            /** Format: date-time */
+            current_period_start?: string | null;
+            /** Format: date-time */
+            ended_at?: string | null;
+            features: string[];
+            items: components["schemas"]["ItemInfo"][];
+            latest_invoice?: components["schemas"]["LatestInvoice"] | null;
+            /** @description `status_details.paused.subscription.type` of a paused subscription. */
+            pause_reason?: string | null;
+            payment_method?: components["schemas"]["PaymentMethod"] | null;
+            plan?: string | null;
+            /**
+             * Format: int64
+             * @description The quantity of the licensed items naming `plan`.
+             */
+            seats?: number | null;
+            status: string;
+            subscription_id: string;
+            /** Format: date-time */
+            trial_end?: string | null;
+        };
+        /**
+         * @description A customer's subscriptions as the API answers them. Timestamps serialize as RFC 3339
+         *     UTC. The top-level subscription fields describe the primary subscription (see
+         *     [`Catalog::primary`]); `subscriptions` lists every one, newest first.
          * @example {
+         *       "access": true,
+         *       "access_until": "2026-12-26T00:00:00Z",
          *       "cancel_at": null,
          *       "cancel_at_period_end": false,
          *       "canceled_at": null,
          *       "current_period_end": "2026-12-25T00:00:00Z",
          *       "current_period_start": "2026-11-25T00:00:00Z",
          *       "customer_id": "cus_123",
+         *       "deleted": false,
          *       "ended_at": null,
          *       "latest_invoice": {
          *         "attempt_count": 1,
+         *         "created": "2026-11-25T00:00:00Z",
          *         "id": "in_123",
          *         "next_payment_attempt": null,
          *         "status": "paid"
          *       },
          *       "lookup_key": "pro_monthly",
          *       "org_id": "org_123",
+         *       "pause_reason": null,
          *       "payment_method": {
          *         "brand": "visa",
          *         "id": "pm_123",
@@ -689,9 +831,69 @@ export interface components {
          *       "plan": "pro",
          *       "price_id": "price_pro_monthly",
          *       "product_id": "prod_pro",
-         *       "quantity": 1,
+         *       "quantity": 5,
+         *       "seats": 5,
          *       "status": "active",
+         *       "stripe_features": [],
          *       "subscription_id": "sub_123",
+         *       "subscriptions": [
+         *         {
+         *           "access": true,
+         *           "access_until": "2026-12-26T00:00:00Z",
+         *           "cancel_at": null,
+         *           "cancel_at_period_end": false,
+         *           "canceled_at": null,
+         *           "created": "2026-10-25T00:00:00Z",
+         *           "current_period_end": "2026-12-25T00:00:00Z",
+         *           "current_period_start": "2026-11-25T00:00:00Z",
+         *           "ended_at": null,
+         *           "features": [
+         *             "projects:unlimited",
+         *             "api",
+         *             "priority_support"
+         *           ],
+         *           "items": [
+         *             {
+         *               "current_period_end": "2026-12-25T00:00:00Z",
+         *               "id": "si_1",
+         *               "lookup_key": "pro_monthly",
+         *               "plan": "pro",
+         *               "price_id": "price_pro_monthly",
+         *               "product_id": "prod_pro",
+         *               "quantity": 5,
+         *               "usage_type": "licensed"
+         *             },
+         *             {
+         *               "current_period_end": "2026-12-25T00:00:00Z",
+         *               "id": "si_2",
+         *               "lookup_key": null,
+         *               "plan": null,
+         *               "price_id": "price_api_calls",
+         *               "product_id": "prod_api",
+         *               "quantity": null,
+         *               "usage_type": "metered"
+         *             }
+         *           ],
+         *           "latest_invoice": {
+         *             "attempt_count": 1,
+         *             "created": "2026-11-25T00:00:00Z",
+         *             "id": "in_123",
+         *             "next_payment_attempt": null,
+         *             "status": "paid"
+         *           },
+         *           "pause_reason": null,
+         *           "payment_method": {
+         *             "brand": "visa",
+         *             "id": "pm_123",
+         *             "last4": "4242"
+         *           },
+         *           "plan": "pro",
+         *           "seats": 5,
+         *           "status": "active",
+         *           "subscription_id": "sub_123",
+         *           "trial_end": null
+         *         }
+         *       ],
          *       "trial_end": null,
          *       "updated_at": "2026-11-25T00:00:05Z",
          *       "user_id": "user_9",
@@ -699,6 +901,10 @@ export interface components {
          *     }
          */
         SubscriptionInfo: {
+            /** @description Whether the primary subscription grants access now (judged at read time). */
+            access?: boolean;
+            /** Format: date-time */
+            access_until?: string | null;
             /** Format: date-time */
             cancel_at?: string | null;
             cancel_at_period_end: boolean;
@@ -709,20 +915,35 @@ export interface components {
             /** Format: date-time */
             current_period_start?: string | null;
             customer_id: string;
+            /** @description Stripe deleted this customer: it belongs to no org or user any more. */
+            deleted?: boolean;
             /** Format: date-time */
             ended_at?: string | null;
             latest_invoice?: components["schemas"]["LatestInvoice"] | null;
             lookup_key?: string | null;
             org_id?: string | null;
+            pause_reason?: string | null;
             payment_method?: components["schemas"]["PaymentMethod"] | null;
             plan?: string | null;
             price_id?: string | null;
             product_id?: string | null;
             /** Format: int64 */
             quantity?: number | null;
+            /**
+             * Format: int64
+             * @description The primary subscription's seats: the quantity of its licensed items naming `plan`.
+             */
+            seats?: number | null;
             /** @description Stripe's status, or `"none"` when the customer has no subscription. */
             status: string;
+            /** @description The customer's active Stripe Entitlements features (lookup keys), newest summary. */
+            stripe_features?: string[];
             subscription_id?: string | null;
+            /**
+             * @description Every subscription of the customer, newest first. Answers stored before this field
+             *     existed are read as their one top-level subscription.
+             */
+            subscriptions?: components["schemas"]["SubscriptionEntry"][];
             /** Format: date-time */
             trial_end?: string | null;
             /**

@@ -242,11 +242,22 @@ impl TestApp {
         redis_value(&mut self.redis.clone(), &format!("{}{key}", self.prefix)).await
     }
 
+    /// Deletes every key of this test behind the service's back, and tells the in-process
+    /// caches so (as anyone who deletes keys must, or wait out their age bound).
     pub async fn wipe_cache(&self) {
         let keys = self.redis_keys().await;
         if !keys.is_empty() {
             let _: () = self.redis.clone().del(keys).await.unwrap();
         }
+        let _: i64 = self
+            .redis
+            .clone()
+            .publish(
+                projections::local_cache::channel(&self.prefix),
+                projections::local_cache::ALL_KEYS,
+            )
+            .await
+            .unwrap();
     }
 
     /// A pool on the server's `postgres` database, for doing things to this test's database.
