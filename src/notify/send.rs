@@ -235,8 +235,8 @@ mod tests {
 
     #[test]
     fn signs_as_the_standard_webhooks_reference_does() {
-        // The test vector of the Standard Webhooks reference libraries
-        // (standard-webhooks/standard-webhooks, libraries/javascript/src/index.test.ts).
+        // The test vector published with the Standard Webhooks specification (Svix's
+        // example secret, id and timestamp), which its implementations test against.
         let key = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let signature = key.sign(
             "msg_p5jXN8AQM9LWM0D4loKWxJek",
