@@ -131,6 +131,20 @@ pub struct Settings {
     /// prints a progress line when standard error is not a terminal (default 5; 0 prints
     /// one at every step). On a terminal it draws a bar instead.
     pub progress_every: Duration,
+    /// `SUBLEDGER_NOTIFY_URLS`: comma-separated endpoints that receive the signed
+    /// `entitlements.updated` notifications (none: nothing is notified).
+    pub notify_urls: Vec<String>,
+    /// `SUBLEDGER_NOTIFY_SECRET`: the Standard Webhooks signing secret, `whsec_<base64>`;
+    /// required when `SUBLEDGER_NOTIFY_URLS` is set.
+    pub notify_secret: Option<SecretString>,
+    /// `SUBLEDGER_NOTIFY_MAX_ATTEMPTS`: attempts before a notification is a dead letter
+    /// (default 12).
+    pub notify_max_attempts: i32,
+    /// `SUBLEDGER_NOTIFY_TIMEOUT_MS`: the longest one delivery may take (default 5000).
+    pub notify_timeout: Duration,
+    /// `SUBLEDGER_NOTIFY_BACKOFF_MS`: the delay before the first retry, doubled after each
+    /// failure up to an hour (default 1000).
+    pub notify_backoff: Duration,
 }
 
 /// The Stripe mode a deployment serves. Live and test objects share no ids, and an event
@@ -324,6 +338,18 @@ impl Settings {
             },
             public_url: var("SUBLEDGER_PUBLIC_URL").map(|url| url.trim_end_matches('/').to_owned()),
             progress_every: Duration::from_secs(parsed("SUBLEDGER_PROGRESS_SECS", 5)?),
+            notify_urls: var("SUBLEDGER_NOTIFY_URLS")
+                .map(|raw| {
+                    raw.split(',')
+                        .map(|url| url.trim().to_owned())
+                        .filter(|url| !url.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            notify_secret: var("SUBLEDGER_NOTIFY_SECRET").map(SecretString::from),
+            notify_max_attempts: parsed("SUBLEDGER_NOTIFY_MAX_ATTEMPTS", 12)?,
+            notify_timeout: Duration::from_millis(parsed("SUBLEDGER_NOTIFY_TIMEOUT_MS", 5_000)?),
+            notify_backoff: Duration::from_millis(parsed("SUBLEDGER_NOTIFY_BACKOFF_MS", 1_000)?),
             redirect_origins: var("SUBLEDGER_REDIRECT_ORIGINS")
                 .map(|raw| {
                     raw.split(',')
@@ -333,6 +359,19 @@ impl Settings {
                 })
                 .unwrap_or_default(),
         };
+        // The secret's format is checked where the key is built (`startup`).
+        if !settings.notify_urls.is_empty() && settings.notify_secret.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "SUBLEDGER_NOTIFY_SECRET",
+                reason: "must be set when SUBLEDGER_NOTIFY_URLS is".into(),
+            });
+        }
+        if settings.notify_max_attempts < 1 {
+            return Err(ConfigError::Invalid {
+                name: "SUBLEDGER_NOTIFY_MAX_ATTEMPTS",
+                reason: "must be at least 1".into(),
+            });
+        }
         if settings.workers == 0 {
             return Err(ConfigError::Invalid {
                 name: "SUBLEDGER_WORKERS",

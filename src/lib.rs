@@ -16,6 +16,7 @@ pub mod inbox;
 pub mod inspect;
 pub mod ledger;
 pub mod metrics;
+pub mod notify;
 pub mod progress;
 pub mod reads;
 pub mod recovery;

@@ -73,6 +73,13 @@ enum Command {
         #[command(subcommand)]
         action: EventsAction,
     },
+    /// Outbound `entitlements.updated` notifications: the outbox, its dead letters,
+    /// re-drive and replay (a running service sends what is put back within
+    /// SUBLEDGER_POLL_MS).
+    Notify {
+        #[command(subcommand)]
+        action: NotifyAction,
+    },
     /// Drop the raw payload of processed inbox rows processed more than
     /// SUBLEDGER_INBOX_RETENTION_HOURS (or --older-than-hours) ago, in small batches, as
     /// `serve` does every 10 minutes. The rows, dead letters and the event log stay.
@@ -147,6 +154,33 @@ enum DlqAction {
         /// Every dead letter.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NotifyAction {
+    /// List the outbox, oldest first (tab-separated, or JSON lines with --json).
+    List {
+        /// Only the dead letters.
+        #[arg(long)]
+        dead: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead notifications back with a fresh attempt budget.
+    Retry {
+        /// The outbox id of one dead notification.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every dead notification.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Send again every notification written at or after a log position (a global_seq),
+    /// with the same webhook-id and body.
+    Replay {
+        #[arg(long)]
+        from: i64,
     },
 }
 
@@ -368,6 +402,7 @@ async fn main() -> anyhow::Result<()> {
             let processed = process_inbox(&services).await?;
             eprintln!("{processed} inbox rows processed");
         }
+        Command::Notify { action } => notify(settings, action).await?,
         Command::Prune { older_than_hours } => {
             let older_than = match older_than_hours {
                 Some(hours) => std::time::Duration::from_secs(hours * 3600),
@@ -469,6 +504,55 @@ async fn stripe(settings: Settings, action: StripeAction) -> anyhow::Result<()> 
     }
     if !problems.is_empty() {
         anyhow::bail!("{} problem(s) with the webhook endpoints", problems.len());
+    }
+    Ok(())
+}
+
+async fn notify(settings: Settings, action: NotifyAction) -> anyhow::Result<()> {
+    use subledger::notify;
+    let services = Services::connect(settings).await.context("connecting")?;
+    match action {
+        NotifyAction::List { dead, json } => {
+            let rows = notify::list(&services.pool, dead)
+                .await
+                .context("reading the outbox")?;
+            let mut out = std::io::stdout().lock();
+            for row in &rows {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(row)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}:{}\t{}\t{}\t{} attempts\t{}\t{}",
+                        row.id,
+                        row.msg_id,
+                        row.owner_kind,
+                        row.owner_id,
+                        row.log_position,
+                        row.state,
+                        row.attempts,
+                        row.endpoint,
+                        row.last_error.as_deref().unwrap_or("-"),
+                    )?;
+                }
+            }
+            eprintln!("{} notifications", rows.len());
+        }
+        NotifyAction::Retry { id, all } => {
+            let requeued = notify::retry(&services.pool, if all { None } else { id })
+                .await
+                .context("re-queueing dead notifications")?;
+            if let (Some(id), false) = (id, all) {
+                anyhow::ensure!(!requeued.is_empty(), "{id} is not a dead notification");
+            }
+            eprintln!("re-queued {} dead notifications", requeued.len());
+        }
+        NotifyAction::Replay { from } => {
+            let count = notify::replay(&services.pool, from)
+                .await
+                .context("re-queueing notifications")?;
+            eprintln!("re-queued {count} notifications from log position {from}");
+        }
     }
     Ok(())
 }

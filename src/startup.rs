@@ -18,6 +18,7 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
+use crate::backoff::Backoff;
 use crate::billing::Billing;
 use crate::config::{Settings, StripeMode};
 use crate::db::{self, DbError};
@@ -25,6 +26,8 @@ use crate::error_chain::error_chain;
 use crate::http::serve::{serve, Limits};
 use crate::http::{self, AppState};
 use crate::ledger::Ledger;
+use crate::notify::send::{Sender, SigningKey};
+use crate::notify::Notifier;
 use crate::reads::{Reads, PROJECTION_BATCH};
 use crate::stripe::client::{StripeApi, StripeApiError};
 use crate::sync::Syncer;
@@ -52,6 +55,8 @@ pub enum StartupError {
     Redis(#[from] redis::RedisError),
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
+    #[error("SUBLEDGER_NOTIFY_SECRET is not valid")]
+    NotifySecret(#[from] crate::notify::send::SecretError),
     #[error("cannot set up the Stripe client")]
     Stripe(#[from] StripeApiError),
 }
@@ -134,6 +139,34 @@ impl Services {
         })
     }
 
+    /// The notifier and its sender, or `None` when no notification endpoint is set.
+    pub fn notifications(
+        &self,
+    ) -> Result<Option<(Notifier, Sender)>, crate::notify::send::SecretError> {
+        let settings = &self.settings;
+        let Some(secret) = settings.notify_secret.as_ref() else {
+            return Ok(None);
+        };
+        if settings.notify_urls.is_empty() {
+            return Ok(None);
+        }
+        let key = SigningKey::parse(secret.expose_secret())?;
+        Ok(Some((
+            Notifier::new(
+                self.pool.clone(),
+                self.catalog.clone(),
+                settings.notify_urls.clone(),
+            ),
+            Sender::new(
+                self.pool.clone(),
+                key,
+                settings.notify_timeout,
+                Backoff::doubling(settings.notify_backoff).capped(Duration::from_secs(3600)),
+                settings.notify_max_attempts,
+            ),
+        )))
+    }
+
     /// Brings every projection up to the end of the log. `progress` is called with a
     /// projection's name and the events it has applied so far.
     pub async fn catch_up_projections(
@@ -180,6 +213,7 @@ impl Services {
 
 pub struct Application {
     services: Services,
+    notifications: Option<(Notifier, Sender)>,
     listener: tokio::net::TcpListener,
     port: u16,
     sync: Option<Syncer>,
@@ -215,6 +249,7 @@ impl Application {
             tracing::warn!("SUBLEDGER_API_TOKEN is not set: /v1 refuses every request");
         }
         let sync = services.syncer()?;
+        let notifications = services.notifications()?;
         if sync.is_none() {
             tracing::warn!("STRIPE_SECRET_KEY is not set: no sync, checkout, portal or reconciler");
         }
@@ -235,6 +270,7 @@ impl Application {
         );
         Ok(Self {
             services,
+            notifications,
             listener,
             port,
             sync,
@@ -261,6 +297,7 @@ impl Application {
             listener,
             sync,
             limits,
+            notifications,
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -279,6 +316,17 @@ impl Application {
             services.ledger.committed.clone(),
             stop_rx.clone(),
         )));
+        // Outbound notifications: their own task, so an endpoint that fails or hangs
+        // never holds ingestion, projections or reads.
+        if let Some((notifier, sender)) = notifications {
+            tasks.push(tokio::spawn(crate::notify::send::run(
+                notifier,
+                sender,
+                services.projections.applied(),
+                services.settings.poll_interval,
+                stop_rx.clone(),
+            )));
+        }
         // The in-process cache serves reads only while it hears every replica's writes.
         {
             let cache = services.cache.clone();

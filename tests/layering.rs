@@ -42,8 +42,9 @@ const LAYERS: &[&[&str]] = &[
     &["db", "stripe"],
     // 2. The owners of tables and of the log: the inbox (table `inbox`), the ledger
     //    (commands through the aggregate, events through `event_store`), the sync log
-    //    (tables `sync_attempts`, `sync_customers`).
-    &["inbox", "ledger", "sync_log"],
+    //    (tables `sync_attempts`, `sync_customers`), the notifier and its sender (tables
+    //    `notifications`, `notification_state`, `notification_checkpoint`).
+    &["inbox", "ledger", "notify", "sync_log"],
     // 3. The domain metrics: counters and gauges labelled by the enums of layer 2.
     &["metrics"],
     // 4. The read-model handle: Redis first, then the Postgres tables, written back.

@@ -699,6 +699,13 @@ impl Projections {
         }
     }
 
+    /// Where this process's runner last published the projections stand (one position per
+    /// member, in order); changes after each of its passes. For a follower that must act
+    /// after the read models moved (the notifier), without polling.
+    pub fn applied(&self) -> watch::Receiver<Vec<Position>> {
+        self.inner.applied.subscribe()
+    }
+
     /// Waits until the projections have applied the event that brought `aggregate_id` to
     /// `version`, at most `within`; returns whether they did. It is woken by this
     /// process's runner after each of its passes (and asks it for one at once), then
@@ -907,6 +914,21 @@ async fn commit_or_roll_back<T>(
             Err(error)
         }
     }
+}
+
+/// Where a projection's checkpoint stands (before the first event when it has none), as
+/// `conn` sees it: for a follower that must never read past it (the notifier).
+pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<Position, ProjectionError> {
+    Ok(sqlx::query(
+        "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?
+    .as_ref()
+    .map(checkpoint_position)
+    .transpose()?
+    .unwrap_or_default())
 }
 
 /// How many events a projection is behind the log.

@@ -12,6 +12,7 @@ mod freshness;
 mod lifecycle;
 mod modes;
 mod mutants;
+mod notifications;
 mod openapi;
 mod ops;
 mod outages;
