@@ -53,6 +53,8 @@ pub enum BillingError {
     Sync(#[from] SyncError),
     #[error("recording the owner failed")]
     RecordOwner(#[source] ExecuteError),
+    #[error("reading the customer's log failed")]
+    ReadLog(#[source] ExecuteError),
 }
 
 /// A checkout to start, its fields already checked by the caller.
@@ -139,12 +141,24 @@ impl Billing {
                 self.create_customer(new, &deleted).await?
             }
         };
+        // A customer of a connected account is only found there (Connect).
+        let account = self
+            .ledger
+            .account_of(&customer_id)
+            .await
+            .map_err(BillingError::ReadLog)?;
         let success = match &self.settings.public_url {
             Some(public) => {
                 allowed_redirect(&self.settings.redirect_origins, &new.success_url)?;
                 // Stripe fills in `{CHECKOUT_SESSION_ID}`, so only our value is encoded.
+                // A connected account's session is read in that account on return: the page
+                // is told whose it is, and finds the account in the customer's log.
+                let customer = match &account {
+                    Some(_) => format!("&customer={}", query_value(&customer_id)),
+                    None => String::new(),
+                };
                 format!(
-                    "{public}/checkout/success?session_id={{CHECKOUT_SESSION_ID}}&redirect={}",
+                    "{public}/checkout/success?session_id={{CHECKOUT_SESSION_ID}}{customer}&redirect={}",
                     query_value(&new.success_url)
                 )
             }
@@ -172,6 +186,7 @@ impl Billing {
                     price_id: &new.price_id,
                     success_url: &success,
                     cancel_url: &new.cancel_url,
+                    account: account.as_deref(),
                 },
                 &key,
             )
@@ -218,6 +233,8 @@ impl Billing {
             OwnerFacts {
                 org_id: Some(new.org_id.clone()),
                 user_id: Some(new.user_id.clone()),
+                // A customer we create lives in the platform's own account.
+                account: None,
             },
             format!("api_customer_{customer_id}"),
             "api.customer.create",
@@ -232,15 +249,28 @@ impl Billing {
     /// What the success page does: reads the Checkout Session, records the ownership it
     /// carries and syncs its customer (so the subscription shows before its webhook).
     /// Returns the sync's report (its decided answer included).
+    ///
+    /// `customer` names whose session it is when subledger's success URL said so (a
+    /// connected account's customer): the session is read in the account the customer's
+    /// log names. A wrong name only makes the session not found.
     pub async fn sync_session(
         &self,
         session_id: &str,
+        customer: Option<&str>,
         source: SyncSource,
     ) -> Result<SyncReport, BillingError> {
+        let account = match customer {
+            Some(customer) => self
+                .ledger
+                .account_of(customer)
+                .await
+                .map_err(BillingError::ReadLog)?,
+            None => None,
+        };
         let session = self
             .syncer
             .api()
-            .retrieve_checkout_session(session_id)
+            .retrieve_checkout_session(session_id, account.as_deref())
             .await?;
         let (session, stripe_time) = (session.value, session.stripe_time);
         let (customer_id, owner, created) = objects::checkout_session_owner(&session);
@@ -298,10 +328,16 @@ impl Billing {
             }
             None => return_url.to_owned(),
         };
+        // A customer of a connected account is only found there (Connect).
+        let account = self
+            .ledger
+            .account_of(&customer_id)
+            .await
+            .map_err(BillingError::ReadLog)?;
         let session = self
             .syncer
             .api()
-            .create_portal_session(&customer_id, &back)
+            .create_portal_session(&customer_id, &back, account.as_deref())
             .await?
             .value;
         Ok(PortalSession {

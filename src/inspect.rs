@@ -140,11 +140,15 @@ impl CustomerReport {
 fn describe(event: &SubscriptionEvent) -> String {
     match event {
         SubscriptionEvent::OwnerLinked {
-            org_id, user_id, ..
+            org_id,
+            user_id,
+            account,
+            ..
         } => {
             let mut parts = Vec::new();
             parts.extend(org_id.as_ref().map(|o| format!("org {o}")));
             parts.extend(user_id.as_ref().map(|u| format!("user {u}")));
+            parts.extend(account.as_ref().map(|a| format!("Connect account {a}")));
             format!("owner linked: {}", parts.join(", "))
         }
         SubscriptionEvent::SubscriptionChanged {
@@ -462,9 +466,10 @@ pub fn render_text(report: &CustomerReport) -> String {
             );
             let _ = writeln!(
                 w,
-                "org {}  user {}",
+                "org {}  user {}  account {}",
                 or_dash(info.org_id.as_deref()),
-                or_dash(info.user_id.as_deref())
+                or_dash(info.user_id.as_deref()),
+                or_dash(info.account.as_deref())
             );
         }
         None => {

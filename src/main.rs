@@ -41,11 +41,15 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Page through every Stripe subscription (or one customer's) and record what differs.
-    /// Safe to re-run. Needs STRIPE_SECRET_KEY.
+    /// Page through every Stripe subscription (or one customer's, or a connected
+    /// account's) and record what differs. Safe to re-run. Needs STRIPE_SECRET_KEY.
     Backfill {
         #[arg(long)]
         customer: Option<String>,
+        /// Page this connected account (`acct_…`, sent as `Stripe-Account`) instead of the
+        /// platform's own; its customers are recorded as living in it.
+        #[arg(long)]
+        account: Option<String>,
     },
     /// Show everything about one customer: state, every event in the log with the move it
     /// made, the inbox's outcomes (rejections and why), and the Redis value and TTL beside
@@ -334,7 +338,7 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{failed} of {total} syncs failed (recorded; retried by `serve`)");
             }
         }
-        Command::Backfill { customer } => {
+        Command::Backfill { customer, account } => {
             let services = Services::connect(settings).await.context("connecting")?;
             let syncer = services
                 .syncer()
@@ -348,7 +352,7 @@ async fn main() -> anyhow::Result<()> {
                 services.settings.progress_every,
             );
             let report = syncer
-                .backfill(customer.as_deref(), |r| {
+                .backfill(customer.as_deref(), account.as_deref(), |r| {
                     progress.set_detail(format!(
                         "{} pages, {} customers, {} events recorded",
                         r.pages, r.customers, r.events

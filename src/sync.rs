@@ -241,6 +241,12 @@ impl Syncer {
         customer_id: &str,
         sync_id: &str,
     ) -> (Result<(Decision, Decided), SyncError>, u32) {
+        // A customer of a connected account is only found in that account (Connect).
+        let account = match self.ledger.account_of(customer_id).await {
+            Ok(account) => account,
+            Err(error) => return (Err(error.into()), 0),
+        };
+        let account = account.as_deref();
         // The answer is the truth as of the moment Stripe answered, on Stripe's clock (the
         // first page's `Date` header, whole seconds like Stripe's `created`; see
         // `aggregates::decide` for the ordering): our clock may run ahead of Stripe's, and
@@ -254,7 +260,7 @@ impl Syncer {
         loop {
             let page = match self
                 .api
-                .list_subscriptions(Some(customer_id), cursor.as_deref(), PAGE_SIZE)
+                .list_subscriptions(Some(customer_id), cursor.as_deref(), PAGE_SIZE, account)
                 .await
             {
                 Ok(page) => page,
@@ -286,7 +292,11 @@ impl Syncer {
         // Stripe Entitlements, when the account uses them. An account without the feature,
         // or an answer we cannot get, leaves what we hold alone: the subscriptions are
         // what the sync is for, and a webhook or the next sync brings the summary.
-        match self.api.list_active_entitlements(customer_id).await {
+        match self
+            .api
+            .list_active_entitlements(customer_id, account)
+            .await
+        {
             Ok(answer) => {
                 attempts += answer.attempts;
                 snapshot.entitlements = Some(answer.value);
@@ -400,11 +410,21 @@ impl Syncer {
     /// Pages through every subscription in the account (or one customer's) and records
     /// what differs, customer by customer. Safe to re-run: an unchanged subscription
     /// records nothing. `progress` gets the report after each page.
+    ///
+    /// `account` pages a connected account instead of the platform's (`Stripe-Account`),
+    /// and every customer listed is recorded as living in it. One customer's backfill
+    /// without `account` is made in the account the customer's log names.
     pub async fn backfill(
         &self,
         customer_id: Option<&str>,
+        account: Option<&str>,
         mut progress: impl FnMut(&BackfillReport),
     ) -> Result<BackfillReport, SyncError> {
+        let account = match (account, customer_id) {
+            (Some(account), _) => Some(account.to_owned()),
+            (None, Some(customer_id)) => self.ledger.account_of(customer_id).await?,
+            (None, None) => None,
+        };
         let mut report = BackfillReport::default();
         let mut seen_customers = std::collections::HashSet::new();
         let mut cursor: Option<String> = None;
@@ -412,7 +432,12 @@ impl Syncer {
             let sent_at = whole_second(Utc::now());
             let answer = self
                 .api
-                .list_subscriptions(customer_id, cursor.as_deref(), PAGE_SIZE)
+                .list_subscriptions(
+                    customer_id,
+                    cursor.as_deref(),
+                    PAGE_SIZE,
+                    account.as_deref(),
+                )
                 .await?;
             // Each page is the truth as of Stripe's clock when it answered.
             let fetched_at = answer.stripe_time.map_or(sent_at, whole_second);
@@ -435,7 +460,8 @@ impl Syncer {
             }
             for (customer, listed) in by_customer {
                 let sync_id = format!("backfill_{}", uuid::Uuid::new_v4().simple());
-                let snapshot = api_snapshot(&customer, &sync_id, fetched_at, listed);
+                let mut snapshot = api_snapshot(&customer, &sync_id, fetched_at, listed);
+                snapshot.owner.account = account.clone();
                 let (decision, _) = self
                     .ledger
                     .execute(

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aggregates::{
-    ApiSnapshot, Decision, Move, SubscriptionCommand, SubscriptionEvent, SubscriptionStatus,
+    ApiSnapshot, Decision, Move, OwnerFacts, SubscriptionCommand, SubscriptionEvent,
+    SubscriptionStatus,
 };
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -124,7 +125,11 @@ impl InboxWorker {
                 sync_id: event.id.clone(),
                 api_call: format!("api.subscriptions.retrieve ({})", event.event_type),
                 fetched_at,
-                owner: listed.owner,
+                // The object was fetched in the event's account: the customer lives there.
+                owner: OwnerFacts {
+                    account: event.account.clone(),
+                    ..listed.owner
+                },
                 subscriptions: vec![(listed.facts, listed.payment_method)],
                 // A subscription's fetch says nothing about the customer's entitlements.
                 entitlements: None,

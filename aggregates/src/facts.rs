@@ -187,11 +187,17 @@ pub struct PaymentFacts {
 pub struct OwnerFacts {
     pub org_id: Option<String>,
     pub user_id: Option<String>,
+    /// The Connect account the customer lives in: `account` on a snapshot event, `context`
+    /// on a thin one, or the account an API answer was asked for. Every later call to
+    /// Stripe about the customer carries it (`Stripe-Account`). `None`: not said (the
+    /// platform's own customers never say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 impl OwnerFacts {
     pub fn is_empty(&self) -> bool {
-        self.org_id.is_none() && self.user_id.is_none()
+        self.org_id.is_none() && self.user_id.is_none() && self.account.is_none()
     }
 }
 

@@ -78,6 +78,11 @@ pub struct CustomerView {
     /// newest summary (webhook or sync) gave them; `None` when none was ever seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stripe_features: Option<Vec<String>>,
+    /// The Connect account the customer lives in, as the newest event that named one said
+    /// (see [`OwnerFacts::account`]); absent for the platform's own customers and from
+    /// events written before Connect was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 /// One subscription in a [`CustomerView`].
@@ -117,6 +122,10 @@ pub enum SubscriptionEvent {
         org_id: Option<String>,
         /// The user id, when this event changed it.
         user_id: Option<String>,
+        /// The Connect account, when this event changed it. Absent from events written
+        /// before Connect was read (they changed no account).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        account: Option<String>,
         view: CustomerView,
     },
     SubscriptionChanged {
@@ -342,6 +351,10 @@ pub struct Subscription {
     /// The newest Stripe Entitlements summary (feature lookup keys, sorted).
     #[serde(default)]
     pub entitlements: Option<Observed<Vec<String>>>,
+    /// The Connect account the customer lives in (a register like the owner's: the newest
+    /// observation wins).
+    #[serde(default)]
+    pub account: Option<Observed<String>>,
 }
 
 impl Subscription {
@@ -378,6 +391,7 @@ impl Subscription {
             self.user.as_ref().map(|u| u.observed_at),
             self.deleted.as_ref().map(|d| d.observed_at),
             self.entitlements.as_ref().map(|e| e.observed_at),
+            self.account.as_ref().map(|a| a.observed_at),
         ]
         .into_iter()
         .flatten()
@@ -408,6 +422,7 @@ impl Subscription {
             subscriptions,
             deleted: self.deleted.is_some(),
             stripe_features: self.entitlements.as_ref().map(|e| e.value.clone()),
+            account: self.account.as_ref().map(|a| a.value.clone()),
         }
     }
 }
@@ -531,11 +546,14 @@ pub fn decide(
         };
     let org_id = newer(&state.org, &owner.org_id);
     let user_id = newer(&state.user, &owner.user_id);
-    if org_id.is_some() || user_id.is_some() {
+    // The Connect account is a register of the same kind, carried by the same event.
+    let account = newer(&state.account, &owner.account);
+    if org_id.is_some() || user_id.is_some() || account.is_some() {
         drafts.push(SubscriptionEvent::OwnerLinked {
             source: source.clone(),
             org_id,
             user_id,
+            account,
             view: CustomerView::default(),
         });
     }
@@ -826,10 +844,14 @@ impl Subscription {
                 source,
                 org_id,
                 user_id,
+                account,
                 ..
             } => {
                 if let Some(org) = org_id {
                     self.org = Some(Observed::new(org.clone(), source));
+                }
+                if let Some(account) = account {
+                    self.account = Some(Observed::new(account.clone(), source));
                 }
                 if let Some(user) = user_id {
                     self.user = Some(Observed::new(user.clone(), source));

@@ -261,6 +261,7 @@ fn ownership_converges_whatever_the_order() {
     let owner = |org: &str| OwnerFacts {
         org_id: Some(org.to_owned()),
         user_id: Some("user_1".to_owned()),
+        account: None,
     };
     let first = record("evt_1", 1, owner("org_a"), Fact::OwnerOnly);
     let second = record("evt_2", 2, owner("org_b"), Fact::OwnerOnly);
@@ -293,6 +294,7 @@ fn a_stale_snapshot_still_records_its_ownership() {
         OwnerFacts {
             org_id: Some("org_x".to_owned()),
             user_id: None,
+            account: None,
         },
         Fact::Subscription(snapshot(Trialing)),
     );
@@ -712,4 +714,56 @@ fn a_view_and_facts_stored_before_items_and_subscriptions_read_as_their_one_subs
     // And it is written back unchanged: the new fields are skipped when empty.
     let again: serde_json::Value = serde_json::to_value(&view).unwrap();
     assert!(again.get("subscriptions").is_none() && again.get("deleted").is_none());
+}
+
+/// The Connect account is a register like the owner: the newest event naming one wins
+/// whatever the delivery order, an event naming none leaves it, and the view shows it.
+#[test]
+fn the_connect_account_is_the_newest_named_whatever_the_order() {
+    let named = |account: Option<&str>| OwnerFacts {
+        account: account.map(str::to_owned),
+        ..OwnerFacts::default()
+    };
+    let first = record("evt_1", 1, named(Some("acct_a")), Fact::OwnerOnly);
+    let second = record("evt_2", 2, named(Some("acct_b")), Fact::OwnerOnly);
+    let silent = record("evt_3", 3, named(None), Fact::OwnerOnly);
+    for order in [
+        [&first, &second, &silent],
+        [&second, &first, &silent],
+        [&silent, &second, &first],
+    ] {
+        let mut events = Vec::new();
+        for command in order {
+            events.extend(decide(&fold(&events), command).unwrap().events);
+        }
+        assert_eq!(fold(&events).view().account.as_deref(), Some("acct_b"));
+    }
+    // An API answer naming the account already held records nothing.
+    let given = decide(&Subscription::default(), &first).unwrap().events;
+    let snapshot = ApiSnapshot {
+        customer_id: CUSTOMER.to_owned(),
+        sync_id: "sync_1".to_owned(),
+        api_call: "api.subscriptions.list".to_owned(),
+        fetched_at: at(5),
+        owner: named(Some("acct_a")),
+        subscriptions: vec![],
+        entitlements: None,
+    };
+    let decision = decide(&fold(&given), &SubscriptionCommand::Reconcile(snapshot)).unwrap();
+    assert!(decision.events.is_empty());
+}
+
+/// An `OwnerLinked` event stored before Connect was read has no `account`: it replays.
+#[test]
+fn an_owner_linked_event_without_an_account_replays() {
+    let stored = serde_json::json!({"OwnerLinked": {
+        "source": {"stripe_event_id": "evt_1", "stripe_event_type": "customer.created",
+            "created": "2023-11-14T22:13:20Z"},
+        "org_id": "org_1", "user_id": null,
+        "view": {"customer_id": CUSTOMER, "org_id": "org_1", "user_id": null,
+            "subscription": null, "latest_invoice": null, "as_of": null}}});
+    let event: SubscriptionEvent = serde_json::from_value(stored).unwrap();
+    let state = fold(&[event]);
+    assert_eq!(state.view().org_id.as_deref(), Some("org_1"));
+    assert_eq!(state.view().account, None);
 }

@@ -80,6 +80,7 @@ fn snapshot(
         owner: OwnerFacts {
             org_id: Some(format!("org_{customer}")),
             user_id: None,
+            account: None,
         },
         fact: Fact::Subscription(SubscriptionFacts {
             id: format!("sub_{customer}"),

@@ -172,7 +172,7 @@ impl SubscriptionEntry {
     "payment_method": {"id": "pm_123", "brand": "visa", "last4": "4242"},
     "version": 3, "updated_at": "2026-11-25T00:00:05Z",
     "access": true, "access_until": "2026-12-26T00:00:00Z", "seats": 5, "pause_reason": null,
-    "deleted": false, "stripe_features": [],
+    "deleted": false, "stripe_features": [], "account": null,
     "subscriptions": [{
         "subscription_id": "sub_123", "status": "active", "created": "2026-10-25T00:00:00Z",
         "plan": "pro", "seats": 5, "features": ["projects:unlimited", "api", "priority_support"],
@@ -240,6 +240,11 @@ pub struct SubscriptionInfo {
     /// existed are read as their one top-level subscription.
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionEntry>,
+    /// The Connect account the customer lives in (`acct_…`), as the newest event naming
+    /// one said; `null` for the platform's own customers. Every call subledger makes to
+    /// Stripe about the customer is made for it (`Stripe-Account`).
+    #[serde(default)]
+    pub account: Option<String>,
 }
 
 impl SubscriptionInfo {
@@ -287,6 +292,7 @@ impl SubscriptionInfo {
             deleted: view.deleted,
             stripe_features: view.stripe_features.clone().unwrap_or_default(),
             subscriptions,
+            account: view.account.clone(),
         };
         // Stored as the view's current subscription would be judged at its own time, so
         // that what is stored does not depend on when the projection ran.

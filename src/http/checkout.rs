@@ -146,6 +146,9 @@ pub async fn create_checkout_session(
 pub struct SuccessQuery {
     pub session_id: Option<String>,
     pub redirect: Option<String>,
+    /// Whose session it is, when the customer lives in a connected account (subledger's
+    /// own success URL says so): the session is read in that account.
+    pub customer: Option<String>,
 }
 
 /// `GET /checkout/success?session_id=…&redirect=…`: sync the session's customer, then
@@ -157,7 +160,7 @@ pub struct SuccessQuery {
     params(SuccessQuery),
     responses(
         (status = 303, description = "To `redirect` (default `/`)", headers(("location" = String, description = "Where the browser goes next"))),
-        (status = 400, description = "No `session_id`, or `redirect` to an origin not in `SUBLEDGER_REDIRECT_ORIGINS` (`invalid_parameter`)", body = ErrorBody),
+        (status = 400, description = "No `session_id`, a malformed `session_id` or `customer`, or `redirect` to an origin not in `SUBLEDGER_REDIRECT_ORIGINS` (`invalid_parameter`)", body = ErrorBody),
         (status = 503, description = "`STRIPE_SECRET_KEY` unset (`stripe_not_configured`)", body = ErrorBody),
     ),
 )]
@@ -172,7 +175,10 @@ pub async fn success_page(
         .session_id
         .ok_or(ApiError::InvalidParameter("session_id"))?;
     valid_id(&session_id, "session_id")?;
-    match sync_session(&state, &session_id).await {
+    if let Some(customer) = &query.customer {
+        valid_id(customer, "customer")?;
+    }
+    match sync_session(&state, &session_id, query.customer.as_deref()).await {
         // The app reads right after the redirect: it must see what the sync recorded.
         Ok(report) => syncer(&state)?.wait_until_shown(&report).await,
         Err(error) => {
@@ -203,15 +209,19 @@ pub async fn sync_checkout_session(
 ) -> Result<Json<SubscriptionInfo>, ApiError> {
     let Path(session_id) = path?;
     valid_id(&session_id, "session id")?;
-    let report = sync_session(&state, &session_id).await?;
+    let report = sync_session(&state, &session_id, None).await?;
     answer(&state, report).await
 }
 
 /// What both success pages do (see `Billing::sync_session`); returns the sync's report.
-async fn sync_session(state: &AppState, session_id: &str) -> Result<SyncReport, ApiError> {
+async fn sync_session(
+    state: &AppState,
+    session_id: &str,
+    customer: Option<&str>,
+) -> Result<SyncReport, ApiError> {
     let billing = billing(state)?;
     Ok(billing
-        .sync_session(session_id, SyncSource::SuccessPage)
+        .sync_session(session_id, customer, SyncSource::SuccessPage)
         .await?)
 }
 

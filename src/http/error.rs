@@ -108,7 +108,9 @@ impl From<BillingError> for ApiError {
             BillingError::Storage(error) => ApiError::storage(error),
             BillingError::Stripe(error) => error.into(),
             BillingError::Sync(error) => error.into(),
-            BillingError::RecordOwner(error) => ApiError::Sync(error.into()),
+            BillingError::RecordOwner(error) | BillingError::ReadLog(error) => {
+                ApiError::Sync(error.into())
+            }
         }
     }
 }

@@ -211,6 +211,19 @@ impl Ledger {
         }
     }
 
+    /// The Connect account the customer lives in, as its log says (`None`: the
+    /// platform's own customer, or one we know nothing of). Every call made to Stripe about
+    /// the customer is made for it (`Stripe-Account`); the log, not a projection, is asked,
+    /// so that a call never goes to the wrong account because a read model lags.
+    pub async fn account_of(&self, customer_id: &str) -> Result<Option<String>, ExecuteError> {
+        let loaded = self
+            .store
+            .load(customer_id)
+            .await
+            .map_err(ExecuteError::Store)?;
+        Ok(loaded.state().account.as_ref().map(|a| a.value.clone()))
+    }
+
     /// Decides and commits one command, retrying optimistic-concurrency conflicts.
     /// Returns the decision and the customer's aggregate as it left it.
     pub async fn execute(

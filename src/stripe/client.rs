@@ -118,6 +118,8 @@ pub struct CheckoutParams<'a> {
     pub price_id: &'a str,
     pub success_url: &'a str,
     pub cancel_url: &'a str,
+    /// The connected account the customer lives in (`Stripe-Account`), if any.
+    pub account: Option<&'a str>,
 }
 
 /// The calls subledger makes to Stripe's API.
@@ -161,12 +163,14 @@ impl StripeApi {
     }
 
     /// Every subscription (any status, newest first, with the default payment method
-    /// expanded), of one customer or of the whole account, one page at a time.
+    /// expanded), of one customer or of the whole account, one page at a time; of the
+    /// connected `account` (`Stripe-Account`) when given, else of the platform's.
     pub async fn list_subscriptions(
         &self,
         customer_id: Option<&str>,
         starting_after: Option<&str>,
         limit: i64,
+        account: Option<&str>,
     ) -> Result<Answer<Page>, StripeApiError> {
         let mut request = ListSubscription::new()
             .status(ListSubscriptionStatus::All)
@@ -178,7 +182,7 @@ impl StripeApi {
         if let Some(cursor) = starting_after {
             request = request.starting_after(cursor);
         }
-        let answer = self.send(request.build(), None).await?;
+        let answer = self.send_as(request.build(), None, account).await?;
         let mut object = answer.value;
         let data = match object.remove("data") {
             Some(Value::Array(items)) => items
@@ -206,6 +210,7 @@ impl StripeApi {
     pub async fn list_active_entitlements(
         &self,
         customer_id: &str,
+        account: Option<&str>,
     ) -> Result<Answer<Vec<String>>, StripeApiError> {
         let mut keys = Vec::new();
         let mut attempts = 0;
@@ -222,7 +227,7 @@ impl StripeApi {
             let request =
                 RequestBuilder::new(StripeMethod::Get, "/entitlements/active_entitlements")
                     .query(&query);
-            let answer = self.send(request, None).await?;
+            let answer = self.send_as(request, None, account).await?;
             attempts += answer.attempts;
             let page = Value::Object(answer.value);
             keys.extend(super::event::entitlement_lookup_keys(Some(&page)));
@@ -286,27 +291,36 @@ impl StripeApi {
             .subscription_data(subscription_data)
             .success_url(params.success_url)
             .cancel_url(params.cancel_url);
-        self.send(request.build(), Some(idempotency_key)).await
-    }
-
-    pub async fn retrieve_checkout_session(
-        &self,
-        session_id: &str,
-    ) -> Result<Answer<Map<String, Value>>, StripeApiError> {
-        self.send(RetrieveCheckoutSession::new(session_id).build(), None)
+        self.send_as(request.build(), Some(idempotency_key), params.account)
             .await
     }
 
-    /// Creates a billing portal session; a random idempotency key covers its retries.
+    /// Retrieves a Checkout Session, of the connected `account` when given.
+    pub async fn retrieve_checkout_session(
+        &self,
+        session_id: &str,
+        account: Option<&str>,
+    ) -> Result<Answer<Map<String, Value>>, StripeApiError> {
+        self.send_as(
+            RetrieveCheckoutSession::new(session_id).build(),
+            None,
+            account,
+        )
+        .await
+    }
+
+    /// Creates a billing portal session for a customer (of the connected `account` when
+    /// given); a random idempotency key covers its retries.
     pub async fn create_portal_session(
         &self,
         customer_id: &str,
         return_url: &str,
+        account: Option<&str>,
     ) -> Result<Answer<Map<String, Value>>, StripeApiError> {
         let request = CreateBillingPortalSession::new()
             .customer(customer_id)
             .return_url(return_url);
-        self.send(request.build(), None).await
+        self.send_as(request.build(), None, account).await
     }
 
     /// Retrieves one object by its API path (`/subscriptions/sub_1`, see

@@ -37,6 +37,11 @@ pub struct StripeEvent {
     pub previous_attributes: Option<Value>,
     /// What a thin event names instead of carrying an object; `None` for a snapshot event.
     pub thin: Option<ThinRef>,
+    /// The connected account the event happened in (Connect): a snapshot event's
+    /// `account` (<https://docs.stripe.com/api/events/object#event_object-account>), a thin
+    /// event's `context` (<https://docs.stripe.com/api/v2/core/events/object>). `None` for
+    /// the platform's own events.
+    pub account: Option<String>,
 }
 
 /// The object a thin event is about and where to fetch it.
@@ -204,7 +209,21 @@ pub fn event_from_value(value: Value) -> Result<StripeEvent, ParseError> {
         object,
         previous_attributes: data.remove("previous_attributes"),
         thin: None,
+        account: envelope
+            .get("account")
+            .and_then(Value::as_str)
+            .and_then(account_id),
     })
+}
+
+/// A connected account's id (`acct_…`) as an event names it, if it can be one: every call
+/// about the customer carries it as a header, so text that could not be an id (empty,
+/// too long, not `[A-Za-z0-9_]`) is read as no account rather than kept.
+fn account_id(text: &str) -> Option<String> {
+    let valid = !text.is_empty()
+        && text.len() <= 255
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    valid.then(|| text.to_owned())
 }
 
 /// A thin event: `id`, `type`, `created` as an RFC 3339 string, `livemode`, and, when it
@@ -257,6 +276,7 @@ fn thin_event(envelope: Map<String, Value>) -> Result<StripeEvent, ParseError> {
             object_type: String::new(),
             context: text("context").map(str::to_owned),
         })),
+        account: text("context").and_then(account_id),
     })
 }
 
@@ -314,12 +334,14 @@ impl StripeEvent {
             object,
             previous_attributes: None,
             thin: None,
+            account: self.account.clone(),
         }
     }
 
-    /// The connected account a thin event's object belongs to (`context`).
+    /// The connected account the event happened in (`account`, or a thin event's
+    /// `context`).
     pub fn account(&self) -> Option<&str> {
-        self.thin.as_ref().and_then(|thin| thin.context.as_deref())
+        self.account.as_deref()
     }
 
     /// The customer the event is about, when it names one.
@@ -428,6 +450,11 @@ pub fn route(event: &StripeEvent) -> Route {
         _ => unreachable!(
             "HANDLED_TYPES only lists checkout, customer, entitlements, invoice and payment_intent events"
         ),
+    };
+    // The account the event happened in is where the customer lives (Connect).
+    let owner = OwnerFacts {
+        account: event.account.clone(),
+        ..owner
     };
     Route::Command {
         customer_id: customer_id.clone(),
@@ -636,6 +663,7 @@ pub(crate) fn owner_from_metadata(metadata: Option<&Value>) -> OwnerFacts {
     OwnerFacts {
         org_id: pick(&["organizationId", "org_id", "organization_id"]),
         user_id: pick(&["userId", "user_id"]),
+        account: None,
     }
 }
 
@@ -726,6 +754,28 @@ mod tests {
         };
         assert_eq!(s.current_period_end, None);
         assert_eq!(s.trial_end, timestamp(1_700_000_000));
+    }
+
+    /// A connected account's snapshot event names it in `account`
+    /// (https://docs.stripe.com/api/events/object#event_object-account, "the connected
+    /// account that originates the event", since
+    /// https://docs.stripe.com/changelog/2017-05-25/events-connect-specify-originating-account;
+    /// async-stripe-shared `stripe_shared/event.rs`, `Event::account`): the customer's facts
+    /// carry it. The platform's own events carry none.
+    #[test]
+    fn a_connected_accounts_event_carries_its_account() {
+        let body = json!({"id": "evt_1", "object": "event", "type": "customer.subscription.updated",
+            "created": 1_700_000_000, "account": "acct_1Connected",
+            "data": {"object": {"id": "sub_1", "customer": "cus_1", "status": "active"}}});
+        let connected = parse_event(body.to_string().as_bytes()).unwrap();
+        assert_eq!(connected.account(), Some("acct_1Connected"));
+        let f = facts(route(&connected));
+        assert_eq!(f.owner.account.as_deref(), Some("acct_1Connected"));
+        let own = facts(route(&event(
+            "customer.subscription.updated",
+            json!({"id": "sub_1", "customer": "cus_1", "status": "active"}),
+        )));
+        assert_eq!(own.owner.account, None);
     }
 
     /// A thin event, shaped as https://docs.stripe.com/api/v2/core/events/object and
@@ -875,7 +925,8 @@ mod tests {
             f.owner,
             OwnerFacts {
                 org_id: Some("org_1".into()),
-                user_id: Some("user_1".into())
+                user_id: Some("user_1".into()),
+                account: None,
             }
         );
         let customer =

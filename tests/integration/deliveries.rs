@@ -81,6 +81,7 @@ async fn a_thin_event_is_fetched_and_converges_with_its_snapshot_twin() {
 async fn a_thin_event_is_fetched_for_its_context_account() {
     let (app, fake) = spawn_with_stripe("thinctx").await;
     let sub = fake.add_subscription("cus_ctx", "org_ctx", "active", "price_pro", 3_600);
+    fake.connect("cus_ctx", "acct_1Connected");
     let sub_id = sub["id"].as_str().unwrap();
     let (_, thin) = fake.change_status(sub_id, "canceled", Some("acct_1Connected"));
     deliver(&app, &thin).await;
@@ -98,6 +99,8 @@ async fn a_thin_event_is_fetched_for_its_context_account() {
     );
     let info = app.get_json("/v1/customers/cus_ctx/subscription").await;
     assert_eq!(info["status"], "canceled");
+    // The customer lives in the event's account (Connect), and the answer says so.
+    assert_eq!(info["account"], "acct_1Connected", "{info}");
     app.stop().await;
 }
 

@@ -4,6 +4,7 @@ mod admin_browser;
 mod api;
 mod batches;
 mod cli;
+mod connect;
 mod dead_letters;
 mod deliveries;
 mod events;

@@ -206,6 +206,7 @@ async fn record_owner(services: &Services, customer_id: &str, org_id: &str) -> u
         owner: OwnerFacts {
             org_id: Some(org_id.to_owned()),
             user_id: None,
+            account: None,
         },
         fact: Fact::OwnerOnly,
     });

@@ -32,7 +32,7 @@ pub(crate) async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     (spawn_with(settings, db_name, prefix).await, fake)
 }
 
-async fn post_json(app: &TestApp, path: &str, body: Value) -> reqwest::Response {
+pub(crate) async fn post_json(app: &TestApp, path: &str, body: Value) -> reqwest::Response {
     app.client
         .post(format!("{}{path}", app.address))
         .bearer_auth(TOKEN)
@@ -43,7 +43,7 @@ async fn post_json(app: &TestApp, path: &str, body: Value) -> reqwest::Response 
 }
 
 /// A browser that does not follow redirects, so the test sees them.
-async fn browse(app: &TestApp, path: &str) -> reqwest::Response {
+pub(crate) async fn browse(app: &TestApp, path: &str) -> reqwest::Response {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -511,7 +511,7 @@ async fn backfill_pages_through_hundreds_of_subscriptions_and_is_safe_to_rerun()
     let syncer = app.services.syncer().unwrap().unwrap();
     let mut pages_seen = Vec::new();
     let report = syncer
-        .backfill(None, |r| pages_seen.push(r.pages))
+        .backfill(None, None, |r| pages_seen.push(r.pages))
         .await
         .unwrap();
     assert_eq!(report.pages, 3);
@@ -534,7 +534,7 @@ async fn backfill_pages_through_hundreds_of_subscriptions_and_is_safe_to_rerun()
             .await,
         130
     );
-    let again = syncer.backfill(None, |_| {}).await.unwrap();
+    let again = syncer.backfill(None, None, |_| {}).await.unwrap();
     assert_eq!((again.subscriptions, again.events), (260, 0));
     app.stop().await;
 }

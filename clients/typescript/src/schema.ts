@@ -840,6 +840,7 @@ export interface components {
          * @example {
          *       "access": true,
          *       "access_until": "2026-12-26T00:00:00Z",
+         *       "account": null,
          *       "cancel_at": null,
          *       "cancel_at_period_end": false,
          *       "canceled_at": null,
@@ -940,6 +941,12 @@ export interface components {
             access?: boolean;
             /** Format: date-time */
             access_until?: string | null;
+            /**
+             * @description The Connect account the customer lives in (`acct_…`), as the newest event naming
+             *     one said; `null` for the platform's own customers. Every call subledger makes to
+             *     Stripe about the customer is made for it (`Stripe-Account`).
+             */
+            account?: string | null;
             /** Format: date-time */
             cancel_at?: string | null;
             cancel_at_period_end: boolean;
@@ -1189,6 +1196,11 @@ export interface operations {
             path: {
                 session_id: string | null;
                 redirect: string | null;
+                /**
+                 * @description Whose session it is, when the customer lives in a connected account (subledger's
+                 *     own success URL says so): the session is read in that account.
+                 */
+                customer: string | null;
             };
             cookie?: never;
         };
@@ -1203,7 +1215,7 @@ export interface operations {
                 };
                 content?: never;
             };
-            /** @description No `session_id`, or `redirect` to an origin not in `SUBLEDGER_REDIRECT_ORIGINS` (`invalid_parameter`) */
+            /** @description No `session_id`, a malformed `session_id` or `customer`, or `redirect` to an origin not in `SUBLEDGER_REDIRECT_ORIGINS` (`invalid_parameter`) */
             400: {
                 headers: {
                     [name: string]: unknown;

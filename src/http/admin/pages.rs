@@ -266,7 +266,7 @@ pub fn customer(report: &CustomerReport) -> Markup {
             h2 { "State (folded from the event log)" }
             @match &report.log {
                 Some(info) => table {
-                    tr { th { "status" } th { "subscription" } th { "plan" } th { "period end" } th { "org" } th { "user" } th { "version" } }
+                    tr { th { "status" } th { "subscription" } th { "plan" } th { "period end" } th { "org" } th { "user" } th { "Connect account" } th { "version" } }
                     tr {
                         td { (badge(&info.status)) }
                         td { (opt(info.subscription_id.as_deref())) }
@@ -279,6 +279,7 @@ pub fn customer(report: &CustomerReport) -> Markup {
                         }
                         td { (opt(info.org_id.as_deref())) }
                         td { (opt(info.user_id.as_deref())) }
+                        td { (opt(info.account.as_deref())) }
                         td { (info.version) }
                     }
                 },

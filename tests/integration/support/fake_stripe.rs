@@ -55,6 +55,28 @@ struct Inner {
     failing: Vec<(String, u16)>,
     /// Seconds Stripe's clock (the `Date` header of every answer) is ahead of ours.
     clock_offset: i64,
+    /// Customer → the connected account it lives in (Connect). Such a customer, and its
+    /// subscriptions, sessions and entitlements, are found only by a request made for that
+    /// account (`Stripe-Account`), and the platform's own customers only without one, as
+    /// Stripe scopes every object to its account
+    /// (https://docs.stripe.com/connect/authentication#stripe-account-header).
+    account_of: BTreeMap<String, String>,
+}
+
+/// The `Stripe-Account` header of a request.
+fn account_header(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("stripe-account")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Whether a request made for `account` (`None`: the platform) sees `customer`'s objects.
+fn in_scope(inner: &Inner, customer: Option<&str>, account: Option<&str>) -> bool {
+    customer
+        .and_then(|c| inner.account_of.get(c))
+        .map(String::as_str)
+        == account
 }
 
 #[derive(Clone)]
@@ -112,6 +134,14 @@ impl FakeStripe {
         self.lock()
             .injections
             .push((path_prefix.to_owned(), injections.into()));
+    }
+
+    /// The customer (and so its subscriptions) lives in the connected `account`: only a
+    /// request made for that account finds it.
+    pub fn connect(&self, customer_id: &str, account: &str) {
+        self.lock()
+            .account_of
+            .insert(customer_id.to_owned(), account.to_owned());
     }
 
     /// Sets a customer's active Stripe Entitlements (their features' lookup keys).
@@ -556,9 +586,11 @@ async fn list_active_entitlements(
         return response;
     }
     let params = form(query.as_deref().unwrap_or(""));
+    let account = account_header(&headers);
     let inner = state.lock().unwrap();
     let keys = params
         .get("customer")
+        .filter(|customer| in_scope(&inner, Some(customer.as_str()), account.as_deref()))
         .and_then(|customer| inner.entitlements.get(customer))
         .cloned()
         .unwrap_or_default();
@@ -590,8 +622,9 @@ async fn list_subscriptions(
         .and_then(|l| l.parse().ok())
         .unwrap_or(10)
         .min(100);
+    let account = account_header(&headers);
     let inner = state.lock().unwrap();
-    // Newest first, as Stripe lists them.
+    // Newest first, as Stripe lists them; only the requested account's.
     let mut all: Vec<&Value> = inner
         .subscriptions
         .values()
@@ -600,6 +633,7 @@ async fn list_subscriptions(
                 .get("customer")
                 .is_none_or(|c| sub["customer"].as_str() == Some(c))
         })
+        .filter(|sub| in_scope(&inner, sub["customer"].as_str(), account.as_deref()))
         .collect();
     all.sort_by(|a, b| {
         (b["created"].as_i64(), b["id"].as_str()).cmp(&(a["created"].as_i64(), a["id"].as_str()))
@@ -645,7 +679,13 @@ async fn retrieve_subscription(
     let expand = form(query.as_deref().unwrap_or(""))
         .iter()
         .any(|(k, v)| k.starts_with("expand") && v == "default_payment_method");
-    match state.lock().unwrap().subscriptions.get(&id) {
+    let account = account_header(&headers);
+    let inner = state.lock().unwrap();
+    match inner
+        .subscriptions
+        .get(&id)
+        .filter(|sub| in_scope(&inner, sub["customer"].as_str(), account.as_deref()))
+    {
         Some(sub) if expand => Json(sub.clone()).into_response(),
         Some(sub) => Json(webhook_shape(sub)).into_response(),
         None => stripe_error(
@@ -666,10 +706,12 @@ async fn create_session(
         Err(response) => return response,
     };
     let params = form(&body);
+    let account = account_header(&headers);
     idempotent(&state, key, |inner| {
         let Some(customer) = params
             .get("customer")
             .filter(|c| inner.customers.contains_key(*c))
+            .filter(|c| in_scope(inner, Some(c.as_str()), account.as_deref()))
         else {
             return (
                 400,
@@ -702,7 +744,13 @@ async fn retrieve_session(
     if let Err(response) = intercept(&state, "GET", "/v1/checkout/sessions/", &headers).await {
         return response;
     }
-    match state.lock().unwrap().sessions.get(&id) {
+    let account = account_header(&headers);
+    let inner = state.lock().unwrap();
+    match inner
+        .sessions
+        .get(&id)
+        .filter(|session| in_scope(&inner, session["customer"].as_str(), account.as_deref()))
+    {
         Some(session) => Json(session.clone()).into_response(),
         None => stripe_error(
             404,
@@ -722,7 +770,18 @@ async fn create_portal_session(
         Err(response) => return response,
     };
     let params = form(&body);
+    let account = account_header(&headers);
     idempotent(&state, key, |inner| {
+        // A customer of another account is not found (one the fake never made is taken,
+        // as before Connect was faked).
+        let customer = params.get("customer").map(String::as_str);
+        if !in_scope(inner, customer, account.as_deref()) {
+            return (
+                404,
+                json!({"error": {"type": "invalid_request_error", "code": "resource_missing",
+                    "message": format!("No such customer: '{}'", customer.unwrap_or(""))}}),
+            );
+        }
         inner.seq += 1;
         let session = json!({"id": format!("bps_fake{:06}", inner.seq), "object": "billing_portal.session",
             "customer": params.get("customer"), "return_url": params.get("return_url"),
