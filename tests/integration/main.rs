@@ -4,6 +4,7 @@ mod admin_browser;
 mod api;
 mod batches;
 mod cli;
+mod convergence;
 mod dead_letters;
 mod deliveries;
 mod events;
