@@ -15,9 +15,11 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
   while read -r db; do
     psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
   done
+# Key names hold whatever ids signed payloads carried (quotes included): one key per line,
+# no quote processing by xargs.
 redis-cli -h 127.0.0.1 --scan --pattern 'test:*' |
   awk -F: -v cutoff="$cutoff" '$2 ~ /^[0-9]+$/ && $2 < cutoff' |
-  xargs -r -n 500 redis-cli -h 127.0.0.1 del >/dev/null
+  xargs -r -d '\n' -n 500 redis-cli -h 127.0.0.1 del >/dev/null
 
 # The domain crate stays pure: no IO crate in its normal dependencies.
 io=$(cargo tree -p aggregates -e normal --prefix none | grep -oE '^(sqlx|redis|axum|hyper|reqwest|tokio-postgres) ' | sort -u || true)
