@@ -97,13 +97,14 @@ impl InboxWorker {
     /// account), as the API answer it is, stamped with Stripe's clock: a subscription is a
     /// `Reconcile` of that one subscription (as a sync records it); any other object is
     /// routed as the snapshot event of the same type would be, its time Stripe's at the
-    /// fetch. `Err`: the fetch failed, and the row is retried like any failure.
-    async fn fetch_thin(&self, event: &StripeEvent, thin: &ThinRef) -> Result<Route, String> {
+    /// fetch. `Err`: the fetch failed, and the row is retried like any failure, unless
+    /// Stripe says the object does not exist: then it is dead-lettered at once.
+    async fn fetch_thin(&self, event: &StripeEvent, thin: &ThinRef) -> Result<Route, RowFailure> {
         let Some(api) = &self.stripe else {
-            return Err(
+            return Err(RowFailure::retry(
                 "a thin event names an object to fetch, and STRIPE_SECRET_KEY is not set"
                     .to_owned(),
-            );
+            ));
         };
         let path = retrieve_path(&thin.object_type, &thin.id)
             .expect("route answers Fetch only for a fetchable object");
@@ -112,13 +113,22 @@ impl InboxWorker {
             .retrieve(&path, thin.context.as_deref())
             .await
             .map_err(|error| {
-                format!("fetching the thin event's object: {}", error_chain(&error))
+                let chain = format!("fetching the thin event's object: {}", error_chain(&error));
+                // Stripe says the object does not exist (for this account): asking again
+                // gives the same answer, so the row is dead-lettered at once, kept for an
+                // operator to look at (a wrong `context`?) and redrive.
+                if error.is_not_found() {
+                    RowFailure::permanent(chain, None)
+                } else {
+                    RowFailure::retry(chain)
+                }
             })?;
         let fetched_at = answer.stripe_time.unwrap_or(sent_at);
         let fetched_at = DateTime::from_timestamp(fetched_at.timestamp(), 0).unwrap_or(fetched_at);
         if thin.object_type == "subscription" {
-            let listed = listed_subscription(&answer.value)
-                .map_err(|reason| format!("the fetched subscription cannot be read: {reason}"))?;
+            let listed = listed_subscription(&answer.value).map_err(|reason| {
+                RowFailure::retry(format!("the fetched subscription cannot be read: {reason}"))
+            })?;
             let customer_id = listed.customer_id.clone();
             let snapshot = ApiSnapshot {
                 customer_id: customer_id.clone(),
@@ -235,11 +245,7 @@ impl InboxWorker {
             let routed = match route(&event) {
                 Route::Fetch(thin) => match self.fetch_thin(&event, &thin).await {
                     Ok(routed) => routed,
-                    Err(chain) => {
-                        let failure = RowFailure {
-                            chain,
-                            refusal: None,
-                        };
+                    Err(failure) => {
                         results.push(RowResult::failed(event_id, failure));
                         continue;
                     }
@@ -261,10 +267,10 @@ impl InboxWorker {
                         ),
                         Err(error) => RowResult::failed(
                             event_id,
-                            RowFailure {
-                                chain: format!("requesting syncs: {}", error_chain(&error)),
-                                refusal: None,
-                            },
+                            RowFailure::retry(format!(
+                                "requesting syncs: {}",
+                                error_chain(&error)
+                            )),
                         ),
                     };
                     results.push(result);
@@ -408,7 +414,8 @@ impl InboxWorker {
                 }
                 Err(RowFailure {
                     chain,
-                    refusal: None,
+                    refusal: _,
+                    permanent: false,
                 }) => {
                     let inbox::Failed { attempts, dead } = inbox::mark_failed(
                         &mut tx,
@@ -438,7 +445,8 @@ impl InboxWorker {
                 // It can never be processed: dead-lettered now, with why, not retried.
                 Err(RowFailure {
                     chain,
-                    refusal: Some(refusal),
+                    refusal,
+                    permanent: true,
                 }) => {
                     let reason = format!("{chain}; dead-lettered without retrying");
                     let inbox::Failed { attempts, .. } =
@@ -448,7 +456,7 @@ impl InboxWorker {
                         tracing::warn!(
                             attempts,
                             dead = true,
-                            reason = refusal.as_str(),
+                            reason = refusal.map_or("not_found", Refusal::as_str),
                             error = %chain,
                             "webhook unprocessable: dead-lettered without retrying"
                         )
@@ -461,7 +469,9 @@ impl InboxWorker {
                         false,
                     );
                     crate::metrics::webhook_failed(&row.event_type, true);
-                    crate::metrics::webhook_refused(RefusedAt::Processing, refusal);
+                    if let Some(refusal) = refusal {
+                        crate::metrics::webhook_refused(RefusedAt::Processing, refusal);
+                    }
                     processed.push(Processed {
                         event_id,
                         outcome: Outcome::Failed,
@@ -667,12 +677,14 @@ enum GroupResult {
     OneByOne(Vec<Result<Decision, ExecuteError>>),
 }
 
-/// Why a row failed: the error chain, and, when it can never be processed, the refusal
-/// that says so.
+/// Why a row failed: the error chain, whether it can never be processed (dead-lettered at
+/// once rather than retried), and the refusal that says so when it is a value Postgres
+/// refuses.
 #[derive(Debug, Clone)]
 struct RowFailure {
     chain: String,
     refusal: Option<Refusal>,
+    permanent: bool,
 }
 
 impl RowFailure {
@@ -691,18 +703,33 @@ impl RowFailure {
                 }
                 _ => Self::refused(Refused::new(refusal, refusal.describe())),
             },
-            None => Self {
-                chain: error_chain(error),
-                refusal: None,
-            },
+            None => Self::retry(error_chain(error)),
+        }
+    }
+
+    /// A failure another attempt may not meet (an outage, a missing key).
+    fn retry(chain: String) -> Self {
+        Self {
+            chain,
+            refusal: None,
+            permanent: false,
+        }
+    }
+
+    /// A failure every attempt would meet.
+    fn permanent(chain: String, refusal: Option<Refusal>) -> Self {
+        Self {
+            chain,
+            refusal,
+            permanent: true,
         }
     }
 
     fn refused(refused: Refused) -> Self {
-        Self {
-            chain: format!("unprocessable ({}): {refused}", refused.refusal),
-            refusal: Some(refused.refusal),
-        }
+        Self::permanent(
+            format!("unprocessable ({}): {refused}", refused.refusal),
+            Some(refused.refusal),
+        )
     }
 }
 

@@ -73,13 +73,17 @@ pub fn retrieve_path(object_type: &str, id: &str) -> Option<String> {
         "checkout.session" => "checkout/sessions",
         _ => return None,
     };
-    // An id is one path segment of Stripe's id alphabet, never a path or a query.
-    let id_like = !id.is_empty()
+    id_like(id).then(|| format!("/{collection}/{id}"))
+}
+
+/// Whether `id` is of Stripe's id alphabet: one path segment (never a path or a query),
+/// and a valid header value.
+fn id_like(id: &str) -> bool {
+    !id.is_empty()
         && id.len() <= 255
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    id_like.then(|| format!("/{collection}/{id}"))
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Why a body is not a Stripe event we can record.
@@ -242,6 +246,19 @@ fn thin_event(envelope: Map<String, Value>) -> Result<StripeEvent, ParseError> {
         .map(|created| created.with_timezone(&Utc))
         .filter(|created| created.timestamp() >= EARLIEST_UNIX_SECS)
         .ok_or(ParseError::NotAnEvent("no valid \"created\""))?;
+    // The account the object belongs to travels as a header when it is fetched: anything
+    // but an account id (`acct_…`), or a path of them (a Stripe context: stripe-node
+    // `types/V2/EventMisc.d.ts`, `StripeContext` segments joined by `/`), is refused here,
+    // where a 400 says so, rather than failing every fetch later.
+    let context = text("context").map(str::to_owned);
+    if context
+        .as_deref()
+        .is_some_and(|context| !context.split('/').all(id_like))
+    {
+        return Err(ParseError::NotAnEvent(
+            "a \"context\" that is not an account id",
+        ));
+    }
     let thin = match envelope.get("related_object") {
         None | Some(Value::Null) => None,
         Some(Value::Object(related)) => Some(ThinRef {
@@ -250,7 +267,7 @@ fn thin_event(envelope: Map<String, Value>) -> Result<StripeEvent, ParseError> {
             object_type: str_field(related, "type").ok_or(ParseError::NotAnEvent(
                 "a \"related_object\" without a type",
             ))?,
-            context: text("context").map(str::to_owned),
+            context: context.clone(),
         }),
         Some(_) => {
             return Err(ParseError::NotAnEvent(
@@ -274,7 +291,7 @@ fn thin_event(envelope: Map<String, Value>) -> Result<StripeEvent, ParseError> {
         thin: Some(thin.unwrap_or_else(|| ThinRef {
             id: String::new(),
             object_type: String::new(),
-            context: text("context").map(str::to_owned),
+            context,
         })),
         account: text("context").and_then(account_id),
     })
@@ -843,6 +860,29 @@ mod tests {
         assert!(parse_event(no_created.to_string().as_bytes()).is_err());
         let bad_related = thin("v1.invoice.paid", json!("in_1"), Value::Null);
         assert!(parse_event(bad_related.to_string().as_bytes()).is_err());
+        // A `context` becomes a `Stripe-Account` header: only an account id is taken.
+        let related = json!({"id": "in_1", "type": "invoice", "url": "/v1/invoices/in_1"});
+        for context in [
+            "acct_1\nX-Evil: 1",
+            "acct 1",
+            "../acct",
+            "acct_1/",
+            "\u{0}",
+            "é",
+        ] {
+            let body = thin("v1.invoice.paid", related.clone(), json!(context));
+            assert!(
+                parse_event(body.to_string().as_bytes()).is_err(),
+                "{context:?}"
+            );
+        }
+        for context in ["acct_1Connected", "acct_1Parent/acct_1Child"] {
+            let body = thin("v1.invoice.paid", related.clone(), json!(context));
+            assert!(
+                parse_event(body.to_string().as_bytes()).is_ok(),
+                "{context}"
+            );
+        }
     }
 
     /// Accounts v2 (API 2025-12-15 onward): `customer` is null and `customer_account`

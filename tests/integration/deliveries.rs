@@ -196,6 +196,50 @@ async fn a_failed_fetch_is_retried_and_dead_lettered_then_redriven() {
     app.stop().await;
 }
 
+/// A thin event naming an object Stripe does not have (for that account) is answered 404
+/// (`invalid_request_error`, "No such subscription": https://docs.stripe.com/api/errors),
+/// and asking again gets the same answer: the row is dead-lettered at once, not retried. A
+/// `context` that is not an account id (it would be a `Stripe-Account` header) is refused
+/// at the door. Thin shapes: `FakeStripe::thin_event` (see its sources).
+#[tokio::test]
+async fn a_thin_event_naming_what_stripe_does_not_have_is_dead_lettered_at_once() {
+    let (app, fake) = spawn_with_stripe("thin404").await;
+    let thin = fake.thin_event(
+        "v1.customer.subscription.updated",
+        Some(("subscription", "sub_nowhere")),
+        None,
+    );
+    let thin_id = thin["id"].as_str().unwrap();
+    deliver(&app, &thin).await;
+    let (state, attempts, last_error): (String, i32, Option<String>) =
+        sqlx::query_as("SELECT state::text, attempts, last_error FROM inbox WHERE event_id = $1")
+            .bind(thin_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), attempts), ("dead", 1), "{last_error:?}");
+    assert!(
+        last_error.as_deref().is_some_and(|e| e.contains("404")),
+        "{last_error:?}"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM events").await, 0);
+
+    let bad = fake.thin_event(
+        "v1.customer.subscription.updated",
+        Some(("subscription", "sub_nowhere")),
+        Some("acct_1\r\nX-Injected: 1"),
+    );
+    let response = app.post_webhook(bad.to_string().as_bytes()).await;
+    assert_eq!(response.status(), 400);
+    let stored = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM inbox WHERE event_id = $1")
+        .bind(bad["id"].as_str().unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    app.stop().await;
+}
+
 /// Waits (bounded) until the row's attempts and last error satisfy `done`.
 async fn wait_for(app: &TestApp, event_id: &str, done: impl Fn(i32, Option<&str>) -> bool) {
     for _ in 0..400 {
@@ -256,7 +300,7 @@ async fn post_eventbridge(app: &TestApp, body: &[u8], secret: Option<&str>) -> r
 /// https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-events-structure.html,
 /// https://docs.stripe.com/event-destinations/eventbridge, and stripe-node
 /// `test/CloudProviderEvent.spec.ts` (`EVENTBRIDGE_PAYLOAD`, `EVENTBRIDGE_V2_PAYLOAD`).
-fn envelope_of(detail: &Value) -> Value {
+pub(crate) fn envelope_of(detail: &Value) -> Value {
     serde_json::json!({
         "version": "0", "id": "17e8dff5-d6cd-3770-ace9-aeac02b6ac3f",
         "detail-type": detail["type"], "source": "aws.partner/stripe.com/ed_test_61Sub",

@@ -5,6 +5,7 @@ mod api;
 mod batches;
 mod cli;
 mod connect;
+mod convergence;
 mod dead_letters;
 mod deliveries;
 mod events;

@@ -3,9 +3,12 @@
 //! removed, a value made null, the wrong type, a huge number, an odd string: a NUL, a lone
 //! surrogate, invalid bytes, a very long one; deep nesting, a long array, another event
 //! type), and each mutant is posted signed to the real binary, against real Postgres and
-//! Redis. No answer may be a 5xx (or none at all), no row may be left retrying (a refusal
-//! taken for an outage), the process must stay up, and a clean set of simulated lifecycles
-//! delivered afterwards, shuffled and duplicated, must end where the domain says.
+//! Redis. So are thin events (`"object": "v2.core.event"`, issue 12) and Amazon
+//! EventBridge envelopes around both kinds, the latter to `/webhooks/eventbridge` with the
+//! header secret; thin events are fetched from a fake Stripe. No answer may be a 5xx (or
+//! none at all), no row may be left retrying (a refusal taken for an outage), the process
+//! must stay up, and a clean set of simulated lifecycles delivered afterwards, shuffled and
+//! duplicated, must end where the domain says.
 //!
 //! The generator is seeded: `SUBLEDGER_MUTATION_SEED` reproduces a run (a fresh seed is
 //! drawn otherwise, and printed), `SUBLEDGER_MUTANTS_PER_FIXTURE` sets how many mutants
@@ -19,13 +22,36 @@ use projections::{Catalog, SubscriptionInfo};
 use serde_json::{json, Value};
 use subledger::stripe::event::HANDLED_TYPES;
 
-use crate::fixtures::{load, Fixture};
+use crate::deliveries::envelope_of;
+use crate::fixtures::load;
 use crate::lifecycle::fold;
+use crate::support::fake_stripe::FakeStripe;
 use crate::support::helpers::{settle, test_settings, SERVED_PROJECTIONS};
 use crate::support::procs::{answers, post_all, post_event, scratch, serve_command, Served};
 use crate::support::stripe_sim::{shuffle_with_duplicates, simulate, SimEvent};
 
 const DEFAULT_PER_FIXTURE: usize = 8;
+
+/// The EventBridge connection's header secret the served process is given.
+const EB_HEADER: &str = "x-subledger-eventbridge-secret";
+const EB_SECRET: &str = "eb-mutants-secret";
+
+/// Where a mutant is posted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum To {
+    /// `/webhooks/stripe`, signed: the body is the Stripe event.
+    Webhook,
+    /// `/webhooks/eventbridge` with the header secret: the body is the EventBridge event
+    /// whose `detail` is the Stripe event.
+    EventBridge,
+}
+
+/// What mutants are made from: a fixture, a thin event, or an EventBridge envelope.
+struct Seed {
+    name: String,
+    body: Vec<u8>,
+    to: To,
+}
 
 /// splitmix64: each mutant gets its own stream, drawn from the run's seed, so one mutant
 /// is rebuilt exactly from (seed, its number).
@@ -103,7 +129,7 @@ const HUGE_NUMBERS: [&str; 12] = [
 
 /// Paths most likely to matter to the service: the envelope, ids, the customer, statuses,
 /// periods, owners, items.
-const HOT_KEYS: [&str; 30] = [
+const HOT_KEYS: [&str; 36] = [
     "id",
     "type",
     "created",
@@ -134,6 +160,13 @@ const HOT_KEYS: [&str; 30] = [
     "cancel_at_period_end",
     "latest_invoice",
     "amount_due",
+    // Thin events and EventBridge envelopes.
+    "related_object",
+    "context",
+    "reason",
+    "detail",
+    "detail-type",
+    "source",
 ];
 
 fn is_hot(pointer: &str) -> bool {
@@ -175,21 +208,33 @@ fn last_key(pointer: &str) -> &str {
     pointer.rsplit('/').next().unwrap_or("")
 }
 
-/// One mutant: its number, its fixture, what was done, and the exact body.
+/// One mutant: its number, its seed's name, what was done, the exact body, and where it
+/// is posted.
 struct Mutant {
     number: usize,
     fixture: String,
     mutations: Vec<String>,
     body: Vec<u8>,
+    to: To,
+}
+
+/// The Stripe event inside `value`: the EventBridge event's `detail` while it is still an
+/// object, else `value` itself.
+fn stripe_event(value: &mut Value, to: To) -> &mut Value {
+    if to == To::EventBridge && value["detail"].is_object() {
+        &mut value["detail"]
+    } else {
+        value
+    }
 }
 
 /// Builds mutant `number` of `fixture` from the run's `seed`.
-fn mutant(seed: u64, number: usize, fixture: &Fixture) -> Mutant {
+fn mutant(seed: u64, number: usize, fixture: &Seed) -> Mutant {
     let mut rng = Rng(seed ^ (number as u64).wrapping_mul(0xA24B_AED4_963E_E407));
     let mut value: Value = serde_json::from_slice(&fixture.body).unwrap();
     // A fresh event id, so that every mutant is a new inbox row (a mutation may still
     // change or remove it).
-    value["id"] = json!(format!("evt_mut_{seed:x}_{number}"));
+    stripe_event(&mut value, fixture.to)["id"] = json!(format!("evt_mut_{seed:x}_{number}"));
     let mut raw: Vec<(String, Vec<u8>)> = Vec::new();
     let mut mutations = Vec::new();
     for _ in 0..1 + rng.below(3) {
@@ -212,7 +257,9 @@ fn mutant(seed: u64, number: usize, fixture: &Fixture) -> Mutant {
         } else {
             rng.pick(&candidates).clone()
         };
-        mutations.push(mutate(&mut rng, kind, &mut value, &path, &mut raw));
+        mutations.push(mutate(
+            &mut rng, kind, &mut value, &path, &mut raw, fixture.to,
+        ));
     }
     let mut body = serde_json::to_vec(&value).unwrap();
     // Newest first: a later mutation may have wrapped an earlier marker in its own text.
@@ -224,9 +271,10 @@ fn mutant(seed: u64, number: usize, fixture: &Fixture) -> Mutant {
     }
     Mutant {
         number,
-        fixture: fixture.file.clone(),
+        fixture: fixture.name.clone(),
         mutations,
         body,
+        to: fixture.to,
     }
 }
 
@@ -244,6 +292,7 @@ fn mutate(
     value: &mut Value,
     path: &str,
     raw: &mut Vec<(String, Vec<u8>)>,
+    to: To,
 ) -> String {
     let target = value
         .pointer_mut(path)
@@ -356,12 +405,97 @@ fn mutate(
                 "invoice",
                 ".",
                 "charge.succeeded",
+                "v1.customer.subscription.updated",
+                "v1.invoice.paid",
+                "v1.",
+                "v2.core.event_destination.ping",
+                "v2.core.health.event_generation_failure.resolved",
             ]);
             let event_type = *rng.pick(&types);
-            value["type"] = json!(event_type);
+            stripe_event(value, to)["type"] = json!(event_type);
             format!("type = {event_type:?} (at {path})")
         }
     }
+}
+
+/// Every shared fixture, as a webhook; thin events, as a webhook; and EventBridge envelopes
+/// around the thin events and around every eighth fixture.
+///
+/// The thin events are the fake's (`FakeStripe::thin_event`: shaped as
+/// https://docs.stripe.com/api/v2/core/events/object and stripe-node
+/// `src/resources/V2/Core/Events.ts`): a subscription the fake holds (fetched), an invoice it
+/// does not hold for a connected account (`context`; Stripe answers 404), a v2 type naming
+/// nothing (`v2.core.event_destination.ping`) and the health event that requests a sync of
+/// every customer. The envelope is `deliveries::envelope_of` (AWS's event structure,
+/// https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-events-structure.html, and
+/// https://docs.stripe.com/event-destinations/eventbridge).
+fn seeds(fake: &FakeStripe, subscription_id: &str) -> Vec<Seed> {
+    let fixtures = load();
+    let thin = [
+        fake.thin_event(
+            "v1.customer.subscription.updated",
+            Some(("subscription", subscription_id)),
+            None,
+        ),
+        fake.thin_event(
+            "v1.invoice.paid",
+            Some(("invoice", "in_mut_missing")),
+            Some("acct_1MutantContext"),
+        ),
+        fake.thin_event("v2.core.event_destination.ping", None, None),
+        fake.thin_event(
+            "v2.core.health.event_generation_failure.resolved",
+            None,
+            None,
+        ),
+    ];
+    let mut seeds: Vec<Seed> = fixtures
+        .iter()
+        .map(|f| Seed {
+            name: f.file.clone(),
+            body: f.body.clone(),
+            to: To::Webhook,
+        })
+        .collect();
+    for event in &thin {
+        seeds.push(Seed {
+            name: format!("thin {}", event["type"]),
+            body: serde_json::to_vec(event).unwrap(),
+            to: To::Webhook,
+        });
+    }
+    let wrapped = thin
+        .iter()
+        .map(|event| (format!("thin {}", event["type"]), event.clone()));
+    let fixtures_wrapped = fixtures.iter().step_by(8).map(|f| {
+        (
+            f.file.clone(),
+            serde_json::from_slice::<Value>(&f.body).unwrap(),
+        )
+    });
+    for (name, event) in wrapped.chain(fixtures_wrapped) {
+        seeds.push(Seed {
+            name: format!("EventBridge around {name}"),
+            body: serde_json::to_vec(&envelope_of(&event)).unwrap(),
+            to: To::EventBridge,
+        });
+    }
+    seeds
+}
+
+/// Posts an EventBridge event with the header secret; the status, or `None` when no
+/// answer came.
+async fn post_eventbridge(client: &reqwest::Client, address: &str, body: &[u8]) -> Option<u16> {
+    client
+        .post(format!("{address}/webhooks/eventbridge"))
+        .header(EB_HEADER, EB_SECRET)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
 }
 
 /// What `SUBLEDGER_MUTATION_SEED` says, or a fresh seed.
@@ -387,18 +521,34 @@ async fn mutated_fixtures_never_get_a_5xx_and_clean_lifecycles_still_converge() 
         "mutation seed {seed} ({per_fixture} mutants per fixture); reproduce with \
          SUBLEDGER_MUTATION_SEED={seed} cargo test --test integration mutants::"
     );
-    let fixtures = load();
-    let mutants: Vec<Mutant> = fixtures
+    // Thin events are fetched: from a fake Stripe that knows one subscription. Its
+    // entitlements answer is refused, so a sync never records a summary the lifecycles
+    // below do not have (a summary Stripe does not give leaves what is held alone).
+    let fake = FakeStripe::start().await;
+    fake.fail_always("/v1/entitlements/", 404);
+    let sub = fake.add_subscription("cus_mut_thin", "org_mut_thin", "active", "price_pro", 3_600);
+    let seeds = seeds(&fake, sub["id"].as_str().unwrap());
+    let mutants: Vec<Mutant> = seeds
         .iter()
         .enumerate()
         .flat_map(|(f, fixture)| (0..per_fixture).map(move |k| (f * per_fixture + k, fixture)))
         .map(|(number, fixture)| mutant(seed, number, fixture))
         .collect();
 
-    let (settings, db_name, _) = test_settings("mutants");
+    let (mut settings, db_name, _) = test_settings("mutants");
+    settings.stripe_api_base = fake.base_url.clone();
     let dir = scratch("mutants");
     let log = dir.join("serve.log");
-    let serve = Served::start(serve_command(&settings), &log).await;
+    let mut command = serve_command(&settings);
+    // A key of neither mode's prefix: events of both modes are processed, as the
+    // fixtures hold both.
+    command
+        .env("STRIPE_SECRET_KEY", "sk_mutants_fake")
+        .env("SUBLEDGER_EVENTBRIDGE_SECRET", EB_SECRET)
+        .env("SUBLEDGER_EVENTBRIDGE_HEADER", EB_HEADER)
+        .env("SUBLEDGER_RECOVERY_INTERVAL_SECS", "0")
+        .env("SUBLEDGER_RECONCILE_INTERVAL_SECS", "0");
+    let serve = Served::start(command, &log).await;
     let base = serve.address.clone();
 
     // Every mutant, 8 at a time; what each was answered.
@@ -408,9 +558,14 @@ async fn mutated_fixtures_never_get_a_5xx_and_clean_lifecycles_still_converge() 
     for (i, mutant) in mutants.iter().enumerate() {
         let permit = semaphore.clone().acquire_owned().await.unwrap();
         let (client, base, body) = (client.clone(), base.clone(), mutant.body.clone());
+        let to = mutant.to;
         tasks.spawn(async move {
             let _permit = permit;
-            (i, post_event(&client, &base, &body).await)
+            let status = match to {
+                To::Webhook => post_event(&client, &base, &body).await,
+                To::EventBridge => post_eventbridge(&client, &base, &body).await,
+            };
+            (i, status)
         });
     }
     let mut answered: Vec<Option<u16>> = vec![None; mutants.len()];
