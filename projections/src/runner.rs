@@ -931,19 +931,9 @@ pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<Position,
     .unwrap_or_default())
 }
 
-/// How many events a projection is behind the log.
+/// How many events a projection is behind the log (all of it when it has no checkpoint yet).
 pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
     let mut conn = pool.acquire().await?;
-    let at = sqlx::query(
-        "SELECT tx_id::text AS tx_id, global_seq FROM projection_checkpoints WHERE name = $1",
-    )
-    .bind(name)
-    .fetch_optional(&mut *conn)
-    .await?
-    .as_ref()
-    .map(checkpoint_position)
-    .transpose()?
-    // No checkpoint yet: the projection has read nothing.
-    .unwrap_or_default();
+    let at = checkpoint(&mut conn, name).await?;
     Ok(log::count_after(&mut conn, at).await?)
 }
