@@ -152,6 +152,8 @@ struct OwnerWrites {
     keys: Vec<String>,
     /// Whether each answer's customer key was written.
     written: Vec<bool>,
+    /// Whether `cmds` holds a fill (`FILL_SCRIPT`).
+    fill: bool,
 }
 
 /// The field that marks an owner's hash as holding every linked customer.
@@ -342,6 +344,7 @@ impl RedisCache {
         if let Some((cmd, key)) = fill {
             rest.cmds.push(cmd);
             rest.keys.push(key);
+            rest.fill = true;
         }
         self.write_owners(&mut conn, rest).await
     }
@@ -418,11 +421,13 @@ impl RedisCache {
         rest: OwnerWrites,
     ) -> Result<Vec<bool>, ProjectionError> {
         let scripts = scripts();
-        let loads: Vec<&str> = if rest.cmds.is_empty() {
-            vec![]
-        } else {
-            vec![&scripts.sources[1], &scripts.sources[2]]
-        };
+        let mut loads: Vec<&str> = Vec::with_capacity(2);
+        if !rest.cmds.is_empty() {
+            loads.push(&scripts.sources[1]);
+        }
+        if rest.fill {
+            loads.push(&scripts.sources[2]);
+        }
         conn.run(&loads, rest.cmds, self.publish_command(&rest.keys))
             .await?;
         Ok(rest.written)
@@ -855,9 +860,38 @@ mod tests {
                 .unwrap());
             assert!(members(&cache, "org_a").await.is_empty(), "{mode}");
 
+            // The scripts are gone (a node restarted): the next writes load them again.
+            // (A standalone server is sent them before every batch; it is shared with
+            // other test runs, so its scripts are left alone.)
+            let flush = || async {
+                if mode == "cluster" {
+                    let _: () = redis::cmd("SCRIPT")
+                        .arg("FLUSH")
+                        .query_async(&mut cache.conn.get().await.unwrap())
+                        .await
+                        .unwrap();
+                }
+            };
+            flush().await;
+            assert!(cache
+                .put(&info("cus_3", 1, Some("org_a"), false))
+                .await
+                .unwrap());
+            flush().await;
+            cache
+                .fill_owner(
+                    Owner::Org,
+                    "org_e",
+                    &[info("cus_4", 1, Some("org_e"), false)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(members(&cache, "org_a").await, ["cus_3"], "{mode}");
+            assert_eq!(members(&cache, "org_e").await, ["cus_4"], "{mode}");
+
             // Every key is found and deleted, on whichever node it lives.
             let deleted = cache.clear_all().await.unwrap();
-            assert!(deleted >= 6, "{mode}: {deleted}");
+            assert!(deleted >= 9, "{mode}: {deleted}");
             assert_eq!(version(&cache, "cus_1").await, None, "{mode}");
             assert_eq!(cache.clear_all().await.unwrap(), 0, "{mode}");
         }
