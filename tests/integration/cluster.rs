@@ -3,7 +3,8 @@
 //! the cache's keys land on different nodes and any command over two of them would be
 //! refused. It answers what the same binary answers on a standalone Redis, reads through
 //! after its keys are wiped, replays, and its replicas see each other's writes through the
-//! invalidation channel, also after their subscriptions were cut.
+//! invalidation channel, also after their subscriptions were cut. On a cluster of its own,
+//! it starts while the cluster is down and rides out a node's restart.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,10 @@ use sqlx::PgPool;
 use crate::events::{envelope, sub_event, T0};
 use crate::freshness::{all_live, metric};
 use crate::support::helpers::{settle, test_settings, SERVED_PROJECTIONS, TOKEN};
-use crate::support::procs::{post_event, scratch, serve_command, subledger_command, Served};
+use crate::support::procs::{
+    post_event, scratch, serve_command, subledger_command, Served, ThrowawayRedisCluster,
+};
+use projections::{EventualProjection, PlatformTables, TransactionalProjection};
 
 fn cluster_urls() -> String {
     std::env::var("REDIS_CLUSTER_URLS").unwrap_or_else(|_| {
@@ -402,5 +406,99 @@ async fn in_cluster_mode_replicas_see_each_others_writes_through_the_invalidatio
     drop(first);
     drop(second);
     wipe(&prefix).await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The customer's answer as the cluster holds it (its status), if it holds one.
+async fn cached_status(urls: &str, key: &str) -> Option<String> {
+    let client = redis::cluster::ClusterClient::new(urls.split(',').collect::<Vec<_>>()).ok()?;
+    let mut conn = client.get_async_connection().await.ok()?;
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let value: Value = serde_json::from_str(&raw?).ok()?;
+    value["status"].as_str().map(str::to_owned)
+}
+
+async fn wait_cached(urls: &str, key: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cached_status(urls, key).await.as_deref() != Some(status) {
+        assert!(Instant::now() < deadline, "{key} never held {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn in_cluster_mode_it_starts_without_the_cluster_and_rides_out_a_node_restart() {
+    const PASSWORD: &str = "cluster-pass-5a4b3c2d";
+    let mut redis = ThrowawayRedisCluster::new(PASSWORD);
+    let urls = redis.urls();
+    let dir = scratch("cluster-outage");
+    let log = dir.join("serve.log");
+    let (settings, db_name, prefix) = test_settings("cluster_outage");
+    let mut command = cluster_command(&settings);
+    command.env("REDIS_URL", &urls);
+    // The cluster is not up: it starts, takes webhooks and answers from Postgres.
+    let served = Served::start(command, &log).await;
+    // No kept-alive connections: the waits below outlast the server's idle timeout, and a
+    // request sent on a connection it is closing gets no answer.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let pool = pool(&db_name).await;
+    let event = |step: i64, status: &str| {
+        // Basil-shaped: tests/integration/events.rs.
+        sub_event(
+            &format!("evt_o{step}"),
+            "customer.subscription.updated",
+            T0 + 10 * step,
+            "sub_o",
+            "cus_o",
+            status,
+            "org_o",
+        )
+    };
+    assert_eq!(
+        post_event(&client, &served.address, &event(0, "trialing")).await,
+        Some(200)
+    );
+    settle(&pool, &[PlatformTables::NAME], Duration::from_secs(60)).await;
+    assert_eq!(
+        org_status(&client, &served.address, "org_o").await,
+        "trialing"
+    );
+
+    // The cluster comes up: the cache projection catches up by itself.
+    redis.start();
+    let key = format!("{prefix}stripe:customer:cus_o");
+    wait_cached(&urls, &key, "trialing").await;
+    settle(&pool, &SERVED_PROJECTIONS, Duration::from_secs(60)).await;
+
+    // The node holding the customer's key restarts empty (scripts and keys gone): the
+    // next write reaches it again.
+    let node = redis.node_of(&key);
+    redis.kill_node(node);
+    redis.start_node(node);
+    redis.wait_ok();
+    assert_eq!(
+        post_event(&client, &served.address, &event(1, "active")).await,
+        Some(200)
+    );
+    wait_cached(&urls, &key, "active").await;
+    settle(&pool, &SERVED_PROJECTIONS, Duration::from_secs(60)).await;
+    assert_eq!(
+        org_status(&client, &served.address, "org_o").await,
+        "active"
+    );
+
+    drop(served);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains(PASSWORD),
+        "the log shows the cluster's password"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
