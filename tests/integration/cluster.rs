@@ -17,7 +17,7 @@ use crate::support::helpers::{settle, test_settings, SERVED_PROJECTIONS, TOKEN};
 use crate::support::procs::{
     post_event, scratch, serve_command, subledger_command, Served, ThrowawayRedisCluster,
 };
-use projections::{EventualProjection, PlatformTables, TransactionalProjection};
+use projections::{PlatformTables, TransactionalProjection};
 
 fn cluster_urls() -> String {
     std::env::var("REDIS_CLUSTER_URLS").unwrap_or_else(|_| {
