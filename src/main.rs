@@ -601,20 +601,15 @@ async fn dlq(settings: Settings, action: DlqAction) -> anyhow::Result<()> {
                 anyhow::ensure!(!requeued.is_empty(), "{id} is not a dead letter");
             }
             process_inbox(&services).await?;
-            let still_dead: std::collections::HashSet<String> =
-                inbox::dead_letters(&services.pool, None)
-                    .await
-                    .context("reading the dead letters")?
-                    .into_iter()
-                    .map(|letter| letter.event_id)
-                    .collect();
             let mut failed = 0;
             for event_id in &requeued {
-                let row = inbox::state_of(&services.pool, event_id)
+                // A running service's worker may have claimed the row before this
+                // process did (its drain skips locked rows): wait for that attempt.
+                let row = inbox::settled_state_of(&services.pool, event_id)
                     .await
                     .context("reading the inbox")?;
                 let (state, outcome) = (row.map(|r| r.0), row.and_then(|r| r.1));
-                if state != Some(InboxState::Done) || still_dead.contains(event_id) {
+                if state != Some(InboxState::Done) {
                     failed += 1;
                 }
                 println!(

@@ -29,7 +29,8 @@ use serde::Serialize;
 
 pub use dead_letters::{dead_letters, redrive, DeadLetter, Redrive};
 pub use read::{
-    depth, has_customer, hourly, of_customer, recent, state_of, Depth, HourlyCount, InboxEntry,
+    depth, has_customer, hourly, of_customer, recent, settled_state_of, Depth, HourlyCount,
+    InboxEntry,
 };
 pub use store::{
     check, record, record_many, InboxError, InboxWriter, NewEvent, Received, Recorded,

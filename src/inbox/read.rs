@@ -63,12 +63,18 @@ pub async fn has_customer(pool: &PgPool, customer_id: &str) -> Result<bool, sqlx
         .await
 }
 
-/// The state and outcome of one row; `None` when no row has that event id.
-pub async fn state_of(
+/// The state and outcome of one row once no attempt at it is in flight; `None` when no row
+/// has that event id.
+///
+/// A worker holds the rows it claimed locked (`FOR UPDATE`) until it commits their
+/// outcome, and a plain read would see such a row as still pending. `FOR SHARE` waits for
+/// that transaction to end, so whoever took the row (this process or a running service's
+/// worker, of any replica), the answer is what its attempt made of it.
+pub async fn settled_state_of(
     pool: &PgPool,
     event_id: &str,
 ) -> Result<Option<(InboxState, Option<Outcome>)>, sqlx::Error> {
-    sqlx::query_as("SELECT state, outcome FROM inbox WHERE event_id = $1")
+    sqlx::query_as("SELECT state, outcome FROM inbox WHERE event_id = $1 FOR SHARE")
         .bind(event_id)
         .fetch_optional(pool)
         .await

@@ -27,20 +27,55 @@ END $$;
 CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_poison();
 "#;
 
-/// (state, attempts, last_error, seconds from now to the next attempt) of an inbox row.
-async fn attempt_row(app: &TestApp, event_id: &str) -> (String, i32, Option<String>, f64) {
+/// Records every failed attempt at an inbox row as the row stood after it, with the time
+/// of the transaction that recorded it (the `now()` its backoff counts from). The test
+/// reads the backoff from this history rather than by catching the row between two
+/// attempts: on a loaded machine the 2 s a row stays pending may pass unobserved.
+const RECORD_FAILED_ATTEMPTS: &str = r#"
+CREATE TABLE failed_attempts (event_id text, attempts int, state text, last_error text,
+    next_attempt_at timestamptz, at timestamptz);
+CREATE FUNCTION record_failed_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO failed_attempts
+    VALUES (NEW.event_id, NEW.attempts, NEW.state, NEW.last_error, NEW.next_attempt_at, now());
+  RETURN NEW;
+END $$;
+CREATE TRIGGER record_failed_attempt AFTER UPDATE ON inbox FOR EACH ROW
+  WHEN (NEW.attempts > OLD.attempts AND NEW.last_error IS NOT NULL)
+  EXECUTE FUNCTION record_failed_attempt();
+"#;
+
+/// The failed attempts at a row so far, in order: (attempts, state, last_error, seconds
+/// from the attempt to the next one it scheduled, seconds from the first failed attempt).
+async fn failed_attempts(
+    app: &TestApp,
+    event_id: &str,
+) -> Vec<(i32, String, Option<String>, f64, f64)> {
     sqlx::query_as(
-        "SELECT state, attempts, last_error, \
-            extract(epoch FROM next_attempt_at - now())::float8 FROM inbox WHERE event_id = $1",
+        "SELECT attempts, state, last_error, \
+            extract(epoch FROM next_attempt_at - at)::float8, \
+            extract(epoch FROM at - first_value(at) OVER (ORDER BY at, attempts))::float8 \
+         FROM failed_attempts WHERE event_id = $1 ORDER BY at, attempts",
     )
     .bind(event_id)
-    .fetch_one(&app.pool)
+    .fetch_all(&app.pool)
     .await
     .unwrap()
 }
 
+/// (state, attempts) of an inbox row.
+async fn attempt_row(app: &TestApp, event_id: &str) -> (String, i32) {
+    sqlx::query_as("SELECT state, attempts FROM inbox WHERE event_id = $1")
+        .bind(event_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// Waits (generously: the machine may be loaded) until the row is in `state` after
+/// `attempts` attempts.
 async fn wait_for_state(app: &TestApp, event_id: &str, state: &str, attempts: i32) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let row = attempt_row(app, event_id).await;
         if row.0 == state && row.1 == attempts {
@@ -76,6 +111,10 @@ async fn failing_rows_back_off_dead_letter_and_are_re_driven() {
         .execute(&app.pool)
         .await
         .unwrap();
+    sqlx::raw_sql(RECORD_FAILED_ATTEMPTS)
+        .execute(&app.pool)
+        .await
+        .unwrap();
 
     let poison = |id, t, status| {
         sub_event(
@@ -107,16 +146,26 @@ async fn failing_rows_back_off_dead_letter_and_are_re_driven() {
 
     // Another customer is not held up by the failing one.
     wait_for_state(&app, "evt_fine", "done", 1).await;
-    // The first failure: kept pending, its error recorded, retried after a backoff.
-    wait_for_state(&app, "evt_poison1", "pending", 1).await;
-    let (_, _, error, next_in) = attempt_row(&app, "evt_poison1").await;
-    assert!(
-        error.as_deref().unwrap_or("").contains("injected fault"),
-        "{error:?}"
-    );
-    assert!(next_in > 1.0 && next_in <= 2.0, "backoff {next_in}");
-    // The second (the configured maximum): dead-lettered, the error kept.
+    // The first failure: kept pending, its error recorded, due again 2 s later
+    // (`inbox::work::RETRY`). The second (the configured maximum), no earlier than that:
+    // dead-lettered, the error kept.
     wait_for_state(&app, "evt_poison1", "dead", 2).await;
+    let attempts = failed_attempts(&app, "evt_poison1").await;
+    let [(1, first_state, first_error, backoff, _), (2, second_state, second_error, _, retried_after)] =
+        attempts.as_slice()
+    else {
+        panic!("{attempts:?}");
+    };
+    assert_eq!(first_state, "pending", "{attempts:?}");
+    assert_eq!(*backoff, 2.0, "{attempts:?}");
+    assert!(*retried_after >= 2.0, "{attempts:?}");
+    assert_eq!(second_state, "dead", "{attempts:?}");
+    for error in [first_error, second_error] {
+        assert!(
+            error.as_deref().unwrap_or("").contains("injected fault"),
+            "{attempts:?}"
+        );
+    }
     let (_, outcome, _) = app.inbox_row("evt_poison1").await.unwrap();
     assert_eq!(outcome.as_deref(), Some("failed"));
     assert_eq!(
