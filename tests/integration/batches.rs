@@ -129,7 +129,7 @@ async fn racing_batches_fall_back_to_one_customer_at_a_time_and_lose_nothing() {
         }));
     }
     let mut waiting = 0;
-    for _ in 0..400 {
+    for _ in 0..2400 {
         waiting = count(
             &services,
             "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass",

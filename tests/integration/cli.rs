@@ -235,7 +235,8 @@ async fn serve_migrates_serves_and_stops_cleanly_on_sigterm() {
         .unwrap();
     let client = reqwest::Client::new();
     let mut up = false;
-    for _ in 0..200 {
+    // Up to a minute (generous: a loaded machine starts and migrates slowly).
+    for _ in 0..1200 {
         if let Ok(r) = client
             .get(format!("http://127.0.0.1:{port}/healthz"))
             .send()
@@ -262,7 +263,7 @@ async fn serve_migrates_serves_and_stops_cleanly_on_sigterm() {
         .unwrap();
     assert!(kill.success());
     let mut status = None;
-    for _ in 0..200 {
+    for _ in 0..1200 {
         if let Some(s) = child.try_wait().unwrap() {
             status = Some(s);
             break;

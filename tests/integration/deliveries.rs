@@ -169,7 +169,7 @@ async fn a_failed_fetch_is_retried_and_dead_lettered_then_redriven() {
         .unwrap();
     // This or one of the app's own workers (whichever claims it) makes the last attempt.
     app.services.worker.process_batch(64, None).await.unwrap();
-    for _ in 0..400 {
+    for _ in 0..2400 {
         if app.inbox_row(&thin_id).await.unwrap().0 == "dead" {
             break;
         }
@@ -242,7 +242,7 @@ async fn a_thin_event_naming_what_stripe_does_not_have_is_dead_lettered_at_once(
 
 /// Waits (bounded) until the row's attempts and last error satisfy `done`.
 async fn wait_for(app: &TestApp, event_id: &str, done: impl Fn(i32, Option<&str>) -> bool) {
-    for _ in 0..400 {
+    for _ in 0..2400 {
         let (attempts, last_error): (i32, Option<String>) =
             sqlx::query_as("SELECT attempts, last_error FROM inbox WHERE event_id = $1")
                 .bind(event_id)
@@ -488,7 +488,7 @@ async fn setup_creates_the_endpoint_once_and_check_reports_what_is_wrong() {
     // The server checks at start; /readyz shows its result (once it has one) and Stripe
     // as configured.
     let mut ready = Value::Null;
-    for _ in 0..400 {
+    for _ in 0..2400 {
         ready = app
             .client
             .get(format!("{}/readyz", app.address))
@@ -612,7 +612,7 @@ async fn the_event_generation_failure_resolved_event_requests_a_sync_of_every_cu
     let detail = detail.unwrap();
     assert!(detail.contains("customers requested"), "{detail}");
     // The sync worker runs them: each customer's attempt is recorded.
-    for _ in 0..400 {
+    for _ in 0..2400 {
         if app
             .count("SELECT count(DISTINCT customer_id) FROM sync_attempts")
             .await

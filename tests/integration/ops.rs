@@ -380,7 +380,7 @@ async fn a_failing_webhook_is_retried_dead_lettered_counted_and_re_driven_from_t
     assert_eq!(app.post_webhook(&body).await.status(), 200);
     // The first failure backs off 2 s before the second, final attempt.
     let mut state = String::new();
-    for _ in 0..200 {
+    for _ in 0..1200 {
         state = app.inbox_row("evt_d1").await.unwrap().0;
         if state == "dead" {
             break;
@@ -690,7 +690,7 @@ async fn each_webhook_is_logged_in_a_json_span_with_its_event_customer_and_outco
         "org_l",
     );
     let mut sent = false;
-    for _ in 0..200 {
+    for _ in 0..1200 {
         let signature = subledger::stripe::signature::sign(
             crate::support::helpers::SECRET,
             chrono::Utc::now().timestamp(),
@@ -713,7 +713,7 @@ async fn each_webhook_is_logged_in_a_json_span_with_its_event_customer_and_outco
     let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{db_name}"))
         .await
         .unwrap();
-    for _ in 0..200 {
+    for _ in 0..1200 {
         let state: String = sqlx::query_scalar("SELECT state FROM inbox WHERE event_id = 'evt_l1'")
             .fetch_one(&pool)
             .await

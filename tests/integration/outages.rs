@@ -277,7 +277,8 @@ async fn with_postgres_down_webhooks_get_503_cached_reads_answer_and_all_resumes
     // Postgres comes back: Stripe's retry is stored and processed, no restart needed.
     postgres.start();
     let mut stored = None;
-    for _ in 0..100 {
+    // Up to a minute or more: a loaded machine may restart Postgres slowly.
+    for _ in 0..600 {
         stored = post_event(&client, &serve.address, &second).await;
         if stored == Some(200) {
             break;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sqlx::Row;
+use sqlx::{PgPool, Row};
 use subledger::inbox::{self, InboxError, InboxWriter, NewEvent, Received, Source};
 use subledger::stripe::{parse_event, StripeEvent};
 use subledger::Services;
@@ -231,14 +231,14 @@ async fn send_get(client: &reqwest::Client, url: &str, token: &str) -> (u16, Str
     (status, response.text().await.unwrap_or_default())
 }
 
-/// A trigger on the inbox: `evt_slow` takes half a second to insert (holding the writer's
+/// A trigger on the inbox: `evt_slow` takes two seconds to insert (holding the writer's
 /// only slot while the next batch gathers), `evt_pg_refuses…` is refused for its content
 /// (SQLSTATE 22023, which the service's own check cannot foresee), `evt_pg_down…` as if the
 /// server were shutting down (57P03).
 const INBOX_FAULTS: &str = r#"
 CREATE FUNCTION inbox_faults() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  IF NEW.event_id = 'evt_slow' THEN PERFORM pg_sleep(0.5); END IF;
+  IF NEW.event_id = 'evt_slow' THEN PERFORM pg_sleep(2); END IF;
   IF NEW.event_id LIKE 'evt_pg_refuses%' THEN
     RAISE EXCEPTION 'injected: a value refused' USING ERRCODE = '22023';
   END IF;
@@ -252,13 +252,37 @@ CREATE TRIGGER inbox_faults BEFORE INSERT ON inbox FOR EACH ROW EXECUTE FUNCTION
 
 /// Stores `ids` through a group commit with one slot, all in the batch that queues while
 /// `evt_slow` is being inserted; returns each one's answer.
-async fn store_together(writer: &InboxWriter, ids: &[&str]) -> Vec<Result<Received, InboxError>> {
+async fn store_together(
+    pool: &PgPool,
+    writer: &InboxWriter,
+    ids: &[&str],
+) -> Vec<Result<Received, InboxError>> {
     let slow = {
         let writer = writer.clone();
         let (event, raw) = parsed(&event_of("evt_slow", "cus_slow", T0, "active", "org_s"));
         tokio::spawn(async move { writer.store(event, raw).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Until its insert is under way (not a fixed pause: a loaded machine may take longer
+    // to get there), so that the others queue behind it and form one batch.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let sleeping: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event = 'PgSleep'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if sleeping > 0 {
+            break;
+        }
+        assert!(!slow.is_finished(), "evt_slow was stored without its pause");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "evt_slow never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut tasks = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let writer = writer.clone();
@@ -291,7 +315,12 @@ async fn the_group_commit_isolates_an_event_postgres_refuses_but_not_an_outage()
         .unwrap();
     let writer = InboxWriter::start(services.pool.clone(), 1);
 
-    let answers = store_together(&writer, &["evt_a1", "evt_pg_refuses1", "evt_a2", "evt_a3"]).await;
+    let answers = store_together(
+        &services.pool,
+        &writer,
+        &["evt_a1", "evt_pg_refuses1", "evt_a2", "evt_a3"],
+    )
+    .await;
     assert!(matches!(answers[0], Ok(Received::Stored)), "{answers:?}");
     match &answers[1] {
         Err(InboxError::Refused(refused)) => {
@@ -307,7 +336,12 @@ async fn the_group_commit_isolates_an_event_postgres_refuses_but_not_an_outage()
     assert!(matches!(answers[2], Ok(Received::Stored)), "{answers:?}");
     assert!(matches!(answers[3], Ok(Received::Stored)), "{answers:?}");
 
-    let answers = store_together(&writer, &["evt_b1", "evt_pg_down1", "evt_b2"]).await;
+    let answers = store_together(
+        &services.pool,
+        &writer,
+        &["evt_b1", "evt_pg_down1", "evt_b2"],
+    )
+    .await;
     assert!(
         answers
             .iter()

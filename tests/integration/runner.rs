@@ -244,8 +244,9 @@ async fn a_request_waits_until_the_projections_applied_its_events_and_no_longer(
     assert!(!applied);
     assert!(started.elapsed() >= Duration::from_millis(300));
 
-    // The runner runs (polling only every minute): the wait asks it for a pass, is woken
-    // by it, and ends once the tables and the cache hold the version.
+    // The runner runs (polling only every hour, far beyond the waits' deadlines, so a
+    // wait fulfilled in time was not served by a poll): the wait asks it for a pass, is
+    // woken by it, and ends once the tables and the cache hold the version.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn({
         let projections = projections.clone();
@@ -254,23 +255,18 @@ async fn a_request_waits_until_the_projections_applied_its_events_and_no_longer(
                 .run(
                     100,
                     Arc::new(tokio::sync::Notify::new()),
-                    Duration::from_secs(60),
+                    Duration::from_secs(3600),
                     stopped,
                     |error| panic!("{error}"),
                 )
                 .await
         }
     });
-    let started = std::time::Instant::now();
     let applied = projections
-        .wait_until_applied("cus_w", version, Duration::from_secs(30))
+        .wait_until_applied("cus_w", version, Duration::from_secs(60))
         .await
         .unwrap();
-    assert!(applied);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "not the minute's poll"
-    );
+    assert!(applied, "not the hour's poll");
     let table = PlatformTables::customer(&services.pool, "cus_w")
         .await
         .unwrap()
@@ -287,16 +283,14 @@ async fn a_request_waits_until_the_projections_applied_its_events_and_no_longer(
         .expect("cached");
     assert_eq!(cached.version, version);
 
-    // Another write: the runner is woken by the wait (not by its minute's poll).
+    // Another write: the runner is woken by the wait (not by its hour's poll).
     let version = record_owner(&services, "cus_w", "org_w2").await;
-    let started = std::time::Instant::now();
-    assert!(projections
-        .wait_until_applied("cus_w", version, Duration::from_secs(30))
-        .await
-        .unwrap());
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "not the minute's poll"
+        projections
+            .wait_until_applied("cus_w", version, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        "not the hour's poll"
     );
     let cached = services
         .cache

@@ -152,7 +152,8 @@ async fn slow_clients_cannot_starve_a_well_behaved_one() {
         assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
         let started = Instant::now();
         let closed = tokio::time::timeout(
-            Duration::from_millis(TIMEOUT_MS + 3000),
+            // Generous: on a loaded machine the server's timer may fire late.
+            Duration::from_millis(TIMEOUT_MS + 15_000),
             stream.read(&mut buffer),
         )
         .await;
@@ -188,10 +189,11 @@ async fn slow_clients_cannot_starve_a_well_behaved_one() {
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
 
-    // A well-behaved client: answered 200 within the read timeout plus a little, though
-    // every place was taken when it came.
+    // A well-behaved client: answered 200 within a couple of read timeouts (plus slack for
+    // a loaded machine), though every place was taken when it came. Starved, it would wait
+    // for as long as the slow clients go on, which is until the test stops them.
     let client = reqwest::Client::new();
-    let limit = Duration::from_millis(TIMEOUT_MS) + Duration::from_secs(2);
+    let limit = Duration::from_millis(2 * TIMEOUT_MS) + Duration::from_secs(5);
     for n in 0..3 {
         let body = sub_event(
             &format!("evt_good{n}"),
@@ -218,7 +220,7 @@ async fn slow_clients_cannot_starve_a_well_behaved_one() {
     let mut silent = tokio::task::JoinSet::new();
     for _ in 0..MAX_WAITING + 40 {
         let address = address.clone();
-        silent.spawn(async move { silent_connection(&address, Duration::from_secs(1)).await });
+        silent.spawn(async move { silent_connection(&address, Duration::from_secs(5)).await });
     }
     let mut shed = 0;
     while let Some(answer) = silent.join_next().await {

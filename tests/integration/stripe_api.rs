@@ -18,7 +18,9 @@ pub(crate) async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     let (mut settings, db_name, prefix) = test_settings(tag);
     settings.stripe_secret_key = Some(SecretString::from("sk_test_fake".to_owned()));
     settings.stripe_api_base = fake.base_url.clone();
-    settings.stripe_timeout = Duration::from_millis(500);
+    // Generous: on a loaded machine even the local fake may be slow to answer, and a
+    // timeout would be one more attempt than a test counts.
+    settings.stripe_timeout = Duration::from_secs(5);
     settings.stripe_retries = 2;
     settings.stripe_backoff = Duration::from_millis(5);
     settings.sync_retry_base = Duration::from_millis(20);
@@ -353,7 +355,7 @@ async fn transient_failures_are_retried_with_one_idempotency_key() {
         "/v1/checkout/sessions",
         vec![
             Injection::Status(500),
-            Injection::Delay(Duration::from_secs(2)),
+            Injection::Delay(Duration::from_secs(15)),
         ],
     );
     fake.inject("/v1/customers", vec![Injection::Status(429)]);
@@ -367,7 +369,7 @@ async fn transient_failures_are_retried_with_one_idempotency_key() {
             .map(|(_, _, key)| key.expect("every POST carries an idempotency key"))
             .collect()
     };
-    // 500, then a timeout (2 s answer, 500 ms timeout), then success: one key throughout.
+    // 500, then a timeout (15 s answer, 5 s timeout), then success: one key throughout.
     let sessions = keys("/v1/checkout/sessions");
     assert_eq!(sessions.len(), 3);
     assert!(sessions.iter().all(|k| *k == sessions[0]));

@@ -93,7 +93,7 @@ impl Served {
             child,
             address: String::new(),
         };
-        for _ in 0..600 {
+        for _ in 0..1200 {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             let address = text.get(before..).unwrap_or("").lines().find_map(|line| {
                 let line: Value = serde_json::from_str(line).ok()?;
@@ -383,7 +383,7 @@ impl ThrowawayRedis {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        for _ in 0..100 {
+        for _ in 0..600 {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
@@ -487,7 +487,7 @@ impl ThrowawayRedisCluster {
             .spawn()
             .unwrap();
         self.children[i] = Some(child);
-        for _ in 0..100 {
+        for _ in 0..600 {
             if self.cli(port, &["ping"]).trim() == "PONG" {
                 return;
             }
