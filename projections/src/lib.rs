@@ -25,7 +25,7 @@ pub use info::{ItemInfo, LatestInvoice, PaymentMethod, SubscriptionEntry, Subscr
 pub use local_cache::{LocalCache, LocalCacheConfig, Lookup};
 pub use log::{LoggedEvent, Position};
 pub use platform::{PlatformTables, StatusCount};
-pub use redis_cache::{CacheKeys, LazyConnection, Owner, RedisCache};
+pub use redis_cache::{CacheKeys, Cached, LazyConnection, Owner, RedisCache};
 pub use runner::{
     CatchUp, EventualProjection, Member, ProjectionError, Projections, TransactionalProjection,
     WhenBusy,
