@@ -393,7 +393,11 @@ async fn freshness_lag(
     prefix: &str,
     step: usize,
 ) -> u64 {
-    let status = if step % 2 == 0 { "active" } else { "past_due" };
+    let status = if step.is_multiple_of(2) {
+        "active"
+    } else {
+        "past_due"
+    };
     let body = probe_event(step, status);
     let header = sign(SECRET, chrono::Utc::now().timestamp(), &body);
     let _ = client

@@ -24,8 +24,12 @@ pub struct Settings {
     /// `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/subledger`); the
     /// database is created if missing.
     pub database_url: SecretString,
-    /// `REDIS_URL` (default `redis://127.0.0.1:6379`).
+    /// `REDIS_URL` (default `redis://127.0.0.1:6379`). With `redis_cluster`, one or more
+    /// of the cluster's nodes, comma-separated (the client learns the rest from them).
     pub redis_url: SecretString,
+    /// `SUBLEDGER_REDIS_CLUSTER` (`true`/`false`, default `false`): `REDIS_URL` names
+    /// nodes of a Redis Cluster rather than one server.
+    pub redis_cluster: bool,
     /// `SUBLEDGER_REDIS_PREFIX`: put before every key (default empty).
     pub redis_prefix: String,
     /// `SUBLEDGER_CACHE_TTL_SECS` (default 86400).
@@ -284,6 +288,7 @@ impl Settings {
             redis_url: var("REDIS_URL")
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
                 .into(),
+            redis_cluster: parsed("SUBLEDGER_REDIS_CLUSTER", false)?,
             redis_prefix: var("SUBLEDGER_REDIS_PREFIX").unwrap_or_default(),
             cache_ttl: Duration::from_secs(parsed("SUBLEDGER_CACHE_TTL_SECS", 86_400)?),
             local_cache: projections::LocalCacheConfig {
