@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
+ensure_redis_cluster
 
 # Test databases and keys left by earlier runs (kept for inspection until now). Their
 # names carry their creation time; anything under an hour old may belong to a run still
@@ -20,6 +21,13 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
 redis-cli -h 127.0.0.1 --scan --pattern 'test:*' |
   awk -F: -v cutoff="$cutoff" '$2 ~ /^[0-9]+$/ && $2 < cutoff' |
   xargs -r -d '\n' -n 500 redis-cli -h 127.0.0.1 del >/dev/null
+# The same on each node of the cluster, one key a command (a DEL of several keys must keep
+# to one slot).
+for port in $REDIS_CLUSTER_PORTS; do
+  redis-cli -h 127.0.0.1 -p "$port" --scan --pattern 'test:*' |
+    awk -F: -v cutoff="$cutoff" '$2 ~ /^[0-9]+$/ && $2 < cutoff' |
+    xargs -r -d '\n' -n 1 redis-cli -h 127.0.0.1 -p "$port" del >/dev/null
+done
 
 # The domain crate stays pure: no IO crate in its normal dependencies.
 io=$(cargo tree -p aggregates -e normal --prefix none | grep -oE '^(sqlx|redis|axum|hyper|reqwest|tokio-postgres) ' | sort -u || true)
@@ -70,4 +78,6 @@ fi
 
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+# The cluster the tests of cluster mode use (tests/integration/cluster.rs).
+export REDIS_CLUSTER_URLS="${REDIS_CLUSTER_URLS:-$(redis_cluster_urls)}"
 cargo test --workspace --all-targets "$@"

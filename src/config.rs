@@ -25,8 +25,12 @@ pub struct Settings {
     /// database is created if missing. A loopback host connects without TLS unless the URL
     /// or `PGSSLMODE` names an `sslmode` (`db::connect_options`).
     pub database_url: SecretString,
-    /// `REDIS_URL` (default `redis://127.0.0.1:6379`).
+    /// `REDIS_URL` (default `redis://127.0.0.1:6379`). With `redis_cluster`, one or more
+    /// of the cluster's nodes, comma-separated (the client learns the rest from them).
     pub redis_url: SecretString,
+    /// `SUBLEDGER_REDIS_CLUSTER` (`true`/`false`, default `false`): `REDIS_URL` names
+    /// nodes of a Redis Cluster rather than one server.
+    pub redis_cluster: bool,
     /// `SUBLEDGER_REDIS_PREFIX`: put before every key (default empty).
     pub redis_prefix: String,
     /// `SUBLEDGER_CACHE_TTL_SECS` (default 86400).
@@ -285,6 +289,7 @@ impl Settings {
             redis_url: var("REDIS_URL")
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
                 .into(),
+            redis_cluster: parsed("SUBLEDGER_REDIS_CLUSTER", false)?,
             redis_prefix: var("SUBLEDGER_REDIS_PREFIX").unwrap_or_default(),
             cache_ttl: Duration::from_secs(parsed("SUBLEDGER_CACHE_TTL_SECS", 86_400)?),
             local_cache: projections::LocalCacheConfig {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use projections::{
     CacheKeys, Catalog, CatchUp, LazyConnection, Member, PlatformTables, ProjectionError,
-    Projections, RedisCache, WhenBusy,
+    Projections, RedisCache, RedisTarget, WhenBusy,
 };
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -88,18 +88,40 @@ impl Services {
             Some(path) => Catalog::load(path)?,
             None => Catalog::default(),
         });
-        let client = redis::Client::open(settings.redis_url.expose_secret())?;
         // Bounded connection attempts and timeouts: an unreachable Redis is an error in
         // seconds, never a hang (requests fall back to Postgres when a command fails). The
         // connection is made on first use, so subledger starts and serves while Redis is
         // down, and the cache projection retries until it is back.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(2)
-            .set_factor(2)
-            .set_max_delay(1000)
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(5));
-        let redis = LazyConnection::new(client, config);
+        let target = if settings.redis_cluster {
+            let nodes = settings
+                .redis_url
+                .expose_secret()
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(redis::Client::open)
+                .collect::<Result<Vec<_>, _>>()?;
+            let client = redis::cluster::ClusterClientBuilder::new(
+                nodes.iter().map(|node| node.get_connection_info().clone()),
+            )
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .retries(2)
+            .max_retry_wait(1000)
+            .build()?;
+            RedisTarget::Cluster { client, nodes }
+        } else {
+            RedisTarget::Single {
+                client: redis::Client::open(settings.redis_url.expose_secret())?,
+                config: redis::aio::ConnectionManagerConfig::new()
+                    .set_number_of_retries(2)
+                    .set_factor(2)
+                    .set_max_delay(1000)
+                    .set_connection_timeout(Duration::from_secs(2))
+                    .set_response_timeout(Duration::from_secs(5)),
+            }
+        };
+        let redis = LazyConnection::to(target);
         let keys = CacheKeys {
             prefix: settings.redis_prefix.clone(),
         };

@@ -17,6 +17,7 @@ pub mod local_cache;
 pub mod log;
 pub mod platform;
 pub mod redis_cache;
+pub mod redis_conn;
 pub mod runner;
 
 pub use catalog::{AccessPolicy, Catalog, CatalogError, Entitlement, OwnedSubscription, Plan};
@@ -25,7 +26,8 @@ pub use info::{ItemInfo, LatestInvoice, PaymentMethod, SubscriptionEntry, Subscr
 pub use local_cache::{LocalCache, LocalCacheConfig, Lookup};
 pub use log::{LoggedEvent, Position};
 pub use platform::{PlatformTables, StatusCount};
-pub use redis_cache::{CacheKeys, LazyConnection, Owner, RedisCache};
+pub use redis_cache::{CacheKeys, Owner, RedisCache};
+pub use redis_conn::{LazyConnection, RedisConn, RedisTarget};
 pub use runner::{
     CatchUp, EventualProjection, Member, ProjectionError, Projections, TransactionalProjection,
     WhenBusy,

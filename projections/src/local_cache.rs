@@ -3,8 +3,9 @@
 //!
 //! Three things keep it from serving a stale answer:
 //! - **Invalidation.** The Redis projection publishes, on one Redis channel, the keys it
-//!   has just written, after writing them (in the same pipeline, so after them on the
-//!   server); every replica's listener drops those keys. Redis pub/sub rather than
+//!   has just written, after writing them (standalone: in the same pipeline, so after them
+//!   on the server; on a cluster: once every write has answered, and the cluster relays
+//!   the message to every node); every replica's listener drops those keys. Redis pub/sub rather than
 //!   Postgres `LISTEN/NOTIFY`: what this cache holds are Redis values, so the message must
 //!   follow the Redis write; a notification sent at the Postgres commit would come before
 //!   it (the Redis projection is applied beside the transaction), and a replica could read
@@ -316,10 +317,11 @@ pub fn apply_message<V: Clone>(cache: &LocalCache<V>, payload: &str) {
 }
 
 /// Keeps `cache` subscribed to its invalidations until `stop`: live while subscribed and
-/// hearing the channel, bypassed otherwise. `publish` sends a heartbeat (through the
+/// hearing the channel, bypassed otherwise. Each attempt subscribes on the next of
+/// `clients` (a cluster's nodes: any one hears every message). `publish` sends a heartbeat (through the
 /// service's ordinary Redis connection).
 pub async fn listen<V, P, F>(
-    client: redis::Client,
+    clients: Vec<redis::Client>,
     channel: String,
     cache: std::sync::Arc<LocalCache<V>>,
     publish: P,
@@ -334,10 +336,17 @@ pub async fn listen<V, P, F>(
         return;
     }
     let mut quiet = false;
+    // The servers it may subscribe on, tried in turn: one, or each configured node of a
+    // cluster (a cluster delivers every message to every node).
+    let mut next = 0;
     loop {
         if *stop.borrow() {
             return;
         }
+        let Some(client) = clients.get(next % clients.len().max(1)) else {
+            return;
+        };
+        next += 1;
         let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;

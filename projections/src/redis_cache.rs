@@ -2,13 +2,33 @@
 //! `SubscriptionInfo` JSON; `stripe:org:{org_id}` and `stripe:user:{user_id}` are hashes
 //! holding the answer of every customer linked to that owner (field = customer id), plus
 //! `~complete` once a fill from Postgres made it whole, so that an owner's read is one
-//! `HGETALL` and the union is judged from what it returns; all with a TTL (24 h by
-//! default). A hash without `~complete` (it expired and a write began it again) is read
-//! as a miss: a union over part of the customers would be wrong.
+//! `HGETALL` and the union is judged from what it returns. A customer key's TTL (24 h by
+//! default) is set by every write of it; an owner's hash gets its TTL when it is made and
+//! keeps it (a write to a hash that has one leaves it be), so no field outlives the
+//! customer key written with it. A hash without `~complete` (it expired and a write began
+//! it again) is read as a miss: a union over part of the customers would be wrong.
 //!
 //! Redis is never the source of truth: every key can be dropped at any time and is
 //! rebuilt from the log (or read through from Postgres). A write never replaces a value
 //! of a newer version, so the cache never goes backwards.
+//!
+//! **Every write touches one key**, so that the same code serves a Redis Cluster (which
+//! refuses a script or a transaction over keys of different hash slots). Hash tags cannot
+//! put a customer's key beside its owners' hashes: an owner has many customers and a
+//! customer has up to two owners, which may change. So an answer is written in two
+//! phases, each a batch of single-key scripts ([`crate::RedisConn::run`]: one pipeline
+//! standalone, concurrent commands on a cluster):
+//! 1. the customer key (`CUSTOMER_SCRIPT`), unless it holds a newer version; it answers
+//!    the owners the value it replaced was linked to;
+//! 2. if it was written, the customer's field in the hash of every owner the new value
+//!    links **and** every owner the replaced value linked (`OWNER_SCRIPT`), each unless
+//!    that field holds a newer version. A moved customer's old field is overwritten with
+//!    the new value rather than deleted: readers ignore a field whose value no longer links
+//!    the customer to that owner, and the field's version then keeps a late older write
+//!    (still linking it there) out, which a deleted field could not.
+//!
+//! Each key's guard is its own version, so any interleaving of writers leaves each key
+//! holding the newest answer written to it (`tests` below race them).
 //!
 //! The connection is made on first use and again after a failure ([`LazyConnection`]), so
 //! the service starts and serves without Redis and picks it up when it comes back.
@@ -17,105 +37,124 @@
 //! turned on and its invalidation channel is up; every write here publishes the keys it
 //! wrote on that channel, after writing them.
 
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use prometheus::{register_int_counter_vec, IntCounterVec};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
 use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup};
 use crate::log::{newest_per_aggregate, LoggedEvent};
+pub use crate::redis_conn::LazyConnection;
+use crate::redis_conn::RedisConn;
 use crate::runner::{EventualProjection, ProjectionError};
 
-/// Sets the customer value unless the stored one has a newer version, and writes it into
-/// the hash of each owner (org, user) the customer is linked to, dropping it from the
-/// hashes of owners the stored value linked it to and this one does not (moved, deleted).
-/// Returns 1 when written, 0 when the stored value was newer.
-///
-/// KEYS[1]: the customer key. ARGV: the answer's JSON, its version, the TTL, the customer
-/// id, the key prefix, the linked org id and user id ('' for none), and the in-process
-/// caches' invalidation channel (an owner's hash it drops the customer from is published
-/// there: the caller publishes only the keys the new value names).
-const PUT_SCRIPT: &str = r#"
-local function version_of(raw)
-  if not raw then return nil end
-  local ok, decoded = pcall(cjson.decode, raw)
-  if ok and type(decoded) == 'table' then return decoded, tonumber(decoded['version']) end
-  return nil
-end
-local new_version = tonumber(ARGV[2])
-local old, old_version = version_of(redis.call('GET', KEYS[1]))
-if old_version and old_version > new_version then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-local function owner_key(kind, id) return ARGV[5] .. 'stripe:' .. kind .. ':' .. id end
-local function unlink(key)
-  if redis.call('TYPE', key)['ok'] == 'hash' then
-    redis.call('HDEL', key, ARGV[4])
-    redis.call('PUBLISH', ARGV[8], key)
-  end
-end
-local function link(key)
-  local kind = redis.call('TYPE', key)['ok']
-  if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
-  local _, held = version_of(redis.call('HGET', key, ARGV[4]))
-  if not held or held <= new_version then redis.call('HSET', key, ARGV[4], ARGV[1]) end
-  redis.call('EXPIRE', key, ARGV[3])
-end
-if old and old['deleted'] ~= true then
-  if type(old['org_id']) == 'string' and old['org_id'] ~= ARGV[6] then unlink(owner_key('org', old['org_id'])) end
-  if type(old['user_id']) == 'string' and old['user_id'] ~= ARGV[7] then unlink(owner_key('user', old['user_id'])) end
-end
-if ARGV[6] ~= '' then link(owner_key('org', ARGV[6])) end
-if ARGV[7] ~= '' then link(owner_key('user', ARGV[7])) end
-return 1
-"#;
-
-/// Fills an owner's hash from what Postgres holds (a read that found it missing or
-/// incomplete), then marks it complete; a member's own customer key is written too when
-/// Redis held an older one or none. Each member is written as the newest of what
-/// Postgres gave, the customer key and the hash field hold, and only if that newest value
-/// still links the customer to this owner, so a fill racing the projection never brings
-/// back a customer that moved away nor drops one that just arrived.
-///
-/// KEYS[1]: the owner hash. ARGV: the TTL, the owner field (`org_id`/`user_id`), the owner
-/// id, the key prefix, then (customer id, JSON, version) for each member.
-const FILL_SCRIPT: &str = r#"
+/// Decodes a stored answer: the table and its version, or nothing for a value that is
+/// absent or does not decode. Shared by the scripts below.
+const DECODE: &str = r#"
 local function decode(raw)
   if not raw then return nil, nil end
   local ok, decoded = pcall(cjson.decode, raw)
   if ok and type(decoded) == 'table' then return decoded, tonumber(decoded['version']) end
   return nil, nil
 end
+"#;
+
+/// Sets the customer key unless it holds a newer version. Returns `{1, org, user}` when
+/// written, with the owners the replaced value was linked to ('' for none; none when it
+/// was deleted), or `{0, '', ''}` when the held value was newer (its TTL is then renewed,
+/// so that it lives as long as any hash field written beside it).
+///
+/// KEYS[1]: the customer key. ARGV: the answer's JSON, its version, the TTL.
+const CUSTOMER_SCRIPT: &str = r#"
+local old, old_version = decode(redis.call('GET', KEYS[1]))
+if old_version and old_version > tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return {0, '', ''}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+local org, user = '', ''
+if old and old['deleted'] ~= true then
+  if type(old['org_id']) == 'string' then org = old['org_id'] end
+  if type(old['user_id']) == 'string' then user = old['user_id'] end
+end
+return {1, org, user}
+"#;
+
+/// Sets a customer's field in an owner's hash unless the field holds a newer version,
+/// whether or not the value links the customer to this owner (readers judge that); gives
+/// the hash the TTL when it has none. Returns 1 when written.
+///
+/// KEYS[1]: the owner's hash. ARGV: the customer id, the answer's JSON, its version, the TTL.
+const OWNER_SCRIPT: &str = r#"
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
-for i = 5, #ARGV, 3 do
-  local id, value, version = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local customer_key = ARGV[4] .. 'stripe:customer:' .. id
-  local _, cached = decode(redis.call('GET', customer_key) or nil)
-  if cached and cached > version then
-    value, version = redis.call('GET', customer_key), cached
-  elseif not cached or cached < version then
-    -- The customer's own key is read through too.
-    redis.call('SET', customer_key, value, 'EX', ARGV[1])
-  end
-  local _, held = decode(redis.call('HGET', KEYS[1], id) or nil)
-  if held and held > version then value, version = redis.call('HGET', KEYS[1], id), held end
-  local decoded = decode(value)
-  if decoded and decoded[ARGV[2]] == ARGV[3] and decoded['deleted'] ~= true then
-    redis.call('HSET', KEYS[1], id, value)
-  else
-    redis.call('HDEL', KEYS[1], id)
+local _, held = decode(redis.call('HGET', KEYS[1], ARGV[1]))
+local written = 0
+if not held or held <= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  written = 1
+end
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return written
+"#;
+
+/// Fills an owner's hash from what Postgres holds (a read that found it missing or
+/// incomplete), then marks it complete: each member's field as `OWNER_SCRIPT` would set
+/// it (unless it holds a newer version), so a fill racing the projection never brings
+/// back a customer that moved away nor drops one that just arrived. The members' own
+/// keys, and the hashes of owners they left, are written before it like any answer.
+///
+/// KEYS[1]: the owner hash. ARGV: the TTL, then (customer id, JSON, version) for each member.
+const FILL_SCRIPT: &str = r#"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+for i = 2, #ARGV, 3 do
+  local _, held = decode(redis.call('HGET', KEYS[1], ARGV[i]))
+  if not held or held <= tonumber(ARGV[i + 2]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
 redis.call('HSET', KEYS[1], '~complete', '1')
-redis.call('EXPIRE', KEYS[1], ARGV[1])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return 1
 "#;
+
+/// The cache's scripts, each with the shared decoder in front.
+struct Scripts {
+    customer: redis::Script,
+    owner: redis::Script,
+    fill: redis::Script,
+    sources: [String; 3],
+}
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| {
+        let sources = [CUSTOMER_SCRIPT, OWNER_SCRIPT, FILL_SCRIPT].map(|s| format!("{DECODE}{s}"));
+        Scripts {
+            customer: redis::Script::new(&sources[0]),
+            owner: redis::Script::new(&sources[1]),
+            fill: redis::Script::new(&sources[2]),
+            sources,
+        }
+    })
+}
+
+/// What the second phase of a write has to do.
+#[derive(Default)]
+struct OwnerWrites {
+    /// Single-key commands on owners' hashes.
+    cmds: Vec<redis::Cmd>,
+    /// Every key written, in both phases (to publish).
+    keys: Vec<String>,
+    /// Whether each answer's customer key was written.
+    written: Vec<bool>,
+    /// Whether `cmds` holds a fill (`FILL_SCRIPT`).
+    fill: bool,
+}
 
 /// The field that marks an owner's hash as holding every linked customer.
 pub const COMPLETE_FIELD: &str = "~complete";
@@ -146,15 +185,6 @@ impl Owner {
     }
 }
 
-fn fill_script() -> &'static redis::Script {
-    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(FILL_SCRIPT))
-}
-
-fn put_script() -> &'static redis::Script {
-    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(PUT_SCRIPT))
-}
 /// Writes the version guard refused because Redis already held a newer answer, by writer
 /// (`projection` or `read_through`). Registered in prometheus' default registry, which
 /// `GET /metrics` serves. A steady trickle is normal (read-through writes racing the
@@ -191,73 +221,6 @@ impl CacheKeys {
     /// Every key this cache owns, as SCAN patterns.
     pub fn patterns(&self) -> [String; 3] {
         [self.customer("*"), self.org("*"), self.user("*")]
-    }
-}
-
-/// How long after a failed connection attempt callers get an error at once instead of a new
-/// attempt: during an outage a request pays for at most one failed connect per interval.
-const CONNECT_RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// A Redis connection made on first use. Until one succeeds every use tries again (at most
-/// once per [`CONNECT_RETRY_AFTER`]); once made, the `ConnectionManager` reconnects by
-/// itself after Redis goes away and comes back.
-#[derive(Clone)]
-pub struct LazyConnection {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    conn: Arc<tokio::sync::OnceCell<ConnectionManager>>,
-    failed_at: Arc<Mutex<Option<Instant>>>,
-}
-
-impl LazyConnection {
-    /// The client it connects with (for a connection of another kind: a subscription).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
-    }
-}
-
-impl LazyConnection {
-    pub fn new(client: redis::Client, config: ConnectionManagerConfig) -> Self {
-        Self {
-            client,
-            config,
-            conn: Arc::new(tokio::sync::OnceCell::new()),
-            failed_at: Arc::new(Mutex::new(None)),
-        }
-    }
-
-    /// The connection, connecting first if there is none yet.
-    pub async fn get(&self) -> Result<ConnectionManager, redis::RedisError> {
-        if let Some(conn) = self.conn.get() {
-            return Ok(conn.clone());
-        }
-        let recently_failed = self
-            .failed_at
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .is_some_and(|at| at.elapsed() < CONNECT_RETRY_AFTER);
-        if recently_failed {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::IoError,
-                "Redis is unreachable (the last connection attempt failed)",
-            )));
-        }
-        let made = self
-            .conn
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
-            })
-            .await;
-        match made {
-            Ok(conn) => Ok(conn.clone()),
-            Err(error) => {
-                *self
-                    .failed_at
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
-                Err(error)
-            }
-        }
     }
 }
 
@@ -331,7 +294,7 @@ impl RedisCache {
             }
         };
         local_cache::listen(
-            self.conn.client().clone(),
+            self.conn.subscribers(),
             self.channel(),
             self.local.clone(),
             publish,
@@ -356,22 +319,118 @@ impl RedisCache {
         Ok(value)
     }
 
-    /// The keys a write of `info` sets.
-    fn keys_of(&self, info: &SubscriptionInfo) -> Vec<String> {
-        let mut keys = vec![self.keys.customer(&info.customer_id)];
-        keys.extend(info.org_id.as_deref().map(|org| self.keys.org(org)));
-        keys.extend(info.user_id.as_deref().map(|user| self.keys.user(user)));
-        keys
+    /// The message that tells every replica these keys changed (sent after they were
+    /// written).
+    fn publish_command(&self, keys: &[String]) -> Vec<redis::Cmd> {
+        if keys.is_empty() {
+            return vec![];
+        }
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(self.channel()).arg(keys.join("\n"));
+        vec![cmd]
     }
 
-    /// Publishes, after the writes before it in `pipe`, that these keys changed.
-    fn publish_written(&self, pipe: &mut redis::Pipeline, keys: &[String]) {
-        if !keys.is_empty() {
-            pipe.cmd("PUBLISH")
-                .arg(self.channel())
-                .arg(keys.join("\n"))
-                .ignore();
+    /// Writes answers as the module header says: their customer keys, then the fields of
+    /// the owners' hashes (with `fill`, one more command on an owner's hash, and its key),
+    /// then the invalidation of every key written. Returns, for each answer, whether its
+    /// customer key was written (false: it held a newer version).
+    async fn write(
+        &self,
+        infos: &[SubscriptionInfo],
+        fill: Option<(redis::Cmd, String)>,
+    ) -> Result<Vec<bool>, ProjectionError> {
+        let mut conn = self.conn.get().await?;
+        let mut rest = self.write_customers(&mut conn, infos).await?;
+        if let Some((cmd, key)) = fill {
+            rest.cmds.push(cmd);
+            rest.keys.push(key);
+            rest.fill = true;
         }
+        self.write_owners(&mut conn, rest).await
+    }
+
+    /// The first phase of [`RedisCache::write`]: the customer keys. Returns what the
+    /// second has to do.
+    async fn write_customers(
+        &self,
+        conn: &mut RedisConn,
+        infos: &[SubscriptionInfo],
+    ) -> Result<OwnerWrites, ProjectionError> {
+        let scripts = scripts();
+        let mut values = Vec::with_capacity(infos.len());
+        let mut customer_writes = Vec::with_capacity(infos.len());
+        for info in infos {
+            let value = serde_json::to_string(info)?;
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(scripts.customer.get_hash())
+                .arg(1)
+                .arg(self.keys.customer(&info.customer_id))
+                .arg(&value)
+                .arg(info.version)
+                .arg(self.ttl_secs);
+            customer_writes.push(cmd);
+            values.push(value);
+        }
+        let answers = if infos.is_empty() {
+            vec![]
+        } else {
+            conn.run(&[&scripts.sources[0]], customer_writes, vec![])
+                .await?
+        };
+        let mut rest = OwnerWrites::default();
+        for ((info, value), answer) in infos.iter().zip(&values).zip(answers) {
+            let (done, old_org, old_user): (i64, String, String) =
+                redis::from_owned_redis_value(answer)?;
+            rest.keys.push(self.keys.customer(&info.customer_id));
+            rest.written.push(done == 1);
+            if done != 1 {
+                // A newer answer is held; its writer writes (or wrote) the hashes.
+                continue;
+            }
+            let (org, user) = info.linked_owners();
+            let mut owners = Vec::with_capacity(4);
+            owners.extend(org.map(|org| self.keys.org(org)));
+            owners.extend(user.map(|user| self.keys.user(user)));
+            if !old_org.is_empty() && org != Some(old_org.as_str()) {
+                owners.push(self.keys.org(&old_org));
+            }
+            if !old_user.is_empty() && user != Some(old_user.as_str()) {
+                owners.push(self.keys.user(&old_user));
+            }
+            for owner in owners {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(scripts.owner.get_hash())
+                    .arg(1)
+                    .arg(&owner)
+                    .arg(&info.customer_id)
+                    .arg(value)
+                    .arg(info.version)
+                    .arg(self.ttl_secs);
+                rest.cmds.push(cmd);
+                rest.keys.push(owner);
+            }
+        }
+        Ok(rest)
+    }
+
+    /// The second phase of [`RedisCache::write`]: the owners' hashes, then the
+    /// invalidation of every key written.
+    async fn write_owners(
+        &self,
+        conn: &mut RedisConn,
+        rest: OwnerWrites,
+    ) -> Result<Vec<bool>, ProjectionError> {
+        let scripts = scripts();
+        let mut loads: Vec<&str> = Vec::with_capacity(2);
+        if !rest.cmds.is_empty() {
+            loads.push(&scripts.sources[1]);
+        }
+        if rest.fill {
+            loads.push(&scripts.sources[2]);
+        }
+        conn.run(&loads, rest.cmds, self.publish_command(&rest.keys))
+            .await?;
+        Ok(rest.written)
     }
 
     /// The cached answer for a customer; a value that does not decode counts as a miss.
@@ -476,72 +535,45 @@ impl RedisCache {
         }
     }
 
-    /// Writes every linked customer's answer (as Postgres holds them) into the owner's
-    /// hash and marks it complete (see `FILL_SCRIPT` for how it stays right while the
-    /// projection writes at the same time).
+    /// Writes every linked customer's answer (as Postgres holds them) like any answer,
+    /// then fills the owner's hash with them and marks it complete (see `FILL_SCRIPT` for
+    /// how it stays right while the projection writes at the same time).
     pub async fn fill_owner(
         &self,
         owner: Owner,
         id: &str,
         infos: &[SubscriptionInfo],
     ) -> Result<(), ProjectionError> {
-        let mut invocation = fill_script().key(self.owner_key(owner, id));
-        invocation
-            .arg(self.ttl_secs)
-            .arg(owner.field())
-            .arg(id)
-            .arg(&self.keys.prefix);
+        let key = self.owner_key(owner, id);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(scripts().fill.get_hash())
+            .arg(1)
+            .arg(&key)
+            .arg(self.ttl_secs);
         for info in infos {
-            invocation
-                .arg(&info.customer_id)
+            cmd.arg(&info.customer_id)
                 .arg(serde_json::to_string(info)?)
                 .arg(info.version);
         }
-        let _: i64 = invocation.invoke_async(&mut self.conn.get().await?).await?;
-        // Every replica drops what it held of this hash (and of the customer keys the
-        // fill may have written).
-        let mut pipe = redis::pipe();
-        let mut keys = vec![self.owner_key(owner, id)];
-        keys.extend(
-            infos
-                .iter()
-                .map(|info| self.keys.customer(&info.customer_id)),
-        );
-        self.publish_written(&mut pipe, &keys);
-        let _: () = pipe.query_async(&mut self.conn.get().await?).await?;
+        let written = self.write(infos, Some((cmd, key))).await?;
+        let refused = written.iter().filter(|written| !**written).count();
+        if refused > 0 {
+            STALE_WRITES
+                .with_label_values(&["read_through"])
+                .inc_by(refused as u64);
+        }
         Ok(())
-    }
-
-    /// The script call that writes `info`, by the script's hash (`EVALSHA`): the script
-    /// must have been loaded (every batch loads it first; `put` falls back by itself).
-    fn put_command(&self, info: &SubscriptionInfo) -> Result<redis::Cmd, serde_json::Error> {
-        let (org, user) = info.linked_owners();
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(put_script().get_hash())
-            .arg(1)
-            .arg(self.keys.customer(&info.customer_id))
-            .arg(serde_json::to_string(info)?)
-            .arg(info.version)
-            .arg(self.ttl_secs)
-            .arg(&info.customer_id)
-            .arg(&self.keys.prefix)
-            .arg(org.unwrap_or(""))
-            .arg(user.unwrap_or(""))
-            .arg(self.channel());
-        Ok(cmd)
     }
 
     /// Writes one answer (read-through after a miss). Returns false when the cache
     /// already held a newer version.
     pub async fn put(&self, info: &SubscriptionInfo) -> Result<bool, ProjectionError> {
-        let mut pipe = redis::pipe();
-        pipe.add_command(self.put_command(info)?);
-        self.publish_written(&mut pipe, &self.keys_of(info));
-        let (written,): (i64,) = pipe.query_async(&mut self.conn.get().await?).await?;
-        if written != 1 {
+        let written = self.write(std::slice::from_ref(info), None).await?;
+        let written = written.first().copied().unwrap_or(false);
+        if !written {
             STALE_WRITES.with_label_values(&["read_through"]).inc();
         }
-        Ok(written == 1)
+        Ok(written)
     }
 
     /// Whether Redis answers at all (for metrics and health).
@@ -572,11 +604,17 @@ impl RedisCache {
         Ok((value, ttl))
     }
 
-    /// Deletes every key this cache owns.
+    /// Deletes every key this cache owns: `SCAN`s each master node of a cluster (the
+    /// standalone server), and deletes what it finds (the cluster client splits a `DEL`
+    /// by slot).
     pub async fn clear_all(&self) -> Result<u64, redis::RedisError> {
         let mut conn = self.conn.get().await?;
         let mut deleted = 0;
-        for pattern in self.keys.patterns() {
+        let masters = conn.masters().await?;
+        for (mut node, pattern) in masters
+            .into_iter()
+            .flat_map(|node| self.keys.patterns().map(|pattern| (node.clone(), pattern)))
+        {
             let mut cursor: u64 = 0;
             loop {
                 let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -585,7 +623,7 @@ impl RedisCache {
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(1000)
-                    .query_async(&mut conn)
+                    .query_async(&mut node)
                     .await?;
                 if !keys.is_empty() {
                     deleted += keys.len() as u64;
@@ -610,20 +648,12 @@ impl EventualProjection for RedisCache {
     const NAME: &'static str = "redis_cache";
 
     async fn apply(&self, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
-        let mut pipe = redis::pipe();
-        // Loading is idempotent and cheap; it makes every EVALSHA below find the script,
-        // even on a Redis that restarted since the last batch.
-        pipe.cmd("SCRIPT").arg("LOAD").arg(PUT_SCRIPT).ignore();
-        let mut written_keys = Vec::new();
-        for logged in newest_per_aggregate(events) {
-            let info = SubscriptionInfo::from_logged(logged, &self.catalog);
-            pipe.add_command(self.put_command(&info)?);
-            written_keys.extend(self.keys_of(&info));
-        }
-        // Last in the pipeline, so every replica hears of the keys after they are written.
-        self.publish_written(&mut pipe, &written_keys);
-        let written: Vec<i64> = pipe.query_async(&mut self.conn.get().await?).await?;
-        let refused = written.iter().filter(|w| **w == 0).count();
+        let infos: Vec<SubscriptionInfo> = newest_per_aggregate(events)
+            .into_iter()
+            .map(|logged| SubscriptionInfo::from_logged(logged, &self.catalog))
+            .collect();
+        let written = self.write(&infos, None).await?;
+        let refused = written.iter().filter(|written| !**written).count();
         if refused > 0 {
             STALE_WRITES
                 .with_label_values(&["projection"])
@@ -636,5 +666,269 @@ impl EventualProjection for RedisCache {
     async fn clear(&self) -> Result<(), ProjectionError> {
         self.clear_all().await?;
         Ok(())
+    }
+}
+
+/// Writers racing each other, against a real standalone Redis (`REDIS_URL`) and a real
+/// Redis Cluster (`REDIS_CLUSTER_URLS`, which the test command starts): whatever the
+/// interleaving of their phases, every key ends holding the newest answer written to it,
+/// and an owner's read never counts a customer that moved away.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redis_conn::RedisTarget;
+
+    fn caches() -> Vec<(&'static str, RedisCache)> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let prefix = |mode: &str| {
+            format!(
+                "test:{}:unit{}{mode}{}:",
+                nanos.as_secs(),
+                std::process::id(),
+                nanos.subsec_nanos()
+            )
+        };
+        let single = std::env::var("REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+        let nodes = std::env::var("REDIS_CLUSTER_URLS").unwrap_or(
+            "redis://127.0.0.1:7101,redis://127.0.0.1:7102,redis://127.0.0.1:7103".into(),
+        );
+        let nodes: Vec<redis::Client> = nodes
+            .split(',')
+            .map(|url| redis::Client::open(url).unwrap())
+            .collect();
+        let cluster = redis::cluster::ClusterClientBuilder::new(
+            nodes.iter().map(|node| node.get_connection_info().clone()),
+        )
+        .build()
+        .unwrap();
+        let cache = |target, mode: &str| {
+            let keys = CacheKeys {
+                prefix: prefix(mode),
+            };
+            RedisCache::new(
+                LazyConnection::to(target),
+                keys,
+                600,
+                Arc::new(Catalog::default()),
+            )
+        };
+        vec![
+            (
+                "standalone",
+                cache(
+                    RedisTarget::Single {
+                        client: redis::Client::open(single).unwrap(),
+                        config: Default::default(),
+                    },
+                    "s",
+                ),
+            ),
+            (
+                "cluster",
+                cache(
+                    RedisTarget::Cluster {
+                        client: cluster,
+                        nodes,
+                    },
+                    "c",
+                ),
+            ),
+        ]
+    }
+
+    fn info(customer: &str, version: u64, org: Option<&str>, deleted: bool) -> SubscriptionInfo {
+        serde_json::from_value(serde_json::json!({
+            "customer_id": customer,
+            "status": "active",
+            "cancel_at_period_end": false,
+            "org_id": org,
+            "user_id": null,
+            "version": version,
+            "updated_at": "2026-11-25T00:00:00Z",
+            "deleted": deleted,
+        }))
+        .unwrap()
+    }
+
+    /// The customers an org's hash counts (fields linking them there).
+    async fn members(cache: &RedisCache, org: &str) -> Vec<String> {
+        let (_, infos) = cache.owner(Owner::Org, org).await.unwrap();
+        let mut ids: Vec<String> = infos.into_iter().map(|info| info.customer_id).collect();
+        ids.sort();
+        ids
+    }
+
+    async fn version(cache: &RedisCache, customer: &str) -> Option<u64> {
+        cache
+            .customer(customer)
+            .await
+            .unwrap()
+            .map(|info| info.version)
+    }
+
+    #[tokio::test]
+    async fn an_older_write_never_wins_whatever_the_interleaving() {
+        for (mode, cache) in caches() {
+            let mut conn = cache.conn.get().await.unwrap();
+            // cus_1 starts in org_a, beside cus_2.
+            cache
+                .put(&info("cus_1", 1, Some("org_a"), false))
+                .await
+                .unwrap();
+            cache
+                .put(&info("cus_2", 1, Some("org_a"), false))
+                .await
+                .unwrap();
+            assert_eq!(members(&cache, "org_a").await, ["cus_1", "cus_2"], "{mode}");
+
+            // X (v2: to org_b) writes the customer key; Y (v3: to org_c) then writes
+            // everything; X's hash writes come last.
+            let x = [info("cus_1", 2, Some("org_b"), false)];
+            let x_rest = cache.write_customers(&mut conn, &x).await.unwrap();
+            assert_eq!(x_rest.written, [true], "{mode}");
+            assert!(cache
+                .put(&info("cus_1", 3, Some("org_c"), false))
+                .await
+                .unwrap());
+            cache.write_owners(&mut conn, x_rest).await.unwrap();
+            assert_eq!(version(&cache, "cus_1").await, Some(3), "{mode}");
+            assert_eq!(
+                members(&cache, "org_a").await,
+                ["cus_2"],
+                "{mode}: left org_a"
+            );
+            assert!(
+                members(&cache, "org_b").await.is_empty(),
+                "{mode}: X's late link"
+            );
+            assert_eq!(members(&cache, "org_c").await, ["cus_1"], "{mode}");
+
+            // A late older write, whole: refused at the customer key, touching no hash.
+            assert!(!cache
+                .put(&info("cus_1", 2, Some("org_b"), false))
+                .await
+                .unwrap());
+            assert!(!cache
+                .put(&info("cus_1", 1, Some("org_a"), false))
+                .await
+                .unwrap());
+            assert_eq!(version(&cache, "cus_1").await, Some(3), "{mode}");
+            assert_eq!(members(&cache, "org_a").await, ["cus_2"], "{mode}");
+            assert!(members(&cache, "org_b").await.is_empty(), "{mode}");
+
+            // An older writer whose customer write came first, and whose hash write comes
+            // after a newer writer moved the customer back: its field stays the newer one.
+            let old = [info("cus_2", 2, Some("org_d"), false)];
+            let old_rest = cache.write_customers(&mut conn, &old).await.unwrap();
+            assert!(cache
+                .put(&info("cus_2", 3, Some("org_a"), false))
+                .await
+                .unwrap());
+            cache.write_owners(&mut conn, old_rest).await.unwrap();
+            assert_eq!(members(&cache, "org_a").await, ["cus_2"], "{mode}");
+            assert!(members(&cache, "org_d").await.is_empty(), "{mode}");
+
+            // A fill from a Postgres read older than the projection's last write: the
+            // customer moved to org_c (v3) and the fill of org_a still lists it (v1).
+            cache
+                .fill_owner(
+                    Owner::Org,
+                    "org_a",
+                    &[
+                        info("cus_1", 1, Some("org_a"), false),
+                        info("cus_2", 3, Some("org_a"), false),
+                    ],
+                )
+                .await
+                .unwrap();
+            let (complete, _) = cache.owner(Owner::Org, "org_a").await.unwrap();
+            assert!(complete, "{mode}");
+            assert_eq!(members(&cache, "org_a").await, ["cus_2"], "{mode}: fill");
+            assert_eq!(version(&cache, "cus_1").await, Some(3), "{mode}");
+
+            // Deleted: it leaves its org, and an older write does not bring it back.
+            assert!(cache
+                .put(&info("cus_2", 4, Some("org_a"), true))
+                .await
+                .unwrap());
+            assert!(members(&cache, "org_a").await.is_empty(), "{mode}: deleted");
+            assert!(!cache
+                .put(&info("cus_2", 3, Some("org_a"), false))
+                .await
+                .unwrap());
+            assert!(members(&cache, "org_a").await.is_empty(), "{mode}");
+
+            // The scripts are gone (a node restarted): the next writes load them again.
+            // (A standalone server is sent them before every batch; it is shared with
+            // other test runs, so its scripts are left alone.)
+            let flush = || async {
+                if mode == "cluster" {
+                    let _: () = redis::cmd("SCRIPT")
+                        .arg("FLUSH")
+                        .query_async(&mut cache.conn.get().await.unwrap())
+                        .await
+                        .unwrap();
+                }
+            };
+            flush().await;
+            assert!(cache
+                .put(&info("cus_3", 1, Some("org_a"), false))
+                .await
+                .unwrap());
+            flush().await;
+            cache
+                .fill_owner(
+                    Owner::Org,
+                    "org_e",
+                    &[info("cus_4", 1, Some("org_e"), false)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(members(&cache, "org_a").await, ["cus_3"], "{mode}");
+            assert_eq!(members(&cache, "org_e").await, ["cus_4"], "{mode}");
+
+            // Every key is found and deleted, on whichever node it lives.
+            let deleted = cache.clear_all().await.unwrap();
+            assert!(deleted >= 9, "{mode}: {deleted}");
+            assert_eq!(version(&cache, "cus_1").await, None, "{mode}");
+            assert_eq!(cache.clear_all().await.unwrap(), 0, "{mode}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hash_keeps_the_ttl_it_was_made_with() {
+        for (mode, cache) in caches() {
+            let mut conn = cache.conn.get().await.unwrap();
+            cache
+                .put(&info("cus_1", 1, Some("org_a"), false))
+                .await
+                .unwrap();
+            let key = cache.keys.org("org_a");
+            let _: () = redis::cmd("EXPIRE")
+                .arg(&key)
+                .arg(100)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            cache
+                .put(&info("cus_2", 1, Some("org_a"), false))
+                .await
+                .unwrap();
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!((1..=100).contains(&ttl), "{mode}: {ttl}");
+            let customer_ttl: i64 = redis::cmd("TTL")
+                .arg(cache.keys.customer("cus_2"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(customer_ttl > 100, "{mode}: {customer_ttl}");
+            cache.clear_all().await.unwrap();
+        }
     }
 }

@@ -23,7 +23,7 @@ use crate::support::procs::{post_event, scratch, serve_command, Served, Throwawa
 const BOUND: Duration = Duration::from_secs(1);
 
 /// A value from a replica's `/metrics`: the sample whose name and labels are `series`.
-async fn metric(client: &reqwest::Client, address: &str, series: &str) -> f64 {
+pub async fn metric(client: &reqwest::Client, address: &str, series: &str) -> f64 {
     let text = client
         .get(format!("{address}/metrics"))
         .send()
@@ -38,7 +38,7 @@ async fn metric(client: &reqwest::Client, address: &str, series: &str) -> f64 {
 }
 
 /// Waits until every replica's in-process cache hears its invalidation channel.
-async fn all_live(client: &reqwest::Client, addresses: &[String]) {
+pub async fn all_live(client: &reqwest::Client, addresses: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     for address in addresses {
         while metric(client, address, r#"subledger_local_cache{measure="live"}"#).await != 1.0 {

@@ -4,6 +4,7 @@ mod admin_browser;
 mod api;
 mod batches;
 mod cli;
+mod cluster;
 mod connect;
 mod convergence;
 mod dead_letters;

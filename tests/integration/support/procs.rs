@@ -406,3 +406,192 @@ impl Drop for ThrowawayRedis {
         self.kill();
     }
 }
+
+/// A Redis Cluster of its own: three masters on free loopback ports (each with its
+/// cluster bus port, +10000, free too), with a password, its nodes' files in a scratch
+/// directory. Made stopped: [`ThrowawayRedisCluster::start`] starts the nodes and forms
+/// the cluster (the first time) or lets them find each other again (their nodes.conf).
+pub struct ThrowawayRedisCluster {
+    dir: PathBuf,
+    pub ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+    password: &'static str,
+    formed: bool,
+}
+
+impl ThrowawayRedisCluster {
+    pub fn new(password: &'static str) -> Self {
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let port = free_port();
+            let bus_free =
+                port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
+            if bus_free && !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        Self {
+            dir: scratch("redis-cluster"),
+            children: ports.iter().map(|_| None).collect(),
+            ports,
+            password,
+            formed: false,
+        }
+    }
+
+    /// The nodes as `REDIS_URL` names them in cluster mode.
+    pub fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://:{}@127.0.0.1:{port}", self.password))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-a", self.password, "--no-auth-warning"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts node `i` (empty; it keeps its nodes.conf) and waits until it answers.
+    pub fn start_node(&mut self, i: usize) {
+        let port = self.ports[i];
+        let dir = self.dir.join(port.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-node-timeout", "5000"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args([
+                "--requirepass",
+                self.password,
+                "--masterauth",
+                self.password,
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children[i] = Some(child);
+        for _ in 0..100 {
+            if self.cli(port, &["ping"]).trim() == "PONG" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on {port}");
+    }
+
+    /// SIGKILL of node `i`.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts every node that is not running, forms the cluster the first time, and
+    /// waits until every node sees it whole.
+    pub fn start(&mut self) {
+        for i in 0..self.ports.len() {
+            if self.children[i].is_none() {
+                self.start_node(i);
+            }
+        }
+        if !self.formed {
+            let nodes: Vec<String> = self
+                .ports
+                .iter()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect();
+            let out = Command::new("redis-cli")
+                .args([
+                    "-a",
+                    self.password,
+                    "--no-auth-warning",
+                    "--cluster",
+                    "create",
+                ])
+                .args(&nodes)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            self.formed = true;
+        }
+        self.wait_ok();
+    }
+
+    /// Waits until every node says `cluster_state:ok` and knows every node.
+    pub fn wait_ok(&self) {
+        for _ in 0..600 {
+            let whole = self.ports.iter().all(|port| {
+                let info = self.cli(*port, &["cluster", "info"]);
+                info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{}", self.ports.len()))
+            });
+            if whole {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the throwaway cluster never came up whole");
+    }
+
+    /// Which node holds `key` (the index of its port).
+    pub fn node_of(&self, key: &str) -> usize {
+        let slot: u16 = self
+            .cli(self.ports[0], &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        let slots = self.cli(self.ports[0], &["cluster", "nodes"]);
+        for line in slots.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port: u16 = fields[1]
+                .split(['@', ','])
+                .next()
+                .and_then(|address| address.rsplit_once(':'))
+                .and_then(|(_, port)| port.parse().ok())
+                .unwrap();
+            let holds = fields[8..].iter().any(|range| match range.split_once('-') {
+                Some((from, to)) => {
+                    (from.parse::<u16>().unwrap()..=to.parse().unwrap()).contains(&slot)
+                }
+                None => range.parse::<u16>().ok() == Some(slot),
+            });
+            if holds {
+                return self.ports.iter().position(|p| *p == port).unwrap();
+            }
+        }
+        panic!("no node holds slot {slot}");
+    }
+}
+
+impl Drop for ThrowawayRedisCluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill_node(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
