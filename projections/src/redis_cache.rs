@@ -28,7 +28,9 @@
 //!    (still linking it there) out, which a deleted field could not.
 //!
 //! Each key's guard is its own version, so any interleaving of writers leaves each key
-//! holding the newest answer written to it (`tests` below race them).
+//! holding the newest answer written to it (`tests` below race them). Owner writes that
+//! a failure left undone are kept and made by the next write (`keep_unfinished`): a retry
+//! finds the customer key already written and could no longer name the owners it left.
 //!
 //! The connection is made on first use and again after a failure ([`LazyConnection`]), so
 //! the service starts and serves without Redis and picks it up when it comes back.
@@ -37,7 +39,7 @@
 //! turned on and its invalidation channel is up; every write here publishes the keys it
 //! wrote on that channel, after writing them.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use prometheus::{register_int_counter_vec, IntCounterVec};
@@ -143,6 +145,9 @@ fn scripts() -> &'static Scripts {
     })
 }
 
+/// Most owner writes kept for the next write after Redis failed between the phases.
+const MAX_UNFINISHED: usize = 100_000;
+
 /// What the second phase of a write has to do.
 #[derive(Default)]
 struct OwnerWrites {
@@ -232,6 +237,9 @@ pub struct RedisCache {
     catalog: Arc<Catalog>,
     /// Raw values read from Redis, by full key (off unless [`RedisCache::with_local_cache`]).
     local: Arc<LocalCache<Arc<str>>>,
+    /// Owner writes a failed write left undone, made by the next one (see
+    /// `keep_unfinished`).
+    unfinished: Arc<Mutex<OwnerWrites>>,
 }
 
 impl RedisCache {
@@ -251,6 +259,7 @@ impl RedisCache {
                 max_bytes: 0,
                 max_age: Duration::ZERO,
             })),
+            unfinished: Arc::default(),
         }
     }
 
@@ -374,11 +383,19 @@ impl RedisCache {
         let answers = if infos.is_empty() {
             vec![]
         } else {
-            conn.run(&[&scripts.sources[0]], customer_writes, vec![])
+            conn.run_each(&[&scripts.sources[0]], customer_writes, vec![])
                 .await?
         };
         let mut rest = OwnerWrites::default();
+        let mut failed = None;
         for ((info, value), answer) in infos.iter().zip(&values).zip(answers) {
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(error) => {
+                    failed.get_or_insert(error);
+                    continue;
+                }
+            };
             let (done, old_org, old_user): (i64, String, String) =
                 redis::from_owned_redis_value(answer)?;
             rest.keys.push(self.keys.customer(&info.customer_id));
@@ -410,7 +427,42 @@ impl RedisCache {
                 rest.keys.push(owner);
             }
         }
+        if let Some(error) = failed {
+            // Some customer keys were written (on the nodes that answered): their owners'
+            // writes are kept for the next write, since a retry finds those keys already
+            // holding the new value and could not tell which owners they left.
+            self.keep_unfinished(rest);
+            return Err(error.into());
+        }
         Ok(rest)
+    }
+
+    /// Keeps owner writes that could not be made (Redis failed between the phases), to
+    /// be made by the next write of this cache. Each is guarded by its field's version,
+    /// so making it late never undoes a newer one. Bounded: past
+    /// [`MAX_UNFINISHED`] the oldest are dropped (those customers' old owners may then
+    /// keep their field until the hash expires, as after a crash between the phases).
+    fn keep_unfinished(&self, rest: OwnerWrites) {
+        let mut unfinished = self
+            .unfinished
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let OwnerWrites { cmds, keys, .. } = rest;
+        // `keys` also lists the customer keys written; they are published with these.
+        unfinished.keys.extend(keys);
+        unfinished.cmds.extend(cmds);
+        if unfinished.cmds.len() > MAX_UNFINISHED {
+            let excess = unfinished.cmds.len() - MAX_UNFINISHED;
+            unfinished.cmds.drain(..excess);
+            tracing::warn!(
+                dropped = excess,
+                "too many unfinished cache writes kept; the oldest dropped"
+            );
+        }
+        if unfinished.keys.len() > 4 * MAX_UNFINISHED {
+            let excess = unfinished.keys.len() - 4 * MAX_UNFINISHED;
+            unfinished.keys.drain(..excess);
+        }
     }
 
     /// The second phase of [`RedisCache::write`]: the owners' hashes, then the
@@ -421,16 +473,50 @@ impl RedisCache {
         rest: OwnerWrites,
     ) -> Result<Vec<bool>, ProjectionError> {
         let scripts = scripts();
+        let mut rest = rest;
+        let earlier = std::mem::take(
+            &mut *self
+                .unfinished
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let fill = rest.fill;
+        let written = std::mem::take(&mut rest.written);
+        // The earlier ones first, so that a fill stays last.
+        let OwnerWrites {
+            cmds: mut earlier_cmds,
+            keys: mut earlier_keys,
+            ..
+        } = earlier;
+        earlier_cmds.append(&mut rest.cmds);
+        earlier_keys.append(&mut rest.keys);
+        rest.cmds = earlier_cmds;
+        rest.keys = earlier_keys;
         let mut loads: Vec<&str> = Vec::with_capacity(2);
         if !rest.cmds.is_empty() {
             loads.push(&scripts.sources[1]);
         }
-        if rest.fill {
+        if fill {
             loads.push(&scripts.sources[2]);
         }
-        conn.run(&loads, rest.cmds, self.publish_command(&rest.keys))
-            .await?;
-        Ok(rest.written)
+        let answers = conn
+            .run_each(&loads, rest.cmds.clone(), self.publish_command(&rest.keys))
+            .await;
+        let failed = match answers {
+            Ok(answers) => answers.into_iter().find_map(Result::err),
+            Err(error) => Some(error),
+        };
+        if let Some(error) = failed {
+            // Kept to be made again by the next write, except a fill: made late, it could
+            // mark complete a hash that lost (expired meanwhile) a customer its read missed.
+            if fill {
+                rest.cmds.pop();
+                rest.keys.pop();
+            }
+            self.keep_unfinished(rest);
+            return Err(error.into());
+        }
+        Ok(written)
     }
 
     /// The cached answer for a customer; a value that does not decode counts as a miss.
@@ -894,6 +980,46 @@ mod tests {
             assert!(deleted >= 9, "{mode}: {deleted}");
             assert_eq!(version(&cache, "cus_1").await, None, "{mode}");
             assert_eq!(cache.clear_all().await.unwrap(), 0, "{mode}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_stopped_between_its_phases_is_finished_by_the_next_one() {
+        for (mode, cache) in caches() {
+            let mut conn = cache.conn.get().await.unwrap();
+            for customer in ["cus_1", "cus_2"] {
+                cache
+                    .put(&info(customer, 1, Some("org_a"), false))
+                    .await
+                    .unwrap();
+            }
+            // Both move to org_b; Redis fails after their customer keys were written.
+            // cus_1's owner writes are kept (as a failed write keeps them); cus_2's are
+            // lost (as after a crash).
+            let moved = |customer| [info(customer, 2, Some("org_b"), false)];
+            let rest = cache
+                .write_customers(&mut conn, &moved("cus_1"))
+                .await
+                .unwrap();
+            cache.keep_unfinished(rest);
+            drop(
+                cache
+                    .write_customers(&mut conn, &moved("cus_2"))
+                    .await
+                    .unwrap(),
+            );
+            // The projection applies the batch again: the customer keys already hold it,
+            // so only what was kept can tell that they left org_a.
+            for customer in ["cus_1", "cus_2"] {
+                assert!(cache.put(&moved(customer)[0]).await.unwrap(), "{mode}");
+            }
+            assert_eq!(members(&cache, "org_b").await, ["cus_1", "cus_2"], "{mode}");
+            assert_eq!(
+                members(&cache, "org_a").await,
+                ["cus_2"],
+                "{mode}: the lost one is the known limit; the kept one left"
+            );
+            cache.clear_all().await.unwrap();
         }
     }
 

@@ -98,6 +98,22 @@ impl RedisConn {
         cmds: Vec<Cmd>,
         after: Vec<Cmd>,
     ) -> RedisResult<Vec<Value>> {
+        self.run_each(scripts, cmds, after)
+            .await?
+            .into_iter()
+            .collect()
+    }
+
+    /// [`RedisConn::run`], answering each command's own result where it is known: on a
+    /// cluster one node may fail while the others do their part, and the caller must know
+    /// which writes were done. `after` is sent only when every command succeeded. An
+    /// error overall: what was done is not known (a standalone pipeline failed).
+    pub async fn run_each(
+        &mut self,
+        scripts: &[&str],
+        cmds: Vec<Cmd>,
+        after: Vec<Cmd>,
+    ) -> RedisResult<Vec<RedisResult<Value>>> {
         match self {
             RedisConn::Single(conn) => {
                 let mut pipe = redis::pipe();
@@ -110,14 +126,15 @@ impl RedisConn {
                 for cmd in after {
                     pipe.add_command(cmd).ignore();
                 }
-                pipe.query_async(conn).await
+                let answers: Vec<Value> = pipe.query_async(conn).await?;
+                Ok(answers.into_iter().map(Ok).collect())
             }
             RedisConn::Cluster(conn) => {
-                let answers = Self::each(conn, &cmds).await;
+                let mut answers = Self::each(conn, &cmds).await;
                 let missing_script = answers.iter().any(|answer| {
                     matches!(answer, Err(error) if error.kind() == ErrorKind::NoScriptError)
                 });
-                let answers = if missing_script {
+                if missing_script {
                     // `SCRIPT LOAD` goes to every node of the cluster.
                     for script in scripts {
                         let _: String = redis::cmd("SCRIPT")
@@ -126,13 +143,23 @@ impl RedisConn {
                             .query_async(conn)
                             .await?;
                     }
-                    Self::each(conn, &cmds).await
-                } else {
-                    answers
-                };
-                let answers = answers.into_iter().collect::<RedisResult<Vec<Value>>>()?;
-                for answer in Self::each(conn, &after).await {
-                    answer?;
+                    let again: Vec<Cmd> = cmds
+                        .iter()
+                        .zip(&answers)
+                        .filter(|(_, answer)| answer.is_err())
+                        .map(|(cmd, _)| cmd.clone())
+                        .collect();
+                    let mut retried = Self::each(conn, &again).await.into_iter();
+                    for answer in answers.iter_mut().filter(|answer| answer.is_err()) {
+                        if let Some(retry) = retried.next() {
+                            *answer = retry;
+                        }
+                    }
+                }
+                if answers.iter().all(|answer| answer.is_ok()) {
+                    for answer in Self::each(conn, &after).await {
+                        answer?;
+                    }
                 }
                 Ok(answers)
             }

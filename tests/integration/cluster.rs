@@ -259,6 +259,24 @@ async fn in_cluster_mode_the_binary_answers_what_it_answers_standalone() {
         .iter()
         .any(|(_, key)| key == &format!("{prefix}stripe:org:org_k3")));
 
+    // The operators' inspector reads the keys (and their TTLs) off their nodes.
+    let mut inspect = subledger_command(&settings);
+    inspect
+        .env("REDIS_URL", cluster_urls())
+        .env("SUBLEDGER_REDIS_CLUSTER", "true")
+        .args(["inspect", "cus_k3"]);
+    let out = tokio::task::spawn_blocking(move || inspect.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("stripe:customer:cus_k3 (TTL "), "{text}");
+    assert!(text.contains("log, table and cache agree"), "{text}");
+
     // Wiped: every answer is still right (read from Postgres), and written back.
     wipe(&prefix).await;
     assert!(keys_by_node(&prefix).await.is_empty());
