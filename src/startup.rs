@@ -407,7 +407,11 @@ impl Application {
             reads: services.reads.clone(),
             settings: services.settings.clone(),
             inbox_wake,
-            inbox: crate::inbox::InboxWriter::start(services.pool.clone(), INBOX_WRITERS),
+            inbox: crate::inbox::InboxWriter::handing_over(
+                services.pool.clone(),
+                INBOX_WRITERS,
+                services.worker.parsed_events(),
+            ),
             billing: sync.clone().map(|syncer| {
                 Billing::new(
                     syncer,
