@@ -3,7 +3,8 @@
 #   ./bench/run.sh            full run (3000 customers, 1M-event replay, 10-minute soak, peer)
 #   ./bench/run.sh --quick    a short smoke run
 # Options pass through: --customers N --read-secs N --replay-events N --soak-secs N
-# --no-peer --no-write. Figures are printed and appended to BENCHMARKS.md.
+# --no-peer --no-write --only ingest (the ingestion phase alone). Figures are printed and
+# appended to BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh

@@ -7,6 +7,10 @@
 //! release `subledger serve` as a child process against a fresh `subledger_bench`
 //! database and Redis prefix, drives it over loopback only, prints every figure and
 //! appends a row to BENCHMARKS.md. It reports numbers; it asserts nothing.
+//!
+//! `--only ingest` runs the ingestion phase alone (its pgbench ceiling, the figures, the
+//! CPU per delivery of the server, of Postgres and of the machine) and stops: for
+//! measuring a change to the ingest path without the reads, soak, replay and peer.
 
 #[path = "../tests/integration/support/stripe_sim.rs"]
 mod stripe_sim;
@@ -35,6 +39,8 @@ struct Options {
     soak_secs: u64,
     peer: bool,
     write: bool,
+    /// `--only ingest`: the ingestion phase alone (its ceiling, its figures), then stop.
+    only_ingest: bool,
 }
 
 impl Options {
@@ -55,6 +61,9 @@ impl Options {
             soak_secs: value("--soak-secs", if quick { 20 } else { 600 }),
             peer: !args.iter().any(|a| a == "--no-peer"),
             write: !args.iter().any(|a| a == "--no-write"),
+            only_ingest: args
+                .windows(2)
+                .any(|pair| pair[0] == "--only" && pair[1] == "ingest"),
         }
     }
 }
@@ -94,6 +103,87 @@ impl RssSampler {
     fn finish(self) -> f64 {
         self.stop.store(true, Ordering::Relaxed);
         self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+/// CPU time (user + system) a process has used, in clock ticks (`/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// CPU ticks of the Postgres backends serving the bench's database (their process title
+/// names it), so that other databases on the same server do not count. Postgres's own
+/// background processes (WAL writer, checkpointer) are left out, and a backend that exits
+/// during a phase takes its ticks with it: this is a lower bound.
+fn postgres_ticks() -> u64 {
+    let title = format!(" {DB} ");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with("postgres: ") && c.contains(&title))
+        })
+        .map(cpu_ticks)
+        .sum()
+}
+
+/// Busy CPU ticks of the whole machine (`/proc/stat`: all but idle and iowait).
+fn machine_busy_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let cpu: Vec<u64> = stat
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal …
+            Some(cpu.iter().take(8).sum::<u64>() - cpu.get(3)? - cpu.get(4)?)
+        })
+        .unwrap_or(0)
+}
+
+/// CPU used during a phase, by the server, by Postgres and by the whole machine.
+struct CpuSample {
+    server: u64,
+    postgres: u64,
+    machine: u64,
+}
+
+impl CpuSample {
+    fn take(server_pid: u32) -> Self {
+        Self {
+            server: cpu_ticks(server_pid),
+            postgres: postgres_ticks(),
+            machine: machine_busy_ticks(),
+        }
+    }
+
+    /// Microseconds of CPU per item since `self`: server / Postgres / machine.
+    fn per_item_since(&self, server_pid: u32, items: usize) -> String {
+        let now = Self::take(server_pid);
+        // Clock ticks are 1/100 s on Linux (`getconf CLK_TCK`).
+        let micros = |ticks: u64| ticks as f64 * 10_000.0 / items.max(1) as f64;
+        format!(
+            "{:.0} / {:.0} / {:.0} µs",
+            micros(now.server.saturating_sub(self.server)),
+            micros(now.postgres.saturating_sub(self.postgres)),
+            micros(now.machine.saturating_sub(self.machine)),
+        )
     }
 }
 
@@ -156,26 +246,72 @@ async fn wait_until_up(client: &reqwest::Client, base: &str) {
     panic!("{base} never answered");
 }
 
+/// The answers that were not 2xx, by what they were: a status code, or the transport
+/// error that stood for an answer (`error: …`). Counted so that a figure says why an event
+/// was not stored, not only how many.
+#[derive(Default, Clone)]
+struct Failures(std::collections::BTreeMap<String, u64>);
+
+impl Failures {
+    fn add(&mut self, kind: String) {
+        *self.0.entry(kind).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: Failures) {
+        for (kind, count) in other.0 {
+            *self.0.entry(kind).or_default() += count;
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+impl std::fmt::Display for Failures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.total())?;
+        if !self.0.is_empty() {
+            let kinds: Vec<String> = self.0.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+            write!(f, ": {}", kinds.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a failed request was: its status, or which kind of transport error.
+fn failure_kind(response: &Result<reqwest::Response, reqwest::Error>) -> String {
+    match response {
+        Ok(r) => r.status().as_u16().to_string(),
+        Err(e) if e.is_connect() => "error: connect".to_owned(),
+        Err(e) if e.is_timeout() => "error: timeout".to_owned(),
+        Err(e) if e.is_request() => {
+            // The innermost cause names it (`connection closed before message completed`…).
+            let mut cause: &dyn std::error::Error = e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            format!("error: {cause}")
+        }
+        Err(e) => format!("error: {e}"),
+    }
+}
+
 /// Sends every body with `concurrency` keep-alive connections; returns the latencies (µs)
-/// of 2xx answers and the count of other answers.
+/// of 2xx answers and what the others were.
 async fn send_all(
     client: &reqwest::Client,
     url: &str,
     bodies: Vec<Vec<u8>>,
     concurrency: usize,
-) -> (Vec<u64>, u64) {
+) -> (Vec<u64>, Failures) {
     let queue = Arc::new(Mutex::new(VecDeque::from(bodies)));
-    let failures = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (queue, failures, client, url) = (
-            queue.clone(),
-            failures.clone(),
-            client.clone(),
-            url.to_owned(),
-        );
+        let (queue, client, url) = (queue.clone(), client.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
+            let mut failures = Failures::default();
             loop {
                 let Some(body) = queue.lock().unwrap().pop_front() else {
                     break;
@@ -193,20 +329,21 @@ async fn send_all(
                         let _ = r.bytes().await;
                         latencies.push(started.elapsed().as_micros() as u64);
                     }
-                    _ => {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
+                    other => failures.add(failure_kind(&other)),
                 }
             }
-            latencies
+            (latencies, failures)
         }));
     }
     let mut all = Vec::new();
+    let mut failures = Failures::default();
     for task in tasks {
-        all.extend(task.await.unwrap());
+        let (latencies, failed) = task.await.unwrap();
+        all.extend(latencies);
+        failures.merge(failed);
     }
     all.sort_unstable();
-    (all, failures.load(Ordering::Relaxed))
+    (all, failures)
 }
 
 /// GETs `urls` round-robin for `secs` seconds over `connections` keep-alive connections
@@ -330,8 +467,10 @@ async fn pgbench_ceiling() -> f64 {
         "\\set n random(1, 1000000000)\nINSERT INTO ceiling (body) VALUES (jsonb_build_object('id', :n, 'type', 'customer.subscription.updated', 'pad', repeat('x', 1450)));\n",
     )
     .unwrap();
+    // Over the connection the service makes: on loopback, without TLS (`db::connect_options`).
     let out = run_capture(
         Command::new("pgbench")
+            .env("PGSSLMODE", "disable")
             .args([
                 "-n",
                 "-c",
@@ -382,6 +521,70 @@ impl Figures {
     }
 }
 
+/// Posts the `step`th change to the first replica, waits until its projection has
+/// written it to Redis, and returns how long after that write (µs) both `others` answer
+/// it. Each then reads it a few more times, so it is held in memory before the next one.
+async fn freshness_lag(
+    client: &reqwest::Client,
+    redis: &mut redis::aio::MultiplexedConnection,
+    base: &str,
+    others: &[(Child, String)],
+    prefix: &str,
+    step: usize,
+) -> u64 {
+    let status = if step.is_multiple_of(2) {
+        "active"
+    } else {
+        "past_due"
+    };
+    let body = probe_event(step, status);
+    let header = sign(SECRET, chrono::Utc::now().timestamp(), &body);
+    let _ = client
+        .post(format!("{base}/webhooks/stripe"))
+        .header("stripe-signature", header)
+        .body(body)
+        .send()
+        .await;
+    let written = loop {
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(format!("{prefix}stripe:customer:cus_probe"))
+            .query_async(redis)
+            .await
+            .unwrap();
+        if raw.is_some_and(|raw| raw.contains(&format!("\"status\":\"{status}\""))) {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    };
+    for (_, other) in others {
+        loop {
+            let answer: serde_json::Value = client
+                .get(format!("{other}/v1/orgs/org_probe/entitlements"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap_or_default();
+            if answer["status"] == status {
+                break;
+            }
+        }
+    }
+    let lag = written.elapsed().as_micros() as u64;
+    for _ in 0..3 {
+        for (_, other) in others {
+            let _ = client
+                .get(format!("{other}/v1/orgs/org_probe/entitlements"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await;
+        }
+    }
+    lag
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo test --all-targets` (the test command) builds and runs bench targets without
@@ -418,6 +621,7 @@ async fn main() {
     let mut server = start_server(port, &prefix);
     wait_until_up(&client, &base).await;
     let rss = RssSampler::start(server.id());
+    let cpu = CpuSample::take(server.id());
     let started = Instant::now();
     let (latencies, failures) = send_all(
         &client,
@@ -429,7 +633,12 @@ async fn main() {
     let acked_in = started.elapsed();
     wait_caught_up(&pool).await;
     let end_to_end = started.elapsed();
+    let ingest_cpu = cpu.per_item_since(server.id(), bodies.len());
     let ingest_rss = rss.finish();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     let ack_rate = latencies.len() as f64 / acked_in.as_secs_f64();
     let e2e_rate = bodies.len() as f64 / end_to_end.as_secs_f64();
     figures.add(
@@ -453,10 +662,29 @@ async fn main() {
         format!("{ceiling:.0}"),
     );
     figures.add(
-        "ingest: end-to-end / ceiling (goal >= 0.30)",
+        "ingest: end-to-end / ceiling (goal >= 0.5)",
         format!("{:.2}", e2e_rate / ceiling),
     );
+    figures.add(
+        "ingest: inbox rows / distinct events sent",
+        format!("{stored} / {}", sim.events.len()),
+    );
+    figures.add(
+        "ingest: CPU per delivery, server / its Postgres backends / machine",
+        ingest_cpu,
+    );
     figures.add("ingest: peak RSS", format!("{ingest_rss:.1} MiB"));
+    if options.only_ingest {
+        let _ = server.kill();
+        let _ = server.wait();
+        if options.write {
+            write_benchmarks_md(
+                &figures,
+                &std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+            );
+        }
+        return;
+    }
 
     // 2. Entitlement reads, beside the server's own ceiling: `/healthz` (no auth, no IO)
     // at the same concurrency. Warm first, so both run against a full cache.
@@ -484,7 +712,7 @@ async fn main() {
         format!("{read_rate:.0} ({read_errors} errors)"),
     );
     figures.add(
-        "reads: p50 / p99 (goal p99 <= 5 ms)",
+        "reads: p50 / p99 (goal p99 <= 2 ms)",
         format!(
             "{:.2} ms / {:.2} ms",
             percentile(&reads, 0.5),
@@ -524,6 +752,19 @@ async fn main() {
         .into_iter()
         .map(|event| event.to_bytes())
         .collect();
+    // Entitlement reads all through the soak, one connection, over every org seen so far
+    // and every org the soak brings, so the in-process cache fills up (64 MiB by default)
+    // and must evict while memory is sampled.
+    let soak_urls: Arc<Vec<String>> = Arc::new(
+        orgs.iter()
+            .chain(soak_sim.truth.iter().map(|t| &t.org_id))
+            .map(|org| format!("{base}/v1/orgs/{org}/entitlements"))
+            .collect(),
+    );
+    let soak_reads = tokio::spawn({
+        let (client, secs) = (client.clone(), options.soak_secs);
+        async move { hammer(&client, soak_urls, secs, 1).await }
+    });
     let mut samples = Vec::new();
     let soak_start = Instant::now();
     let mut sent = 0u64;
@@ -541,7 +782,31 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (soak_read_latencies, soak_read_errors) = soak_reads.await.unwrap();
     wait_caught_up(&pool).await;
+    let scrape = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = |series: &str| -> f64 {
+        scrape
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    figures.add(
+        "soak: reads during the soak (1 connection)",
+        format!(
+            "{} ({soak_read_errors} errors); in-process cache at the end: {:.0} entries, {:.1} MiB",
+            soak_read_latencies.len(),
+            gauge(r#"subledger_local_cache{measure="entries"}"#),
+            gauge(r#"subledger_local_cache{measure="bytes"}"#) / 1048576.0
+        ),
+    );
     let tenth = (samples.len() / 10).max(1);
     let first: f64 = samples[..tenth].iter().sum::<f64>() / tenth as f64;
     let last: f64 = samples[samples.len() - tenth..].iter().sum::<f64>() / tenth as f64;
@@ -619,63 +884,40 @@ async fn main() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    // 20 changes with the invalidation channel up, then 10 more from the moment every
+    // replica's channel is killed (`CLIENT KILL TYPE pubsub`): they bypass their caches
+    // until subscribed again, then start over empty.
     let mut lags = Vec::new();
     for step in 0..20 {
-        let status = if step % 2 == 0 { "active" } else { "past_due" };
-        let body = probe_event(step, status);
-        let header = sign(SECRET, chrono::Utc::now().timestamp(), &body);
-        let _ = client
-            .post(format!("{base}/webhooks/stripe"))
-            .header("stripe-signature", header)
-            .body(body)
-            .send()
-            .await;
-        let written = loop {
-            let raw: Option<String> = redis::cmd("GET")
-                .arg(format!("{prefix}stripe:customer:cus_probe"))
-                .query_async(&mut redis)
-                .await
-                .unwrap();
-            if raw.is_some_and(|raw| raw.contains(&format!("\"status\":\"{status}\""))) {
-                break Instant::now();
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        };
-        for (_, other) in &others {
-            loop {
-                let answer: serde_json::Value = client
-                    .get(format!("{other}/v1/orgs/org_probe/entitlements"))
-                    .bearer_auth(TOKEN)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap_or_default();
-                if answer["status"] == status {
-                    break;
-                }
-            }
-        }
-        lags.push(written.elapsed().as_micros() as u64);
-        // Both replicas hold the answer in memory before the next change.
-        for _ in 0..3 {
-            for (_, other) in &others {
-                let _ = client
-                    .get(format!("{other}/v1/orgs/org_probe/entitlements"))
-                    .bearer_auth(TOKEN)
-                    .send()
-                    .await;
-            }
-        }
+        lags.push(freshness_lag(&client, &mut redis, &base, &others, &prefix, step).await);
+    }
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut killed_lags = Vec::new();
+    for step in 20..30 {
+        killed_lags.push(freshness_lag(&client, &mut redis, &base, &others, &prefix, step).await);
     }
     lags.sort_unstable();
+    killed_lags.sort_unstable();
     figures.add(
         "freshness: write in Redis → read on 2 other replicas, p50 / max (goal <= 250 ms)",
         format!(
             "{:.1} ms / {:.1} ms (20 changes)",
             percentile(&lags, 0.5),
             percentile(&lags, 1.0)
+        ),
+    );
+    figures.add(
+        "freshness: the same from the invalidation channel's kill on",
+        format!(
+            "{:.1} ms / {:.1} ms (10 changes, {killed} connections killed)",
+            percentile(&killed_lags, 0.5),
+            percentile(&killed_lags, 1.0)
         ),
     );
     for (mut other, _) in others {

@@ -22,7 +22,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/subledger`); the
-    /// database is created if missing.
+    /// database is created if missing. A loopback host connects without TLS unless the URL
+    /// or `PGSSLMODE` names an `sslmode` (`db::connect_options`).
     pub database_url: SecretString,
     /// `REDIS_URL` (default `redis://127.0.0.1:6379`). With `redis_cluster`, one or more
     /// of the cluster's nodes, comma-separated (the client learns the rest from them).

@@ -7,7 +7,7 @@
 use std::str::FromStr;
 
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::config::Settings;
@@ -26,9 +26,46 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// The connect options `url` names. On a loopback host, a URL that names no `sslmode`
+/// (neither in its query nor in `PGSSLMODE`) connects without TLS: the bytes never leave
+/// the machine's kernel, so TLS there protects nothing from the network and costs both
+/// ends CPU on every statement (sqlx's default, `prefer`, uses TLS whenever the server
+/// offers it, and a Postgres with `ssl = on` does). Every other host keeps sqlx's default,
+/// and an `sslmode` that is named is always honoured (a loopback server that only takes
+/// TLS, `hostssl` in `pg_hba.conf`, needs `?sslmode=prefer` or stricter).
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, DbError> {
+    let options = PgConnectOptions::from_str(url).map_err(DbError::Url)?;
+    if names_ssl_mode(url) || std::env::var_os("PGSSLMODE").is_some() {
+        return Ok(options);
+    }
+    if is_loopback(options.get_host()) {
+        return Ok(options.ssl_mode(PgSslMode::Disable));
+    }
+    Ok(options)
+}
+
+/// Whether the URL's query names an SSL mode (`sslmode`, or sqlx's `ssl-mode`).
+fn names_ssl_mode(url: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query
+            .split('&')
+            .filter_map(|pair| pair.split('=').next())
+            .any(|key| key.eq_ignore_ascii_case("sslmode") || key.eq_ignore_ascii_case("ssl-mode"))
+    })
+}
+
+/// Whether `host` is this machine over loopback: `localhost`, or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Creates the database named in `url` if the server does not have it yet.
 pub async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
-    let options = PgConnectOptions::from_str(url).map_err(DbError::Url)?;
+    let options = connect_options(url)?;
     let name = options.get_database().unwrap_or("postgres").to_owned();
     let mut admin = options
         .clone()
@@ -67,7 +104,7 @@ pub async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
 pub async fn connect(settings: &Settings) -> Result<PgPool, DbError> {
     let url = settings.database_url.expose_secret();
     create_database_if_missing(url).await?;
-    let options = PgConnectOptions::from_str(url).map_err(DbError::Url)?;
+    let options = connect_options(url)?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.db_pool_size)
         .acquire_timeout(std::time::Duration::from_secs(5))
@@ -82,4 +119,52 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
 /// Whether Postgres answers: one round trip, no table read (what `/readyz` checks).
 pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT 1").execute(pool).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_without_a_named_ssl_mode_connects_without_tls() {
+        // PGSSLMODE, when set, is what the operator chose: these cases need it unset.
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return;
+        }
+        let mode = |url: &str| connect_options(url).unwrap().get_ssl_mode();
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/subledger",
+            "postgres://postgres@localhost/subledger",
+            "postgres://postgres@[::1]:5432/subledger",
+            "postgres://postgres@127.0.0.2/subledger?application_name=x",
+        ] {
+            assert!(matches!(mode(url), PgSslMode::Disable), "{url}");
+        }
+        for url in [
+            "postgres://postgres@db.internal:5432/subledger",
+            "postgres://postgres@10.0.0.5/subledger",
+        ] {
+            assert!(matches!(mode(url), PgSslMode::Prefer), "{url}");
+        }
+        for (url, expected) in [
+            (
+                "postgres://postgres@127.0.0.1/subledger?sslmode=require",
+                PgSslMode::Require,
+            ),
+            (
+                "postgres://postgres@localhost/subledger?sslmode=prefer",
+                PgSslMode::Prefer,
+            ),
+            (
+                "postgres://postgres@db.internal/subledger?sslmode=verify-full",
+                PgSslMode::VerifyFull,
+            ),
+        ] {
+            assert_eq!(
+                std::mem::discriminant(&mode(url)),
+                std::mem::discriminant(&expected),
+                "{url}"
+            );
+        }
+    }
 }

@@ -398,7 +398,7 @@ impl Application {
                 stop_rx.clone(),
             )));
         }
-        let state = AppState {
+        let state = AppState::new(http::Shared {
             endpoint_check,
             pool: services.pool.clone(),
             cache: services.cache.clone(),
@@ -407,7 +407,11 @@ impl Application {
             reads: services.reads.clone(),
             settings: services.settings.clone(),
             inbox_wake,
-            inbox: crate::inbox::InboxWriter::start(services.pool.clone(), INBOX_WRITERS),
+            inbox: crate::inbox::InboxWriter::handing_over(
+                services.pool.clone(),
+                INBOX_WRITERS,
+                services.worker.parsed_events(),
+            ),
             billing: sync.clone().map(|syncer| {
                 Billing::new(
                     syncer,
@@ -417,7 +421,7 @@ impl Application {
                 )
             }),
             sync,
-        };
+        });
         tracing::info!(address = %listener.local_addr()?, "subledger serving");
         let served = serve(listener, http::router(state), limits, shutdown).await;
         stop_tx.send_replace(true);

@@ -34,7 +34,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::StripeMode;
 use crate::db_error::{Refusal, Refused};
 use crate::error_chain::error_chain;
-use crate::inbox::{self, Outcome, Processed};
+use crate::inbox::{self, Outcome, ParsedEvents, Processed};
 use crate::ledger::{check_storable, BatchAggregates, ExecuteError, Group, Ledger};
 use crate::metrics::RefusedAt;
 use crate::stripe::client::StripeApi;
@@ -72,6 +72,8 @@ pub struct InboxWorker {
     mode: StripeMode,
     /// Fetches the objects thin events name; `None` without a Stripe key.
     stripe: Option<StripeApi>,
+    /// Events this process's webhooks stored, already parsed (see [`ParsedEvents`]).
+    parsed: ParsedEvents,
 }
 
 impl InboxWorker {
@@ -84,7 +86,15 @@ impl InboxWorker {
             max_attempts,
             mode,
             stripe: None,
+            parsed: ParsedEvents::default(),
         }
+    }
+
+    /// Where this process's webhooks hand over the events they stored, parsed, so that a
+    /// worker claiming one of their rows does not parse its payload again: give it to the
+    /// [`inbox::InboxWriter`] (`InboxWriter::handing_over`).
+    pub fn parsed_events(&self) -> ParsedEvents {
+        self.parsed.clone()
     }
 
     /// Thin events are processed by fetching the object they name with `api`.
@@ -221,7 +231,14 @@ impl InboxWorker {
                 results.push(RowResult::done(event_id, Outcome::Ignored, Some(detail)));
                 continue;
             };
-            let event = match parse_event(payload.as_bytes()) {
+            // Parsed at receipt if this process stored it; otherwise from the payload,
+            // which is exactly the bytes the receipt parsed.
+            let parsed = match self.parsed.take(&event_id) {
+                Some(event) => Ok(event),
+                None => parse_event(payload.as_bytes()).map(Arc::new),
+            };
+            drop(payload);
+            let event = match parsed {
                 Ok(event) => event,
                 // Only parseable events are ever stored; say so rather than retry forever.
                 Err(error) => {

@@ -3,7 +3,8 @@
 //! owns table `inbox`: every statement on it is here.
 //!
 //! - [`store`]: recording events (`record`, `record_many`, the webhook's group commit
-//!   [`InboxWriter`]). An event holding a value Postgres refuses for its content is
+//!   [`InboxWriter`], which hands what it stored, parsed, to this process's workers
+//!   through [`ParsedEvents`]). An event holding a value Postgres refuses for its content is
 //!   [`Refused`] on its own (a 400); any other failure here is a 5xx so Stripe retries:
 //!   nothing is answered before the insert that stored it commits.
 //! - [`work`]: what the inbox workers do to rows: claim due rows of a partition, mark them
@@ -33,7 +34,7 @@ pub use read::{
     InboxEntry,
 };
 pub use store::{
-    check, record, record_many, InboxError, InboxWriter, NewEvent, Received, Recorded,
+    check, record, record_many, InboxError, InboxWriter, NewEvent, ParsedEvents, Received, Recorded,
 };
 pub use work::{claim, mark_dead, mark_done, mark_failed, Claimed, Failed, Partition, Processed};
 

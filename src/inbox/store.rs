@@ -346,6 +346,55 @@ async fn store_batch(pool: &PgPool, events: &[NewEvent<'_>]) -> Vec<Result<Recei
     answers
 }
 
+/// Events this process's webhooks stored for processing, already parsed, handed to this
+/// process's inbox workers so that an event is parsed once, at receipt, rather than again
+/// from its stored payload when a worker claims its row ([`ParsedEvents::take`]). The
+/// stored payload stays the one source: a worker that finds nothing here (the event came
+/// through another replica, `import` or the recovery poller, or was pushed out) parses
+/// the payload as before, and what it would parse is what is here, since the payload is
+/// exactly the bytes this event was parsed from. Bounded: the oldest entries go first
+/// (an entry costs a few KiB, and it is only useful while its row waits to be claimed).
+#[derive(Clone, Default)]
+pub struct ParsedEvents {
+    inner: Arc<std::sync::Mutex<HandedOver>>,
+}
+
+#[derive(Default)]
+struct HandedOver {
+    by_id: std::collections::HashMap<String, Arc<StripeEvent>>,
+    /// Ids in the order they were put; some may have been taken already.
+    order: std::collections::VecDeque<String>,
+}
+
+impl ParsedEvents {
+    /// Most events held at once.
+    pub const CAPACITY: usize = 2048;
+
+    /// Holds a stored event for the worker that will claim its row.
+    pub fn put(&self, event: Arc<StripeEvent>) {
+        let mut held = self.inner.lock().expect("never poisoned: no panics inside");
+        while held.order.len() >= Self::CAPACITY {
+            let Some(oldest) = held.order.pop_front() else {
+                break;
+            };
+            held.by_id.remove(&oldest);
+        }
+        held.order.push_back(event.id.clone());
+        held.by_id.insert(event.id.clone(), event);
+    }
+
+    /// The parsed event for `event_id`, if this process stored it and it is still held.
+    pub fn take(&self, event_id: &str) -> Option<Arc<StripeEvent>> {
+        let mut held = self.inner.lock().expect("never poisoned: no panics inside");
+        let event = held.by_id.remove(event_id);
+        if held.by_id.is_empty() {
+            // Nothing left to find: forget the ids of what was taken.
+            held.order.clear();
+        }
+        event
+    }
+}
+
 /// Group commit for webhooks: requests hand their event to [`InboxWriter::store`], which
 /// waits until the event is committed. Events that arrive while earlier inserts are
 /// committing are stored together by the next insert, so under load many webhooks share
@@ -367,6 +416,12 @@ impl InboxWriter {
     /// Starts the writer with at most `concurrent` inserts in flight. It stops once every
     /// clone of the returned writer is dropped and the queued events are stored.
     pub fn start(pool: PgPool, concurrent: usize) -> Self {
+        Self::handing_over(pool, concurrent, ParsedEvents::default())
+    }
+
+    /// As [`InboxWriter::start`], putting each event it stored for processing into
+    /// `parsed` once its insert committed (before it is answered), for the workers.
+    pub fn handing_over(pool: PgPool, concurrent: usize, parsed: ParsedEvents) -> Self {
         let (queue, mut incoming) = mpsc::channel::<Queued>(WRITE_BATCH * concurrent.max(1));
         let slots = Arc::new(Semaphore::new(concurrent.max(1)));
         tokio::spawn(async move {
@@ -382,7 +437,7 @@ impl InboxWriter {
                         Err(_) => break,
                     }
                 }
-                let pool = pool.clone();
+                let (pool, parsed) = (pool.clone(), parsed.clone());
                 tokio::spawn(async move {
                     let events: Vec<NewEvent> = batch
                         .iter()
@@ -394,6 +449,11 @@ impl InboxWriter {
                         .collect();
                     let answers = store_batch(&pool, &events).await;
                     drop(events);
+                    for (queued, answer) in batch.iter().zip(&answers) {
+                        if matches!(answer, Ok(Received::Stored)) {
+                            parsed.put(queued.event.clone());
+                        }
+                    }
                     for (queued, answer) in batch.into_iter().zip(answers) {
                         let _ = queued.reply.send(answer);
                     }
@@ -442,6 +502,32 @@ mod tests {
     fn event(envelope: serde_json::Value) -> (StripeEvent, Vec<u8>) {
         let raw = envelope.to_string().into_bytes();
         (parse_event(&raw).unwrap(), raw)
+    }
+
+    /// A stored event is handed over once, and the hand-over holds at most its capacity,
+    /// dropping the oldest first (a worker that finds nothing parses the payload).
+    #[test]
+    fn parsed_events_are_taken_once_and_the_oldest_go_first() {
+        let parsed = ParsedEvents::default();
+        let one = |n: usize| {
+            let (event, _) = event(
+                serde_json::json!({"id": format!("evt_{n}"), "object": "event",
+                "type": "customer.subscription.updated", "created": 1_700_000_000,
+                "data": {"object": {"id": "sub_1", "customer": "cus_1"}}}),
+            );
+            Arc::new(event)
+        };
+        parsed.put(one(0));
+        assert_eq!(parsed.take("evt_0").as_deref(), Some(&*one(0)));
+        assert_eq!(parsed.take("evt_0"), None);
+        for n in 0..ParsedEvents::CAPACITY + 10 {
+            parsed.put(one(n));
+        }
+        assert_eq!(parsed.take("evt_9"), None, "pushed out");
+        assert!(parsed.take("evt_10").is_some());
+        assert!(parsed
+            .take(&format!("evt_{}", ParsedEvents::CAPACITY + 9))
+            .is_some());
     }
 
     #[test]
