@@ -154,7 +154,7 @@ impl Reads {
     /// owner's hash) when it is complete; otherwise Postgres, and the hash filled. Only
     /// when Postgres cannot be read is an incomplete hash answered (better than no answer
     /// during an outage, and counted as a fallback); with nothing cached the error stands.
-    async fn owner(&self, owner: Owner, id: &str) -> Result<Vec<SubscriptionInfo>, sqlx::Error> {
+    async fn owner(&self, owner: Owner, id: &str) -> Result<Arc<[SubscriptionInfo]>, sqlx::Error> {
         let (failed, partial) = match self.cache.owner(owner, id).await {
             Ok((true, infos)) => {
                 metrics::cache_read(CacheRead::Hit);
@@ -163,7 +163,7 @@ impl Reads {
             Ok((false, partial)) => (false, partial),
             Err(error) => {
                 tracing::warn!(%error, "cache read failed; reading Postgres");
-                (true, vec![])
+                (true, Arc::from([]))
             }
         };
         let infos = match PlatformTables::linked_to(&self.pool, owner, id).await {
@@ -189,7 +189,7 @@ impl Reads {
                 tracing::warn!(error = %error_chain(&error), "cache write-back failed");
             }
         }
-        Ok(infos)
+        Ok(infos.into())
     }
 
     /// Writes what Postgres answered back to Redis. A failure only costs the next read a

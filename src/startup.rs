@@ -398,7 +398,7 @@ impl Application {
                 stop_rx.clone(),
             )));
         }
-        let state = AppState {
+        let state = AppState::new(http::Shared {
             endpoint_check,
             pool: services.pool.clone(),
             cache: services.cache.clone(),
@@ -421,7 +421,7 @@ impl Application {
                 )
             }),
             sync,
-        };
+        });
         tracing::info!(address = %listener.local_addr()?, "subledger serving");
         let served = serve(listener, http::router(state), limits, shutdown).await;
         stop_tx.send_replace(true);

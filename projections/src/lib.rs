@@ -26,7 +26,7 @@ pub use info::{ItemInfo, LatestInvoice, PaymentMethod, SubscriptionEntry, Subscr
 pub use local_cache::{LocalCache, LocalCacheConfig, Lookup};
 pub use log::{LoggedEvent, Position};
 pub use platform::{PlatformTables, StatusCount};
-pub use redis_cache::{CacheKeys, Owner, RedisCache};
+pub use redis_cache::{CacheKeys, Cached, Owner, RedisCache};
 pub use redis_conn::{LazyConnection, RedisConn, RedisTarget};
 pub use runner::{
     CatchUp, EventualProjection, Member, ProjectionError, Projections, TransactionalProjection,

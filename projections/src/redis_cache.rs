@@ -229,14 +229,25 @@ impl CacheKeys {
     }
 }
 
+/// What the in-process cache holds for a key: the answer Redis gave, decoded once, so a
+/// hit costs no parse.
+#[derive(Clone)]
+pub enum Cached {
+    /// A customer key's answer.
+    Customer(Arc<SubscriptionInfo>),
+    /// A complete owner hash: the answers in it that link their customer to the owner.
+    Owner(Arc<[SubscriptionInfo]>),
+}
+
 #[derive(Clone)]
 pub struct RedisCache {
     conn: LazyConnection,
     keys: CacheKeys,
     ttl_secs: u64,
     catalog: Arc<Catalog>,
-    /// Raw values read from Redis, by full key (off unless [`RedisCache::with_local_cache`]).
-    local: Arc<LocalCache<Arc<str>>>,
+    /// Values read from Redis, decoded, by full key (off unless
+    /// [`RedisCache::with_local_cache`]).
+    local: Arc<LocalCache<Cached>>,
     /// Owner writes a failed write left undone, made by the next one (see
     /// `keep_unfinished`).
     unfinished: Arc<Mutex<OwnerWrites>>,
@@ -275,7 +286,7 @@ impl RedisCache {
     }
 
     /// The in-process cache (for its gauges).
-    pub fn local(&self) -> &LocalCache<Arc<str>> {
+    pub fn local(&self) -> &LocalCache<Cached> {
         &self.local
     }
 
@@ -310,22 +321,6 @@ impl RedisCache {
             stop,
         )
         .await
-    }
-
-    /// A string key's value: from memory when the in-process cache holds it, else from
-    /// Redis (and then kept in memory, if no invalidation came meanwhile).
-    async fn get_string(&self, key: &str) -> Result<Option<Arc<str>>, redis::RedisError> {
-        let ticket = match self.local.get(key) {
-            Lookup::Hit(value) => return Ok(Some(value)),
-            Lookup::Miss(ticket) => Some(ticket),
-            Lookup::Bypass => None,
-        };
-        let raw: Option<String> = self.conn.get().await?.get(key).await?;
-        let value: Option<Arc<str>> = raw.map(Arc::from);
-        if let (Some(ticket), Some(value)) = (ticket, &value) {
-            self.local.insert(key, value.clone(), value.len(), ticket);
-        }
-        Ok(value)
     }
 
     /// The message that tells every replica these keys changed (sent after they were
@@ -519,14 +514,30 @@ impl RedisCache {
         Ok(written)
     }
 
-    /// The cached answer for a customer; a value that does not decode counts as a miss.
+    /// The cached answer for a customer, from memory when the in-process cache holds it,
+    /// else from Redis (and then kept in memory, decoded, if no invalidation came
+    /// meanwhile); a value that does not decode counts as a miss.
     pub async fn customer(
         &self,
         customer_id: &str,
     ) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
-        let raw = self.get_string(&self.keys.customer(customer_id)).await?;
-        Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
-            Ok(info) => Some(info),
+        let key = self.keys.customer(customer_id);
+        let ticket = match self.local.get(&key) {
+            Lookup::Hit(Cached::Customer(info)) => return Ok(Some((*info).clone())),
+            Lookup::Miss(ticket) => Some(ticket),
+            // A key holds one kind of value; anything else is read again.
+            Lookup::Hit(Cached::Owner(_)) | Lookup::Bypass => None,
+        };
+        let raw: Option<String> = self.conn.get().await?.get(&key).await?;
+        let Some(raw) = raw else { return Ok(None) };
+        match serde_json::from_str::<SubscriptionInfo>(&raw) {
+            Ok(info) => {
+                if let Some(ticket) = ticket {
+                    let cached = Cached::Customer(Arc::new(info.clone()));
+                    self.local.insert(&key, cached, raw.len(), ticket);
+                }
+                Ok(Some(info))
+            }
             Err(error) => {
                 // serde_json's message can quote the value (an org or user id, which can
                 // be personal data): at warn only where it failed; the message at debug.
@@ -537,9 +548,9 @@ impl RedisCache {
                     "undecodable cache value, reading through"
                 );
                 tracing::debug!(customer_id, %error, "undecodable cache value: why");
-                None
+                Ok(None)
             }
-        }))
+        }
     }
 
     /// The answers of the customers linked to an owner that its hash holds, and whether
@@ -551,17 +562,14 @@ impl RedisCache {
         &self,
         owner: Owner,
         id: &str,
-    ) -> Result<(bool, Vec<SubscriptionInfo>), redis::RedisError> {
+    ) -> Result<(bool, Arc<[SubscriptionInfo]>), redis::RedisError> {
         let key = self.owner_key(owner, id);
-        // The in-process cache holds the hash's fields as one JSON array of pairs, under
-        // the hash's key (invalidated by every write that touches the hash).
+        // The in-process cache holds a complete hash's answers, decoded, under the hash's
+        // key (invalidated by every write that touches the hash).
         let ticket = match self.local.get(&key) {
-            Lookup::Hit(raw) => match serde_json::from_str::<Vec<(String, String)>>(&raw) {
-                Ok(fields) => return Ok(Self::owner_fields(owner, id, fields)),
-                Err(_) => None,
-            },
+            Lookup::Hit(Cached::Owner(infos)) => return Ok((true, infos)),
             Lookup::Miss(ticket) => Some(ticket),
-            Lookup::Bypass => None,
+            Lookup::Hit(Cached::Customer(_)) | Lookup::Bypass => None,
         };
         let fields: Result<Vec<(String, String)>, redis::RedisError> =
             self.conn.get().await?.hgetall(&key).await;
@@ -570,17 +578,18 @@ impl RedisCache {
             // A key of the old shape (a customer id as a string): a miss; the fill
             // replaces it.
             Err(error) if error.kind() == redis::ErrorKind::TypeError => {
-                return Ok((false, vec![]))
+                return Ok((false, Arc::from([])))
             }
             Err(error) => return Err(error),
         };
-        if let Some(ticket) = ticket {
-            if fields.iter().any(|(field, _)| field == COMPLETE_FIELD) {
-                let raw: Arc<str> = Arc::from(serde_json::to_string(&fields).unwrap_or_default());
-                self.local.insert(&key, raw.clone(), raw.len(), ticket);
-            }
+        let bytes = fields.iter().map(|(f, v)| f.len() + v.len()).sum();
+        let (complete, infos) = Self::owner_fields(owner, id, fields);
+        let infos: Arc<[SubscriptionInfo]> = infos.into();
+        if let (Some(ticket), true) = (ticket, complete) {
+            self.local
+                .insert(&key, Cached::Owner(infos.clone()), bytes, ticket);
         }
-        Ok(Self::owner_fields(owner, id, fields))
+        Ok((complete, infos))
     }
 
     /// What an owner's hash holds: whether it is complete, and the answers that still
@@ -841,7 +850,7 @@ mod tests {
     /// The customers an org's hash counts (fields linking them there).
     async fn members(cache: &RedisCache, org: &str) -> Vec<String> {
         let (_, infos) = cache.owner(Owner::Org, org).await.unwrap();
-        let mut ids: Vec<String> = infos.into_iter().map(|info| info.customer_id).collect();
+        let mut ids: Vec<String> = infos.iter().map(|info| info.customer_id.clone()).collect();
         ids.sort();
         ids
     }

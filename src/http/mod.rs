@@ -150,9 +150,29 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// What every handler can reach.
+/// What every handler can reach: [`Shared`] behind one `Arc`, because axum clones the
+/// state for every `State` extractor and every middleware of every request, and a clone
+/// of the parts themselves (connection handles, settings, key prefixes) cost more than
+/// the cached read it served.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     /// The last webhook endpoint check (`setup::run_checker`), for `/readyz`.
     pub endpoint_check: crate::setup::LastCheckCell,
     pub pool: PgPool,
