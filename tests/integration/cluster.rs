@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use crate::events::{envelope, sub_event, T0};
-use crate::freshness::{all_live, metric};
+use crate::freshness::{all_live, metric, org_status};
 use crate::support::helpers::{settle, test_settings, SERVED_PROJECTIONS, TOKEN};
 use crate::support::procs::{
     post_event, scratch, serve_command, subledger_command, Served, ThrowawayRedisCluster,
@@ -333,19 +333,6 @@ async fn in_cluster_mode_the_binary_answers_what_it_answers_standalone() {
     drop(standalone);
     wipe(&prefix).await;
     std::fs::remove_dir_all(&dir).ok();
-}
-
-async fn org_status(client: &reqwest::Client, address: &str, org: &str) -> String {
-    let answer: Value = client
-        .get(format!("{address}/v1/orgs/{org}/entitlements"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    answer["status"].as_str().unwrap_or_default().to_owned()
 }
 
 /// Posts a change to `to` and waits until `reader` answers it. The replicas keep answers
