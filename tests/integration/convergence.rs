@@ -34,7 +34,7 @@ use subledger::stripe::client::StripeApi;
 use crate::deliveries::envelope_of;
 use crate::support::fake_stripe::FakeStripe;
 use crate::support::helpers::{
-    settle, spawn_with, test_settings, TestApp, SECRET, SERVED_PROJECTIONS, TOKEN,
+    metrics_page, settle, spawn_with, test_settings, TestApp, SECRET, SERVED_PROJECTIONS, TOKEN,
 };
 use crate::support::procs::{scratch, serve_command, Served};
 use crate::support::stripe_sim::sign;
@@ -69,14 +69,7 @@ impl Path {
 type Samples = Vec<(String, BTreeMap<String, String>, f64)>;
 
 async fn scrape(client: &reqwest::Client, address: &str) -> Samples {
-    let text = client
-        .get(format!("{address}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_page(client, address).await;
     text.lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
         .filter_map(|line| {

@@ -16,7 +16,9 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::events::{sub_event, T0};
-use crate::support::helpers::{settle, test_settings, SERVED_PROJECTIONS, TOKEN};
+use crate::support::helpers::{
+    metrics_page, sample, settle, test_settings, SERVED_PROJECTIONS, TOKEN,
+};
 use crate::support::procs::{post_event, scratch, serve_command, Served, ThrowawayRedis};
 
 /// How soon after the projection's write every replica must answer the new state.
@@ -24,17 +26,7 @@ const BOUND: Duration = Duration::from_secs(1);
 
 /// A value from a replica's `/metrics`: the sample whose name and labels are `series`.
 pub async fn metric(client: &reqwest::Client, address: &str, series: &str) -> f64 {
-    let text = client
-        .get(format!("{address}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    sample(&metrics_page(client, address).await, series).unwrap_or(0.0)
 }
 
 /// Waits until every replica's in-process cache hears its invalidation channel.

@@ -5,25 +5,13 @@ use serde_json::Value;
 use subledger::config::StripeMode;
 
 use crate::events::{envelope, subscription, T0};
-use crate::support::helpers::{spawn_with, test_settings, TestApp};
+use crate::support::helpers::{metrics_page, sample, spawn_with, test_settings, TestApp};
 
 /// The series `subledger_webhooks_wrong_mode_total{mode="..."}` as `/metrics` serves it.
 async fn wrong_mode_count(app: &TestApp, mode: &str) -> f64 {
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_page(&app.client, &app.address).await;
     let series = format!("subledger_webhooks_wrong_mode_total{{mode=\"{mode}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&series))
-        .unwrap_or_else(|| panic!("{series} in /metrics"))
-        .parse()
-        .unwrap()
+    sample(&text, &series).unwrap_or_else(|| panic!("{series} in /metrics"))
 }
 
 /// A subscription event in `livemode` (the envelope's `livemode` field:

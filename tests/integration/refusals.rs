@@ -13,7 +13,9 @@ use subledger::stripe::{parse_event, StripeEvent};
 use subledger::Services;
 
 use crate::events::{envelope, subscription, T0};
-use crate::support::helpers::{catch_up_fully, settle, test_settings, SERVED_PROJECTIONS};
+use crate::support::helpers::{
+    catch_up_fully, metrics_page, settle, test_settings, SERVED_PROJECTIONS,
+};
 use crate::support::procs::{scratch, serve_command, Served, ADMIN_TOKEN};
 
 fn bytes(value: &Value) -> Vec<u8> {
@@ -141,14 +143,7 @@ async fn values_postgres_refuses_are_answered_400_with_a_reason_and_never_fail_t
     );
 
     // Counted by reason, where `/metrics` shows it.
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_page(&client, &base).await;
     for (reason, at_least) in [("invalid_text", 3.0), ("too_large", 2.0)] {
         let series =
             format!("subledger_webhooks_refused_total{{reason=\"{reason}\",stage=\"receipt\"}} ");

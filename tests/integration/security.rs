@@ -6,7 +6,9 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use crate::events::{sub_event, T0};
-use crate::support::helpers::{settle, test_settings, SECRET, SERVED_PROJECTIONS, TOKEN};
+use crate::support::helpers::{
+    metrics_page, settle, test_settings, SECRET, SERVED_PROJECTIONS, TOKEN,
+};
 use crate::support::procs::{
     assert_no_secret, free_port, post_event, scratch, send_json, serve_command, Served,
     ADMIN_TOKEN, STRIPE_KEY,
@@ -440,14 +442,7 @@ async fn tokens_rotate_without_a_window_where_either_is_refused() {
     };
     assert_eq!(admin_page(cookie.clone()).await, 200);
     // Each position's use is counted.
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_page(&client, &base).await;
     for (kind, position) in [
         ("api", 0),
         ("api", 1),

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::events::{sub_event, T0};
-use crate::support::helpers::{settle, test_settings, SERVED_PROJECTIONS};
+use crate::support::helpers::{metrics_page, sample, settle, test_settings, SERVED_PROJECTIONS};
 use crate::support::procs::{post_event, scratch, serve_command, Served};
 
 /// The read timeouts the binary is started with (short, to keep the test short).
@@ -258,22 +258,9 @@ async fn slow_clients_cannot_starve_a_well_behaved_one() {
     .await
     .unwrap();
     assert_eq!(processed, 3);
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_page(&client, &base).await;
     let count = |series: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(series))
-            .unwrap_or_else(|| panic!("{series} in /metrics"))
-            .trim()
-            .parse()
-            .unwrap()
+        sample(&metrics, series).unwrap_or_else(|| panic!("{series} in /metrics"))
     };
     assert!(count("subledger_http_read_timeouts_total{part=\"body\"}") > 0.0);
     assert!(count("subledger_http_read_timeouts_total{part=\"header\"}") > 0.0);

@@ -317,3 +317,21 @@ pub async fn redis_value(
         _ => redis::cmd("GET").arg(key).query_async(redis).await.unwrap(),
     }
 }
+
+/// A running service's `GET /metrics` page, as text.
+pub async fn metrics_page(client: &reqwest::Client, address: &str) -> String {
+    client
+        .get(format!("{address}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the sample whose name and labels are `series` on a `/metrics` page.
+pub fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
