@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use crate::events::{envelope, sub_event, T0};
-use crate::freshness::{all_live, metric, org_status};
+use crate::freshness::{all_answered_from_memory, all_live, org_status};
 use crate::support::helpers::{settle, test_settings, SERVED_PROJECTIONS, TOKEN};
 use crate::support::procs::{
     post_event, scratch, serve_command, subledger_command, Served, ThrowawayRedisCluster,
@@ -383,15 +383,7 @@ async fn in_cluster_mode_replicas_see_each_others_writes_through_the_invalidatio
         let (to, reader) = (&addresses[step % 2], &addresses[(step + 1) % 2]);
         change_reaches(&client, to, reader, step as i64, status).await;
     }
-    for address in &addresses {
-        let hits = metric(
-            &client,
-            address,
-            r#"subledger_local_cache_reads_total{result="hit"}"#,
-        )
-        .await;
-        assert!(hits > 0.0, "{address} never answered from memory");
-    }
+    all_answered_from_memory(&client, &addresses).await;
 
     // Every node cuts its subscribers: each replica subscribes again (on the next node
     // it was given) and the changes still reach the other.

@@ -29,6 +29,19 @@ pub async fn metric(client: &reqwest::Client, address: &str, series: &str) -> f6
     sample(&metrics_page(client, address).await, series).unwrap_or(0.0)
 }
 
+/// Asserts that every replica served at least one read from its own in-process cache.
+pub async fn all_answered_from_memory(client: &reqwest::Client, addresses: &[String]) {
+    for address in addresses {
+        let hits = metric(
+            client,
+            address,
+            r#"subledger_local_cache_reads_total{result="hit"}"#,
+        )
+        .await;
+        assert!(hits > 0.0, "{address} never answered from memory");
+    }
+}
+
 /// Waits until every replica's in-process cache hears its invalidation channel.
 pub async fn all_live(client: &reqwest::Client, addresses: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -148,15 +161,7 @@ async fn a_change_on_one_replica_is_read_on_every_replica_soon_after_its_write()
             .push(change_and_measure(&client, &mut redis, &prefix, &addresses, step, status).await);
     }
     // The answers came from memory: every replica served hits from its own cache.
-    for address in &addresses {
-        let hits = metric(
-            &client,
-            address,
-            r#"subledger_local_cache_reads_total{result="hit"}"#,
-        )
-        .await;
-        assert!(hits > 0.0, "{address} never answered from memory");
-    }
+    all_answered_from_memory(&client, &addresses).await;
 
     // The invalidation connections are killed: each replica bypasses its cache until it
     // has subscribed again, then starts over empty. A change at once, while they come back,
