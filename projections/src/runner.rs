@@ -178,6 +178,10 @@ pub enum WhenBusy {
 /// Events decoded and applied per step of a rebuild.
 const REBUILD_CHUNK: usize = 20_000;
 
+/// How long the runner lets events gather after a pass that found some (see
+/// [`Projections::run`]).
+const LINGER: Duration = Duration::from_millis(25);
+
 /// The first pause between passes while a request waits (see [`Projections::run`]).
 const FIRST_RETRY: Duration = Duration::from_millis(5);
 
@@ -665,6 +669,8 @@ impl Projections {
     /// waits in [`Projections::wait_until_applied`], passes come sooner (from a few
     /// milliseconds, doubling up to `poll`): its events may not be readable yet because a
     /// transaction older than theirs is still running, and that one's end wakes nobody.
+    /// After a pass that applied events, fewer than a batch, and while nobody waits, the
+    /// next pass comes [`LINGER`] later (events keep coming: fewer, larger passes).
     /// `failed` hears of every pass that failed.
     pub async fn run(
         &self,
@@ -679,8 +685,27 @@ impl Projections {
             if *stop.borrow() {
                 return;
             }
-            if let Err(error) = self.catch_up(batch, WhenBusy::Skip, |_, _| {}).await {
-                failed(&error);
+            let applied = match self.catch_up(batch, WhenBusy::Skip, |_, _| {}).await {
+                Ok(done) => done.iter().map(|d| d.applied).max().unwrap_or(0),
+                Err(error) => {
+                    failed(&error);
+                    0
+                }
+            };
+            // Under load (the pass found events, fewer than a batch), let the next ones
+            // gather for a moment, as the inbox workers do: a pass costs a few round trips
+            // whatever it carries, and a customer changed twice meanwhile is written once.
+            // Not while a request waits for its events.
+            if applied > 0
+                && (applied as i64) < batch
+                && self.inner.waiting.load(Ordering::Relaxed) == 0
+            {
+                tokio::select! {
+                    _ = self.inner.wanted.notified() => {}
+                    _ = tokio::time::sleep(LINGER) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
             }
             let pause = if self.inner.waiting.load(Ordering::Relaxed) > 0 {
                 let pause = soon;
@@ -830,12 +855,13 @@ type Prefetch = tokio::task::JoinHandle<Result<(Position, log::Batch), Projectio
 fn prefetch(pool: &PgPool, after: Position, batch: i64) -> Prefetch {
     let pool = pool.clone();
     tokio::spawn(async move {
-        let mut conn = pool.acquire().await?;
-        let horizon = log::read_horizon(&mut conn).await?;
-        Ok((
-            after,
-            log::read_batch(&mut conn, after, horizon, batch).await?,
-        ))
+        // In a transaction of its own, so that the read walks the log in order (see
+        // `read_horizon`); it writes nothing.
+        let mut tx = pool.begin().await?;
+        let horizon = log::read_horizon(&mut tx).await?;
+        let read = log::read_batch(&mut tx, after, horizon, batch).await?;
+        tx.commit().await?;
+        Ok((after, read))
     })
 }
 
