@@ -34,7 +34,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::StripeMode;
 use crate::db_error::{Refusal, Refused};
 use crate::error_chain::error_chain;
-use crate::inbox::{self, Outcome, ParsedEvents, Processed};
+use crate::inbox::{self, ClaimedEvent, Outcome, ParsedEvents, Processed};
 use crate::ledger::{check_storable, BatchAggregates, ExecuteError, Group, Ledger};
 use crate::metrics::RefusedAt;
 use crate::stripe::client::StripeApi;
@@ -181,7 +181,7 @@ impl InboxWorker {
         partition: Option<Partition>,
     ) -> Result<Vec<Processed>, ProcessError> {
         let mut tx = self.pool.begin().await?;
-        let rows = inbox::claim(&mut tx, limit, partition).await?;
+        let rows = inbox::claim(&mut tx, limit, partition, &self.parsed).await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -198,7 +198,7 @@ impl InboxWorker {
                 event_id,
                 event_type,
                 customer_id,
-                payload,
+                event,
                 attempts,
                 waited,
             } = row;
@@ -224,20 +224,19 @@ impl InboxWorker {
                     span,
                 },
             );
-            // Only processed rows lose their payload (a constraint of the table); say so
-            // rather than fail on a row that somehow has none.
-            let Some(payload) = payload else {
-                let detail = "its payload was pruned before it was processed".to_owned();
-                results.push(RowResult::done(event_id, Outcome::Ignored, Some(detail)));
-                continue;
-            };
             // Parsed at receipt if this process stored it; otherwise from the payload,
             // which is exactly the bytes the receipt parsed.
-            let parsed = match self.parsed.take(&event_id) {
-                Some(event) => Ok(event),
-                None => parse_event(payload.as_bytes()).map(Arc::new),
+            let parsed = match event {
+                ClaimedEvent::Parsed(event) => Ok(event),
+                ClaimedEvent::Raw(payload) => parse_event(payload.as_bytes()).map(Arc::new),
+                // Only processed rows lose their payload (a constraint of the table); say
+                // so rather than fail on a row that somehow has none.
+                ClaimedEvent::Pruned => {
+                    let detail = "its payload was pruned before it was processed".to_owned();
+                    results.push(RowResult::done(event_id, Outcome::Ignored, Some(detail)));
+                    continue;
+                }
             };
-            drop(payload);
             let event = match parsed {
                 Ok(event) => event,
                 // Only parseable events are ever stored; say so rather than retry forever.

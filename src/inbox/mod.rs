@@ -36,7 +36,9 @@ pub use read::{
 pub use store::{
     check, record, record_many, InboxError, InboxWriter, NewEvent, ParsedEvents, Received, Recorded,
 };
-pub use work::{claim, mark_dead, mark_done, mark_failed, Claimed, Failed, Partition, Processed};
+pub use work::{
+    claim, mark_dead, mark_done, mark_failed, Claimed, ClaimedEvent, Failed, Partition, Processed,
+};
 
 /// Where a row is in its life: waiting to be processed (or retried), processed, or given
 /// up on until an operator re-drives it.

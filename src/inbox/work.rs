@@ -7,13 +7,16 @@
 //! duplicate). This module never decides an outcome: the caller says what processing made
 //! of each row.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, Row};
 
-use super::{InboxState, Outcome};
+use super::{InboxState, Outcome, ParsedEvents};
 use crate::backoff::Backoff;
 use crate::db_error::storable_text;
+use crate::stripe::StripeEvent;
 
 /// When a failed row is due again: 2 s after its first failed attempt, doubling, at most an
 /// hour (2^attempts seconds, attempts counting this one).
@@ -36,31 +39,45 @@ pub struct Claimed {
     pub event_id: String,
     pub event_type: String,
     pub customer_id: Option<String>,
-    /// The raw Stripe event, as received. Always there for a pending row (the table's
-    /// `inbox_payload_kept` constraint: only processed rows lose it, see `retention`).
-    pub payload: Option<String>,
+    /// The Stripe event the row holds.
+    pub event: ClaimedEvent,
     /// Attempts made before this one.
     pub attempts: i32,
     /// From receipt to claim.
     pub waited: Duration,
 }
 
+/// What a claimed row holds: the event as this process parsed it at receipt (its payload
+/// is then not read back from Postgres: it is exactly the bytes that were parsed), else
+/// the raw payload. A pending row always has one (the table's `inbox_payload_kept`
+/// constraint: only processed rows lose it, see `retention`); `Pruned` says so rather than
+/// fail on a row that somehow has none.
+#[derive(Debug, Clone)]
+pub enum ClaimedEvent {
+    Parsed(Arc<StripeEvent>),
+    Raw(String),
+    Pruned,
+}
+
 /// The claim. Its state is a literal, not a parameter, because only a literal matches the
 /// predicate of the partial index `inbox_pending` (`WHERE state = 'pending'`) in every
 /// plan Postgres may cache for the statement; a test checks it names
-/// [`InboxState::Pending`].
-const CLAIM: &str = "SELECT event_id, event_type, customer_id, payload, attempts, \
+/// [`InboxState::Pending`]. It reads no payload (see [`ClaimedEvent`]).
+const CLAIM: &str = "SELECT event_id, event_type, customer_id, payload IS NULL AS pruned, attempts, \
         extract(epoch FROM now() - received_at)::float8 AS waited FROM inbox \
      WHERE state = 'pending' AND next_attempt_at <= now() \
        AND ($2::int8 IS NULL OR abs(hashtext(coalesce(customer_id, ''))::int8) % $3::int8 = $2::int8) \
      ORDER BY next_attempt_at, stripe_created LIMIT $1 FOR UPDATE SKIP LOCKED";
 
 /// Claims up to `limit` due rows (of one partition of the customers, if given), oldest due
-/// first, locked for the rest of `tx`. Rows other transactions hold are skipped.
+/// first, locked for the rest of `tx`. Rows other transactions hold are skipped. A row
+/// whose event `parsed` holds takes it from there; the payloads of the others are read
+/// with one more query.
 pub async fn claim(
     tx: &mut PgConnection,
     limit: i64,
     partition: Option<Partition>,
+    parsed: &ParsedEvents,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     // Always walk `inbox_pending` in order (see migrations/20261125200001): a bitmap
     // scan, which the planner picks when it believes few rows are pending, visits
@@ -75,17 +92,51 @@ pub async fn claim(
         .bind(partition.map_or(1, |p| p.of as i64))
         .fetch_all(&mut *tx)
         .await?;
-    Ok(rows
+    let mut claimed: Vec<Claimed> = rows
         .into_iter()
-        .map(|row| Claimed {
-            event_id: row.get("event_id"),
-            event_type: row.get("event_type"),
-            customer_id: row.get("customer_id"),
-            payload: row.get("payload"),
-            attempts: row.get("attempts"),
-            waited: Duration::from_secs_f64(row.get::<f64, _>("waited").max(0.0)),
+        .map(|row| {
+            let event_id: String = row.get("event_id");
+            let event = if row.get("pruned") {
+                ClaimedEvent::Pruned
+            } else {
+                match parsed.take(&event_id) {
+                    Some(event) => ClaimedEvent::Parsed(event),
+                    // Read below.
+                    None => ClaimedEvent::Raw(String::new()),
+                }
+            };
+            Claimed {
+                event_id,
+                event_type: row.get("event_type"),
+                customer_id: row.get("customer_id"),
+                event,
+                attempts: row.get("attempts"),
+                waited: Duration::from_secs_f64(row.get::<f64, _>("waited").max(0.0)),
+            }
         })
-        .collect())
+        .collect();
+    let unread: Vec<&str> = claimed
+        .iter()
+        .filter(|row| matches!(row.event, ClaimedEvent::Raw(_)))
+        .map(|row| row.event_id.as_str())
+        .collect();
+    if !unread.is_empty() {
+        let payloads: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT event_id, payload FROM inbox WHERE event_id = ANY($1)")
+                .bind(&unread)
+                .fetch_all(&mut *tx)
+                .await?;
+        let mut payloads: HashMap<String, Option<String>> = payloads.into_iter().collect();
+        for row in &mut claimed {
+            if let ClaimedEvent::Raw(raw) = &mut row.event {
+                match payloads.remove(&row.event_id).flatten() {
+                    Some(payload) => *raw = payload,
+                    None => row.event = ClaimedEvent::Pruned,
+                }
+            }
+        }
+    }
+    Ok(claimed)
 }
 
 /// What processing made of one row: its outcome and why.
