@@ -54,13 +54,24 @@ use crate::redis_conn::RedisConn;
 use crate::runner::{EventualProjection, ProjectionError};
 
 /// Decodes a stored answer: the table and its version, or nothing for a value that is
-/// absent or does not decode. Shared by the scripts below.
+/// absent or does not decode. `version_of` gives the version alone without decoding the
+/// whole answer (a cjson decode of its 2 KB was most of a script's cost): every answer
+/// this cache writes is serde_json's compact `SubscriptionInfo`, which holds the key
+/// `"version":` once, its own (`stored_answers_name_their_version_once` checks it); a
+/// value in another shape is decoded. Shared by the scripts below.
 const DECODE: &str = r#"
 local function decode(raw)
   if not raw then return nil, nil end
   local ok, decoded = pcall(cjson.decode, raw)
   if ok and type(decoded) == 'table' then return decoded, tonumber(decoded['version']) end
   return nil, nil
+end
+local function version_of(raw)
+  if not raw then return nil end
+  local version = string.match(raw, '"version":(%d+)[,}]')
+  if version then return tonumber(version) end
+  local _, decoded = decode(raw)
+  return decoded
 end
 "#;
 
@@ -71,11 +82,13 @@ end
 ///
 /// KEYS[1]: the customer key. ARGV: the answer's JSON, its version, the TTL.
 const CUSTOMER_SCRIPT: &str = r#"
-local old, old_version = decode(redis.call('GET', KEYS[1]))
+local raw = redis.call('GET', KEYS[1])
+local old_version = version_of(raw)
 if old_version and old_version > tonumber(ARGV[2]) then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   return {0, '', ''}
 end
+local old = decode(raw)
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 local org, user = '', ''
 if old and old['deleted'] ~= true then
@@ -93,7 +106,7 @@ return {1, org, user}
 const OWNER_SCRIPT: &str = r#"
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
-local _, held = decode(redis.call('HGET', KEYS[1], ARGV[1]))
+local held = version_of(redis.call('HGET', KEYS[1], ARGV[1]))
 local written = 0
 if not held or held <= tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -114,7 +127,7 @@ const FILL_SCRIPT: &str = r#"
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 for i = 2, #ARGV, 3 do
-  local _, held = decode(redis.call('HGET', KEYS[1], ARGV[i]))
+  local held = version_of(redis.call('HGET', KEYS[1], ARGV[i]))
   if not held or held <= tonumber(ARGV[i + 2]) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
@@ -1063,6 +1076,110 @@ mod tests {
                 .await
                 .unwrap();
             assert!(customer_ttl > 100, "{mode}: {customer_ttl}");
+            cache.clear_all().await.unwrap();
+        }
+    }
+
+    /// The scripts read a stored answer's version from its first `"version":` key
+    /// (`version_of`), so the answers written must hold that key once: every field of
+    /// `SubscriptionInfo` set (nested subscriptions, items, invoices, payment method) and a
+    /// string value that spells the key, which serde_json escapes.
+    #[test]
+    fn stored_answers_name_their_version_once() {
+        let full: SubscriptionInfo = serde_json::from_value(serde_json::json!({
+            "customer_id": "cus_123", "subscription_id": "sub_123", "status": "active",
+            "price_id": "price_pro_monthly", "product_id": "prod_pro", "lookup_key": "pro_monthly",
+            "plan": "pro", "quantity": 5, "current_period_start": "2026-11-25T00:00:00Z",
+            "current_period_end": "2026-12-25T00:00:00Z", "cancel_at_period_end": false,
+            "cancel_at": "2026-12-25T00:00:00Z", "canceled_at": "2026-11-26T00:00:00Z",
+            "ended_at": null, "trial_end": "2026-11-01T00:00:00Z",
+            "org_id": "org_123", "user_id": "user_9",
+            "latest_invoice": {"id": "in_123", "status": "paid", "attempt_count": 1,
+                "next_payment_attempt": "2026-11-27T00:00:00Z", "created": "2026-11-25T00:00:00Z"},
+            "payment_method": {"id": "pm_123", "brand": "visa", "last4": "4242"},
+            "version": 77, "updated_at": "2026-11-25T00:00:05Z",
+            "access": true, "access_until": "2026-12-26T00:00:00Z", "seats": 5,
+            "pause_reason": "\"version\":1", "deleted": false, "stripe_features": ["api"],
+            "account": "acct_1",
+            "subscriptions": [{
+                "subscription_id": "sub_123", "status": "active", "created": "2026-10-25T00:00:00Z",
+                "plan": "pro", "seats": 5, "features": ["api"],
+                "access": true, "access_until": "2026-12-26T00:00:00Z",
+                "items": [{"id": "si_1", "price_id": "price_pro_monthly", "product_id": "prod_pro",
+                    "lookup_key": "pro_monthly", "quantity": 5, "usage_type": "licensed", "plan": "pro",
+                    "current_period_end": "2026-12-25T00:00:00Z"}],
+                "current_period_start": "2026-11-25T00:00:00Z", "current_period_end": "2026-12-25T00:00:00Z",
+                "cancel_at_period_end": false, "cancel_at": null, "canceled_at": null, "ended_at": null,
+                "trial_end": null, "pause_reason": "\"version\":2",
+                "latest_invoice": {"id": "in_123", "status": "paid", "attempt_count": 1,
+                    "next_payment_attempt": null, "created": "2026-11-25T00:00:00Z"},
+                "payment_method": {"id": "pm_123", "brand": "visa", "last4": "4242"}
+            }]
+        }))
+        .unwrap();
+        let stored = serde_json::to_string(&full).unwrap();
+        assert_eq!(stored.matches("\"version\":").count(), 1, "{stored}");
+        assert!(stored.contains("\"version\":77,"), "{stored}");
+    }
+
+    /// A value in another shape than the one written here (Postgres's jsonb text, with a
+    /// space after each colon) is decoded whole: its version still guards it, in a
+    /// customer key and in an owner's hash.
+    #[tokio::test]
+    async fn a_value_of_another_shape_still_guards_its_version() {
+        for (mode, cache) in caches() {
+            let mut conn = cache.conn.get().await.unwrap();
+            let spaced = |customer: &str| {
+                let mut newer =
+                    serde_json::to_value(info(customer, 9, Some("org_a"), false)).unwrap();
+                newer["status"] = "past_due".into();
+                newer.to_string().replace("\":", "\": ")
+            };
+            // An owner's field: the customer key is written, the field is not.
+            let _: () = redis::cmd("HSET")
+                .arg(cache.keys.org("org_a"))
+                .arg("cus_1")
+                .arg(spaced("cus_1"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(cache
+                .put(&info("cus_1", 5, Some("org_a"), false))
+                .await
+                .unwrap());
+            let held: String = redis::cmd("HGET")
+                .arg(cache.keys.org("org_a"))
+                .arg("cus_1")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(held, spaced("cus_1"), "{mode}: an older field replaced a newer one");
+            // A customer key.
+            let _: () = redis::cmd("SET")
+                .arg(cache.keys.customer("cus_2"))
+                .arg(spaced("cus_2"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(
+                !cache
+                    .put(&info("cus_2", 5, Some("org_a"), false))
+                    .await
+                    .unwrap(),
+                "{mode}: an older answer replaced a newer one"
+            );
+            assert!(cache
+                .put(&info("cus_2", 10, Some("org_a"), false))
+                .await
+                .unwrap());
+            assert_eq!(version(&cache, "cus_2").await, Some(10), "{mode}");
+            let held: String = redis::cmd("HGET")
+                .arg(cache.keys.org("org_a"))
+                .arg("cus_2")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(held.contains("\"version\":10,"), "{mode}: {held}");
             cache.clear_all().await.unwrap();
         }
     }
