@@ -11,6 +11,9 @@ source scripts/services.sh
 ensure_services
 command -v pgbench >/dev/null || apt_install postgresql-client
 command -v redis-benchmark >/dev/null || apt_install redis-tools
+# The read phase's load generator: a C program with one thread, so that as much of the
+# machine as possible is left to the server (benches/harness.rs, `wrk_reads`).
+command -v wrk >/dev/null || apt_install wrk
 if [[ " $* " != *" --no-peer "* ]]; then
   command -v npm >/dev/null || apt_install nodejs npm
   (cd bench/peer && npm ci --no-audit --no-fund --silent)
