@@ -326,3 +326,52 @@ async fn batches_and_postgres_es_commits_see_each_other_and_conflicts_are_refuse
         "the batch written after the stale load is the newest"
     );
 }
+
+/// A read of the log walks `events_read_order` in order and stops at its limit, whatever
+/// the planner's statistics say: here the log was never analyzed (as with autovacuum off
+/// or behind), which once made Postgres read every event through the primary key and sort
+/// them (see `read::read_horizon`). The plan is asked for with the statement `read_after`
+/// runs, in a transaction that took its horizon, from a position near the end.
+#[tokio::test]
+async fn reads_of_the_log_walk_it_in_order_whatever_the_statistics() {
+    let pool = fresh_database().await;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT 'Subscription', 'cus_' || (n % 500), n / 500 + 1, 'OwnerLinked', '1', '{}', '{}' \
+         FROM generate_series(0, 49999) AS n",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (tx_id, global_seq): (String, i64) = sqlx::query_as(
+        "SELECT tx_id::text, global_seq FROM events ORDER BY global_seq DESC OFFSET 100 LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let horizon = read::read_horizon(&mut tx).await.unwrap();
+    let plan: serde_json::Value =
+        sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {}", read::READ_AFTER))
+            .bind(tx_id.clone())
+            .bind(global_seq)
+            .bind(horizon.to_string())
+            .bind(5000_i64)
+            .bind(Subscription::TYPE)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    let plan = plan.to_string();
+    assert!(
+        plan.contains(r#""Index Name":"events_read_order""#) && !plan.contains(r#""Sort""#),
+        "{plan}"
+    );
+    // The lag count walks the same index from the same place.
+    let after = Position {
+        tx_id: tx_id.parse().unwrap(),
+        global_seq,
+    };
+    tx.commit().await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(read::count_after(&mut conn, after).await.unwrap(), 100);
+}
