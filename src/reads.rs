@@ -13,12 +13,22 @@
 //! or, when the hash is missing or incomplete, the `subscriptions` rows linked to it, with
 //! the hash filled. Redis is never trusted over Postgres: a cached answer in an owner's
 //! hash that no longer links the customer to it is ignored.
+//!
+//! An owner's answer, as the API sends it (JSON), is kept beside the cached answers it was
+//! judged from (`Judged`) and sent again while those are still what the cache holds and
+//! the judgement still holds (`Catalog::entitlement_until`: until the first end of
+//! access ahead), so a read of an unchanged owner neither judges nor serializes again.
+//! Access is still decided for the instant of the read.
+//!
 //! This module must never decide what a Stripe fact means nor write a read model by hand:
 //! the write-back stores what Postgres already holds (version-guarded), and catching up
 //! runs the projections' own runner.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use projections::{
     Catalog, CatchUp, Entitlement, Owner, PlatformTables, ProjectionError, Projections, RedisCache,
     SubscriptionInfo, WhenBusy,
@@ -38,6 +48,23 @@ pub struct Reads {
     cache: RedisCache,
     catalog: Arc<Catalog>,
     projections: Projections,
+    /// Owners' answers as sent, by owner kind and id (see the module's header).
+    judged: Arc<Mutex<[HashMap<String, Judged>; 2]>>,
+}
+
+/// Most owners' answers kept as sent; past it they are all dropped (each costs about a
+/// kilobyte, and is judged again on its next read).
+const JUDGED_CAPACITY: usize = 100_000;
+
+/// An owner's answer as sent, and what it was judged from.
+struct Judged {
+    /// The cached answers it was judged from, compared by address: the cache hands out
+    /// the same `Arc` until it drops or replaces the entry, and a `Weak` keeps the address
+    /// from being reused meanwhile.
+    from: Weak<[SubscriptionInfo]>,
+    /// The judgement holds before this instant (`None`: for ever).
+    holds_until: Option<DateTime<Utc>>,
+    body: Bytes,
 }
 
 impl Reads {
@@ -52,7 +79,56 @@ impl Reads {
             cache,
             catalog,
             projections,
+            judged: Arc::default(),
         }
+    }
+
+    /// An org's or user's entitlement as the API sends it (JSON), judged at the instant of
+    /// the read: [`Reads::org_entitlement`]'s answer, serialized, or the same bytes sent
+    /// before when they were judged from the answers the cache still holds and the
+    /// judgement still holds now.
+    pub async fn entitlement_body(&self, owner: Owner, id: &str) -> Result<Bytes, sqlx::Error> {
+        let infos = self.owner(owner, id).await?;
+        let now = Utc::now();
+        let kind = match owner {
+            Owner::Org => 0,
+            Owner::User => 1,
+        };
+        let same = |judged: &Judged| {
+            std::ptr::eq(judged.from.as_ptr(), Arc::as_ptr(&infos))
+                && judged.holds_until.is_none_or(|until| now < until)
+        };
+        if let Some(judged) = self.lock_judged()[kind].get(id).filter(|j| same(j)) {
+            return Ok(judged.body.clone());
+        }
+        let (org_id, user_id) = match owner {
+            Owner::Org => (Some(id), None),
+            Owner::User => (None, Some(id)),
+        };
+        let (entitlement, holds_until) =
+            self.catalog.entitlement_until(org_id, user_id, &infos, now);
+        let body = Bytes::from(
+            serde_json::to_vec(&entitlement).expect("an entitlement always serializes"),
+        );
+        let mut judged = self.lock_judged();
+        if judged[kind].len() >= JUDGED_CAPACITY {
+            judged[kind].clear();
+        }
+        judged[kind].insert(
+            id.to_owned(),
+            Judged {
+                from: Arc::downgrade(&infos),
+                holds_until,
+                body: body.clone(),
+            },
+        );
+        Ok(body)
+    }
+
+    fn lock_judged(&self) -> std::sync::MutexGuard<'_, [HashMap<String, Judged>; 2]> {
+        self.judged
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The catalogue answers are judged against.

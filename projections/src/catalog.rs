@@ -391,11 +391,43 @@ impl Catalog {
         infos: &[SubscriptionInfo],
         now: DateTime<Utc>,
     ) -> Entitlement {
+        self.entitlement_until(org_id, user_id, infos, now).0
+    }
+
+    /// [`Catalog::entitlement`], and until when the same judgement holds: the answer is
+    /// the same at every instant from `now` until then, for these answers and this
+    /// catalogue (`None`: at every later instant). Time enters the judgement only where a
+    /// subscription's access is judged against its end ([`Catalog::access_end`], which
+    /// depends on the subscription alone), so it holds until the first of those ends that
+    /// is still ahead.
+    pub fn entitlement_until(
+        &self,
+        org_id: Option<&str>,
+        user_id: Option<&str>,
+        infos: &[SubscriptionInfo],
+        now: DateTime<Utc>,
+    ) -> (Entitlement, Option<DateTime<Utc>>) {
         let mut infos: Vec<SubscriptionInfo> = infos.to_vec();
         infos.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
         for info in &mut infos {
             info.resolve(self, now);
         }
+        let holds_until = infos
+            .iter()
+            .flat_map(|info| &info.subscriptions)
+            .filter_map(|entry| self.access_end(entry))
+            .filter(|end| *end > now)
+            .min();
+        (self.judged(org_id, user_id, &infos), holds_until)
+    }
+
+    /// The entitlement of `infos`, each already resolved at the same instant.
+    fn judged(
+        &self,
+        org_id: Option<&str>,
+        user_id: Option<&str>,
+        infos: &[SubscriptionInfo],
+    ) -> Entitlement {
         let entries: Vec<(&str, &SubscriptionEntry)> = infos
             .iter()
             .flat_map(|info| {
@@ -627,6 +659,67 @@ mod tests {
             at(600),
         );
         assert!(!past_due.access);
+    }
+
+    /// The judgement is the same at every instant until the time `entitlement_until`
+    /// names, and not at it: there the first subscription still granting loses access
+    /// (here the trialing one, 200 s before the active one's end plus its grace).
+    #[test]
+    fn an_entitlement_holds_until_the_first_end_ahead() {
+        let catalog = catalog();
+        let grace = i64::from(catalog.access.grace_hours) * 3600;
+        let infos = [
+            customer(
+                "cus_1",
+                vec![sub(
+                    "sub_1",
+                    "active",
+                    0,
+                    2_000,
+                    vec![item("price_pro_monthly", 1, None)],
+                )],
+            ),
+            customer(
+                "cus_2",
+                vec![sub(
+                    "sub_2",
+                    "trialing",
+                    0,
+                    1_800,
+                    vec![item("price_pro_monthly", 2, None)],
+                )],
+            ),
+            customer(
+                "cus_3",
+                vec![sub(
+                    "sub_3",
+                    "canceled",
+                    0,
+                    500,
+                    vec![item("price_pro_monthly", 1, None)],
+                )],
+            ),
+        ];
+        let now = at(1_000);
+        let (answer, until) = catalog.entitlement_until(Some("org_1"), None, &infos, now);
+        assert_eq!(until, Some(at(1_800 + grace)));
+        for t in [1_000, 1_001, 1_800, 1_800 + grace - 1] {
+            assert_eq!(
+                catalog.entitlement(Some("org_1"), None, &infos, at(t)),
+                answer,
+                "at {t}"
+            );
+        }
+        let after = catalog.entitlement(Some("org_1"), None, &infos, at(1_800 + grace));
+        assert_ne!(after, answer);
+        assert_eq!(after.seats, Some(1));
+        let (_, next) = catalog.entitlement_until(Some("org_1"), None, &infos, at(1_800 + grace));
+        assert_eq!(next, Some(at(2_000 + grace)));
+        // Past every end, the judgement holds for ever.
+        let (last, never) =
+            catalog.entitlement_until(Some("org_1"), None, &infos, at(2_000 + grace));
+        assert!(!last.access);
+        assert_eq!(never, None);
     }
 
     #[test]

@@ -7,8 +7,10 @@
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use projections::{Entitlement, FeatureAccess, SubscriptionInfo};
+use projections::{Entitlement, FeatureAccess, Owner, SubscriptionInfo};
 
 use super::error::ErrorBody;
 use super::params::{valid_feature, valid_id};
@@ -58,15 +60,27 @@ pub async fn customer_subscription(
 pub async fn org_entitlements(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Entitlement>, ApiError> {
+) -> Result<Response, ApiError> {
     let Path(org_id) = path?;
     valid_id(&org_id, "org id")?;
-    let entitlement = state
+    let body = state
         .reads
-        .org_entitlement(&org_id)
+        .entitlement_body(Owner::Org, &org_id)
         .await
         .map_err(ApiError::storage)?;
-    Ok(Json(entitlement))
+    Ok(json_body(body))
+}
+
+/// An answer already serialized as JSON (an [`Entitlement`]), sent as `Json` sends one.
+fn json_body(body: bytes::Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /v1/users/{user_id}/entitlements`.
@@ -84,15 +98,15 @@ pub async fn org_entitlements(
 pub async fn user_entitlements(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Entitlement>, ApiError> {
+) -> Result<Response, ApiError> {
     let Path(user_id) = path?;
     valid_id(&user_id, "user id")?;
-    let entitlement = state
+    let body = state
         .reads
-        .user_entitlement(&user_id)
+        .entitlement_body(Owner::User, &user_id)
         .await
         .map_err(ApiError::storage)?;
-    Ok(Json(entitlement))
+    Ok(json_body(body))
 }
 
 /// `GET /v1/orgs/{org_id}/entitlements/{feature}`: the org's entitlement, read once as
