@@ -446,7 +446,9 @@ fn parse_wrk(out: &str) -> Option<WrkRun> {
             ["Requests/sec:", rate] => run.rate = rate.parse().ok()?,
             ["50%", latency] => run.p50_ms = duration_ms(latency)?,
             ["99%", latency] => run.p99_ms = duration_ms(latency)?,
-            ["Non-2xx", "or", "3xx", "responses:", count] => run.errors += count.parse::<u64>().ok()?,
+            ["Non-2xx", "or", "3xx", "responses:", count] => {
+                run.errors += count.parse::<u64>().ok()?
+            }
             ["Socket", "errors:", rest @ ..] => {
                 run.errors += rest
                     .iter()

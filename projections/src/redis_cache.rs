@@ -1153,7 +1153,11 @@ mod tests {
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            assert_eq!(held, spaced("cus_1"), "{mode}: an older field replaced a newer one");
+            assert_eq!(
+                held,
+                spaced("cus_1"),
+                "{mode}: an older field replaced a newer one"
+            );
             // A customer key.
             let _: () = redis::cmd("SET")
                 .arg(cache.keys.customer("cus_2"))
