@@ -175,8 +175,12 @@ pub enum WhenBusy {
     Wait,
 }
 
-/// Events decoded and applied per step of a rebuild.
-const REBUILD_CHUNK: usize = 20_000;
+/// Events decoded and applied per step of a rebuild. Small enough that a step's buffers
+/// (the rows read, the upserts' arrays, the Redis pipeline) are a few MB, reused from
+/// step to step: at 20 000 each step mapped fresh memory for them and the kernel zeroed
+/// it (15 % of the machine's CPU in a replay of 1.1 M events, which took 19.1 s and peaked
+/// at 870 MB; 15.0 s and 170 MB at 2 000).
+const REBUILD_CHUNK: usize = 2_000;
 
 /// How long the runner lets events gather after a pass that found some (see
 /// [`Projections::run`]).
