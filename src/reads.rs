@@ -49,12 +49,22 @@ pub struct Reads {
     catalog: Arc<Catalog>,
     projections: Projections,
     /// Owners' answers as sent, by owner kind and id (see the module's header).
-    judged: Arc<Mutex<[HashMap<String, Judged>; 2]>>,
+    judged: Arc<Mutex<JudgedOwners>>,
 }
 
-/// Most owners' answers kept as sent; past it they are all dropped (each costs about a
-/// kilobyte, and is judged again on its next read).
+/// Most owners' answers kept as sent, and the most memory they may take (their bodies,
+/// ids and the allocations of the answers they were judged from, which their `Weak`s keep
+/// until replaced); past either, they are all dropped, and each is judged again on its
+/// next read.
 const JUDGED_CAPACITY: usize = 100_000;
+const JUDGED_BYTES: usize = 32 * 1024 * 1024;
+
+/// Owners' answers as sent: orgs', then users', by id.
+#[derive(Default)]
+struct JudgedOwners {
+    by_kind: [HashMap<String, Judged>; 2],
+    bytes: usize,
+}
 
 /// An owner's answer as sent, and what it was judged from.
 struct Judged {
@@ -65,6 +75,8 @@ struct Judged {
     /// The judgement holds before this instant (`None`: for ever).
     holds_until: Option<DateTime<Utc>>,
     body: Bytes,
+    /// What it counts towards [`JUDGED_BYTES`].
+    size: usize,
 }
 
 impl Reads {
@@ -98,7 +110,7 @@ impl Reads {
             std::ptr::eq(judged.from.as_ptr(), Arc::as_ptr(&infos))
                 && judged.holds_until.is_none_or(|until| now < until)
         };
-        if let Some(judged) = self.lock_judged()[kind].get(id).filter(|j| same(j)) {
+        if let Some(judged) = self.lock_judged().by_kind[kind].get(id).filter(|j| same(j)) {
             return Ok(judged.body.clone());
         }
         let (org_id, user_id) = match owner {
@@ -110,22 +122,29 @@ impl Reads {
         let body = Bytes::from(
             serde_json::to_vec(&entitlement).expect("an entitlement always serializes"),
         );
+        let size = id.len() + body.len() + std::mem::size_of_val::<[SubscriptionInfo]>(&infos);
         let mut judged = self.lock_judged();
-        if judged[kind].len() >= JUDGED_CAPACITY {
-            judged[kind].clear();
+        let held = judged.by_kind.iter().map(HashMap::len).sum::<usize>();
+        if held >= JUDGED_CAPACITY || judged.bytes + size > JUDGED_BYTES {
+            *judged = JudgedOwners::default();
         }
-        judged[kind].insert(
+        judged.bytes += size;
+        let replaced = judged.by_kind[kind].insert(
             id.to_owned(),
             Judged {
                 from: Arc::downgrade(&infos),
                 holds_until,
                 body: body.clone(),
+                size,
             },
         );
+        if let Some(replaced) = replaced {
+            judged.bytes -= replaced.size;
+        }
         Ok(body)
     }
 
-    fn lock_judged(&self) -> std::sync::MutexGuard<'_, [HashMap<String, Judged>; 2]> {
+    fn lock_judged(&self) -> std::sync::MutexGuard<'_, JudgedOwners> {
         self.judged
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
