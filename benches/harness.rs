@@ -15,7 +15,7 @@
 #[path = "../tests/integration/support/stripe_sim.rs"]
 mod stripe_sim;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -467,6 +467,34 @@ fn parse_wrk(out: &str) -> Option<WrkRun> {
     (run.rate.is_finite() && run.p50_ms.is_finite() && run.p99_ms.is_finite()).then_some(run)
 }
 
+/// GETs the URLs of `urls`, which grows meanwhile, round-robin over one keep-alive
+/// connection for `secs` seconds (with the API token); returns the latencies (µs) of 2xx
+/// answers and the count of others.
+async fn hammer_growing(
+    client: &reqwest::Client,
+    urls: Arc<Mutex<Vec<String>>>,
+    secs: u64,
+) -> (Vec<u64>, u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let (mut latencies, mut errors, mut next) = (Vec::new(), 0u64, 0usize);
+    while Instant::now() < deadline {
+        let url = {
+            let urls = urls.lock().unwrap();
+            next = (next + 1) % urls.len();
+            urls[next].clone()
+        };
+        let started = Instant::now();
+        match client.get(&url).bearer_auth(TOKEN).send().await {
+            Ok(r) if r.status().is_success() => {
+                let _ = r.bytes().await;
+                latencies.push(started.elapsed().as_micros() as u64);
+            }
+            _ => errors += 1,
+        }
+    }
+    (latencies, errors)
+}
+
 /// A basil-shaped `customer.subscription.updated` for the freshness probe: the shape of
 /// tests/integration/events.rs (fields from stripe/openapi spec3 `subscription`).
 fn probe_event(step: usize, status: &str) -> Vec<u8> {
@@ -818,35 +846,50 @@ async fn main() {
         (soak_rate as usize * options.soak_secs as usize) / 12 + 10,
         1_770_000_000,
     );
-    // A simulated event's JSON value is several times the size of its bytes, and the soak's
-    // simulation holds over a million of them: keep only the bytes, dropping each value as it
-    // is serialized (holding both once pushed the harness past the machine's memory).
-    let mut soak_bodies: VecDeque<Vec<u8>> = soak_sim
+    // Each event's body, with the org of its customer. A simulated event's JSON value is
+    // several times the size of its bytes, and the soak's simulation holds over a million
+    // of them: keep only the bytes, dropping each value as it is serialized (holding both
+    // once pushed the harness past the machine's memory).
+    let org_of: HashMap<String, String> = soak_sim
+        .truth
+        .into_iter()
+        .map(|t| (t.customer_id, t.org_id))
+        .collect();
+    let mut soak_bodies: VecDeque<(Vec<u8>, Option<String>)> = soak_sim
         .events
         .into_iter()
-        .map(|event| event.to_bytes())
+        .map(|event| (event.to_bytes(), org_of.get(&event.customer_id).cloned()))
         .collect();
-    // Entitlement reads all through the soak, one connection, over every org seen so far
-    // and every org the soak brings, so the in-process cache fills up to its bound
+    drop(org_of);
+    // Entitlement reads all through the soak, one connection, round-robin over every org
+    // that exists: the read phase's, then each of the soak's once an event of its
+    // customer was sent. So the in-process cache fills up to its bound
     // (`LOCAL_CACHE_BYTES`) early in the soak and must evict while memory is sampled.
-    let soak_urls: Arc<Vec<String>> = Arc::new(
+    let soak_orgs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         orgs.iter()
-            .chain(soak_sim.truth.iter().map(|t| &t.org_id))
             .map(|org| format!("{base}/v1/orgs/{org}/entitlements"))
             .collect(),
-    );
+    ));
     let soak_reads = tokio::spawn({
-        let (client, secs) = (client.clone(), options.soak_secs);
-        async move { hammer(&client, soak_urls, secs, 1).await }
+        let (client, secs, urls) = (client.clone(), options.soak_secs, soak_orgs.clone());
+        async move { hammer_growing(&client, urls, secs).await }
     });
+    let mut seen_orgs: HashSet<String> = orgs.iter().cloned().collect();
     let mut samples = Vec::new();
     let soak_start = Instant::now();
     let mut sent = 0u64;
     while soak_start.elapsed() < Duration::from_secs(options.soak_secs) {
         let due = (soak_start.elapsed().as_secs_f64() * soak_rate) as u64;
-        let batch: Vec<Vec<u8>> = (sent..due)
-            .filter_map(|_| soak_bodies.pop_front())
-            .collect();
+        let mut batch = Vec::new();
+        for (body, org) in (sent..due).filter_map(|_| soak_bodies.pop_front()) {
+            batch.push(body);
+            if let Some(org) = org.filter(|org| seen_orgs.insert(org.clone())) {
+                soak_orgs
+                    .lock()
+                    .unwrap()
+                    .push(format!("{base}/v1/orgs/{org}/entitlements"));
+            }
+        }
         sent = due;
         if !batch.is_empty() {
             send_all(&client, &format!("{base}/webhooks/stripe"), batch, 8).await;
