@@ -32,9 +32,10 @@ const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";
 const DB: &str = "subledger_bench";
 const PEER_DB: &str = "subledger_bench_peer";
 /// The in-process cache's bound for the servers the harness starts: room for the read
-/// phase's 3 000 orgs (about 5 MiB), and small enough that the soak's reader fills it in
-/// its first minute, so that memory is sampled with the cache full and evicting (at the
-/// default 64 MiB the soak ended with it half full, and RSS grew with it).
+/// phase's 3 000 orgs (about 5 MiB), and less than those orgs and their 3 000 users,
+/// which the soak's reader reads from its start, so that memory is sampled with the cache
+/// full and evicting (at the default 64 MiB the soak ended with it half full, and RSS
+/// grew with it).
 const LOCAL_CACHE_BYTES: u64 = 8 << 20;
 
 struct Options {
@@ -712,6 +713,7 @@ async fn main() {
     let events = shuffle_with_duplicates(&sim.events, 7, 0.03);
     let bodies: Vec<Vec<u8>> = events.iter().map(SimEvent::to_bytes).collect();
     let orgs: Vec<String> = sim.truth.iter().map(|t| t.org_id.clone()).collect();
+    let users: Vec<String> = sim.truth.iter().map(|t| t.user_id.clone()).collect();
     println!(
         "workload: {} customers, {} deliveries ({} distinct events)",
         options.customers,
@@ -861,13 +863,20 @@ async fn main() {
         .map(|event| (event.to_bytes(), org_of.get(&event.customer_id).cloned()))
         .collect();
     drop(org_of);
-    // Entitlement reads all through the soak, one connection, round-robin over every org
-    // that exists: the read phase's, then each of the soak's once an event of its
-    // customer was sent. So the in-process cache fills up to its bound
-    // (`LOCAL_CACHE_BYTES`) early in the soak and must evict while memory is sampled.
+    // Entitlement reads all through the soak, one connection, round-robin over every
+    // owner that exists: the read phase's orgs and users, then each of the soak's orgs
+    // once an event of its customer was sent. The read phase's owners are quiet during
+    // the soak (a write to an owner's hash drops its cached answer), and together they
+    // hold more than the in-process cache's bound (`LOCAL_CACHE_BYTES`), so the cache is
+    // full and must evict while memory is sampled.
     let soak_orgs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         orgs.iter()
             .map(|org| format!("{base}/v1/orgs/{org}/entitlements"))
+            .chain(
+                users
+                    .iter()
+                    .map(|user| format!("{base}/v1/users/{user}/entitlements")),
+            )
             .collect(),
     ));
     let soak_reads = tokio::spawn({
