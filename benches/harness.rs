@@ -353,12 +353,13 @@ async fn send_all(
     (all, failures)
 }
 
-/// GETs `urls` round-robin for `secs` seconds over `connections` keep-alive connections
-/// (with the API token); returns the latencies (µs) of 2xx answers, sorted, and the count
-/// of others.
+/// GETs the URLs of `urls` round-robin for `secs` seconds over `connections` keep-alive
+/// connections (with the API token); `urls` may grow meanwhile (the soak's reader adds
+/// each org as it comes to exist). Returns the latencies (µs) of 2xx answers, sorted, and
+/// the count of others.
 async fn hammer(
     client: &reqwest::Client,
-    urls: Arc<Vec<String>>,
+    urls: Arc<Mutex<Vec<String>>>,
     secs: u64,
     connections: usize,
 ) -> (Vec<u64>, u64) {
@@ -371,9 +372,12 @@ async fn hammer(
             let mut latencies = Vec::new();
             let mut errors = 0u64;
             while Instant::now() < deadline {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize % urls.len();
+                let url = {
+                    let urls = urls.lock().unwrap();
+                    urls[next.fetch_add(1, Ordering::Relaxed) as usize % urls.len()].clone()
+                };
                 let started = Instant::now();
-                match client.get(&urls[i]).bearer_auth(TOKEN).send().await {
+                match client.get(&url).bearer_auth(TOKEN).send().await {
                     Ok(r) if r.status().is_success() => {
                         let _ = r.bytes().await;
                         latencies.push(started.elapsed().as_micros() as u64);
@@ -466,34 +470,6 @@ fn parse_wrk(out: &str) -> Option<WrkRun> {
         }
     }
     (run.rate.is_finite() && run.p50_ms.is_finite() && run.p99_ms.is_finite()).then_some(run)
-}
-
-/// GETs the URLs of `urls`, which grows meanwhile, round-robin over one keep-alive
-/// connection for `secs` seconds (with the API token); returns the latencies (µs) of 2xx
-/// answers and the count of others.
-async fn hammer_growing(
-    client: &reqwest::Client,
-    urls: Arc<Mutex<Vec<String>>>,
-    secs: u64,
-) -> (Vec<u64>, u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let (mut latencies, mut errors, mut next) = (Vec::new(), 0u64, 0usize);
-    while Instant::now() < deadline {
-        let url = {
-            let urls = urls.lock().unwrap();
-            next = (next + 1) % urls.len();
-            urls[next].clone()
-        };
-        let started = Instant::now();
-        match client.get(&url).bearer_auth(TOKEN).send().await {
-            Ok(r) if r.status().is_success() => {
-                let _ = r.bytes().await;
-                latencies.push(started.elapsed().as_micros() as u64);
-            }
-            _ => errors += 1,
-        }
-    }
-    (latencies, errors)
 }
 
 /// A basil-shaped `customer.subscription.updated` for the freshness probe: the shape of
@@ -797,18 +773,17 @@ async fn main() {
 
     // 2. Entitlement reads, beside the server's own ceiling: `/healthz` (no auth, no IO)
     // at the same concurrency. Warm first, so both run against a full cache.
-    let read_urls: Arc<Vec<String>> = Arc::new(
-        orgs.iter()
-            .map(|org| format!("{base}/v1/orgs/{org}/entitlements"))
-            .collect(),
-    );
-    hammer(&client, read_urls, 1, 50).await;
-    let health = wrk_reads(&base, &["/healthz".to_owned()], options.read_secs, 50);
-    let rss = RssSampler::start(server.id());
     let org_paths: Vec<String> = orgs
         .iter()
         .map(|org| format!("/v1/orgs/{org}/entitlements"))
         .collect();
+    let warm = org_paths
+        .iter()
+        .map(|path| format!("{base}{path}"))
+        .collect();
+    hammer(&client, Arc::new(Mutex::new(warm)), 1, 50).await;
+    let health = wrk_reads(&base, &["/healthz".to_owned()], options.read_secs, 50);
+    let rss = RssSampler::start(server.id());
     let reads = wrk_reads(&base, &org_paths, options.read_secs, 50);
     let read_rss = rss.finish();
     let redis_max = redis_ceiling();
@@ -881,7 +856,7 @@ async fn main() {
     ));
     let soak_reads = tokio::spawn({
         let (client, secs, urls) = (client.clone(), options.soak_secs, soak_orgs.clone());
-        async move { hammer_growing(&client, urls, secs).await }
+        async move { hammer(&client, urls, secs, 1).await }
     });
     let mut seen_orgs: HashSet<String> = orgs.iter().cloned().collect();
     let mut samples = Vec::new();
