@@ -58,7 +58,12 @@ use crate::runner::{EventualProjection, ProjectionError};
 /// whole answer (a cjson decode of its 2 KB was most of a script's cost): every answer
 /// this cache writes is serde_json's compact `SubscriptionInfo`, which holds the key
 /// `"version":` once, its own (`stored_answers_name_their_version_once` checks it); a
-/// value in another shape is decoded. Shared by the scripts below.
+/// value in another shape is decoded. `owners_of` reads the owners a replaced answer
+/// linked the same way: from the first `"org_id":`, `"user_id":` and `"deleted":` of a
+/// compact answer (each a key of `SubscriptionInfo` that no field written before it holds,
+/// `stored_answers_name_their_owners_once` checks it; a key inside a string value has its
+/// quotes escaped, so it never matches), decoding the answer only when one of them is not
+/// a plain string, `null` or a boolean there. Shared by the scripts below.
 const DECODE: &str = r#"
 local function decode(raw)
   if not raw then return nil, nil end
@@ -72,6 +77,34 @@ local function version_of(raw)
   if version then return tonumber(version) end
   local _, decoded = decode(raw)
   return decoded
+end
+local function compact_field(raw, key)
+  local at = string.find(raw, '"' .. key .. '":', 1, true)
+  if not at then return nil end
+  local from = at + #key + 3
+  local text = string.match(raw, '^"([^"\\]*)"[,}]', from)
+  if text then return 'string', text end
+  local word = string.match(raw, '^(%a+)[,}]', from)
+  if word == 'null' or word == 'true' or word == 'false' then return word, word end
+  return nil
+end
+local function owners_of(raw)
+  if not raw then return '', '' end
+  local org_kind, org = compact_field(raw, 'org_id')
+  local user_kind, user = compact_field(raw, 'user_id')
+  local deleted = compact_field(raw, 'deleted')
+  if org_kind and user_kind and (deleted == 'true' or deleted == 'false') then
+    if deleted == 'true' then return '', '' end
+    if org_kind ~= 'string' then org = '' end
+    if user_kind ~= 'string' then user = '' end
+    return org, user
+  end
+  local old = decode(raw)
+  if not old or old['deleted'] == true then return '', '' end
+  org, user = '', ''
+  if type(old['org_id']) == 'string' then org = old['org_id'] end
+  if type(old['user_id']) == 'string' then user = old['user_id'] end
+  return org, user
 end
 "#;
 
@@ -88,13 +121,8 @@ if old_version and old_version > tonumber(ARGV[2]) then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   return {0, '', ''}
 end
-local old = decode(raw)
+local org, user = owners_of(raw)
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-local org, user = '', ''
-if old and old['deleted'] ~= true then
-  if type(old['org_id']) == 'string' then org = old['org_id'] end
-  if type(old['user_id']) == 'string' then user = old['user_id'] end
-end
 return {1, org, user}
 "#;
 
@@ -1120,6 +1148,71 @@ mod tests {
         let stored = serde_json::to_string(&full).unwrap();
         assert_eq!(stored.matches("\"version\":").count(), 1, "{stored}");
         assert!(stored.contains("\"version\":77,"), "{stored}");
+        // `owners_of` reads the first of each: the answer's own.
+        for key in ["org_id", "user_id", "deleted"] {
+            let pattern = format!("\"{key}\":");
+            assert_eq!(stored.matches(&pattern).count(), 1, "{key}: {stored}");
+        }
+        assert!(stored.contains("\"org_id\":\"org_123\",\"user_id\":\"user_9\","));
+        assert!(stored.contains("\"deleted\":false,"));
+    }
+
+    /// A replaced answer names the owners it linked, whatever its shape: serde's compact
+    /// JSON (read without decoding), an owner id holding characters JSON escapes, and
+    /// another writer's spacing (both decoded). The owner it left then no longer counts
+    /// the customer, and the new owner does.
+    #[tokio::test]
+    async fn a_replaced_answer_names_the_owners_it_linked_whatever_its_shape() {
+        for (mode, cache) in caches() {
+            let mut conn = cache.conn.get().await.unwrap();
+            // (the old owner, whether its answer is spaced as another writer's would be)
+            let shapes = [
+                ("org_plain", false),
+                ("org_\"quoted\\", false),
+                ("org_spaced", true),
+            ];
+            for (i, (old_org, spaced)) in shapes.into_iter().enumerate() {
+                let customer = format!("cus_{i}");
+                let compact =
+                    serde_json::to_string(&info(&customer, 3, Some(old_org), false)).unwrap();
+                let old = if spaced {
+                    compact.replace("\":", "\": ")
+                } else {
+                    compact
+                };
+                let _: () = redis::cmd("SET")
+                    .arg(cache.keys.customer(&customer))
+                    .arg(&old)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let _: () = redis::cmd("HSET")
+                    .arg(cache.keys.org(old_org))
+                    .arg(&customer)
+                    .arg(&old)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    members(&cache, old_org).await,
+                    vec![customer.clone()],
+                    "{mode}"
+                );
+                assert!(cache
+                    .put(&info(&customer, 5, Some("org_new"), false))
+                    .await
+                    .unwrap());
+                assert!(
+                    members(&cache, old_org).await.is_empty(),
+                    "{mode}: {old_org} still counts {customer} after it moved"
+                );
+                assert!(
+                    members(&cache, "org_new").await.contains(&customer),
+                    "{mode}"
+                );
+            }
+            cache.clear_all().await.unwrap();
+        }
     }
 
     /// A value in another shape than the one written here (Postgres's jsonb text, with a
