@@ -191,7 +191,7 @@ impl TransactionalProjection for PlatformTables {
                 "INSERT INTO subscriptions (customer_id, org_id, user_id, subscription_id, status, price_id, \
                     current_period_end, info, version, updated_at) \
                  SELECT u.customer_id, u.org_id, u.user_id, u.subscription_id, u.status, u.price_id, \
-                    u.current_period_end, u.info::jsonb, u.version, u.updated_at \
+                    u.current_period_end, u.info::json, u.version, u.updated_at \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
                     $7::timestamptz[], $8::text[], $9::int8[], $10::timestamptz[]) \
                     AS u(customer_id, org_id, user_id, subscription_id, status, price_id, current_period_end, \
