@@ -1,0 +1,55 @@
+-- wrk script for the harness's ingestion phase (benches/harness.rs, `wrk_ingest`): POSTs
+-- each delivery of the file named by the first argument once, in order, to
+-- /webhooks/stripe. Each line is a delivery: its Stripe-Signature header, a tab, then its
+-- JSON body (compact, one line). Once every delivery is answered, wrk is interrupted
+-- (SIGINT, as Ctrl-C would) so that it stops and prints its summary at once instead of at
+-- the end of its -d duration.
+--   wrk -t1 -c32 -d600s --latency -s bench/ingest.lua http://127.0.0.1:PORT -- deliveries.tsv
+-- Run it with one thread (-t1): the deliveries are handed out by this thread's own count.
+local deliveries = {}
+local next_delivery = 1
+-- Deliveries answered (whatever the status): every answer but the fillers' (below).
+local answered = 0
+
+function init(args)
+  for line in io.lines(args[1]) do
+    local tab = string.find(line, "\t", 1, true)
+    if tab then
+      deliveries[#deliveries + 1] = wrk.format("POST", "/webhooks/stripe", {
+        ["Stripe-Signature"] = string.sub(line, 1, tab - 1),
+        ["Content-Type"] = "application/json",
+      }, string.sub(line, tab + 1))
+    end
+  end
+end
+
+-- wrk calls request() once before it starts (in main, to count the requests a call
+-- returns: script_verify_request in its src/wrk.c); that request is never sent.
+local verified = false
+
+function request()
+  if not verified then
+    verified = true
+    return deliveries[1]
+  end
+  local delivery = deliveries[next_delivery]
+  if delivery then
+    next_delivery = next_delivery + 1
+    return delivery
+  end
+  -- Every delivery is out: the connections still asking wait on a filler, a cheap
+  -- request whose answer ("ok") no webhook gives, until the last delivery is answered.
+  return wrk.format("GET", "/healthz")
+end
+
+function response(status, headers, body)
+  if body == "ok" then return end
+  answered = answered + 1
+  if answered == #deliveries then
+    local stat = io.open("/proc/self/stat")
+    local pid = stat:read("*n")
+    stat:close()
+    -- Not os.execute: system() ignores SIGINT until its command ends, which loses it.
+    io.popen("kill -INT " .. pid):close()
+  end
+end
