@@ -76,6 +76,19 @@ pub struct Simulation {
 /// Deterministic for a given seed. `customers` independent customers, their lifecycles interleaved
 /// in time, events in `created` order (ties keep generation order). `start` = unix seconds of the first event.
 pub fn simulate(seed: u64, customers: usize, start: i64) -> Simulation {
+    let (events, truth) = simulate_into(seed, customers, start, |event| event);
+    Simulation { events, truth }
+}
+
+/// [`simulate`]'s events in the same order, each turned into `keep(event)` as soon as its
+/// customer's life is simulated: a long soak's simulation holds millions of events, and
+/// their JSON values take several times the memory of their bytes.
+pub fn simulate_into<T>(
+    seed: u64,
+    customers: usize,
+    start: i64,
+    mut keep: impl FnMut(SimEvent) -> T,
+) -> (Vec<T>, Vec<CustomerTruth>) {
     let mut rng = Rng(seed);
     let mut ids = Ids(Rng(rng.next_u64()), 0);
     let org_base = 1_000 * (1 + rng.below(1_000_000));
@@ -89,10 +102,10 @@ pub fn simulate(seed: u64, customers: usize, start: i64) -> Simulation {
         let mut life = Life::new(life_rng, &mut ids, start + offset - first, n);
         life.run();
         truth.push(life.truth());
-        events.append(&mut life.events);
+        events.extend(life.events.drain(..).map(|e| (e.created, keep(e))));
     }
-    events.sort_by_key(|e| e.created); // stable: ties keep generation order
-    Simulation { events, truth }
+    events.sort_by_key(|(created, _)| *created); // stable: ties keep generation order
+    (events.into_iter().map(|(_, kept)| kept).collect(), truth)
 }
 
 /// Deterministic shuffle of `events` with duplicates: every event appears at least once; about `dup_rate`
