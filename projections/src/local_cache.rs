@@ -16,18 +16,9 @@
 //! - **A bound on age.** No entry is served older than `max_age`, whatever happened to
 //!   the messages (a backstop, not the mechanism).
 //!
-//! A hot entry is read again before it is too old: the first read that finds it past
-//! three quarters of `max_age` is still served from memory and is told to refresh it
-//! ([`Lookup::Refresh`]), by reading Redis beside the answer and storing the value as a
-//! miss would (under the same ticket rule). So an entry read often never expires on a
-//! reader's path, and none is ever served older than `max_age`.
-//!
 //! A read that misses takes a [`Ticket`] before going to Redis, and stores what it read
-//! only if no invalidation of that key (and no invalidation of everything, no change of
-//! liveness) happened since, so a value read just before a write is never stored after
-//! that write's invalidation went by. Each shard remembers when it last saw each key
-//! invalidated for [`TICKET_LIFE`], and a ticket is good for that long: other keys'
-//! invalidations, which come all the time while webhooks are processed, do not void it.
+//! only if no invalidation (and no change of liveness) happened since, so a value read just
+//! before a write is never stored after that write's invalidation went by.
 //!
 //! Bounded by entries and by bytes (key and value); past either, the least recently used
 //! half of a shard is dropped. It caches answers, never decisions: whoever reads through it
@@ -94,29 +85,15 @@ pub static LOCAL_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 });
 
 /// The state of invalidations when a read missed: what it reads from Redis may be stored
-/// only if its key was not invalidated since (nor everything), and within [`TICKET_LIFE`].
+/// only if it is still the state when it comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ticket {
-    /// [`LocalCache::epoch`] then.
-    epoch: u64,
-    /// [`LocalCache::stamp`] then: the invalidations it has seen.
-    stamp: u64,
-    taken: Instant,
-}
-
-/// How long a ticket is good for, and how long a shard remembers a key's invalidation. A
-/// Redis read takes milliseconds; one that took longer is simply not stored.
-const TICKET_LIFE: Duration = Duration::from_secs(5);
+pub struct Ticket(u64);
 
 /// What the cache answers for a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup<V> {
     /// Held, and young enough.
     Hit(V),
-    /// Held and young enough, but past three quarters of its age: serve it, and read
-    /// Redis to [`LocalCache::insert`] it again with the ticket. One read is told so until
-    /// it is stored again (or expires).
-    Refresh(V, Ticket),
     /// Not held: read Redis, then [`LocalCache::insert`] with the ticket.
     Miss(Ticket),
     /// The cache is off or its invalidation channel is down: read Redis, store nothing.
@@ -128,7 +105,7 @@ impl<V> Lookup<V> {
 
     fn label(&self) -> &'static str {
         match self {
-            Lookup::Hit(_) | Lookup::Refresh(..) => "hit",
+            Lookup::Hit(_) => "hit",
             Lookup::Miss(_) => "miss",
             Lookup::Bypass => "bypass",
         }
@@ -140,18 +117,11 @@ struct Entry<V> {
     bytes: usize,
     stored: Instant,
     used: u64,
-    /// A read was told to refresh it ([`Lookup::Refresh`]).
-    refreshing: bool,
 }
 
 struct Shard<V> {
     entries: HashMap<String, Entry<V>>,
     bytes: usize,
-    /// Keys invalidated within about [`TICKET_LIFE`]: the stamp of their last
-    /// invalidation, and when.
-    invalidated: HashMap<String, (u64, Instant)>,
-    /// When `invalidated` was last rid of what is older than [`TICKET_LIFE`].
-    pruned: Instant,
 }
 
 /// See the module header.
@@ -159,11 +129,8 @@ pub struct LocalCache<V> {
     config: LocalCacheConfig,
     shards: Box<[Mutex<Shard<V>>]>,
     hasher: RandomState,
-    /// Bumped by every invalidation of everything and every change of liveness: it voids
-    /// every ticket.
-    epoch: AtomicU64,
-    /// Bumped by every invalidation of keys (one message).
-    stamp: AtomicU64,
+    /// Bumped by every invalidation and every change of liveness.
+    generation: AtomicU64,
     live: AtomicBool,
     clock: AtomicU64,
 }
@@ -179,14 +146,11 @@ impl<V: Clone> LocalCache<V> {
                     Mutex::new(Shard {
                         entries: HashMap::new(),
                         bytes: 0,
-                        invalidated: HashMap::new(),
-                        pruned: Instant::now(),
                     })
                 })
                 .collect(),
             hasher: RandomState::new(),
-            epoch: AtomicU64::new(0),
-            stamp: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             live: AtomicBool::new(false),
             clock: AtomicU64::new(0),
         }
@@ -210,40 +174,24 @@ impl<V: Clone> LocalCache<V> {
 
     /// Looks a key up (counted in [`LOCAL_READS`]).
     pub fn get(&self, key: &str) -> Lookup<V> {
-        let lookup = self.lookup(key, Instant::now());
+        let lookup = self.lookup(key);
         LOCAL_READS.with_label_values(&[lookup.label()]).inc();
         lookup
     }
 
-    /// The lookup of a read at `now`.
-    fn lookup(&self, key: &str, now: Instant) -> Lookup<V> {
+    fn lookup(&self, key: &str) -> Lookup<V> {
         if !self.is_live() {
             return Lookup::Bypass;
         }
-        // Taken before the shard is read: an invalidation of the key after this point voids
-        // the ticket, even one the shard did not hold yet. An invalidation whose stamp it
-        // has seen began before: its write is already in Redis, which this read goes to
-        // next. `taken` comes first, so a pruned invalidation (older than `TICKET_LIFE`
-        // then) was seen.
-        let taken = Instant::now();
-        let ticket = Ticket {
-            epoch: self.epoch.load(Ordering::SeqCst),
-            stamp: self.stamp.load(Ordering::SeqCst),
-            taken,
-        };
+        // Taken before the shard is read: an invalidation after this point voids the
+        // ticket, even one for a key the shard did not hold yet.
+        let ticket = Ticket(self.generation.load(Ordering::SeqCst));
         let mut shard = self.shard(key);
         let used = self.clock.fetch_add(1, Ordering::Relaxed);
-        let max_age = self.config.max_age;
         match shard.entries.get_mut(key) {
-            Some(entry) if now.saturating_duration_since(entry.stored) < max_age => {
+            Some(entry) if entry.stored.elapsed() < self.config.max_age => {
                 entry.used = used;
-                let age = now.saturating_duration_since(entry.stored);
-                if !entry.refreshing && age >= max_age - max_age / 4 {
-                    entry.refreshing = true;
-                    Lookup::Refresh(entry.value.clone(), ticket)
-                } else {
-                    Lookup::Hit(entry.value.clone())
-                }
+                Lookup::Hit(entry.value.clone())
             }
             Some(_) => {
                 if let Some(old) = shard.entries.remove(key) {
@@ -255,8 +203,7 @@ impl<V: Clone> LocalCache<V> {
         }
     }
 
-    /// Stores what Redis answered for `key` after a [`Lookup::Miss`] or a
-    /// [`Lookup::Refresh`] (replacing the entry), unless an
+    /// Stores what Redis answered for `key` after a [`Lookup::Miss`], unless an
     /// invalidation or a change of liveness came since `ticket` was taken. `value_bytes`:
     /// what the value holds (its JSON's length is close enough).
     pub fn insert(&self, key: &str, value: V, value_bytes: usize, ticket: Ticket) {
@@ -267,19 +214,10 @@ impl<V: Clone> LocalCache<V> {
             return;
         }
         let mut shard = self.shard(key);
-        // Checked under the shard's lock: an invalidation records the key (and an
-        // invalidation of everything bumps the epoch) before it takes this lock to remove
-        // entries, so either this sees it, or the removal comes after this insert and
-        // removes it.
-        let voided = shard
-            .invalidated
-            .get(key)
-            .is_some_and(|(stamp, _)| *stamp > ticket.stamp);
-        if !self.is_live()
-            || self.epoch.load(Ordering::SeqCst) != ticket.epoch
-            || voided
-            || ticket.taken.elapsed() >= TICKET_LIFE
-        {
+        // Checked under the shard's lock: an invalidation bumps the generation before it
+        // takes this lock to remove keys, so either this sees the bump, or the removal
+        // comes after this insert and removes it.
+        if !self.is_live() || self.generation.load(Ordering::SeqCst) != ticket.0 {
             return;
         }
         let used = self.clock.fetch_add(1, Ordering::Relaxed);
@@ -288,7 +226,6 @@ impl<V: Clone> LocalCache<V> {
             bytes,
             stored: Instant::now(),
             used,
-            refreshing: false,
         };
         if let Some(old) = shard.entries.insert(key.to_owned(), entry) {
             shard.bytes -= old.bytes;
@@ -299,35 +236,24 @@ impl<V: Clone> LocalCache<V> {
         }
     }
 
-    /// Drops these keys (the projection wrote them), and voids the tickets of reads of
-    /// them that are at Redis now.
+    /// Drops these keys (the projection wrote them).
     pub fn invalidate<'k>(&self, keys: impl IntoIterator<Item = &'k str>) {
-        let stamp = self.stamp.fetch_add(1, Ordering::SeqCst) + 1;
-        let now = Instant::now();
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for key in keys {
             let mut shard = self.shard(key);
             if let Some(old) = shard.entries.remove(key) {
                 shard.bytes -= old.bytes;
             }
-            if now.saturating_duration_since(shard.pruned) >= TICKET_LIFE {
-                shard
-                    .invalidated
-                    .retain(|_, (_, at)| now.saturating_duration_since(*at) < TICKET_LIFE);
-                shard.pruned = now;
-            }
-            shard.invalidated.insert(key.to_owned(), (stamp, now));
         }
     }
 
     /// Drops everything (a rebuild cleared Redis, or messages may have been missed).
     pub fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard.entries.clear();
             shard.bytes = 0;
-            // Every ticket taken before is void: what they recorded is of no more use.
-            shard.invalidated.clear();
         }
     }
 
@@ -536,64 +462,13 @@ mod tests {
         cache.invalidate(["k"]);
         cache.insert("k", 1, 4, ticket);
         assert!(matches!(cache.get("k"), Lookup::Miss(_)));
-        // Other keys' invalidations (the projection writes all the time) do not void it,
-        // before or after its own key's.
+        // Any key's invalidation voids the ticket (the generation is global).
         let Lookup::Miss(ticket) = cache.get("k") else {
             panic!()
         };
-        cache.invalidate(["other", "another"]);
-        cache.insert("k", 1, 4, ticket);
-        assert_eq!(cache.get("k"), Lookup::Hit(1));
-        let Lookup::Miss(ticket) = cache.get("j") else {
-            panic!()
-        };
-        cache.invalidate(["j"]);
         cache.invalidate(["other"]);
-        cache.insert("j", 2, 4, ticket);
-        assert!(matches!(cache.get("j"), Lookup::Miss(_)));
-        // An invalidation of everything voids every ticket.
-        let Lookup::Miss(ticket) = cache.get("j") else {
-            panic!()
-        };
-        cache.invalidate_all();
-        cache.insert("j", 2, 4, ticket);
-        assert!(matches!(cache.get("j"), Lookup::Miss(_)));
-        // A ticket that was at Redis longer than a shard remembers invalidations is void.
-        let Lookup::Miss(mut ticket) = cache.get("j") else {
-            panic!()
-        };
-        ticket.taken -= TICKET_LIFE;
-        cache.insert("j", 2, 4, ticket);
-        assert!(matches!(cache.get("j"), Lookup::Miss(_)));
-    }
-
-    /// A shard remembers invalidations for about `TICKET_LIFE`, not for ever.
-    #[test]
-    fn invalidations_are_remembered_only_while_a_ticket_could_need_them() {
-        let cache = cache(1000, 1 << 20);
-        for i in 0..1000 {
-            cache.invalidate([format!("key{i}").as_str()]);
-        }
-        let remembered = |cache: &LocalCache<u32>| -> usize {
-            cache
-                .shards
-                .iter()
-                .map(|s| s.lock().unwrap().invalidated.len())
-                .sum()
-        };
-        assert_eq!(remembered(&cache), 1000);
-        for shard in cache.shards.iter() {
-            let mut shard = shard.lock().unwrap();
-            shard.pruned -= TICKET_LIFE;
-            for (_, at) in shard.invalidated.values_mut() {
-                *at -= TICKET_LIFE;
-            }
-        }
-        // 1000 keys reach every shard, which then forgets what is older.
-        for i in 0..1000 {
-            cache.invalidate([format!("fresh{i}").as_str()]);
-        }
-        assert_eq!(remembered(&cache), 1000);
+        cache.insert("k", 1, 4, ticket);
+        assert!(matches!(cache.get("k"), Lookup::Miss(_)));
     }
 
     #[test]
@@ -633,34 +508,6 @@ mod tests {
         });
         off.set_live(true);
         assert_eq!(off.get("k"), Lookup::Bypass);
-    }
-
-    /// A hot entry is read again before it is too old: the first read past three quarters
-    /// of its age is served and told to refresh it, later ones are plain hits until the
-    /// refresh is stored, which renews the entry. A refresh that raced an invalidation is
-    /// not stored, and the entry still ends at its age.
-    #[test]
-    fn a_hot_entry_is_refreshed_before_it_is_too_old() {
-        let cache = cache(1000, 1 << 20); // max_age: 60 s
-        fill(&cache, "k", 1);
-        let later = |secs| Instant::now() + Duration::from_secs(secs);
-        assert_eq!(cache.lookup("k", later(44)), Lookup::Hit(1));
-        let Lookup::Refresh(1, ticket) = cache.lookup("k", later(46)) else {
-            panic!("no refresh past three quarters of the age")
-        };
-        assert_eq!(cache.lookup("k", later(50)), Lookup::Hit(1));
-        cache.insert("k", 2, 4, ticket);
-        assert_eq!(cache.lookup("k", later(44)), Lookup::Hit(2));
-        assert!(matches!(cache.lookup("k", later(61)), Lookup::Miss(_)));
-        assert_eq!(cache.size().0, 0);
-        // A refresh that raced its key's invalidation is not stored.
-        fill(&cache, "k", 4);
-        let Lookup::Refresh(4, ticket) = cache.lookup("k", later(46)) else {
-            panic!()
-        };
-        cache.invalidate(["k"]);
-        cache.insert("k", 5, 4, ticket);
-        assert!(matches!(cache.get("k"), Lookup::Miss(_)));
     }
 
     #[test]

@@ -47,7 +47,7 @@ use redis::AsyncCommands;
 
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
-use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup, Ticket};
+use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup};
 use crate::log::{newest_per_aggregate, LoggedEvent};
 pub use crate::redis_conn::LazyConnection;
 use crate::redis_conn::RedisConn;
@@ -565,32 +565,10 @@ impl RedisCache {
         let key = self.keys.customer(customer_id);
         let ticket = match self.local.get(&key) {
             Lookup::Hit(Cached::Customer(info)) => return Ok(Some((*info).clone())),
-            Lookup::Refresh(Cached::Customer(info), ticket) => {
-                let (this, customer_id) = (self.clone(), customer_id.to_owned());
-                tokio::spawn(async move {
-                    if let Err(error) = this.read_customer(&customer_id, key, Some(ticket)).await {
-                        tracing::debug!(%error, "refreshing a cached answer failed");
-                    }
-                });
-                return Ok(Some((*info).clone()));
-            }
             Lookup::Miss(ticket) => Some(ticket),
             // A key holds one kind of value; anything else is read again.
-            Lookup::Hit(Cached::Owner(_))
-            | Lookup::Refresh(Cached::Owner(_), _)
-            | Lookup::Bypass => None,
+            Lookup::Hit(Cached::Owner(_)) | Lookup::Bypass => None,
         };
-        self.read_customer(customer_id, key, ticket).await
-    }
-
-    /// A customer's answer read from Redis, kept in memory under `ticket` (a miss's or a
-    /// refresh's) if it decodes.
-    async fn read_customer(
-        &self,
-        customer_id: &str,
-        key: String,
-        ticket: Option<Ticket>,
-    ) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
         let raw: Option<String> = self.conn.get().await?.get(&key).await?;
         let Some(raw) = raw else { return Ok(None) };
         match serde_json::from_str::<SubscriptionInfo>(&raw) {
@@ -631,32 +609,9 @@ impl RedisCache {
         // key (invalidated by every write that touches the hash).
         let ticket = match self.local.get(&key) {
             Lookup::Hit(Cached::Owner(infos)) => return Ok((true, infos)),
-            Lookup::Refresh(Cached::Owner(infos), ticket) => {
-                let (this, id) = (self.clone(), id.to_owned());
-                tokio::spawn(async move {
-                    if let Err(error) = this.read_owner(owner, &id, key, Some(ticket)).await {
-                        tracing::debug!(%error, "refreshing a cached answer failed");
-                    }
-                });
-                return Ok((true, infos));
-            }
             Lookup::Miss(ticket) => Some(ticket),
-            Lookup::Hit(Cached::Customer(_))
-            | Lookup::Refresh(Cached::Customer(_), _)
-            | Lookup::Bypass => None,
+            Lookup::Hit(Cached::Customer(_)) | Lookup::Bypass => None,
         };
-        self.read_owner(owner, id, key, ticket).await
-    }
-
-    /// What an owner's hash holds in Redis (see [`RedisCache::owner`]), kept in memory
-    /// under `ticket` (a miss's or a refresh's) if it is complete.
-    async fn read_owner(
-        &self,
-        owner: Owner,
-        id: &str,
-        key: String,
-        ticket: Option<Ticket>,
-    ) -> Result<(bool, Arc<[SubscriptionInfo]>), redis::RedisError> {
         let fields: Result<Vec<(String, String)>, redis::RedisError> =
             self.conn.get().await?.hgetall(&key).await;
         let fields = match fields {
