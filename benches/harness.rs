@@ -353,28 +353,36 @@ async fn send_all(
     (all, failures)
 }
 
-/// GETs the URLs of `urls` round-robin for `secs` seconds over `connections` keep-alive
-/// connections (with the API token); `urls` may grow meanwhile (the soak's reader adds
-/// each org as it comes to exist). Returns the latencies (µs) of 2xx answers, sorted, and
-/// the count of others.
+/// GETs URLs for `secs` seconds over `connections` keep-alive connections (with the API
+/// token): in turn from each of `lists` (one that is empty is passed over), round-robin
+/// within each. A list may grow meanwhile (the soak's reader adds each org as it comes to
+/// exist); each is walked on its own, so one that grows faster than it is read never
+/// keeps the others from being read. Returns the latencies (µs) of 2xx answers, sorted,
+/// and the count of others.
 async fn hammer(
     client: &reqwest::Client,
-    urls: Arc<Mutex<Vec<String>>>,
+    lists: Vec<Arc<Mutex<Vec<String>>>>,
     secs: u64,
     connections: usize,
 ) -> (Vec<u64>, u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
+    // Lists only grow: with one non-empty now, every turn below finds a URL.
+    assert!(lists.iter().any(|list| !list.lock().unwrap().is_empty()));
     let next = Arc::new(AtomicU64::new(0));
+    let lists = Arc::new(lists);
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (client, urls, next) = (client.clone(), urls.clone(), next.clone());
+        let (client, lists, next) = (client.clone(), lists.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
             while Instant::now() < deadline {
-                let url = {
-                    let urls = urls.lock().unwrap();
-                    urls[next.fetch_add(1, Ordering::Relaxed) as usize % urls.len()].clone()
+                let url = loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let urls = lists[n % lists.len()].lock().unwrap();
+                    if !urls.is_empty() {
+                        break urls[n / lists.len() % urls.len()].clone();
+                    }
                 };
                 let started = Instant::now();
                 match client.get(&url).bearer_auth(TOKEN).send().await {
@@ -811,7 +819,7 @@ async fn main() {
         .iter()
         .map(|path| format!("{base}{path}"))
         .collect();
-    hammer(&client, Arc::new(Mutex::new(warm)), 1, 50).await;
+    hammer(&client, vec![Arc::new(Mutex::new(warm))], 1, 50).await;
     let health = wrk_reads(&base, &["/healthz".to_owned()], options.read_secs, 50);
     let rss = RssSampler::start(server.id());
     let reads = wrk_reads(&base, &org_paths, options.read_secs, 50);
@@ -868,13 +876,15 @@ async fn main() {
         .map(|(body, customer)| (body, org_of.get(&customer).cloned()))
         .collect();
     drop(org_of);
-    // Entitlement reads all through the soak, one connection, round-robin over every
-    // owner that exists: the read phase's orgs and users, then each of the soak's orgs
-    // once an event of its customer was sent. The read phase's owners are quiet during
-    // the soak (a write to an owner's hash drops its cached answer), and together they
-    // hold more than the in-process cache's bound (`LOCAL_CACHE_BYTES`), so the cache is
-    // full and must evict while memory is sampled.
-    let soak_orgs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
+    // Entitlement reads all through the soak, one connection, in turn from two lists: the
+    // read phase's orgs and users, and each of the soak's orgs once an event of its
+    // customer was sent. The read phase's owners are quiet during the soak (a write to an
+    // owner's hash drops its cached answer), and together they hold more than the
+    // in-process cache's bound (`LOCAL_CACHE_BYTES`), so the cache is full and must evict
+    // while memory is sampled. (With one list, the soak's orgs were appended faster than
+    // the reader went through them for the soak's first minutes, so it read only new orgs,
+    // never cached, and the cache stayed empty: a `/metrics` sampler, 240ee6c and 101e9db.)
+    let quiet_owners: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         orgs.iter()
             .map(|org| format!("{base}/v1/orgs/{org}/entitlements"))
             .chain(
@@ -884,9 +894,11 @@ async fn main() {
             )
             .collect(),
     ));
+    let soak_orgs: Arc<Mutex<Vec<String>>> = Arc::default();
     let soak_reads = tokio::spawn({
-        let (client, secs, urls) = (client.clone(), options.soak_secs, soak_orgs.clone());
-        async move { hammer(&client, urls, secs, 1).await }
+        let lists = vec![quiet_owners, soak_orgs.clone()];
+        let (client, secs) = (client.clone(), options.soak_secs);
+        async move { hammer(&client, lists, secs, 1).await }
     });
     let mut seen_orgs: HashSet<String> = orgs.iter().cloned().collect();
     let mut samples = Vec::new();
