@@ -10,6 +10,8 @@ local deliveries = {}
 local next_delivery = 1
 -- Deliveries answered (whatever the status): every answer but the fillers' (below).
 local answered = 0
+-- When the last delivery went out (os.time(), seconds), once it has.
+local all_sent_at = nil
 
 function init(args)
   for line in io.lines(args[1]) do
@@ -39,17 +41,30 @@ function request()
   end
   -- Every delivery is out: the connections still asking wait on a filler, a cheap
   -- request whose answer ("ok") no webhook gives, until the last delivery is answered.
+  all_sent_at = all_sent_at or os.time()
   return wrk.format("GET", "/healthz")
 end
 
+local function stop()
+  local stat = io.open("/proc/self/stat")
+  local pid = stat:read("*n")
+  stat:close()
+  -- Not os.execute: system() ignores SIGINT until its command ends, which loses it.
+  io.popen("kill -INT " .. pid):close()
+end
+
 function response(status, headers, body)
-  if body == "ok" then return end
+  if body == "ok" then
+    -- A delivery whose connection broke is never answered (wrk counts a socket error and
+    -- goes on): stop 3 s after the last one went out rather than at the end of -d.
+    if all_sent_at and os.time() - all_sent_at >= 3 and answered < #deliveries then
+      all_sent_at = math.huge
+      stop()
+    end
+    return
+  end
   answered = answered + 1
   if answered == #deliveries then
-    local stat = io.open("/proc/self/stat")
-    local pid = stat:read("*n")
-    stat:close()
-    -- Not os.execute: system() ignores SIGINT until its command ends, which loses it.
-    io.popen("kill -INT " .. pid):close()
+    stop()
   end
 end
