@@ -423,8 +423,9 @@ struct WrkRun {
 /// for the reason `wrk_reads` gives: the ingestion phase's generator in this process
 /// (reqwest) took 14 % of the machine in one profile (`perf record -a`, 4 900 deliveries
 /// a second), wrk 5 % (6 900 a second), and the ceiling's generator (pgbench) is a C
-/// program too. wrk stops once the last delivery is answered; its run lasts from its first
-/// request to then.
+/// program too. wrk stops once the last delivery is answered, or 3 s after the last one
+/// went out if one never is (a broken connection: counted among wrk's socket errors); its
+/// run lasts from its first request to then.
 fn wrk_ingest(base: &str, bodies: &[Vec<u8>], connections: usize) -> WrkRun {
     use std::io::Write as _;
     let list =
