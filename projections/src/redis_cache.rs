@@ -60,10 +60,10 @@ use crate::runner::{EventualProjection, ProjectionError};
 /// `"version":` once, its own (`stored_answers_name_their_version_once` checks it); a
 /// value in another shape is decoded. `owners_of` reads the owners a replaced answer
 /// linked the same way: from the first `"org_id":`, `"user_id":` and `"deleted":` of a
-/// compact answer (each a key of `SubscriptionInfo` that no field written before it holds,
-/// `stored_answers_name_their_owners_once` checks it; a key inside a string value has its
-/// quotes escaped, so it never matches), decoding the answer only when one of them is not
-/// a plain string, `null` or a boolean there. Shared by the scripts below.
+/// compact answer (each a key of `SubscriptionInfo` that no field written before it
+/// holds, which `stored_answers_name_their_version_once` checks too; a key inside a string
+/// value has its quotes escaped, so it never matches), decoding the answer only when one
+/// of them is not a plain string, `null` or a boolean there. Shared by the scripts below.
 const DECODE: &str = r#"
 local function decode(raw)
   if not raw then return nil, nil end
