@@ -36,9 +36,10 @@ pub struct Settings {
     /// `SUBLEDGER_CACHE_TTL_SECS` (default 86400).
     pub cache_ttl: Duration,
     /// `SUBLEDGER_LOCAL_CACHE_ENTRIES` (default 100000), `SUBLEDGER_LOCAL_CACHE_BYTES`
-    /// (default 64 MiB), `SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS` (default 1000; 0 turns it
+    /// (default 64 MiB), `SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS` (default 10000; 0 turns it
     /// off): the in-process cache in front of Redis. Invalidated by every replica's
-    /// writes; the age is only the backstop for a message that never came.
+    /// writes; the age is only the backstop for a message that never came (docs/operations.md
+    /// says why 10 s).
     pub local_cache: projections::LocalCacheConfig,
     /// `STRIPE_WEBHOOK_SECRET`: one or more signing secrets, comma-separated.
     pub webhook_secrets: Vec<SecretString>,
@@ -309,7 +310,7 @@ impl Settings {
             local_cache: projections::LocalCacheConfig {
                 max_entries: parsed("SUBLEDGER_LOCAL_CACHE_ENTRIES", 100_000)?,
                 max_bytes: parsed("SUBLEDGER_LOCAL_CACHE_BYTES", 64 * 1024 * 1024)?,
-                max_age: Duration::from_millis(parsed("SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS", 1_000)?),
+                max_age: Duration::from_millis(parsed("SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS", 10_000)?),
             },
             webhook_secrets: secrets("STRIPE_WEBHOOK_SECRET"),
             eventbridge_secrets: secrets("SUBLEDGER_EVENTBRIDGE_SECRET"),
