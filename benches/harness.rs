@@ -811,7 +811,10 @@ async fn main() {
     }
 
     // 2. Entitlement reads, beside the server's own ceiling: `/healthz` (no auth, no IO)
-    // at the same concurrency. Warm first, so both run against a full cache.
+    // at the same concurrency. The reads are warmed just before they run, so that they
+    // start with a full cache whose entries are not all as old as each other (warmed
+    // before `/healthz`'s run, every entry was older than its age bound at once and
+    // expired in the first moments of the reads).
     let org_paths: Vec<String> = orgs
         .iter()
         .map(|org| format!("/v1/orgs/{org}/entitlements"))
@@ -820,8 +823,8 @@ async fn main() {
         .iter()
         .map(|path| format!("{base}{path}"))
         .collect();
-    hammer(&client, vec![Arc::new(Mutex::new(warm))], 1, 50).await;
     let health = wrk_reads(&base, &["/healthz".to_owned()], options.read_secs, 50);
+    hammer(&client, vec![Arc::new(Mutex::new(warm))], 1, 50).await;
     let rss = RssSampler::start(server.id());
     let reads = wrk_reads(&base, &org_paths, options.read_secs, 50);
     let read_rss = rss.finish();
