@@ -14,7 +14,10 @@
 //!   fails (or its own heartbeats stop coming back), the cache is bypassed: every read goes
 //!   to Redis and nothing is stored; when it is back, the cache starts empty.
 //! - **A bound on age.** No entry is served older than `max_age`, whatever happened to
-//!   the messages (a backstop, not the mechanism).
+//!   the messages (a backstop, not the mechanism). Each entry lives between four fifths
+//!   of `max_age` and all of it ([`lifetime`]), so entries stored together (a warm start,
+//!   or refills after an `invalidate_all`) do not all expire, and go back to Redis, in the
+//!   same instant every `max_age` after.
 //!
 //! A read that misses takes a [`Ticket`] before going to Redis, and stores what it read
 //! only if no invalidation (and no change of liveness) happened since, so a value read just
@@ -31,7 +34,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{register_int_counter_vec, register_int_gauge_vec, IntCounterVec, IntGaugeVec};
+use prometheus::{
+    register_int_counter_vec, register_int_gauge_vec, IntCounter, IntCounterVec, IntGaugeVec,
+};
 
 /// How the cache is sized and how old an entry may be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +75,11 @@ pub static LOCAL_READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter
 });
 
+/// [`LOCAL_READS`]'s counter for each result, resolved once (a read costs an increment,
+/// not a label lookup).
+static READS_BY_RESULT: LazyLock<[IntCounter; 3]> =
+    LazyLock::new(|| Lookup::<()>::LABELS.map(|result| LOCAL_READS.with_label_values(&[result])));
+
 /// The in-process cache's size and whether its invalidation channel is up.
 pub static LOCAL_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     let gauge = register_int_gauge_vec!(
@@ -103,11 +113,12 @@ pub enum Lookup<V> {
 impl<V> Lookup<V> {
     const LABELS: [&'static str; 3] = ["hit", "miss", "bypass"];
 
-    fn label(&self) -> &'static str {
+    /// Its place in [`Lookup::LABELS`].
+    fn index(&self) -> usize {
         match self {
-            Lookup::Hit(_) => "hit",
-            Lookup::Miss(_) => "miss",
-            Lookup::Bypass => "bypass",
+            Lookup::Hit(_) => 0,
+            Lookup::Miss(_) => 1,
+            Lookup::Bypass => 2,
         }
     }
 }
@@ -115,8 +126,17 @@ impl<V> Lookup<V> {
 struct Entry<V> {
     value: V,
     bytes: usize,
-    stored: Instant,
+    /// Served until then ([`lifetime`] after it was stored).
+    expires: Instant,
     used: u64,
+}
+
+/// How long an entry is served: from four fifths of `max_age` to all of it, spread by
+/// `spread` (any number; consecutive ones land far apart), never more than `max_age`.
+pub fn lifetime(max_age: Duration, spread: u64) -> Duration {
+    // Fibonacci hashing: the top bits of the product are spread evenly.
+    let per_mille = (spread.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) % 200;
+    max_age - max_age.mul_f64(per_mille as f64 / 1000.0)
 }
 
 struct Shard<V> {
@@ -175,7 +195,7 @@ impl<V: Clone> LocalCache<V> {
     /// Looks a key up (counted in [`LOCAL_READS`]).
     pub fn get(&self, key: &str) -> Lookup<V> {
         let lookup = self.lookup(key);
-        LOCAL_READS.with_label_values(&[lookup.label()]).inc();
+        READS_BY_RESULT[lookup.index()].inc();
         lookup
     }
 
@@ -189,7 +209,7 @@ impl<V: Clone> LocalCache<V> {
         let mut shard = self.shard(key);
         let used = self.clock.fetch_add(1, Ordering::Relaxed);
         match shard.entries.get_mut(key) {
-            Some(entry) if entry.stored.elapsed() < self.config.max_age => {
+            Some(entry) if Instant::now() < entry.expires => {
                 entry.used = used;
                 Lookup::Hit(entry.value.clone())
             }
@@ -224,7 +244,7 @@ impl<V: Clone> LocalCache<V> {
         let entry = Entry {
             value,
             bytes,
-            stored: Instant::now(),
+            expires: Instant::now() + lifetime(self.config.max_age, used),
             used,
         };
         if let Some(old) = shard.entries.insert(key.to_owned(), entry) {
@@ -508,6 +528,25 @@ mod tests {
         });
         off.set_live(true);
         assert_eq!(off.get("k"), Lookup::Bypass);
+    }
+
+    /// Entries stored together expire spread over the last fifth of the age bound, never
+    /// past it.
+    #[test]
+    fn lifetimes_are_spread_below_the_age_bound() {
+        let max_age = Duration::from_secs(10);
+        let lifetimes: Vec<Duration> = (0..1000).map(|n| lifetime(max_age, n)).collect();
+        assert!(lifetimes
+            .iter()
+            .all(|l| *l <= max_age && *l > max_age.mul_f64(0.8)));
+        // Consecutive stores (the clock counts them) land in every tenth of that fifth.
+        let mut tenths = [0; 10];
+        for l in &lifetimes {
+            let into = (max_age - *l).as_secs_f64() / max_age.mul_f64(0.2).as_secs_f64();
+            tenths[((into * 10.0) as usize).min(9)] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n > 50), "{tenths:?}");
+        assert_eq!(lifetime(Duration::ZERO, 7), Duration::ZERO);
     }
 
     #[test]
