@@ -15,18 +15,21 @@ use sqlx::PgPool;
 use super::read::{select_entries, InboxEntry};
 use super::InboxState;
 
+/// The dead-letter list, in the order of the partial index `inbox_dead`. Its state is a
+/// literal, which (unlike a parameter) matches that index's predicate in every plan
+/// Postgres may cache; a test checks it names [`InboxState::Dead`].
+pub const DEAD_LETTERS: &str =
+    select_entries!("WHERE state = 'dead' ORDER BY received_at, event_id LIMIT $1");
+
 /// Dead-lettered rows, oldest first (at most `limit`, if given).
 pub async fn dead_letters(
     pool: &PgPool,
     limit: Option<i64>,
 ) -> Result<Vec<InboxEntry>, sqlx::Error> {
-    sqlx::query_as(select_entries!(
-        "WHERE state = $1 ORDER BY received_at, event_id LIMIT $2"
-    ))
-    .bind(InboxState::Dead)
-    .bind(limit.map(|l| l.max(0)))
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(DEAD_LETTERS)
+        .bind(limit.map(|l| l.max(0)))
+        .fetch_all(pool)
+        .await
 }
 
 /// A dead letter as `GET /ops/dead-letters` and `subledger dlq list --json` show it.
@@ -78,4 +81,15 @@ pub async fn redrive(pool: &PgPool, which: &Redrive) -> Result<Vec<String>, sqlx
     .bind(InboxState::Dead)
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_reads_dead_rows_by_literal() {
+        let filter = format!("WHERE state = '{}' ", InboxState::Dead.as_str());
+        assert!(DEAD_LETTERS.contains(&filter), "{DEAD_LETTERS}");
+    }
 }

@@ -347,3 +347,54 @@ async fn concurrent_commands_for_one_customer_retry_conflicts_and_lose_nothing()
     );
     app.stop().await;
 }
+
+/// What reads the queue's depth (`/readyz`, `/metrics`), the dead-letter list and the
+/// retention's batches walk only their partial indexes (`inbox_pending`, `inbox_dead`,
+/// `inbox_prunable`), in every plan Postgres may cache, never the rows the inbox keeps
+/// for good: asked for under a generic plan (what a prepared statement may be given after
+/// a few runs, where a parameter for the state could not match an index's predicate), with
+/// sequential scans off so that a plan that could use no index says so.
+#[tokio::test]
+async fn the_queue_and_the_dead_letters_are_read_through_their_own_indexes() {
+    let app = spawn_app("depth_plans").await;
+    let mut tx = app.pool.begin().await.unwrap();
+    for setting in [
+        "SET LOCAL plan_cache_mode = force_generic_plan",
+        "SET LOCAL enable_seqscan = off",
+    ] {
+        sqlx::query(setting).execute(&mut *tx).await.unwrap();
+    }
+    let explain = |sql: &str| format!("EXPLAIN (FORMAT JSON) {sql}");
+    let depth: Value = sqlx::query_scalar(&explain(subledger::inbox::read::DEPTH))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let listed: Value = sqlx::query_scalar(&explain(subledger::inbox::dead_letters::DEAD_LETTERS))
+        .bind(Some(10_i64))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let pruned: Value = sqlx::query_scalar(&explain(subledger::inbox::retention::PRUNE))
+        .bind(3600.0_f64)
+        .bind(500_i64)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let (depth, listed, pruned) = (depth.to_string(), listed.to_string(), pruned.to_string());
+    for index in ["inbox_pending", "inbox_dead"] {
+        assert!(
+            depth.contains(&format!(r#""Index Name":"{index}""#)),
+            "{index}: {depth}"
+        );
+    }
+    assert!(listed.contains(r#""Index Name":"inbox_dead""#), "{listed}");
+    assert!(
+        pruned.contains(r#""Index Name":"inbox_prunable""#),
+        "{pruned}"
+    );
+    for plan in [&depth, &listed, &pruned] {
+        assert!(!plan.contains(r#""Node Type":"Seq Scan""#), "{plan}");
+    }
+    app.stop().await;
+}
