@@ -109,10 +109,11 @@ impl Depth {
 /// plan Postgres may cache for the statement; with parameters it read every row the inbox
 /// ever kept. A test checks the literals name [`Depth::STATES`], and another that the plan
 /// walks those two indexes.
-pub const DEPTH: &str = "SELECT (SELECT count(*) FROM inbox WHERE state = 'pending') AS pending, \
-        (SELECT count(*) FROM inbox WHERE state = 'dead') AS dead, \
-        (SELECT extract(epoch FROM now() - min(received_at))::float8 FROM inbox \
-            WHERE state = 'pending') AS oldest_pending_age_secs";
+pub const DEPTH: &str = "SELECT p.pending, d.dead, \
+        extract(epoch FROM now() - p.oldest)::float8 AS oldest_pending_age_secs \
+     FROM (SELECT count(*) AS pending, min(received_at) AS oldest FROM inbox \
+            WHERE state = 'pending') p, \
+          (SELECT count(*) AS dead FROM inbox WHERE state = 'dead') d";
 
 pub async fn depth(pool: &PgPool) -> Result<Depth, sqlx::Error> {
     sqlx::query_as(DEPTH).fetch_one(pool).await
