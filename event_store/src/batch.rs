@@ -18,6 +18,21 @@ use sqlx::{PgConnection, Row};
 
 use crate::{decode_payload, Metadata, StoreError};
 
+/// The histories of many aggregates after given versions. Each aggregate's events are
+/// read by their own walk of the primary key (a `LATERAL` subquery, which its `ORDER BY`
+/// keeps from being flattened into a join), whatever the planner believes of the table.
+/// As a plain join, the generic plan a connection keeps, made while the log was nearly
+/// empty and never analyzed, walked every event of the aggregate type (the whole key for
+/// a merge join; a bitmap of `aggregate_type` under a hash join where bitmap scans are
+/// on), and kept doing so as the log grew. In the benchmark's ingestion (26 000 events):
+/// 0.74 → 0.41 ms a worker batch; 7–8 ms a batch in a transaction with bitmap scans on.
+pub const LOAD_MANY: &str = "SELECT k.aggregate_id, e.sequence, e.payload::text AS payload \
+     FROM unnest($2::text[], $3::int8[]) AS k(aggregate_id, after) \
+     CROSS JOIN LATERAL (SELECT sequence, payload FROM events \
+        WHERE aggregate_type = $1 AND aggregate_id = k.aggregate_id AND sequence > k.after \
+        ORDER BY sequence) e \
+     ORDER BY k.aggregate_id, e.sequence";
+
 /// Folds, for each of `ids`, the events stored after the version `known` holds for it
 /// (after 0 when it holds nothing), with one query. `known` maps an aggregate id to a
 /// (version, state) that is the fold of exactly its events 1..=version. Returns `known`
@@ -33,18 +48,12 @@ pub async fn load_many(
         .iter()
         .map(|id| known.get(id).map_or(0, |(version, _)| *version))
         .collect();
-    let rows = sqlx::query(
-        "SELECT e.aggregate_id, e.sequence, e.payload::text AS payload \
-         FROM unnest($2::text[], $3::int8[]) AS k(aggregate_id, after) \
-         JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = k.aggregate_id \
-            AND e.sequence > k.after \
-         ORDER BY e.aggregate_id, e.sequence",
-    )
-    .bind(Subscription::TYPE)
-    .bind(ids)
-    .bind(&after)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query(LOAD_MANY)
+        .bind(Subscription::TYPE)
+        .bind(ids)
+        .bind(&after)
+        .fetch_all(&mut *conn)
+        .await?;
     for row in rows {
         let aggregate_id: String = row.get("aggregate_id");
         let sequence: i64 = row.get("sequence");
