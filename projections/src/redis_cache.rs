@@ -264,9 +264,21 @@ impl CacheKeys {
     pub fn user(&self, user_id: &str) -> String {
         format!("{}stripe:user:{user_id}", self.prefix)
     }
-    /// Every key this cache owns, as SCAN patterns.
-    pub fn patterns(&self) -> [String; 3] {
-        [self.customer("*"), self.org("*"), self.user("*")]
+    /// A `SCAN` pattern matching every key this cache owns, and maybe other keys under
+    /// `stripe:` (an app's own): [`CacheKeys::owns`] tells them apart.
+    pub fn scan_pattern(&self) -> String {
+        format!("{}stripe:*", self.prefix)
+    }
+
+    /// Whether `key` is one of this cache's: a customer's key or an org's or user's hash.
+    pub fn owns(&self, key: &str) -> bool {
+        key.strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix("stripe:"))
+            .is_some_and(|rest| {
+                ["customer:", "org:", "user:"]
+                    .iter()
+                    .any(|kind| rest.starts_with(kind))
+            })
     }
 }
 
@@ -741,19 +753,18 @@ impl RedisCache {
     }
 
     /// Deletes every key this cache owns: `SCAN`s each master node of a cluster (the
-    /// standalone server), and deletes what it finds (the cluster client splits a `DEL`
-    /// by slot).
+    /// standalone server) once, for every key under `stripe:`, and deletes those that are
+    /// its own (the cluster client splits a `DEL` by slot). One pass, not one per kind of
+    /// key: each pass walks the node's whole keyspace (three passes were 879 `SCAN`s for
+    /// 425 000 keys in the benchmark's replay).
     pub async fn clear_all(&self) -> Result<u64, redis::RedisError> {
         let mut conn = self.conn.get().await?;
         let mut deleted = 0;
-        let masters = conn.masters().await?;
-        for (mut node, pattern) in masters
-            .into_iter()
-            .flat_map(|node| self.keys.patterns().map(|pattern| (node.clone(), pattern)))
-        {
+        let pattern = self.keys.scan_pattern();
+        for mut node in conn.masters().await? {
             let mut cursor: u64 = 0;
             loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                let (next, mut keys): (u64, Vec<String>) = redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
                     .arg(&pattern)
@@ -761,6 +772,7 @@ impl RedisCache {
                     .arg(1000)
                     .query_async(&mut node)
                     .await?;
+                keys.retain(|key| self.keys.owns(key));
                 if !keys.is_empty() {
                     deleted += keys.len() as u64;
                     let _: () = conn.del(keys).await?;
@@ -1025,11 +1037,29 @@ mod tests {
             assert_eq!(members(&cache, "org_a").await, ["cus_3"], "{mode}");
             assert_eq!(members(&cache, "org_e").await, ["cus_4"], "{mode}");
 
-            // Every key is found and deleted, on whichever node it lives.
+            // An app's own keys beside ours, under the same prefix and `stripe:`.
+            let theirs = [
+                format!("{}stripe:customers_seen", cache.keys.prefix),
+                format!("{}stripe:webhook:lock", cache.keys.prefix),
+            ];
+            {
+                let mut conn = cache.conn.get().await.unwrap();
+                for key in &theirs {
+                    let _: () = conn.set(key, "theirs").await.unwrap();
+                }
+            }
+
+            // Every key is found and deleted, on whichever node it lives; only ours.
             let deleted = cache.clear_all().await.unwrap();
             assert!(deleted >= 9, "{mode}: {deleted}");
             assert_eq!(version(&cache, "cus_1").await, None, "{mode}");
             assert_eq!(cache.clear_all().await.unwrap(), 0, "{mode}");
+            let mut conn = cache.conn.get().await.unwrap();
+            for key in &theirs {
+                let kept: Option<String> = conn.get(key).await.unwrap();
+                assert_eq!(kept.as_deref(), Some("theirs"), "{mode}: {key}");
+                let _: () = conn.del(key).await.unwrap();
+            }
         }
     }
 
