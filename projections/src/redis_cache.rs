@@ -265,20 +265,15 @@ impl CacheKeys {
         format!("{}stripe:user:{user_id}", self.prefix)
     }
     /// A `SCAN` pattern matching every key this cache owns, and maybe other keys under
-    /// `stripe:` (an app's own): [`CacheKeys::owns`] tells them apart.
+    /// `stripe:` (an app's own): [`CacheKeys::kinds`] tells them apart.
     pub fn scan_pattern(&self) -> String {
         format!("{}stripe:*", self.prefix)
     }
 
-    /// Whether `key` is one of this cache's: a customer's key or an org's or user's hash.
-    pub fn owns(&self, key: &str) -> bool {
-        key.strip_prefix(self.prefix.as_str())
-            .and_then(|rest| rest.strip_prefix("stripe:"))
-            .is_some_and(|rest| {
-                ["customer:", "org:", "user:"]
-                    .iter()
-                    .any(|kind| rest.starts_with(kind))
-            })
+    /// What every key this cache owns starts with: a customer's key, an org's or a user's
+    /// hash.
+    pub fn kinds(&self) -> [String; 3] {
+        [self.customer(""), self.org(""), self.user("")]
     }
 }
 
@@ -760,7 +755,7 @@ impl RedisCache {
     pub async fn clear_all(&self) -> Result<u64, redis::RedisError> {
         let mut conn = self.conn.get().await?;
         let mut deleted = 0;
-        let pattern = self.keys.scan_pattern();
+        let (pattern, kinds) = (self.keys.scan_pattern(), self.keys.kinds());
         for mut node in conn.masters().await? {
             let mut cursor: u64 = 0;
             loop {
@@ -772,7 +767,7 @@ impl RedisCache {
                     .arg(1000)
                     .query_async(&mut node)
                     .await?;
-                keys.retain(|key| self.keys.owns(key));
+                keys.retain(|key| kinds.iter().any(|kind| key.starts_with(kind.as_str())));
                 if !keys.is_empty() {
                     deleted += keys.len() as u64;
                     let _: () = conn.del(keys).await?;
