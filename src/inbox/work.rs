@@ -69,6 +69,18 @@ const CLAIM: &str = "SELECT event_id, event_type, customer_id, payload IS NULL A
        AND ($2::int8 IS NULL OR abs(hashtext(coalesce(customer_id, ''))::int8) % $3::int8 = $2::int8) \
      ORDER BY next_attempt_at, stripe_created LIMIT $1 FOR UPDATE SKIP LOCKED";
 
+/// The planner settings of a worker's transaction, set by [`claim`]: every statement in it
+/// (the claim, the payloads, the histories, the events, the outcomes) finds its rows by an
+/// index. Bitmap scans are off so the claim walks `inbox_pending` in order (see
+/// migrations/20261125200001): a bitmap scan, which the planner picks when it believes
+/// few rows are pending, visits the heap page of every entry processed since the last
+/// vacuum and never marks them dead, so each claim of a burst cost more than the one
+/// before. Sequential scans are off because a connection keeps the generic plan it made
+/// for a statement, and one made while the inbox was nearly empty (a fresh database, or
+/// one never analyzed) marks a batch done by a hash join over the whole inbox.
+pub const BATCH_PLANS: &str = "SELECT set_config('enable_bitmapscan', 'off', true), \
+        set_config('enable_seqscan', 'off', true)";
+
 /// Claims up to `limit` due rows (of one partition of the customers, if given), oldest due
 /// first, locked for the rest of `tx`. Rows other transactions hold are skipped. A row
 /// whose event `parsed` holds takes it from there; the payloads of the others are read
@@ -79,13 +91,7 @@ pub async fn claim(
     partition: Option<Partition>,
     parsed: &ParsedEvents,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
-    // Always walk `inbox_pending` in order (see migrations/20261125200001): a bitmap
-    // scan, which the planner picks when it believes few rows are pending, visits
-    // the heap page of every entry processed since the last vacuum and never marks
-    // them dead, so each claim of a burst cost more than the one before.
-    sqlx::query("SET LOCAL enable_bitmapscan = off")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(BATCH_PLANS).execute(&mut *tx).await?;
     let rows = sqlx::query(CLAIM)
         .bind(limit)
         .bind(partition.map(|p| p.index as i64))
@@ -147,6 +153,13 @@ pub struct Processed {
     pub detail: Option<String>,
 }
 
+/// [`mark_done`]'s statement: claimed rows by event id, their outcome and detail, and the
+/// done state.
+pub const MARK_DONE: &str = "UPDATE inbox SET state = $4, outcome = u.outcome, detail = u.detail, \
+        attempts = inbox.attempts + 1, last_error = NULL, processed_at = now() \
+     FROM unnest($1::text[], $2::text[], $3::text[]) AS u(event_id, outcome, detail) \
+     WHERE inbox.event_id = u.event_id";
+
 /// Marks claimed rows done with their outcome and detail, in one statement: their attempt
 /// is counted and any earlier error cleared.
 pub async fn mark_done<'a>(
@@ -164,18 +177,13 @@ pub async fn mark_done<'a>(
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "UPDATE inbox SET state = $4, outcome = u.outcome, detail = u.detail, \
-            attempts = inbox.attempts + 1, last_error = NULL, processed_at = now() \
-         FROM unnest($1::text[], $2::text[], $3::text[]) AS u(event_id, outcome, detail) \
-         WHERE inbox.event_id = u.event_id",
-    )
-    .bind(&ids)
-    .bind(&outcomes)
-    .bind(&details)
-    .bind(InboxState::Done)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(MARK_DONE)
+        .bind(&ids)
+        .bind(&outcomes)
+        .bind(&details)
+        .bind(InboxState::Done)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 

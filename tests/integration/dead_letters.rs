@@ -398,3 +398,51 @@ async fn the_queue_and_the_dead_letters_are_read_through_their_own_indexes() {
     }
     app.stop().await;
 }
+
+/// A worker's transaction marks its batch done through the inbox's key, whatever plan a
+/// connection made while the inbox was nearly empty: here a handful of rows, never
+/// analyzed, and the generic plan a connection keeps. Without the batch's planner settings
+/// (`inbox::work::BATCH_PLANS`, set by the claim) that plan is a hash join over a
+/// sequential scan of the whole inbox, every batch, as the inbox grows.
+#[tokio::test]
+async fn a_batch_is_marked_done_through_the_inbox_key_whatever_the_statistics() {
+    let app = spawn_app("mark_done_plan").await;
+    for n in 0..10 {
+        let event = sub_event(
+            &format!("evt_plan_{n}"),
+            "customer.subscription.created",
+            T0,
+            &format!("sub_plan_{n}"),
+            &format!("cus_plan_{n}"),
+            "active",
+            "org_plan",
+        );
+        assert_eq!(app.post_webhook(&event).await.status(), 200);
+    }
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query(subledger::inbox::work::BATCH_PLANS)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // A plan for any parameters (PREPARE, then EXPLAIN EXECUTE), as a connection keeps it:
+    // an EXPLAIN sent with bound parameters plans for their values instead.
+    sqlx::raw_sql(&format!(
+        "SET LOCAL plan_cache_mode = force_generic_plan; \
+         PREPARE mark_done_plan(text[], text[], text[], text) AS {}",
+        subledger::inbox::work::MARK_DONE
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let plan: Value = sqlx::query_scalar(
+        "EXPLAIN (FORMAT JSON) EXECUTE mark_done_plan('{evt_plan_1}', '{applied}', '{NULL}', 'done')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    let plan = plan.to_string();
+    assert!(plan.contains(r#""Index Name":"inbox_pkey""#), "{plan}");
+    assert!(!plan.contains(r#""Node Type":"Seq Scan""#), "{plan}");
+    app.stop().await;
+}
