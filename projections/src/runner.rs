@@ -89,6 +89,17 @@ pub trait EventualProjection: Send + Sync + 'static {
         events: &[LoggedEvent],
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
+    /// Applies a chunk of a rebuild ([`Projections::replay`]), into what `clear` has just
+    /// cleared: it may take a way that is cheaper where what it writes is absent, and
+    /// must leave what `apply` would whatever it finds (another writer may have been
+    /// there meanwhile). By default, `apply`.
+    fn apply_rebuilding(
+        &self,
+        events: &[LoggedEvent],
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        self.apply(events)
+    }
+
     /// Deletes everything this projection owns, before a replay from position 0.
     fn clear(&self) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
@@ -113,12 +124,16 @@ impl<P: TransactionalProjection> InTransaction for P {
 /// An [`EventualProjection`] with its type erased.
 trait Beside: Send + Sync {
     fn apply<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a>;
+    fn apply_rebuilding<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a>;
     fn clear(&self) -> Boxed<'_>;
 }
 
 impl<P: EventualProjection> Beside for P {
     fn apply<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a> {
         Box::pin(EventualProjection::apply(self, events))
+    }
+    fn apply_rebuilding<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a> {
+        Box::pin(EventualProjection::apply_rebuilding(self, events))
     }
     fn clear(&self) -> Boxed<'_> {
         Box::pin(EventualProjection::clear(self))
@@ -435,7 +450,7 @@ impl Projections {
         if read.read as i64 == batch {
             *next = Some(prefetch(pool, last, batch));
         }
-        let mut failed = match self.apply(&mut tx, group, &read.events).await {
+        let mut failed = match self.apply(&mut tx, group, &read.events, false).await {
             Ok(failed) => failed,
             Err(error) => {
                 tx.rollback().await?;
@@ -470,6 +485,7 @@ impl Projections {
         tx: &mut PgConnection,
         group: &[usize],
         events: &[LoggedEvent],
+        rebuilding: bool,
     ) -> Result<Vec<(usize, ProjectionError)>, ProjectionError> {
         let members = &self.inner.members;
         let in_transaction = async {
@@ -482,9 +498,14 @@ impl Projections {
         };
         let beside =
             futures_util::future::join_all(group.iter().filter_map(|&i| match &members[i].kind {
-                Kind::Eventual(projection) => {
-                    Some(async move { (i, projection.apply(events).await) })
-                }
+                Kind::Eventual(projection) => Some(async move {
+                    let applied = if rebuilding {
+                        projection.apply_rebuilding(events).await
+                    } else {
+                        projection.apply(events).await
+                    };
+                    (i, applied)
+                }),
                 Kind::Transactional(_) => None,
             }));
         let (in_transaction, beside) = tokio::join!(in_transaction, beside);
@@ -634,7 +655,7 @@ impl Projections {
             while let Some(reading) = next.take() {
                 let events = reading.await.map_err(|_| ProjectionError::Stopped)??;
                 next = chunks.next().map(read_chunk);
-                for (i, error) in self.apply(&mut tx, &group, &events).await? {
+                for (i, error) in self.apply(&mut tx, &group, &events, true).await? {
                     group.retain(|&g| g != i);
                     if group.is_empty() {
                         return Err(error);
