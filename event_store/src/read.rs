@@ -129,9 +129,18 @@ impl EventKey {
         self.0.get("sequence")
     }
 
-    /// The payload (JSON text), only for the event types the scan was asked to send.
+    /// The payload (JSON text), only for an event of the types the scan was asked about
+    /// whose subscription id it could not read where serde writes it (see [`scan_keys`]).
     pub fn payload(&self) -> Option<&str> {
         self.0.get("payload")
+    }
+
+    /// The subscription id of an event of the types the scan was asked about, read from
+    /// the payload in Postgres where serde writes it (see [`scan_keys`]); `None` for
+    /// other events and where it could not be read so ([`EventKey::payload`] then holds
+    /// the payload).
+    pub fn subscription_id(&self) -> Option<&str> {
+        self.0.get("subscription_id")
     }
 
     pub fn position(&self) -> Result<Position, StoreError> {
@@ -140,23 +149,40 @@ impl EventKey {
 }
 
 /// The keys of every event whose transaction is below `horizon`, in no particular order
-/// (a plain scan, no sort of the whole log), with the payload of the events whose type is
-/// in `payload_of` only: a rebuild chooses what to read from the keys alone.
+/// (a plain scan, no sort of the whole log), with, for the events whose type is in
+/// `snapshots` (each holding a `subscription` object and, after it, a `view`), the id of
+/// that subscription: a rebuild chooses what to read from the keys alone.
+///
+/// The id is read in Postgres from the payload's text where serde writes it: the first
+/// `"subscription":{"id":"` before the first `"view":` (every payload subledger writes is
+/// serde_json's compact text, with the fields in their declared order, `id` first in a
+/// snapshot). Neither can match inside a string value (its quotes would be escaped). A
+/// payload where that is not found (another writer's spacing or key order), or where the
+/// id holds an escape, is sent whole instead, for the caller to decode: sending every
+/// snapshot's payload (about 3 KB each) and decoding it on the client was most of the
+/// scan's cost.
 pub fn scan_keys<'c>(
     conn: &'c mut PgConnection,
     horizon: u64,
-    payload_of: &[&str],
+    snapshots: &[&str],
 ) -> impl Stream<Item = Result<EventKey, StoreError>> + Send + 'c {
-    let payload_of: Vec<String> = payload_of.iter().map(|t| (*t).to_owned()).collect();
+    let snapshots: Vec<String> = snapshots.iter().map(|t| (*t).to_owned()).collect();
+    // `OFFSET 0` keeps the inner query apart, so that each payload is decompressed once
+    // for its id (and again only when it is sent whole).
     sqlx::query(
-        "SELECT aggregate_id, sequence, \
-            CASE WHEN event_type = ANY($2) THEN payload::text END AS payload, \
-            tx_id::text AS tx_text, global_seq \
-         FROM events \
-         WHERE aggregate_type = $3 AND tx_id < $1::text::xid8",
+        "SELECT aggregate_id, sequence, tx_text, global_seq, \
+            CASE WHEN read_id THEN subscription_id END AS subscription_id, \
+            CASE WHEN NOT read_id THEN payload::text END AS payload \
+         FROM (SELECT *, subscription_id <> '' AND strpos(subscription_id, '\\') = 0 AS read_id \
+         FROM (SELECT aggregate_id, sequence, tx_id::text AS tx_text, global_seq, payload, \
+                 CASE WHEN event_type = ANY($2) THEN split_part(split_part(split_part( \
+                     payload::text, '\"view\":', 1), '\"subscription\":{\"id\":\"', 2), '\"', 1) \
+                 END AS subscription_id \
+               FROM events \
+               WHERE aggregate_type = $3 AND tx_id < $1::text::xid8 OFFSET 0) AS scanned) AS keys",
     )
     .bind(horizon.to_string())
-    .bind(payload_of)
+    .bind(snapshots)
     .bind(Subscription::TYPE)
     .fetch(conn)
     .map_ok(EventKey)

@@ -424,3 +424,96 @@ async fn a_batch_load_walks_each_aggregates_key_whatever_the_statistics() {
         "{plan}"
     );
 }
+
+/// The rebuild's key scan reads a snapshot's subscription id in Postgres from the text
+/// serde wrote (the first `"subscription":{"id":"` before the first `"view":`), and sends
+/// the payload whole where it cannot. Here one snapshot event is stored as the batch
+/// writer wrote it, then again under other customers with its `view` moved first and
+/// naming another subscription, as jsonb's text (spaces, sorted keys), and with an escaped
+/// quote in its id: each gives the snapshot's own id, one way or the other.
+#[tokio::test]
+async fn the_key_scan_reads_each_snapshots_subscription_id_whatever_its_texts_shape() {
+    let pool = fresh_database().await;
+    let mut known = HashMap::new();
+    let commands = vec![snapshot("cus_a", "evt_1", 10, SubscriptionStatus::Active)];
+    write_batch(&pool, &[("cus_a", commands)], &mut known).await;
+    let written: String = sqlx::query_scalar(
+        "SELECT payload::text FROM events WHERE event_type = 'SubscriptionChanged'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let inner = written
+        .strip_prefix(r#"{"SubscriptionChanged":{"#)
+        .and_then(|rest| rest.strip_suffix("}}"))
+        .expect("serde's externally tagged form");
+    let (fields, view) = inner
+        .split_once(r#","view":"#)
+        .expect("a view after the rest");
+    let view_first = format!(
+        r#"{{"SubscriptionChanged":{{"view":{},{fields}}}}}"#,
+        view.replace("sub_cus_a", "sub_in_view")
+    );
+    let escaped = written.replacen(r#""id":"sub_cus_a""#, r#""id":"sub_\"q""#, 1);
+    for (customer, payload) in [("cus_view", view_first.as_str()), ("cus_escaped", &escaped)] {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             VALUES ('Subscription', $1, 1, 'SubscriptionChanged', '1', $2::json, '{}')",
+        )
+        .bind(customer)
+        .bind(payload)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT 'Subscription', 'cus_jsonb', 1, event_type, event_version, payload::jsonb::json, metadata \
+         FROM events WHERE aggregate_id = 'cus_a' AND event_type = 'SubscriptionChanged'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    let horizon = read::read_horizon(&mut conn).await.unwrap();
+    let types = ["SubscriptionChanged", "SubscriptionReconciled"];
+    let keys: Vec<_> = read::scan_keys(&mut conn, horizon, &types)
+        .try_collect()
+        .await
+        .unwrap();
+    // Each snapshot's (customer, id read in Postgres, id read from the payload sent).
+    let mut read: Vec<(String, Option<String>, Option<String>)> = keys
+        .iter()
+        .filter(|key| key.subscription_id().is_some() || key.payload().is_some())
+        .map(|key| {
+            let from_payload = key.payload().map(|payload| {
+                let event: serde_json::Value = serde_json::from_str(payload).unwrap();
+                event["SubscriptionChanged"]["subscription"]["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            });
+            (
+                key.aggregate_id().to_owned(),
+                key.subscription_id().map(str::to_owned),
+                from_payload,
+            )
+        })
+        .collect();
+    read.sort();
+    let some = |id: &str| Some(id.to_owned());
+    assert_eq!(
+        read,
+        [
+            ("cus_a".to_owned(), some("sub_cus_a"), None),
+            ("cus_escaped".to_owned(), None, some("sub_\"q")),
+            ("cus_jsonb".to_owned(), None, some("sub_cus_a")),
+            ("cus_view".to_owned(), None, some("sub_cus_a")),
+        ]
+    );
+    assert!(
+        keys.len() > read.len(),
+        "the other events of cus_a come with neither"
+    );
+}

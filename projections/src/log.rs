@@ -188,7 +188,7 @@ pub struct Newest {
 pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newest, LogError> {
     // Read in no particular order (a plain scan, no sort of the whole log): the keys'
     // winners are chosen by sequence, ties by log position, and put in log order after.
-    // Payloads are sent only for snapshots, whose subscription id is read from them.
+    // A snapshot comes with its subscription id, or its payload to read the id from.
     let mut rows = read::scan_keys(conn, horizon, &SNAPSHOT_TYPES);
     // (sequence, position) of each key's newest.
     let mut newest_aggregate: HashMap<String, (i64, Position)> = HashMap::new();
@@ -209,13 +209,21 @@ pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newes
                 newest_aggregate.insert(aggregate_id.to_owned(), candidate);
             }
         }
-        if let Some(payload) = row.payload() {
-            let snapshot = decode::<SnapshotOf>(payload, aggregate_id, sequence)?;
-            match newest_subscription.get_mut(snapshot.subscription_id_ref()) {
+        let decoded;
+        let subscription_id = match (row.subscription_id(), row.payload()) {
+            (Some(id), _) => Some(id),
+            (None, Some(payload)) => {
+                decoded = decode::<SnapshotOf>(payload, aggregate_id, sequence)?;
+                Some(decoded.subscription_id_ref())
+            }
+            (None, None) => None,
+        };
+        if let Some(id) = subscription_id {
+            match newest_subscription.get_mut(id) {
                 Some(held) if supersedes(candidate, *held) => *held = candidate,
                 Some(_) => {}
                 None => {
-                    newest_subscription.insert(snapshot.subscription_id(), candidate);
+                    newest_subscription.insert(id.to_owned(), candidate);
                 }
             }
         }
