@@ -177,7 +177,13 @@ pub async fn read_batch(
 /// Only keys are held, never payloads, so memory grows with customers, not events.
 #[derive(Debug, Default)]
 pub struct Newest {
-    /// The `global_seq` of every event needed, in log order.
+    /// The `global_seq` of every event needed, grouped by aggregate: each aggregate's at
+    /// the place of its newest event in the log, in log order within it. So a chunk of
+    /// them holds all of a customer's (but at a chunk's edge), and the projections,
+    /// which write a customer's answer once per chunk from its newest event there, write
+    /// it once rather than once for each of its subscriptions' snapshots. Every
+    /// projection is last-writer-wins on its keys, guarded by version, so the order
+    /// between aggregates does not matter; within one it is the log's.
     pub global_seqs: Vec<i64>,
     /// How many events the log holds below the horizon.
     pub read: usize,
@@ -192,7 +198,8 @@ pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newes
     let mut rows = read::scan_keys(conn, horizon, &SNAPSHOT_TYPES);
     // (sequence, position) of each key's newest.
     let mut newest_aggregate: HashMap<String, (i64, Position)> = HashMap::new();
-    let mut newest_subscription: HashMap<String, (i64, Position)> = HashMap::new();
+    // And each subscription's newest snapshot, with its aggregate.
+    let mut newest_subscription: HashMap<String, (i64, Position, String)> = HashMap::new();
     let mut newest = Newest::default();
     while let Some(row) = rows.try_next().await? {
         newest.read += 1;
@@ -220,22 +227,33 @@ pub async fn newest_below(conn: &mut PgConnection, horizon: u64) -> Result<Newes
         };
         if let Some(id) = subscription_id {
             match newest_subscription.get_mut(id) {
-                Some(held) if supersedes(candidate, *held) => *held = candidate,
+                Some(held) if supersedes(candidate, (held.0, held.1)) => {
+                    *held = (candidate.0, candidate.1, aggregate_id.to_owned());
+                }
                 Some(_) => {}
                 None => {
-                    newest_subscription.insert(id.to_owned(), candidate);
+                    newest_subscription.insert(
+                        id.to_owned(),
+                        (candidate.0, candidate.1, aggregate_id.to_owned()),
+                    );
                 }
             }
         }
     }
-    let mut needed: Vec<Position> = newest_aggregate
-        .into_values()
-        .chain(newest_subscription.into_values())
-        .map(|(_, position)| position)
+    // (where its aggregate's group stands: its newest event, the event's own position)
+    let group = |aggregate_id: &str| newest_aggregate[aggregate_id].1;
+    let mut needed: Vec<(Position, Position)> = newest_aggregate
+        .values()
+        .map(|&(_, position)| (position, position))
+        .chain(
+            newest_subscription
+                .values()
+                .map(|(_, position, aggregate_id)| (group(aggregate_id), *position)),
+        )
         .collect();
     needed.sort_unstable();
     needed.dedup();
-    newest.global_seqs = needed.into_iter().map(|p| p.global_seq).collect();
+    newest.global_seqs = needed.into_iter().map(|(_, p)| p.global_seq).collect();
     Ok(newest)
 }
 

@@ -605,9 +605,9 @@ impl Projections {
     /// whole log once for all: a first pass finds, from keys alone, each aggregate's
     /// newest event and each subscription's newest snapshot (what compacting the whole
     /// log as one batch keeps, [`log::newest_below`]); then only those are read, decoded
-    /// and applied, in log order, in chunks (each read on another connection while the one
-    /// before is applied), and the checkpoints are saved at the end of the log, in one
-    /// transaction. Each customer is written once however long its history, and memory
+    /// and applied, grouped by customer and in log order within each, in chunks (each
+    /// read on another connection while the one before is applied), and the checkpoints
+    /// are saved at the end of the log, in one transaction. Each customer is written once however long its history, and memory
     /// holds keys, not payloads. A projection another process caught up since it was
     /// cleared is left to the catch-up that follows; an eventual one that fails drops out
     /// (and is caught up from position 0 after).
