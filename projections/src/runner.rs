@@ -554,9 +554,32 @@ impl Projections {
         batch: i64,
         mut progress: impl FnMut(&str, u64) + Send,
     ) -> Result<Vec<CatchUp>, ProjectionError> {
-        self.clear().await?;
+        // The rebuild's first pass reads only the log, so it runs beside the clear (whose
+        // `SCAN` and `DEL` of a large cache take Redis as long as the pass takes Postgres).
+        let scanning = {
+            let pool = self.inner.pool.clone();
+            tokio::spawn(async move {
+                let mut tx = pool.begin().await?;
+                let horizon = log::read_horizon(&mut tx).await?;
+                let started = Instant::now();
+                let newest = log::newest_below(&mut tx, horizon).await?;
+                tracing::info!(
+                    read = newest.read,
+                    needed = newest.global_seqs.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "rebuild: found each key's newest event"
+                );
+                tx.rollback().await?;
+                Ok::<_, ProjectionError>(newest)
+            })
+        };
+        if let Err(error) = self.clear().await {
+            scanning.abort();
+            return Err(error);
+        }
+        let newest = scanning.await.map_err(|_| ProjectionError::Stopped)??;
         let mut done = self.reports();
-        self.rebuild(&mut done, &mut progress).await?;
+        self.rebuild(newest, &mut done, &mut progress).await?;
         let rest = self
             .catch_up(batch, WhenBusy::Wait, |name, n| {
                 let before = done
@@ -602,24 +625,26 @@ impl Projections {
     }
 
     /// Rebuilds the projections that [`Projections::clear`] has just cleared, reading the
-    /// whole log once for all: a first pass finds, from keys alone, each aggregate's
-    /// newest event and each subscription's newest snapshot (what compacting the whole
-    /// log as one batch keeps, [`log::newest_below`]); then only those are read, decoded
-    /// and applied, grouped by customer and in log order within each, in chunks (each
-    /// read on another connection while the one before is applied), and the checkpoints
-    /// are saved at the end of the log, in one transaction. Each customer is written once however long its history, and memory
-    /// holds keys, not payloads. A projection another process caught up since it was
-    /// cleared is left to the catch-up that follows; an eventual one that fails drops out
-    /// (and is caught up from position 0 after).
+    /// whole log once for all: a first pass (`newest`, made beside the clear) found, from
+    /// keys alone, each aggregate's newest event and each subscription's newest snapshot
+    /// below a horizon (what compacting the whole log as one batch keeps,
+    /// [`log::newest_below`]); now only those are read, decoded and applied, grouped by
+    /// customer and in log order within each, in chunks (each read on another connection
+    /// while the one before is applied), and the checkpoints are saved at the last of
+    /// them, in one transaction (the catch-up after reads on from there). Each customer is
+    /// written once however long its history, and memory holds keys, not payloads. A
+    /// projection another process caught up since it was cleared is left to the catch-up
+    /// that follows; an eventual one that fails drops out (and is caught up from position
+    /// 0 after).
     async fn rebuild(
         &self,
+        newest: log::Newest,
         done: &mut [CatchUp],
         progress: &mut (dyn FnMut(&str, u64) + Send),
     ) -> Result<(), ProjectionError> {
         let pool = &self.inner.pool;
         let names: Vec<&str> = self.names().collect();
         let mut tx = pool.begin().await?;
-        let horizon = log::read_horizon(&mut tx).await?;
         let rebuilt = async {
             let held = lock_checkpoints(&mut tx, &names, true).await?;
             let mut group: Vec<usize> = (0..names.len())
@@ -632,13 +657,6 @@ impl Projections {
                 return Ok(None);
             }
             let started = Instant::now();
-            let newest = log::newest_below(&mut tx, horizon).await?;
-            tracing::info!(
-                read = newest.read,
-                needed = newest.global_seqs.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "rebuild: found each key's newest event"
-            );
             let Some(last) = newest.last else {
                 return Ok(None);
             };

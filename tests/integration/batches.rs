@@ -259,6 +259,63 @@ async fn a_rebuild_writes_what_catching_up_batch_by_batch_wrote() {
     assert_eq!(read_models(&services, &prefix).await, live);
 }
 
+/// A rebuild reads the events it needs grouped by customer (`log::newest_below`): each
+/// customer's newest event and its subscriptions' newest snapshots side by side, at the
+/// place of its newest event, in log order within, so that a chunk holds them together
+/// and the customer's answer is written once. The payloads are the smallest text the key
+/// scan reads a subscription id from; nothing here decodes them.
+#[tokio::test]
+async fn the_events_a_rebuild_needs_come_grouped_by_customer() {
+    let services = services("grouped").await;
+    let snapshot = |id: &str| {
+        format!(r#"{{"SubscriptionChanged":{{"subscription":{{"id":"{id}"}},"view":{{}}}}}}"#)
+    };
+    let log = [
+        ("cus_a", 1, "SubscriptionChanged", snapshot("sub_a1")),
+        ("cus_b", 1, "SubscriptionChanged", snapshot("sub_b1")),
+        ("cus_a", 2, "SubscriptionChanged", snapshot("sub_a2")),
+        ("cus_b", 2, "OwnerLinked", "{}".to_owned()),
+        ("cus_c", 1, "OwnerLinked", "{}".to_owned()),
+        ("cus_a", 3, "OwnerLinked", "{}".to_owned()),
+        // Superseded by cus_a's second snapshot of it: not needed.
+        ("cus_a", 4, "SubscriptionChanged", snapshot("sub_a1")),
+        ("cus_a", 5, "OwnerLinked", "{}".to_owned()),
+    ];
+    let mut global_seqs = Vec::new();
+    for (customer, sequence, event_type, payload) in &log {
+        let global_seq: i64 = sqlx::query_scalar(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             VALUES ('Subscription', $1, $2, $3, '1', $4::json, '{}') RETURNING global_seq",
+        )
+        .bind(customer)
+        .bind(sequence)
+        .bind(event_type)
+        .bind(payload)
+        .fetch_one(&services.pool)
+        .await
+        .unwrap();
+        global_seqs.push(global_seq);
+    }
+    let mut tx = services.pool.begin().await.unwrap();
+    let horizon = projections::log::read_horizon(&mut tx).await.unwrap();
+    let newest = projections::log::newest_below(&mut tx, horizon)
+        .await
+        .unwrap();
+    let needed: Vec<String> = newest
+        .global_seqs
+        .iter()
+        .map(|seq| {
+            let i = global_seqs.iter().position(|s| s == seq).unwrap();
+            format!("{}#{}", log[i].0, log[i].1)
+        })
+        .collect();
+    assert_eq!(
+        needed,
+        ["cus_b#1", "cus_b#2", "cus_c#1", "cus_a#2", "cus_a#4", "cus_a#5"]
+    );
+    assert_eq!(newest.read, log.len());
+}
+
 async fn read_models(
     services: &Services,
     prefix: &str,
