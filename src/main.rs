@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -224,30 +225,45 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay => {
             let every = settings.progress_every;
             let services = Services::connect(settings).await.context("connecting")?;
-            let total = {
-                let mut conn = services.pool.acquire().await.context("connecting")?;
-                event_store::read::count_after(&mut conn, Default::default())
-                    .await
-                    .context("counting the log")?
-            };
-            // The bar follows the projection furthest behind; each reports log events.
+            // The bar follows the projection furthest behind; each reports log events. It
+            // is shown once the rebuild's first pass has counted the log (no count of its
+            // own: that is another read of the whole log).
             let names: Vec<&str> = services.projections.names().collect();
             let mut applied = vec![0u64; names.len()];
-            let mut progress = Progress::new("replay", "events", Some(total as u64), every);
+            let shown: Mutex<(Option<Progress>, Option<u64>)> = Mutex::new((None, None));
+            let started = std::time::Instant::now();
+            let show =
+                |total: Option<u64>| Progress::since("replay", "events", total, every, started);
             let done = services
-                .replay(|name, n| {
-                    if let Some(i) = names.iter().position(|&known| known == name) {
-                        applied[i] = n;
-                    }
-                    progress.set_detail(name);
-                    progress.set_position(applied.iter().copied().min().unwrap_or(n));
-                })
+                .replay(
+                    |total| {
+                        let mut shown = shown.lock().unwrap_or_else(|e| e.into_inner());
+                        match &mut shown.0 {
+                            Some(progress) => progress.set_total(total),
+                            None => shown.0 = Some(show(Some(total))),
+                        }
+                        shown.1 = Some(total);
+                    },
+                    |name, n| {
+                        if let Some(i) = names.iter().position(|&known| known == name) {
+                            applied[i] = n;
+                        }
+                        let mut shown = shown.lock().unwrap_or_else(|e| e.into_inner());
+                        let progress = shown.0.get_or_insert_with(|| show(None));
+                        progress.set_detail(name);
+                        progress.set_position(applied.iter().copied().min().unwrap_or(n));
+                    },
+                )
                 .await
                 .context("replaying the log")?;
-            // Every projection now stands at the end of the log counted above, also when a
+            // Every projection now stands at the end of the log counted then, also when a
             // running service applied part of it meanwhile.
+            let (progress, total) = shown.into_inner().unwrap_or_else(|e| e.into_inner());
+            let total = total.unwrap_or_else(|| done.iter().map(|d| d.applied).max().unwrap_or(0));
+            let mut progress = progress.unwrap_or_else(|| show(Some(total)));
             progress.set_detail("");
-            progress.set_position(total as u64);
+            progress.set_total(total);
+            progress.set_position(total);
             progress.finish();
             // "replayed 10 events into platform_tables and 10 into redis_cache"
             let each: Vec<String> = done

@@ -42,15 +42,42 @@ enum Show {
 impl Progress {
     /// A bar when standard error is a terminal, plain lines every `every` otherwise.
     pub fn new(label: &str, unit: &'static str, total: Option<u64>, every: Duration) -> Self {
+        Self::since(label, unit, total, every, Instant::now())
+    }
+
+    /// [`Progress::new`] for work that began at `started`, shown only once it has been
+    /// going a while: the rate and the time left count from `started`.
+    pub fn since(
+        label: &str,
+        unit: &'static str,
+        total: Option<u64>,
+        every: Duration,
+        started: Instant,
+    ) -> Self {
         if std::io::stderr().is_terminal() {
-            Self::bar(label, unit, total)
+            let mut progress = Self::bar(label, unit, total);
+            progress.started = started;
+            if let Show::Bar(bar) = progress.shown {
+                progress.shown = Show::Bar(bar.with_elapsed(started.elapsed()));
+            }
+            progress
         } else {
-            Self::lines(label, unit, total, every)
+            Self::lines_since(label, unit, total, every, started)
         }
     }
 
     /// Plain lines, whatever standard error is.
     pub fn lines(label: &str, unit: &'static str, total: Option<u64>, every: Duration) -> Self {
+        Self::lines_since(label, unit, total, every, Instant::now())
+    }
+
+    fn lines_since(
+        label: &str,
+        unit: &'static str,
+        total: Option<u64>,
+        every: Duration,
+        started: Instant,
+    ) -> Self {
         let mut progress = Self::with(
             label,
             unit,
@@ -61,6 +88,7 @@ impl Progress {
                 last: String::new(),
             },
         );
+        progress.started = started;
         progress.print_line();
         progress
     }

@@ -209,12 +209,16 @@ impl Services {
         )
     }
 
-    /// Clears every projection and rebuilds them together from the log.
+    /// Clears every projection and rebuilds them together from the log; `counted` hears
+    /// how many events the log holds (see [`Projections::replay`]).
     pub async fn replay(
         &self,
+        counted: impl FnOnce(u64) + Send,
         progress: impl FnMut(&str, u64) + Send,
     ) -> Result<Vec<CatchUp>, ProjectionError> {
-        self.projections.replay(REPLAY_BATCH, progress).await
+        self.projections
+            .replay(REPLAY_BATCH, counted, progress)
+            .await
     }
 
     /// Keeps projections caught up until `stop`.

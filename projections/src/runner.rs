@@ -548,10 +548,13 @@ impl Projections {
 
     /// Clears every projection and rebuilds them together from the whole log compacted
     /// (see [`Projections::rebuild`]), then catches up with what was committed meanwhile,
-    /// in batches of `batch`. `progress` is called as for [`Projections::catch_up`].
+    /// in batches of `batch`. `counted` is told, once the rebuild's first pass has read
+    /// the whole log, how many events it holds; `progress` is called as for
+    /// [`Projections::catch_up`].
     pub async fn replay(
         &self,
         batch: i64,
+        counted: impl FnOnce(u64) + Send,
         mut progress: impl FnMut(&str, u64) + Send,
     ) -> Result<Vec<CatchUp>, ProjectionError> {
         // The rebuild's first pass reads only the log, so it runs beside the clear (whose
@@ -578,6 +581,7 @@ impl Projections {
             return Err(error);
         }
         let newest = scanning.await.map_err(|_| ProjectionError::Stopped)??;
+        counted(newest.read as u64);
         let mut done = self.reports();
         self.rebuild(newest, &mut done, &mut progress).await?;
         let rest = self

@@ -249,7 +249,7 @@ async fn a_rebuild_writes_what_catching_up_batch_by_batch_wrote() {
     let live = read_models(&services, &prefix).await;
     assert_eq!(live.0.len(), sim.truth.len());
 
-    let rebuilt = services.replay(|_, _| {}).await.unwrap();
+    let rebuilt = services.replay(|_| {}, |_, _| {}).await.unwrap();
     let rest = catch_up_fully(&services.projections, PROJECTION_BATCH)
         .await
         .unwrap();

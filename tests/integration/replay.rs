@@ -65,7 +65,7 @@ async fn replay_equals_live() {
     let mut seen = Vec::new();
     let done = app
         .services
-        .replay(|name, n| seen.push((name.to_owned(), n)))
+        .replay(|_| {}, |name, n| seen.push((name.to_owned(), n)))
         .await
         .unwrap();
     // The running server's own projection loop may apply some batches between ours (or

@@ -155,7 +155,7 @@ async fn a_replay_rebuilds_every_projection_and_one_that_fails_is_caught_up_afte
     // Unreachable: nothing is cleared, the replay fails.
     flaky.down.store(true, Ordering::Relaxed);
     flaky.unreachable.store(true, Ordering::Relaxed);
-    assert!(runner.replay(7, |_, _| {}).await.is_err());
+    assert!(runner.replay(7, |_| {}, |_, _| {}).await.is_err());
     assert_eq!(
         *flaky.versions.lock().unwrap(),
         versions,
@@ -165,7 +165,7 @@ async fn a_replay_rebuilds_every_projection_and_one_that_fails_is_caught_up_afte
     // Cleared, then failing while the log is applied: it drops out, the tables are
     // rebuilt without it, the failure is reported, and it stays at position 0.
     flaky.unreachable.store(false, Ordering::Relaxed);
-    assert!(runner.replay(7, |_, _| {}).await.is_err());
+    assert!(runner.replay(7, |_| {}, |_, _| {}).await.is_err());
     while lag(&runner, tables).await > 0 {
         let _ = runner.catch_up(7, WhenBusy::Wait, |_, _| {}).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -179,7 +179,7 @@ async fn a_replay_rebuilds_every_projection_and_one_that_fails_is_caught_up_afte
     flaky.down.store(false, Ordering::Relaxed);
     let mut seen = Vec::new();
     let done = runner
-        .replay(7, |name, n| seen.push((name.to_owned(), n)))
+        .replay(7, |_| {}, |name, n| seen.push((name.to_owned(), n)))
         .await
         .unwrap();
     assert_eq!(

@@ -586,7 +586,7 @@ async fn an_old_log_replays_into_the_new_answers_and_its_next_event_shows_every_
         .await
         .unwrap();
     }
-    app.services.replay(|_, _| {}).await.unwrap();
+    app.services.replay(|_| {}, |_, _| {}).await.unwrap();
     app.settle().await;
     app.wipe_cache().await;
     let c = app.get_json("/v1/customers/cus_legacy/subscription").await;
@@ -631,7 +631,7 @@ async fn an_old_log_replays_into_the_new_answers_and_its_next_event_shows_every_
     assert_eq!(e["subscriptions"].as_array().unwrap().len(), 2);
     // And a replay of the mixed log gives the same answers.
     let before = app.get_json("/v1/customers/cus_legacy/subscription").await;
-    app.services.replay(|_, _| {}).await.unwrap();
+    app.services.replay(|_| {}, |_, _| {}).await.unwrap();
     app.settle().await;
     app.wipe_cache().await;
     assert_eq!(
