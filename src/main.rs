@@ -230,7 +230,7 @@ async fn main() -> anyhow::Result<()> {
             // own: that is another read of the whole log).
             let names: Vec<&str> = services.projections.names().collect();
             let mut applied = vec![0u64; names.len()];
-            let shown: Mutex<(Option<Progress>, Option<u64>)> = Mutex::new((None, None));
+            let shown: Mutex<Option<Progress>> = Mutex::new(None);
             let started = std::time::Instant::now();
             let show =
                 |total: Option<u64>| Progress::since("replay", "events", total, every, started);
@@ -238,18 +238,17 @@ async fn main() -> anyhow::Result<()> {
                 .replay(
                     |total| {
                         let mut shown = shown.lock().unwrap_or_else(|e| e.into_inner());
-                        match &mut shown.0 {
+                        match &mut *shown {
                             Some(progress) => progress.set_total(total),
-                            None => shown.0 = Some(show(Some(total))),
+                            None => *shown = Some(show(Some(total))),
                         }
-                        shown.1 = Some(total);
                     },
                     |name, n| {
                         if let Some(i) = names.iter().position(|&known| known == name) {
                             applied[i] = n;
                         }
                         let mut shown = shown.lock().unwrap_or_else(|e| e.into_inner());
-                        let progress = shown.0.get_or_insert_with(|| show(None));
+                        let progress = shown.get_or_insert_with(|| show(None));
                         progress.set_detail(name);
                         progress.set_position(applied.iter().copied().min().unwrap_or(n));
                     },
@@ -258,8 +257,11 @@ async fn main() -> anyhow::Result<()> {
                 .context("replaying the log")?;
             // Every projection now stands at the end of the log counted then, also when a
             // running service applied part of it meanwhile.
-            let (progress, total) = shown.into_inner().unwrap_or_else(|e| e.into_inner());
-            let total = total.unwrap_or_else(|| done.iter().map(|d| d.applied).max().unwrap_or(0));
+            let progress = shown.into_inner().unwrap_or_else(|e| e.into_inner());
+            let total = progress
+                .as_ref()
+                .and_then(Progress::total)
+                .unwrap_or_else(|| done.iter().map(|d| d.applied).max().unwrap_or(0));
             let mut progress = progress.unwrap_or_else(|| show(Some(total)));
             progress.set_detail("");
             progress.set_total(total);

@@ -130,6 +130,11 @@ impl Progress {
         }
     }
 
+    /// The total, when it is known.
+    pub fn total(&self) -> Option<u64> {
+        self.total
+    }
+
     /// The total once it is known (or known better).
     pub fn set_total(&mut self, total: u64) {
         self.total = Some(total);
