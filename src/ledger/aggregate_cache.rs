@@ -41,16 +41,18 @@ impl AggregateCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The remembered (version, aggregate) of each of `ids` that is held.
-    pub fn get(&self, ids: &[String]) -> HashMap<String, (i64, Subscription)> {
+    /// The remembered (version, aggregate) of each of `ids` that is held, taken out of
+    /// the cache rather than copied (an aggregate holds every subscription of its
+    /// customer): the batch that takes them gives them back, brought up to date, through
+    /// [`AggregateCache::remember`] once it has committed. A batch that does not commit
+    /// gives nothing back, and the next load of those customers reads their whole
+    /// history from the log, which is only slower.
+    pub fn take(&self, ids: &[String]) -> HashMap<String, (i64, Subscription)> {
         let mut inner = self.lock();
-        inner.clock += 1;
-        let now = inner.clock;
         ids.iter()
             .filter_map(|id| {
-                let (version, state, used) = inner.entries.get_mut(id)?;
-                *used = now;
-                Some((id.clone(), (*version, state.clone())))
+                let (id, (version, state, _)) = inner.entries.remove_entry(id)?;
+                Some((id, (version, state)))
             })
             .collect()
     }

@@ -361,6 +361,22 @@ fn decide_all(
     Ok((decisions, events, state))
 }
 
+/// As [`decide_all`], without the state after them: a lone command (most groups of a
+/// batch) is decided against `state` itself, with no copy of the customer's aggregate.
+fn decide_group(
+    state: &Subscription,
+    commands: &[SubscriptionCommand],
+) -> Result<(Vec<Decision>, Vec<SubscriptionEvent>), SubscriptionError> {
+    match commands {
+        [command] => {
+            let decision = decide(state, command)?;
+            let events = decision.events.clone();
+            Ok((vec![decision], events))
+        }
+        _ => decide_all(state, commands).map(|(decisions, events, _)| (decisions, events)),
+    }
+}
+
 /// Loads the history of every customer in `groups` with one query (only the events after
 /// the version the cache holds, if it holds the customer), decides each group against
 /// its customer's state, and appends all the new events with one statement
@@ -372,15 +388,15 @@ async fn decide_and_write(
     cache: &AggregateCache,
 ) -> Result<BatchWritten, StoreError> {
     let ids: Vec<String> = groups.iter().map(|g| g.customer_id.clone()).collect();
-    let mut loaded = batch::load_many(tx, &ids, cache.get(&ids)).await?;
+    let mut loaded = batch::load_many(tx, &ids, cache.take(&ids)).await?;
 
     let mut written = BatchWritten::default();
     let mut new = NewEvents::default();
     for group in groups {
         let customer_id = &group.customer_id;
         let (version, mut state) = loaded.remove(customer_id).unwrap_or_default();
-        match decide_all(&state, &group.commands) {
-            Ok((decisions, events, _)) => {
+        match decide_group(&state, &group.commands) {
+            Ok((decisions, events)) => {
                 let metadata = sources_metadata(&group.source_ids());
                 // The remembered aggregate is folded from the JSON the log will hold,
                 // exactly as a load from the log would fold it.
