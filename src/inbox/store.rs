@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{InboxState, Outcome, Source};
 use crate::db_error::{self, Failure, Refusal, Refused};
@@ -71,8 +72,8 @@ pub async fn record(
 /// Idempotent on Stripe's event id: an id already stored, or met earlier in `events`,
 /// is a `Duplicate`. An event [`check`] refuses is answered with its refusal and left out
 /// of the statement; of the others, either every one is stored or none is (the error).
-pub async fn record_many(
-    pool: &PgPool,
+pub async fn record_many<'c>(
+    db: impl sqlx::PgExecutor<'c>,
     events: &[NewEvent<'_>],
 ) -> Result<Vec<Recorded>, sqlx::Error> {
     let mut columns = Columns::default();
@@ -154,7 +155,7 @@ pub async fn record_many(
     .bind(&columns.outcome)
     .bind(&columns.detail)
     .bind(InboxState::Done)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
     Ok(events
@@ -299,17 +300,66 @@ const WRITE_BATCH: usize = 256;
 /// run again at once before its events are answered 503.
 const RACE_RETRIES: usize = 2;
 
-/// [`record_many`], run again when it lost a race with another transaction.
-async fn record_retrying(
-    pool: &PgPool,
-    events: &[NewEvent<'_>],
-) -> Result<Vec<Recorded>, sqlx::Error> {
-    let mut retries = 0;
-    loop {
-        match record_many(pool, events).await {
-            Err(error) if db_error::lost_a_race(&error) && retries < RACE_RETRIES => retries += 1,
-            other => return other,
+/// A connection one of the writer's inserts keeps from batch to batch. A connection taken
+/// from the pool for each insert and given back cost two more round trips to Postgres per
+/// insert (sqlx checks a connection when it is taken and again when it is given back).
+/// One whose insert failed other than by Postgres refusing a value (Postgres ended the
+/// connection, 57P01, or its socket closed: a restart, a proxy that cut it) is dropped,
+/// and the insert runs again at once on a connection the pool checks, as the pool's own
+/// check would have found it dead before the insert.
+#[derive(Default)]
+struct HeldConnection {
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl HeldConnection {
+    /// [`record_many`] on the held connection (taken from `pool` if none is held), run
+    /// again when it lost a race with another transaction, or once on a fresh connection
+    /// when the held one failed. An insert that failed with its connection may have
+    /// committed: its events are then answered as duplicates the second time, which they
+    /// are (stored; the workers read their payloads).
+    async fn record(
+        &mut self,
+        pool: &PgPool,
+        events: &[NewEvent<'_>],
+    ) -> Result<Vec<Recorded>, sqlx::Error> {
+        let (mut races, mut reconnected) = (0, false);
+        loop {
+            let held = self.conn.is_some();
+            let conn = match &mut self.conn {
+                Some(conn) => conn,
+                empty => empty.insert(pool.acquire().await?),
+            };
+            match record_many(&mut **conn, events).await {
+                Err(error) if db_error::lost_a_race(&error) && races < RACE_RETRIES => races += 1,
+                Err(error) if db_error::refusal(&error).is_none() => {
+                    self.conn = None;
+                    if !held || reconnected {
+                        return Err(error);
+                    }
+                    reconnected = true;
+                }
+                other => return other,
+            }
         }
+    }
+}
+
+/// A slot of the writer, lent to one insert: given back when dropped, with its connection
+/// once the insert has finished, or empty if its task panicked mid-insert (the
+/// connection's state is then unknown), so that the writer never loses a slot.
+struct Lease {
+    slot: Option<HeldConnection>,
+    free: mpsc::UnboundedSender<HeldConnection>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let slot = match self.slot.take() {
+            Some(slot) if !std::thread::panicking() => slot,
+            _ => HeldConnection::default(),
+        };
+        let _ = self.free.send(slot);
     }
 }
 
@@ -317,8 +367,12 @@ async fn record_retrying(
 /// whole for a value's content, the batch is stored again one event at a time, so only
 /// the event holding that value is refused and its neighbours are stored and answered as
 /// if it had never been there. Any other failure answers every event of the batch with it.
-async fn store_batch(pool: &PgPool, events: &[NewEvent<'_>]) -> Vec<Result<Received, InboxError>> {
-    let error = match record_retrying(pool, events).await {
+async fn store_batch(
+    pool: &PgPool,
+    held: &mut HeldConnection,
+    events: &[NewEvent<'_>],
+) -> Vec<Result<Received, InboxError>> {
+    let error = match held.record(pool, events).await {
         Ok(recorded) => {
             return recorded
                 .into_iter()
@@ -333,15 +387,13 @@ async fn store_batch(pool: &PgPool, events: &[NewEvent<'_>]) -> Vec<Result<Recei
     }
     let mut answers = Vec::with_capacity(events.len());
     for event in events {
-        answers.push(
-            match record_retrying(pool, std::slice::from_ref(event)).await {
-                Ok(mut one) => one
-                    .pop()
-                    .expect("one answer per event")
-                    .map_err(InboxError::Refused),
-                Err(error) => Err(InboxError::from_sqlx(error)),
-            },
-        );
+        answers.push(match held.record(pool, std::slice::from_ref(event)).await {
+            Ok(mut one) => one
+                .pop()
+                .expect("one answer per event")
+                .map_err(InboxError::Refused),
+            Err(error) => Err(InboxError::from_sqlx(error)),
+        });
     }
     answers
 }
@@ -423,11 +475,18 @@ impl InboxWriter {
     /// `parsed` once its insert committed (before it is answered), for the workers.
     pub fn handing_over(pool: PgPool, concurrent: usize, parsed: ParsedEvents) -> Self {
         let (queue, mut incoming) = mpsc::channel::<Queued>(WRITE_BATCH * concurrent.max(1));
-        let slots = Arc::new(Semaphore::new(concurrent.max(1)));
+        // The inserts that may be in flight, each with the connection it keeps, unless
+        // keeping them would take more than a quarter of the pool from the workers, the
+        // projections and the reads.
+        let keep = pool.options().get_max_connections() as usize >= 4 * concurrent.max(1);
+        let (free, mut slots) = mpsc::unbounded_channel::<HeldConnection>();
+        for _ in 0..concurrent.max(1) {
+            let _ = free.send(HeldConnection::default());
+        }
         tokio::spawn(async move {
             while let Some(first) = incoming.recv().await {
                 // Wait for a free slot first: what queues meanwhile joins this batch.
-                let Ok(slot) = slots.clone().acquire_owned().await else {
+                let Some(slot) = slots.recv().await else {
                     return;
                 };
                 let mut batch = vec![first];
@@ -438,6 +497,10 @@ impl InboxWriter {
                     }
                 }
                 let (pool, parsed) = (pool.clone(), parsed.clone());
+                let mut lease = Lease {
+                    slot: Some(slot),
+                    free: free.clone(),
+                };
                 tokio::spawn(async move {
                     let events: Vec<NewEvent> = batch
                         .iter()
@@ -447,7 +510,11 @@ impl InboxWriter {
                             source: q.source,
                         })
                         .collect();
-                    let answers = store_batch(&pool, &events).await;
+                    let held = lease.slot.as_mut().expect("a lease holds its slot");
+                    let answers = store_batch(&pool, held, &events).await;
+                    if !keep {
+                        held.conn = None;
+                    }
                     drop(events);
                     for (queued, answer) in batch.iter().zip(&answers) {
                         if matches!(answer, Ok(Received::Stored)) {
@@ -457,7 +524,7 @@ impl InboxWriter {
                     for (queued, answer) in batch.into_iter().zip(answers) {
                         let _ = queued.reply.send(answer);
                     }
-                    drop(slot);
+                    drop(lease);
                 });
             }
         });

@@ -240,6 +240,68 @@ async fn when_postgres_cannot_store_the_webhook_answers_503_and_stripe_retries()
     app.stop().await;
 }
 
+/// The webhook's inserts keep their Postgres connection from one to the next. When that
+/// connection dies while idle (Postgres ended it: a restart, an administrator, a proxy
+/// that cut it), the next webhook is still stored and answered 200, on a fresh
+/// connection: a connection that died between two webhooks is no outage.
+#[tokio::test]
+async fn a_webhook_is_stored_when_the_connection_the_inbox_kept_has_died() {
+    let app = spawn_app("heldconn").await;
+    let event = |id: &str, created: i64, status: &str| {
+        sub_event(
+            id,
+            "customer.subscription.updated",
+            created,
+            "sub_held",
+            "cus_held",
+            status,
+            "org_held",
+        )
+    };
+    // One webhook after another, so that each of the inbox's inserts (taken in turn)
+    // has stored one and keeps its connection.
+    for n in 0..8 {
+        let body = event(&format!("evt_held_a{n}"), T0 + n, "active");
+        assert_eq!(app.post_webhook(&body).await.status(), 200);
+    }
+    // End every connection whose last statement was the inbox's insert, and wait until
+    // they are gone.
+    let admin = app.admin_pool().await;
+    let ended: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'INSERT INTO inbox %' \
+         AND pg_terminate_backend(pid)",
+    )
+    .bind(&app.db_name)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty(), "the inbox keeps a connection");
+    for _ in 0..500 {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                .bind(&ended)
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let response = app
+        .post_webhook(&event("evt_held_b", T0 + 10, "past_due"))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert!(app.inbox_row("evt_held_b").await.is_some());
+    app.settle().await;
+    assert_eq!(
+        app.get_json("/v1/customers/cus_held/subscription").await["status"],
+        "past_due"
+    );
+    admin.close().await;
+    app.stop().await;
+}
+
 /// Webhooks are stored many to an insert (the inbox writer's group commit): deliveries
 /// of one event that arrive together, in one batch or in several, store it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
