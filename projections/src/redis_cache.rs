@@ -59,12 +59,13 @@ use crate::runner::{EventualProjection, ProjectionError};
 /// this cache writes is serde_json's compact `SubscriptionInfo`, which holds the key
 /// `"version":` once, its own (`stored_answers_name_their_version_once` checks it), so
 /// its first `"version":` (a plain search, a quarter of a pattern's cost on 3 KB) is
-/// followed by the version's digits; a value in another shape is decoded. `owners_of` reads the owners a replaced answer
-/// linked the same way: from the first `"org_id":`, `"user_id":` and `"deleted":` of a
-/// compact answer (each a key of `SubscriptionInfo` that no field written before it
-/// holds, which `stored_answers_name_their_version_once` checks too; a key inside a string
-/// value has its quotes escaped, so it never matches), decoding the answer only when one
-/// of them is not a plain string, `null` or a boolean there. Shared by the scripts below.
+/// followed by the version's digits; a value in another shape is decoded. `owners_of`
+/// reads the owners a replaced answer linked the same way: from the first `"org_id":`,
+/// `"user_id":` and `"deleted":` of a compact answer (each a key of `SubscriptionInfo`
+/// that no field written before it holds, which `stored_answers_name_their_version_once`
+/// checks too; a key inside a string value has its quotes escaped, so it never matches),
+/// decoding the answer only when one of them is not a plain string, `null` or a boolean
+/// there. Shared by the scripts below.
 const DECODE: &str = r#"
 local function decode(raw)
   if not raw then return nil, nil end

@@ -331,7 +331,12 @@ impl HeldConnection {
                 empty => empty.insert(pool.acquire().await?),
             };
             match record_many(&mut **conn, events).await {
-                Err(error) if db_error::lost_a_race(&error) && races < RACE_RETRIES => races += 1,
+                Err(error) if db_error::lost_a_race(&error) => {
+                    if races == RACE_RETRIES {
+                        return Err(error);
+                    }
+                    races += 1;
+                }
                 Err(error) if db_error::refusal(&error).is_none() => {
                     self.conn = None;
                     if !held || reconnected {
