@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::backoff::Backoff;
 
@@ -217,18 +217,42 @@ pub async fn request_sync(
     source: SyncSource,
     delay: Duration,
 ) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    request_syncs(&mut conn, &[customer_id], source, delay).await
+}
+
+/// [`request_sync`] for several customers at once, in the caller's transaction (the
+/// inbox workers ask in the transaction of the batch whose webhooks were ambiguous: no
+/// connection, statement and commit of its own for each). A customer named twice is
+/// asked for once. The times are the clock's when the statement runs, not the start of
+/// the caller's transaction, so the delay counts from the request.
+pub async fn request_syncs(
+    conn: &mut PgConnection,
+    customer_ids: &[&str],
+    source: SyncSource,
+    delay: Duration,
+) -> Result<(), sqlx::Error> {
+    // Sorted, so that concurrent requests lock their rows in the same order; once each,
+    // because one statement cannot update a row twice.
+    let mut ids = customer_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "INSERT INTO sync_customers AS c (customer_id, next_attempt_at, pending_source, requested_at) \
-         VALUES ($1, now() + make_interval(secs => $2), $3, now()) \
+         SELECT u.customer_id, clock_timestamp() + make_interval(secs => $2), $3, clock_timestamp() \
+         FROM unnest($1::text[]) AS u(customer_id) \
          ON CONFLICT (customer_id) DO UPDATE SET \
             next_attempt_at = LEAST(COALESCE(c.next_attempt_at, 'infinity'), EXCLUDED.next_attempt_at), \
             pending_source = COALESCE(c.pending_source, EXCLUDED.pending_source), \
-            requested_at = now(), updated_at = now()",
+            requested_at = clock_timestamp(), updated_at = clock_timestamp()",
     )
-    .bind(customer_id)
+    .bind(&ids)
     .bind(delay.as_secs_f64())
     .bind(source)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }

@@ -189,6 +189,8 @@ impl InboxWorker {
         // Route every row; commands are grouped per customer, in the claimed order.
         let mut claimed: HashMap<String, InFlight> = HashMap::new();
         let mut results: Vec<RowResult> = Vec::new();
+        // Customers an ambiguous webhook asks a sync of.
+        let mut syncs: Vec<String> = Vec::new();
         let mut groups: Vec<Group> = Vec::new();
         // What Stripe says the status was before each change, by event id, to notice a
         // move from a state we never held (issue 3: ask for a sync).
@@ -374,8 +376,9 @@ impl InboxWorker {
                     }
                 };
                 let previous_status = previous.get(&event_id).copied();
-                self.sync_if_ambiguous(&event_id, &group.customer_id, &decision, previous_status)
-                    .await;
+                if sync_if_ambiguous(&event_id, &group.customer_id, &decision, previous_status) {
+                    syncs.push(group.customer_id.clone());
+                }
                 // A catch-up move means events between the two states have not arrived
                 // (yet).
                 let catch_up = decision.events.iter().any(|e| {
@@ -496,6 +499,9 @@ impl InboxWorker {
                 }
             }
         }
+        // The syncs the ambiguous webhooks ask for, committed with their outcomes.
+        let syncs: Vec<&str> = syncs.iter().map(String::as_str).collect();
+        sync_log::request_syncs(&mut tx, &syncs, SyncSource::Webhook, WEBHOOK_SYNC_DELAY).await?;
         // Every row that did not fail was processed to its outcome.
         inbox::mark_done(
             &mut tx,
@@ -530,36 +536,6 @@ impl InboxWorker {
                 GroupResult::OneByOne(each)
             }
             other => GroupResult::Together(other),
-        }
-    }
-
-    /// An ambiguous move is not guessed at: ask Stripe's API for the truth (issue 3).
-    async fn sync_if_ambiguous(
-        &self,
-        event_id: &str,
-        customer_id: &str,
-        decision: &Decision,
-        previous_status: Option<SubscriptionStatus>,
-    ) {
-        let Some(reason) = webhook_needs_sync(decision, previous_status) else {
-            return;
-        };
-        tracing::info!(
-            event_id = %loggable_id(event_id),
-            customer_id = %loggable_id(customer_id),
-            "requesting a sync"
-        );
-        tracing::debug!(reason, "requesting a sync: why");
-        if let Err(error) = sync_log::request_sync(
-            &self.pool,
-            customer_id,
-            SyncSource::Webhook,
-            WEBHOOK_SYNC_DELAY,
-        )
-        .await
-        {
-            // The periodic reconciler will still get there.
-            tracing::warn!(event_id = %loggable_id(event_id), error = %error_chain(&error), "cannot request a sync");
         }
     }
 
@@ -614,6 +590,26 @@ impl InboxWorker {
             }
         }
     }
+}
+
+/// An ambiguous move is not guessed at: Stripe's API is asked for the truth (issue 3).
+/// Whether the webhook's decision asks for a sync of its customer (logged with why).
+fn sync_if_ambiguous(
+    event_id: &str,
+    customer_id: &str,
+    decision: &Decision,
+    previous_status: Option<SubscriptionStatus>,
+) -> bool {
+    let Some(reason) = webhook_needs_sync(decision, previous_status) else {
+        return false;
+    };
+    tracing::info!(
+        event_id = %loggable_id(event_id),
+        customer_id = %loggable_id(customer_id),
+        "requesting a sync"
+    );
+    tracing::debug!(reason, "requesting a sync: why");
+    true
 }
 
 /// Whether a webhook's outcome is ambiguous enough that we should ask Stripe instead of
