@@ -3,17 +3,28 @@
 -- /webhooks/stripe. Each line is a delivery: its Stripe-Signature header, a tab, then its
 -- JSON body (compact, one line). Once every delivery is answered, wrk is interrupted
 -- (SIGINT, as Ctrl-C would) so that it stops and prints its summary at once instead of at
--- the end of its -d duration.
---   wrk -t1 -c32 -d600s --latency -s bench/ingest.lua http://127.0.0.1:PORT -- deliveries.tsv
+-- the end of its -d duration. The second argument names two files this script creates,
+-- MARKS.started when the first delivery goes out and MARKS.done once every delivery is
+-- answered, so that the harness can see the run end if that SIGINT does not stop wrk.
+--   wrk -t1 -c32 -d600s --latency -s bench/ingest.lua http://127.0.0.1:PORT -- deliveries.tsv MARKS
 -- Run it with one thread (-t1): the deliveries are handed out by this thread's own count.
 local deliveries = {}
+local marks = nil
 local next_delivery = 1
 -- Deliveries answered (whatever the status): every answer but the fillers' (below).
 local answered = 0
 -- When the last delivery went out (os.time(), seconds), once it has.
 local all_sent_at = nil
 
+local function mark(suffix)
+  if marks then
+    local file = io.open(marks .. "." .. suffix, "w")
+    if file then file:close() end
+  end
+end
+
 function init(args)
+  marks = args[2]
   for line in io.lines(args[1]) do
     local tab = string.find(line, "\t", 1, true)
     if tab then
@@ -36,6 +47,7 @@ function request()
   end
   local delivery = deliveries[next_delivery]
   if delivery then
+    if next_delivery == 1 then mark("started") end
     next_delivery = next_delivery + 1
     return delivery
   end
@@ -65,6 +77,7 @@ function response(status, headers, body)
   end
   answered = answered + 1
   if answered == #deliveries then
+    mark("done")
     stop()
   end
 end

@@ -440,17 +440,66 @@ fn wrk_ingest(base: &str, bodies: &[Vec<u8>], connections: usize) -> WrkRun {
         file.write_all(b"\n").unwrap();
     }
     file.into_inner().unwrap().sync_all().unwrap();
-    let out = run_capture(
-        Command::new("wrk")
-            .args(["-t1", "-c", &connections.to_string()])
-            .args(["-d600s", "--timeout", "60s", "--latency", "-s"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/ingest.lua"))
-            .arg(base)
-            .arg("--")
-            .arg(&list),
+    let marks = std::env::temp_dir().join(format!("subledger_bench_marks_{}", std::process::id()));
+    let (started, done) = (
+        marks.with_extension("started"),
+        marks.with_extension("done"),
+    );
+    let _ = (std::fs::remove_file(&started), std::fs::remove_file(&done));
+    let mut wrk = Command::new("wrk")
+        .args(["-t1", "-c", &connections.to_string()])
+        .args(["-d600s", "--timeout", "60s", "--latency", "-s"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/ingest.lua"))
+        .arg(base)
+        .arg("--")
+        .arg(&list)
+        .arg(&marks)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wrk starts");
+    // The script interrupts wrk once every delivery is answered. A SIGINT sent to the
+    // process can reach wrk's sending thread instead of its main thread: that thread
+    // stops, and the main thread sleeps out the whole -d (it happened once: 600 s, and a
+    // rate of 85 a second). So if wrk has not ended 300 ms after the last answer, it is
+    // interrupted from here, again every 300 ms (with only its main thread left, the
+    // signal reaches it), and the time it sent is taken from the script's marks instead.
+    let (mut started_at, mut done_at, mut interrupted) = (None, None, None::<Instant>);
+    while wrk.try_wait().expect("wrk runs").is_none() {
+        let now = Instant::now();
+        if started_at.is_none() && started.exists() {
+            started_at = Some(now);
+        }
+        if done_at.is_none() && done.exists() {
+            done_at = Some(now);
+        }
+        let wait = Duration::from_millis(300);
+        let late = done_at.is_some_and(|done| now - done > wait);
+        if late && interrupted.is_none_or(|at| now - at > wait) {
+            let _ = Command::new("kill")
+                .args(["-INT", &wrk.id().to_string()])
+                .status();
+            interrupted = Some(now);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let output = wrk.wait_with_output().expect("wrk's output");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
     let _ = std::fs::remove_file(&list);
-    parse_wrk(&out).unwrap_or_else(|| panic!("wrk said: {out}"))
+    let _ = (std::fs::remove_file(&started), std::fs::remove_file(&done));
+    let mut run = parse_wrk(&out).unwrap_or_else(|| panic!("wrk said: {out}"));
+    if let (Some(_), Some(started), Some(done)) = (interrupted, started_at, done_at) {
+        println!(
+            "(wrk went on after the last answer and was interrupted from here: the time is \
+             the script's, the latencies include the fillers it sent meanwhile)"
+        );
+        run.ran = done - started;
+    }
+    run
 }
 
 /// GETs `paths` of `base` round-robin for `secs` seconds over `connections` keep-alive
