@@ -458,12 +458,12 @@ fn wrk_ingest(base: &str, bodies: &[Vec<u8>], connections: usize) -> WrkRun {
         .stderr(Stdio::piped())
         .spawn()
         .expect("wrk starts");
-    // The script interrupts wrk once every delivery is answered. A SIGINT sent to the
-    // process can reach wrk's sending thread instead of its main thread: that thread
-    // stops, and the main thread sleeps out the whole -d (it happened once: 600 s, and a
-    // rate of 85 a second). So if wrk has not ended 300 ms after the last answer, it is
-    // interrupted from here, again every 300 ms (with only its main thread left, the
-    // signal reaches it), and the time it sent is taken from the script's marks instead.
+    // The script interrupts wrk once every delivery is answered. Once, wrk still ran
+    // its whole -d (600 s, and a rate of 85 a second), most likely because the SIGINT,
+    // sent to the process, reached its sending thread, which then stopped, while its main
+    // thread slept on. So if wrk has not ended 300 ms after the last answer, it is
+    // interrupted from here, again every 300 ms, and the time it sent is taken from the
+    // script's marks instead.
     let (mut started_at, mut done_at, mut interrupted) = (None, None, None::<Instant>);
     while wrk.try_wait().expect("wrk runs").is_none() {
         let now = Instant::now();
