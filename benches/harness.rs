@@ -483,12 +483,7 @@ fn wrk_ingest(base: &str, bodies: &[Vec<u8>], connections: usize) -> WrkRun {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let output = wrk.wait_with_output().expect("wrk's output");
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let out = output_text(&wrk.wait_with_output().expect("wrk's output"));
     let _ = std::fs::remove_file(&list);
     let _ = (std::fs::remove_file(&started), std::fs::remove_file(&done));
     let mut run = parse_wrk(&out).unwrap_or_else(|| panic!("wrk said: {out}"));
@@ -629,6 +624,11 @@ fn run_capture(command: &mut Command) -> String {
     let out = command
         .output()
         .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    output_text(&out)
+}
+
+/// What a command printed: its standard output, then its standard error.
+fn output_text(out: &std::process::Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

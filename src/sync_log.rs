@@ -228,13 +228,13 @@ pub async fn request_sync(
 /// the caller's transaction, so the delay counts from the request.
 pub async fn request_syncs(
     conn: &mut PgConnection,
-    customer_ids: &[&str],
+    customer_ids: &[impl AsRef<str>],
     source: SyncSource,
     delay: Duration,
 ) -> Result<(), sqlx::Error> {
     // Sorted, so that concurrent requests lock their rows in the same order; once each,
     // because one statement cannot update a row twice.
-    let mut ids = customer_ids.to_vec();
+    let mut ids: Vec<&str> = customer_ids.iter().map(AsRef::as_ref).collect();
     ids.sort_unstable();
     ids.dedup();
     if ids.is_empty() {

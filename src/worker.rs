@@ -376,7 +376,7 @@ impl InboxWorker {
                     }
                 };
                 let previous_status = previous.get(&event_id).copied();
-                if sync_if_ambiguous(&event_id, &group.customer_id, &decision, previous_status) {
+                if asks_for_sync(&event_id, &group.customer_id, &decision, previous_status) {
                     syncs.push(group.customer_id.clone());
                 }
                 // A catch-up move means events between the two states have not arrived
@@ -500,7 +500,6 @@ impl InboxWorker {
             }
         }
         // The syncs the ambiguous webhooks ask for, committed with their outcomes.
-        let syncs: Vec<&str> = syncs.iter().map(String::as_str).collect();
         sync_log::request_syncs(&mut tx, &syncs, SyncSource::Webhook, WEBHOOK_SYNC_DELAY).await?;
         // Every row that did not fail was processed to its outcome.
         inbox::mark_done(
@@ -592,9 +591,9 @@ impl InboxWorker {
     }
 }
 
-/// An ambiguous move is not guessed at: Stripe's API is asked for the truth (issue 3).
-/// Whether the webhook's decision asks for a sync of its customer (logged with why).
-fn sync_if_ambiguous(
+/// Whether the webhook's decision asks for a sync of its customer (logged with why): an
+/// ambiguous move is not guessed at, Stripe's API is asked for the truth (issue 3).
+fn asks_for_sync(
     event_id: &str,
     customer_id: &str,
     decision: &Decision,
