@@ -142,10 +142,9 @@ async fn write_batch(
         let (version, mut state) = loaded.remove(*customer).unwrap_or_default();
         let events = decide_all(&state, commands);
         let sources = format!("evt_{customer}_{version}");
-        for event in new
-            .push(customer, version, &events, &metadata(&sources))
-            .unwrap()
-        {
+        new.push(customer, version, &events, &metadata(&sources))
+            .unwrap();
+        for event in events.iter().cloned() {
             state.apply(event);
         }
         known.insert(

@@ -398,12 +398,12 @@ async fn decide_and_write(
         match decide_group(&state, &group.commands) {
             Ok((decisions, events)) => {
                 let metadata = sources_metadata(&group.source_ids());
-                // The remembered aggregate is folded from the JSON the log will hold,
-                // exactly as a load from the log would fold it.
-                for event in new.push(customer_id, version, &events, &metadata)? {
+                // The remembered aggregate folds what the log will hold (`NewEvents::push`).
+                new.push(customer_id, version, &events, &metadata)?;
+                let version = version + events.len() as i64;
+                for event in events {
                     state.apply(event);
                 }
-                let version = version + events.len() as i64;
                 written
                     .aggregates
                     .0
