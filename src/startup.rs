@@ -136,14 +136,15 @@ impl Services {
         let platform = PlatformTables::new(catalog.clone());
         // The tables write through the checkpoint's transaction; the cache is applied
         // beside it and never holds the tables back when Redis is down.
+        let ledger = Ledger::new(pool.clone(), settings.aggregate_cache);
         let projections = Projections::new(
             pool.clone(),
             [
                 Member::transactional(platform.clone()),
                 Member::eventual(cache.clone()),
             ],
-        );
-        let ledger = Ledger::new(pool.clone(), settings.aggregate_cache);
+        )
+        .taking_recent(ledger.recent.clone());
         Ok(Self {
             worker: InboxWorker::new(
                 pool.clone(),

@@ -22,6 +22,7 @@
 
 pub mod batch;
 pub mod read;
+pub mod recent;
 mod store;
 
 use aggregates::{SubscriptionError, SubscriptionEvent};

@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use aggregates::SubscriptionEvent;
+use event_store::recent::RecentEvents;
 use event_store::{read, StoreError};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
@@ -93,11 +95,14 @@ pub struct Batch {
 /// Reads like [`read_after`], but decodes only the events the batch still needs (see
 /// [`Batch::events`]); the others are skipped after reading their subscription id at most.
 /// A replay reads every event of the log, yet decodes about one per customer per batch.
+/// An event this process committed is taken from `recent` as it was decided rather than
+/// decoded (see [`RecentEvents`]); every event read is taken out of it.
 pub async fn read_batch(
     conn: &mut PgConnection,
     after: Position,
     horizon: u64,
     limit: i64,
+    recent: &RecentEvents,
 ) -> Result<Batch, LogError> {
     // Rows are streamed: each is kept only while it is the newest of its aggregate or
     // subscription seen so far, so memory holds about one payload per key, not the batch.
@@ -119,13 +124,17 @@ pub async fn read_batch(
         let sequence = row.sequence();
         let event_type = row.event_type();
         let payload = row.payload();
+        let handed = recent.take(aggregate_id, sequence);
         let newer = |held: Option<&(i64, Position, usize)>| {
             held.is_none_or(|&(s, p, _)| supersedes((sequence, position), (s, p)))
         };
         let for_aggregate = newer(newest_aggregate.get(aggregate_id));
         let subscription = if SNAPSHOT_TYPES.contains(&event_type) {
-            let snapshot = decode::<SnapshotOf>(payload, aggregate_id, sequence)?;
-            Some(snapshot.subscription_id()).filter(|id| newer(newest_subscription.get(id)))
+            let id = match handed.as_ref().and_then(snapshot_id) {
+                Some(id) => id.to_owned(),
+                None => decode::<SnapshotOf>(payload, aggregate_id, sequence)?.subscription_id(),
+            };
+            Some(id).filter(|id| newer(newest_subscription.get(id)))
         } else {
             None
         };
@@ -133,11 +142,15 @@ pub async fn read_batch(
             continue;
         }
         let index = kept.len();
+        let held = match handed {
+            Some(event) => Held::Decided(Box::new(event)),
+            None => Held::Payload(payload.to_owned()),
+        };
         kept.push(Some(Kept {
             aggregate_id: aggregate_id.to_owned(),
             sequence,
             position,
-            payload: payload.to_owned(),
+            held,
         }));
         holders.push(0);
         let mut hold = |previous: Option<(i64, Position, usize)>| {
@@ -160,7 +173,10 @@ pub async fn read_batch(
         .into_iter()
         .flatten()
         .map(|kept| {
-            let event = decode(&kept.payload, &kept.aggregate_id, kept.sequence)?;
+            let event = match kept.held {
+                Held::Decided(event) => *event,
+                Held::Payload(payload) => decode(&payload, &kept.aggregate_id, kept.sequence)?,
+            };
             Ok(LoggedEvent {
                 aggregate_id: kept.aggregate_id,
                 sequence: kept.sequence as u64,
@@ -277,7 +293,22 @@ struct Kept {
     aggregate_id: String,
     sequence: i64,
     position: Position,
-    payload: String,
+    held: Held,
+}
+
+/// A kept row's event: as this process decided it, or its payload, to decode.
+enum Held {
+    Decided(Box<SubscriptionEvent>),
+    Payload(String),
+}
+
+/// The subscription a snapshot event carries (what [`SnapshotOf`] reads from a payload).
+fn snapshot_id(event: &SubscriptionEvent) -> Option<&str> {
+    match event {
+        SubscriptionEvent::SubscriptionChanged { subscription, .. }
+        | SubscriptionEvent::SubscriptionReconciled { subscription, .. } => Some(&subscription.id),
+        _ => None,
+    }
 }
 
 /// Whether `candidate` replaces `held` as the event a projection applies for one key (an

@@ -34,6 +34,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::{watch, Notify};
 
 use crate::log::{self, LogError, LoggedEvent, Position};
+use event_store::recent::RecentEvents;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -223,6 +224,8 @@ struct Inner {
     waiting: AtomicUsize,
     /// Notified by a waiter that wants a pass now.
     wanted: Notify,
+    /// Events this process committed, taken rather than decoded (`log::read_batch`).
+    recent: RecentEvents,
 }
 
 impl Projections {
@@ -250,8 +253,22 @@ impl Projections {
                 applied,
                 waiting: AtomicUsize::new(0),
                 wanted: Notify::new(),
+                recent: RecentEvents::default(),
             }),
         }
+    }
+
+    /// Takes the events this process commits from `recent` (where its ledger puts them)
+    /// when its passes read them, rather than decoding their payloads. Before the runner
+    /// is cloned or run.
+    ///
+    /// # Panics
+    /// When the runner was already cloned.
+    pub fn taking_recent(mut self, recent: RecentEvents) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("taking_recent is called before the runner is shared")
+            .recent = recent;
+        self
     }
 
     /// Every projection's name, in the runner's order.
@@ -441,14 +458,14 @@ impl Projections {
         };
         let read = match prefetched {
             Some(read) => read,
-            None => log::read_batch(&mut tx, at, horizon, batch).await?,
+            None => log::read_batch(&mut tx, at, horizon, batch, &self.inner.recent).await?,
         };
         let Some(last) = read.last else {
             tx.commit().await?;
             return Ok(Step::CaughtUp(at));
         };
         if read.read as i64 == batch {
-            *next = Some(prefetch(pool, last, batch));
+            *next = Some(prefetch(pool, last, batch, &self.inner.recent));
         }
         let mut failed = match self.apply(&mut tx, group, &read.events, false).await {
             Ok(failed) => failed,
@@ -899,14 +916,14 @@ fn by_position(mut standing: Vec<(usize, Position)>) -> Vec<Vec<usize>> {
 /// The next batch, being read on another connection while this one is applied.
 type Prefetch = tokio::task::JoinHandle<Result<(Position, log::Batch), ProjectionError>>;
 
-fn prefetch(pool: &PgPool, after: Position, batch: i64) -> Prefetch {
-    let pool = pool.clone();
+fn prefetch(pool: &PgPool, after: Position, batch: i64, recent: &RecentEvents) -> Prefetch {
+    let (pool, recent) = (pool.clone(), recent.clone());
     tokio::spawn(async move {
         // In a transaction of its own, so that the read walks the log in order (see
         // `read_horizon`); it writes nothing.
         let mut tx = pool.begin().await?;
         let horizon = log::read_horizon(&mut tx).await?;
-        let read = log::read_batch(&mut tx, after, horizon, batch).await?;
+        let read = log::read_batch(&mut tx, after, horizon, batch, &recent).await?;
         tx.commit().await?;
         Ok((after, read))
     })

@@ -31,6 +31,7 @@ use aggregates::{
 };
 use cqrs_es::Aggregate;
 use event_store::batch::{self, NewEvents};
+use event_store::recent::RecentEvents;
 use event_store::{EventStore, Metadata, StoreError};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -208,6 +209,9 @@ pub struct Ledger {
     pub conflicts_retried: Arc<AtomicU64>,
     /// Aggregates as of a version the log holds, so batches load only newer events.
     pub cache: Arc<AggregateCache>,
+    /// The events batches committed, for this process's projections (give them to
+    /// `Projections::taking_recent`).
+    pub recent: RecentEvents,
 }
 
 /// One customer's share of a worker batch: its commands, in order, each with the id of
@@ -244,9 +248,14 @@ pub struct BatchWritten {
 }
 
 /// Customers' aggregates as a batch left them, with their versions (see
-/// [`AggregateCache`]); not yet known to be committed.
+/// [`AggregateCache`]), and the events it wrote (for [`RecentEvents`]); not yet known to
+/// be committed.
 #[derive(Default)]
-pub struct BatchAggregates(Vec<(String, i64, Subscription)>);
+pub struct BatchAggregates {
+    aggregates: Vec<(String, i64, Subscription)>,
+    /// Each customer's new events, with the sequence of the first.
+    events: Vec<(String, i64, Vec<SubscriptionEvent>)>,
+}
 
 /// A customer's aggregate as a command left it: what loading it from the log now gives.
 #[derive(Debug, Clone)]
@@ -263,6 +272,7 @@ impl Ledger {
             committed: Arc::new(Notify::new()),
             conflicts_retried: Arc::new(AtomicU64::new(0)),
             cache: Arc::new(AggregateCache::new(cache_capacity)),
+            recent: RecentEvents::default(),
         }
     }
 
@@ -384,8 +394,11 @@ impl Ledger {
 
     /// The transaction a batch was written in has committed: remembers the aggregates it
     /// decided and wakes the projections.
-    pub fn batch_committed(&self, aggregates: BatchAggregates) {
-        self.cache.remember(aggregates.0);
+    pub fn batch_committed(&self, written: BatchAggregates) {
+        self.cache.remember(written.aggregates);
+        for (customer_id, first, events) in written.events {
+            self.recent.put(&customer_id, first, events);
+        }
         self.committed.notify_one();
     }
 }
@@ -455,20 +468,27 @@ async fn decide_and_write(
                 let metadata = sources_metadata(&group.source_ids());
                 // The remembered aggregate folds what the log will hold (`NewEvents::push`).
                 new.push(customer_id, version, &events, &metadata)?;
-                let version = version + events.len() as i64;
-                for event in events {
-                    state.apply(event);
+                for event in &events {
+                    state.apply(event.clone());
                 }
+                let first = version + 1;
+                let version = version + events.len() as i64;
                 written
                     .aggregates
-                    .0
+                    .aggregates
                     .push((customer_id.clone(), version, state));
+                if !events.is_empty() {
+                    written
+                        .aggregates
+                        .events
+                        .push((customer_id.clone(), first, events));
+                }
                 written.results.push(Ok(decisions));
             }
             Err(error) => {
                 written
                     .aggregates
-                    .0
+                    .aggregates
                     .push((customer_id.clone(), version, state));
                 written.results.push(Err(ExecuteError::Domain(error)));
             }

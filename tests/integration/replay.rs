@@ -143,6 +143,56 @@ async fn the_log_is_read_in_transaction_order_across_a_digit_boundary() {
     app.stop().await;
 }
 
+/// The events a worker batch commits are handed to this process's projections
+/// (`event_store::recent`), which take each as it was decided when they read it from the
+/// log instead of decoding its payload: after the webhooks are projected, nothing is left
+/// handed over, and a read takes the handed event for its (aggregate, sequence) rather
+/// than the payload's. (That the two are the same event is checked by every batch written
+/// in a debug build: `NewEvents::push`.)
+#[tokio::test]
+async fn projections_take_the_events_this_process_committed_instead_of_decoding_them() {
+    let app = spawn_app("handed").await;
+    let sim = crate::support::stripe_sim::simulate(31, 4, T0);
+    for event in &sim.events {
+        assert_eq!(app.post_webhook(&event.to_bytes()).await.status(), 200);
+    }
+    app.settle().await;
+    assert!(app.count("SELECT count(*) FROM events").await > 0);
+    assert!(
+        app.services.ledger.recent.is_empty(),
+        "the projections took every event the workers handed over ({} left)",
+        app.services.ledger.recent.len()
+    );
+
+    let mut conn = app.pool.acquire().await.unwrap();
+    let horizon = projections::log::read_horizon(&mut conn).await.unwrap();
+    let all = projections::log::read_after(&mut conn, Default::default(), horizon, i64::MAX)
+        .await
+        .unwrap();
+    let (first, last) = (all.first().unwrap(), all.last().unwrap());
+    assert_ne!(first.event, last.event);
+    // Handed over under the last event's key: another event, so that which one the read
+    // gives shows where it came from.
+    let recent = event_store::recent::RecentEvents::default();
+    recent.put(
+        &last.aggregate_id,
+        last.sequence as i64,
+        vec![first.event.clone()],
+    );
+    let batch =
+        projections::log::read_batch(&mut conn, Default::default(), horizon, i64::MAX, &recent)
+            .await
+            .unwrap();
+    let read = batch
+        .events
+        .iter()
+        .find(|e| e.aggregate_id == last.aggregate_id && e.sequence == last.sequence)
+        .expect("the newest event of its aggregate is kept");
+    assert_eq!(read.event, first.event);
+    assert!(recent.is_empty());
+    app.stop().await;
+}
+
 /// A batch is read compacted (`log::read_batch`: each customer's newest event and each
 /// subscription's newest snapshot are decoded, the rest skipped). Applying it must build
 /// exactly what applying every event of the log one at a time builds.
@@ -190,9 +240,15 @@ async fn a_compacted_batch_builds_what_every_event_one_at_a_time_builds() {
         .await
         .unwrap();
     app.wipe_cache().await;
-    let batch = projections::log::read_batch(&mut conn, Default::default(), horizon, events)
-        .await
-        .unwrap();
+    let batch = projections::log::read_batch(
+        &mut conn,
+        Default::default(),
+        horizon,
+        events,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(batch.read as i64, events);
     assert!(
         batch.events.len() < all.len() / 2,
