@@ -226,10 +226,15 @@ impl InboxWorker {
                     span,
                 },
             );
-            // Parsed at receipt if this process stored it; otherwise from the payload,
-            // which is exactly the bytes the receipt parsed.
+            // Parsed and routed at receipt if this process stored it; otherwise parsed
+            // from the payload, which is exactly the bytes the receipt parsed, and routed
+            // below (`route` is a function of the event alone).
+            let mut routed_at_receipt = None;
             let parsed = match event {
-                ClaimedEvent::Parsed(event) => Ok(event),
+                ClaimedEvent::Parsed(event, routed) => {
+                    routed_at_receipt = Some(*routed);
+                    Ok(event)
+                }
                 ClaimedEvent::Raw(payload) => parse_event(payload.as_bytes()).map(Arc::new),
                 // Only processed rows lose their payload (a constraint of the table); say
                 // so rather than fail on a row that somehow has none.
@@ -260,7 +265,7 @@ impl InboxWorker {
                 results.push(RowResult::done(event_id, Outcome::Ignored, Some(reason)));
                 continue;
             }
-            let routed = match route(&event) {
+            let routed = match routed_at_receipt.unwrap_or_else(|| route(&event)) {
                 Route::Fetch(thin) => match self.fetch_thin(&event, &thin).await {
                     Ok(routed) => routed,
                     Err(failure) => {

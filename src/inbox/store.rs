@@ -76,11 +76,21 @@ pub async fn record_many<'c>(
     db: impl sqlx::PgExecutor<'c>,
     events: &[NewEvent<'_>],
 ) -> Result<Vec<Recorded>, sqlx::Error> {
+    let routes: Vec<Route> = events.iter().map(|new| route(new.event)).collect();
+    record_routed(db, events, &routes).await
+}
+
+/// [`record_many`], each event with its route (`route` of it), already known.
+async fn record_routed<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    events: &[NewEvent<'_>],
+    routes: &[Route],
+) -> Result<Vec<Recorded>, sqlx::Error> {
     let mut columns = Columns::default();
     // The answer each event gets if it is inserted; `None` for a repeat within `events`.
     let mut planned: Vec<Result<Option<Received>, Refused>> = Vec::with_capacity(events.len());
     let mut seen = HashSet::with_capacity(events.len());
-    for NewEvent { event, raw, source } in events {
+    for (NewEvent { event, raw, source }, routed) in events.iter().zip(routes) {
         if let Err(refused) = check(event, raw) {
             planned.push(Err(refused));
             continue;
@@ -89,9 +99,9 @@ pub async fn record_many<'c>(
             planned.push(Ok(None));
             continue;
         }
-        let (customer_id, state, outcome, detail) = match route(event) {
+        let (customer_id, state, outcome, detail) = match routed {
             Route::Command { customer_id, .. } => {
-                (Some(customer_id), InboxState::Pending, None, None)
+                (Some(customer_id.clone()), InboxState::Pending, None, None)
             }
             // A thin event's customer is known only once its object is fetched.
             Route::Fetch(_) | Route::ReconcileAll => (None, InboxState::Pending, None, None),
@@ -121,7 +131,7 @@ pub async fn record_many<'c>(
         // The reason is ours, but it may name a value from the payload: keep it storable.
         columns
             .detail
-            .push(detail.map(|d| db_error::storable_text(&d).into_owned()));
+            .push(detail.map(|d| db_error::storable_text(d).into_owned()));
     }
     if columns.event_id.is_empty() {
         return Ok(planned
@@ -313,7 +323,8 @@ struct HeldConnection {
 }
 
 impl HeldConnection {
-    /// [`record_many`] on the held connection (taken from `pool` if none is held), run
+    /// [`record_many`] (of `events` routed as `routes`) on the held connection (taken from
+    /// `pool` if none is held), run
     /// again when it lost a race with another transaction, or once on a fresh connection
     /// when the held one failed. An insert that failed with its connection may have
     /// committed: its events are then answered as duplicates the second time, which they
@@ -322,6 +333,7 @@ impl HeldConnection {
         &mut self,
         pool: &PgPool,
         events: &[NewEvent<'_>],
+        routes: &[Route],
     ) -> Result<Vec<Recorded>, sqlx::Error> {
         let (mut races, mut reconnected) = (0, false);
         loop {
@@ -330,7 +342,7 @@ impl HeldConnection {
                 Some(conn) => conn,
                 empty => empty.insert(pool.acquire().await?),
             };
-            match record_many(&mut **conn, events).await {
+            match record_routed(&mut **conn, events, routes).await {
                 Err(error) if db_error::lost_a_race(&error) => {
                     if races == RACE_RETRIES {
                         return Err(error);
@@ -376,8 +388,9 @@ async fn store_batch(
     pool: &PgPool,
     held: &mut HeldConnection,
     events: &[NewEvent<'_>],
+    routes: &[Route],
 ) -> Vec<Result<Received, InboxError>> {
-    let error = match held.record(pool, events).await {
+    let error = match held.record(pool, events, routes).await {
         Ok(recorded) => {
             return recorded
                 .into_iter()
@@ -391,8 +404,15 @@ async fn store_batch(
         return vec![Err(error); events.len()];
     }
     let mut answers = Vec::with_capacity(events.len());
-    for event in events {
-        answers.push(match held.record(pool, std::slice::from_ref(event)).await {
+    for (event, routed) in events.iter().zip(routes) {
+        let one = held
+            .record(
+                pool,
+                std::slice::from_ref(event),
+                std::slice::from_ref(routed),
+            )
+            .await;
+        answers.push(match one {
             Ok(mut one) => one
                 .pop()
                 .expect("one answer per event")
@@ -418,7 +438,7 @@ pub struct ParsedEvents {
 
 #[derive(Default)]
 struct HandedOver {
-    by_id: std::collections::HashMap<String, Arc<StripeEvent>>,
+    by_id: std::collections::HashMap<String, (Arc<StripeEvent>, Route)>,
     /// Ids in the order they were put; some may have been taken already.
     order: std::collections::VecDeque<String>,
 }
@@ -427,8 +447,9 @@ impl ParsedEvents {
     /// Most events held at once.
     pub const CAPACITY: usize = 2048;
 
-    /// Holds a stored event for the worker that will claim its row.
-    pub fn put(&self, event: Arc<StripeEvent>) {
+    /// Holds a stored event, with its route (`route` of it: what the receipt made of it
+    /// to store it), for the worker that will claim its row.
+    pub fn put(&self, event: Arc<StripeEvent>, routed: Route) {
         let mut held = self.inner.lock().expect("never poisoned: no panics inside");
         while held.order.len() >= Self::CAPACITY {
             let Some(oldest) = held.order.pop_front() else {
@@ -437,11 +458,12 @@ impl ParsedEvents {
             held.by_id.remove(&oldest);
         }
         held.order.push_back(event.id.clone());
-        held.by_id.insert(event.id.clone(), event);
+        held.by_id.insert(event.id.clone(), (event, routed));
     }
 
-    /// The parsed event for `event_id`, if this process stored it and it is still held.
-    pub fn take(&self, event_id: &str) -> Option<Arc<StripeEvent>> {
+    /// The parsed event for `event_id` and its route, if this process stored it and it is
+    /// still held.
+    pub fn take(&self, event_id: &str) -> Option<(Arc<StripeEvent>, Route)> {
         let mut held = self.inner.lock().expect("never poisoned: no panics inside");
         let event = held.by_id.remove(event_id);
         if held.by_id.is_empty() {
@@ -507,6 +529,7 @@ impl InboxWriter {
                     free: free.clone(),
                 };
                 tokio::spawn(async move {
+                    let mut routes: Vec<Route> = batch.iter().map(|q| route(&q.event)).collect();
                     let events: Vec<NewEvent> = batch
                         .iter()
                         .map(|q| NewEvent {
@@ -516,14 +539,16 @@ impl InboxWriter {
                         })
                         .collect();
                     let held = lease.slot.as_mut().expect("a lease holds its slot");
-                    let answers = store_batch(&pool, held, &events).await;
+                    let answers = store_batch(&pool, held, &events, &routes).await;
                     if !keep {
                         held.conn = None;
                     }
                     drop(events);
-                    for (queued, answer) in batch.iter().zip(&answers) {
+                    for ((queued, answer), routed) in
+                        batch.iter().zip(&answers).zip(routes.drain(..))
+                    {
                         if matches!(answer, Ok(Received::Stored)) {
-                            parsed.put(queued.event.clone());
+                            parsed.put(queued.event.clone(), routed);
                         }
                     }
                     for (queued, answer) in batch.into_iter().zip(answers) {
@@ -589,11 +614,15 @@ mod tests {
             );
             Arc::new(event)
         };
-        parsed.put(one(0));
-        assert_eq!(parsed.take("evt_0").as_deref(), Some(&*one(0)));
+        let put = |event: Arc<StripeEvent>| {
+            let routed = route(&event);
+            parsed.put(event, routed)
+        };
+        put(one(0));
+        assert_eq!(parsed.take("evt_0"), Some((one(0), route(&one(0)))));
         assert_eq!(parsed.take("evt_0"), None);
         for n in 0..ParsedEvents::CAPACITY + 10 {
-            parsed.put(one(n));
+            put(one(n));
         }
         assert_eq!(parsed.take("evt_9"), None, "pushed out");
         assert!(parsed.take("evt_10").is_some());

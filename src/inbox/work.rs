@@ -16,7 +16,7 @@ use sqlx::{PgConnection, Row};
 use super::{InboxState, Outcome, ParsedEvents};
 use crate::backoff::Backoff;
 use crate::db_error::storable_text;
-use crate::stripe::StripeEvent;
+use crate::stripe::{Route, StripeEvent};
 
 /// When a failed row is due again: 2 s after its first failed attempt, doubling, at most an
 /// hour (2^attempts seconds, attempts counting this one).
@@ -54,7 +54,8 @@ pub struct Claimed {
 /// fail on a row that somehow has none.
 #[derive(Debug, Clone)]
 pub enum ClaimedEvent {
-    Parsed(Arc<StripeEvent>),
+    /// With the route the receipt gave it (`stripe::route` of it).
+    Parsed(Arc<StripeEvent>, Box<Route>),
     Raw(String),
     Pruned,
 }
@@ -106,7 +107,7 @@ pub async fn claim(
                 ClaimedEvent::Pruned
             } else {
                 match parsed.take(&event_id) {
-                    Some(event) => ClaimedEvent::Parsed(event),
+                    Some((event, routed)) => ClaimedEvent::Parsed(event, Box::new(routed)),
                     // Read below.
                     None => ClaimedEvent::Raw(String::new()),
                 }
