@@ -11,7 +11,9 @@
 //! updated), and an event reads back from its JSON as itself (`batch::NewEvents::push`
 //! checks it in debug builds). An event written by another replica, or pushed out, is
 //! decoded as before. Bounded: the oldest go first, so a process whose projections run
-//! elsewhere (another replica holds their checkpoints) holds at most [`CAPACITY`].
+//! elsewhere (another replica holds their checkpoints) holds at most [`CAPACITY`], and so
+//! does one whose projections read an event in the moment between its commit and its
+//! hand-over (it is decoded, and what was handed over stays until pushed out).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,8 @@ struct Held {
     by_key: HashMap<(String, i64), SubscriptionEvent>,
     /// Keys in the order they were put; some may have been taken already.
     order: VecDeque<(String, i64)>,
+    /// How many were taken, ever.
+    taken: u64,
 }
 
 impl RecentEvents {
@@ -60,6 +64,7 @@ impl RecentEvents {
             return None;
         }
         let event = held.by_key.remove(&(aggregate_id.to_owned(), sequence));
+        held.taken += u64::from(event.is_some());
         if held.by_key.is_empty() {
             // Nothing left to find: forget the keys of what was taken.
             held.order.clear();
@@ -78,6 +83,14 @@ impl RecentEvents {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many events were taken since these were made.
+    pub fn taken(&self) -> u64 {
+        self.inner
+            .lock()
+            .expect("never poisoned: no panics inside")
+            .taken
     }
 }
 
@@ -107,6 +120,7 @@ mod tests {
         assert_eq!(recent.take("cus_a", 4), None);
         assert_eq!(recent.take("cus_a", 3), Some(deleted("evt_3")));
         assert!(recent.is_empty());
+        assert_eq!(recent.taken(), 2);
     }
 
     #[test]

@@ -30,11 +30,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use event_store::recent::RecentEvents;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::{watch, Notify};
 
 use crate::log::{self, LogError, LoggedEvent, Position};
-use event_store::recent::RecentEvents;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {

@@ -324,9 +324,8 @@ struct HeldConnection {
 
 impl HeldConnection {
     /// [`record_many`] (of `events` routed as `routes`) on the held connection (taken from
-    /// `pool` if none is held), run
-    /// again when it lost a race with another transaction, or once on a fresh connection
-    /// when the held one failed. An insert that failed with its connection may have
+    /// `pool` if none is held), run again when it lost a race with another transaction, or
+    /// once on a fresh connection when the held one failed. An insert that failed with its connection may have
     /// committed: its events are then answered as duplicates the second time, which they
     /// are (stored; the workers read their payloads).
     async fn record(
@@ -423,13 +422,14 @@ async fn store_batch(
     answers
 }
 
-/// Events this process's webhooks stored for processing, already parsed, handed to this
-/// process's inbox workers so that an event is parsed once, at receipt, rather than again
-/// from its stored payload when a worker claims its row ([`ParsedEvents::take`]). The
-/// stored payload stays the one source: a worker that finds nothing here (the event came
-/// through another replica, `import` or the recovery poller, or was pushed out) parses
-/// the payload as before, and what it would parse is what is here, since the payload is
-/// exactly the bytes this event was parsed from. Bounded: the oldest entries go first
+/// Events this process's webhooks stored for processing, already parsed and routed,
+/// handed to this process's inbox workers so that an event is parsed and routed once, at
+/// receipt, rather than again from its stored payload when a worker claims its row
+/// ([`ParsedEvents::take`]). The stored payload stays the one source: a worker that finds
+/// nothing here (the event came through another replica, `import` or the recovery poller,
+/// or was pushed out) parses and routes the payload as before, and what it would get is
+/// what is here, since the payload is exactly the bytes this event was parsed from and
+/// `route` is a function of the event alone. Bounded: the oldest entries go first
 /// (an entry costs a few KiB, and it is only useful while its row waits to be claimed).
 #[derive(Clone, Default)]
 pub struct ParsedEvents {

@@ -393,7 +393,8 @@ impl Ledger {
     }
 
     /// The transaction a batch was written in has committed: remembers the aggregates it
-    /// decided and wakes the projections.
+    /// decided, hands the events it wrote to this process's projections ([`RecentEvents`])
+    /// and wakes them.
     pub fn batch_committed(&self, written: BatchAggregates) {
         self.cache.remember(written.aggregates);
         for (customer_id, first, events) in written.events {
