@@ -129,8 +129,13 @@ impl NewEvents {
             (&self.aggregate_id[a], self.sequence[a])
                 .cmp(&(&self.aggregate_id[b], self.sequence[b]))
         });
-        fn permute<T: Clone>(v: &mut Vec<T>, order: &[usize]) {
-            *v = order.iter().map(|&i| v[i].clone()).collect();
+        // Moves each value to its place (a payload is a few KiB: never copied).
+        fn permute<T>(v: &mut Vec<T>, order: &[usize]) {
+            let mut taken: Vec<Option<T>> = std::mem::take(v).into_iter().map(Some).collect();
+            *v = order
+                .iter()
+                .map(|&i| taken[i].take().expect("an order names each index once"))
+                .collect();
         }
         permute(&mut self.aggregate_id, &order);
         permute(&mut self.sequence, &order);
