@@ -21,6 +21,7 @@
 //! that could skip an event committed late (see [`read`]).
 
 pub mod batch;
+pub mod hand_over;
 pub mod read;
 pub mod recent;
 mod store;

@@ -15,82 +15,52 @@
 //! does one whose projections read an event in the moment between its commit and its
 //! hand-over (it is decoded, and what was handed over stays until pushed out).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-
 use aggregates::SubscriptionEvent;
+
+use crate::hand_over::HandOver;
 
 /// Most events held at once (an event is a few KiB at most).
 pub const CAPACITY: usize = 2048;
 
 /// See the module header. Clones share the same events.
-#[derive(Clone, Default)]
-pub struct RecentEvents {
-    inner: Arc<Mutex<Held>>,
-}
+#[derive(Clone)]
+pub struct RecentEvents(HandOver<(String, i64), SubscriptionEvent>);
 
-#[derive(Default)]
-struct Held {
-    by_key: HashMap<(String, i64), SubscriptionEvent>,
-    /// Keys in the order they were put; some may have been taken already.
-    order: VecDeque<(String, i64)>,
-    /// How many were taken, ever.
-    taken: u64,
+impl Default for RecentEvents {
+    fn default() -> Self {
+        Self(HandOver::new(CAPACITY))
+    }
 }
 
 impl RecentEvents {
     /// Holds the committed `events` of `aggregate_id`, the first of them at sequence
     /// `first`, the others after it in order.
     pub fn put(&self, aggregate_id: &str, first: i64, events: Vec<SubscriptionEvent>) {
-        let mut held = self.inner.lock().expect("never poisoned: no panics inside");
-        for (sequence, event) in (first..).zip(events) {
-            while held.order.len() >= CAPACITY {
-                let Some(oldest) = held.order.pop_front() else {
-                    break;
-                };
-                held.by_key.remove(&oldest);
-            }
-            let key = (aggregate_id.to_owned(), sequence);
-            held.order.push_back(key.clone());
-            held.by_key.insert(key, event);
-        }
+        self.0.put(
+            (first..)
+                .zip(events)
+                .map(|(sequence, event)| ((aggregate_id.to_owned(), sequence), event)),
+        );
     }
 
     /// The event at `sequence` of `aggregate_id`, if this process committed it and it is
     /// still held; it is held no longer.
     pub fn take(&self, aggregate_id: &str, sequence: i64) -> Option<SubscriptionEvent> {
-        let mut held = self.inner.lock().expect("never poisoned: no panics inside");
-        if held.by_key.is_empty() {
-            return None;
-        }
-        let event = held.by_key.remove(&(aggregate_id.to_owned(), sequence));
-        held.taken += u64::from(event.is_some());
-        if held.by_key.is_empty() {
-            // Nothing left to find: forget the keys of what was taken.
-            held.order.clear();
-        }
-        event
+        self.0.take(&(aggregate_id.to_owned(), sequence))
     }
 
     /// How many events are held.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .expect("never poisoned: no panics inside")
-            .by_key
-            .len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.0.is_empty()
     }
 
     /// How many events were taken since these were made.
     pub fn taken(&self) -> u64 {
-        self.inner
-            .lock()
-            .expect("never poisoned: no panics inside")
-            .taken
+        self.0.taken()
     }
 }
 

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use event_store::hand_over::HandOver;
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
@@ -430,17 +431,15 @@ async fn store_batch(
 /// or was pushed out) parses and routes the payload as before, and what it would get is
 /// what is here, since the payload is exactly the bytes this event was parsed from and
 /// `route` is a function of the event alone. Bounded: the oldest entries go first
-/// (an entry costs a few KiB, and it is only useful while its row waits to be claimed).
-#[derive(Clone, Default)]
-pub struct ParsedEvents {
-    inner: Arc<std::sync::Mutex<HandedOver>>,
-}
+/// (an entry costs a few KiB, and it is only useful while its row waits to be claimed;
+/// `event_store::hand_over`).
+#[derive(Clone)]
+pub struct ParsedEvents(HandOver<String, (Arc<StripeEvent>, Route)>);
 
-#[derive(Default)]
-struct HandedOver {
-    by_id: std::collections::HashMap<String, (Arc<StripeEvent>, Route)>,
-    /// Ids in the order they were put; some may have been taken already.
-    order: std::collections::VecDeque<String>,
+impl Default for ParsedEvents {
+    fn default() -> Self {
+        Self(HandOver::new(Self::CAPACITY))
+    }
 }
 
 impl ParsedEvents {
@@ -450,27 +449,13 @@ impl ParsedEvents {
     /// Holds a stored event, with its route (`route` of it: what the receipt made of it
     /// to store it), for the worker that will claim its row.
     pub fn put(&self, event: Arc<StripeEvent>, routed: Route) {
-        let mut held = self.inner.lock().expect("never poisoned: no panics inside");
-        while held.order.len() >= Self::CAPACITY {
-            let Some(oldest) = held.order.pop_front() else {
-                break;
-            };
-            held.by_id.remove(&oldest);
-        }
-        held.order.push_back(event.id.clone());
-        held.by_id.insert(event.id.clone(), (event, routed));
+        self.0.put([(event.id.clone(), (event, routed))]);
     }
 
     /// The parsed event for `event_id` and its route, if this process stored it and it is
     /// still held.
     pub fn take(&self, event_id: &str) -> Option<(Arc<StripeEvent>, Route)> {
-        let mut held = self.inner.lock().expect("never poisoned: no panics inside");
-        let event = held.by_id.remove(event_id);
-        if held.by_id.is_empty() {
-            // Nothing left to find: forget the ids of what was taken.
-            held.order.clear();
-        }
-        event
+        self.0.take(event_id)
     }
 }
 
