@@ -37,9 +37,10 @@ pub struct Settings {
     pub cache_ttl: Duration,
     /// `SUBLEDGER_LOCAL_CACHE_ENTRIES` (default 100000), `SUBLEDGER_LOCAL_CACHE_BYTES`
     /// (default 64 MiB), `SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS` (default 10000; 0 turns it
-    /// off): the in-process cache in front of Redis. Invalidated by every replica's
-    /// writes; the age is only the backstop for a message that never came (docs/operations.md
-    /// says why 10 s).
+    /// off), `SUBLEDGER_LOCAL_CACHE_REFRESH_MS` (default half the age): the in-process
+    /// cache in front of Redis. Invalidated by every replica's writes; the age is only the
+    /// backstop for a message that never came (docs/operations.md says why 10 s); an answer
+    /// read past the refresh point is served and read again from Redis in the background.
     pub local_cache: projections::LocalCacheConfig,
     /// `STRIPE_WEBHOOK_SECRET`: one or more signing secrets, comma-separated.
     pub webhook_secrets: Vec<SecretString>,
@@ -297,6 +298,7 @@ fn secrets(name: &'static str) -> Vec<SecretString> {
 
 impl Settings {
     pub fn from_env() -> Result<Self, ConfigError> {
+        let max_age_ms: u64 = parsed("SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS", 10_000)?;
         let settings = Self {
             database_url: var("DATABASE_URL")
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/subledger".to_owned())
@@ -310,7 +312,11 @@ impl Settings {
             local_cache: projections::LocalCacheConfig {
                 max_entries: parsed("SUBLEDGER_LOCAL_CACHE_ENTRIES", 100_000)?,
                 max_bytes: parsed("SUBLEDGER_LOCAL_CACHE_BYTES", 64 * 1024 * 1024)?,
-                max_age: Duration::from_millis(parsed("SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS", 10_000)?),
+                max_age: Duration::from_millis(max_age_ms),
+                refresh_after: Duration::from_millis(parsed(
+                    "SUBLEDGER_LOCAL_CACHE_REFRESH_MS",
+                    max_age_ms / 2,
+                )?),
             },
             webhook_secrets: secrets("STRIPE_WEBHOOK_SECRET"),
             eventbridge_secrets: secrets("SUBLEDGER_EVENTBRIDGE_SECRET"),

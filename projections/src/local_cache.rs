@@ -18,6 +18,16 @@
 //!   of `max_age` and all of it ([`lifetime`]), so entries stored together (a warm start,
 //!   or refills after an `invalidate_all`) do not all expire, and go back to Redis, in the
 //!   same instant every `max_age` after.
+//! - **Refresh ahead.** An entry read once `refresh_after` has passed since it was stored
+//!   is still served, and that read also hands its caller a [`Ticket`]
+//!   ([`Lookup::Refresh`]): the caller reads Redis again in the background and stores
+//!   what it reads like a miss would (refused if an invalidation came since). One refresh
+//!   is in flight per entry; one refused lets the next read try again. So an entry read
+//!   often is replaced before it ages out and a hot owner's reads never wait for Redis,
+//!   while one read rarely still ages out (the bound above holds either way: a refresh
+//!   stores a value Redis answered after its ticket, and its age counts from then). A
+//!   refresh that brings back an equal value keeps the value held (the same `Arc`), so
+//!   what was judged from it stays good.
 //!
 //! A read that misses takes a [`Ticket`] before going to Redis, and stores what it read
 //! only if no invalidation (and no change of liveness) happened since, so a value read just
@@ -47,6 +57,10 @@ pub struct LocalCacheConfig {
     pub max_bytes: usize,
     /// No entry is served older than this. Zero turns the cache off.
     pub max_age: Duration,
+    /// An entry read this long after it was stored is refreshed from Redis in the
+    /// background while still served (see the module header); at or past `max_age`'s
+    /// four fifths, an entry may age out first.
+    pub refresh_after: Duration,
 }
 
 impl LocalCacheConfig {
@@ -104,6 +118,9 @@ pub struct Ticket(u64);
 pub enum Lookup<V> {
     /// Held, and young enough.
     Hit(V),
+    /// Held and young enough, but past `refresh_after`: serve it, read Redis in the
+    /// background, then [`LocalCache::insert`] with the ticket. Counted as a hit.
+    Refresh(V, Ticket),
     /// Not held: read Redis, then [`LocalCache::insert`] with the ticket.
     Miss(Ticket),
     /// The cache is off or its invalidation channel is down: read Redis, store nothing.
@@ -116,7 +133,7 @@ impl<V> Lookup<V> {
     /// Its place in [`Lookup::LABELS`].
     fn index(&self) -> usize {
         match self {
-            Lookup::Hit(_) => 0,
+            Lookup::Hit(_) | Lookup::Refresh(..) => 0,
             Lookup::Miss(_) => 1,
             Lookup::Bypass => 2,
         }
@@ -128,6 +145,10 @@ struct Entry<V> {
     bytes: usize,
     /// Served until then ([`lifetime`] after it was stored).
     expires: Instant,
+    /// A read from then on refreshes it (`refresh_after` after it was stored).
+    refresh_at: Instant,
+    /// A read took the refresh and its value has not come back yet.
+    refreshing: bool,
     used: u64,
 }
 
@@ -155,7 +176,7 @@ pub struct LocalCache<V> {
     clock: AtomicU64,
 }
 
-impl<V: Clone> LocalCache<V> {
+impl<V: Clone + PartialEq> LocalCache<V> {
     /// A cache that bypasses every read until [`LocalCache::set_live`] says its
     /// invalidation channel is up.
     pub fn new(config: LocalCacheConfig) -> Self {
@@ -208,10 +229,16 @@ impl<V: Clone> LocalCache<V> {
         let ticket = Ticket(self.generation.load(Ordering::SeqCst));
         let mut shard = self.shard(key);
         let used = self.clock.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
         match shard.entries.get_mut(key) {
-            Some(entry) if Instant::now() < entry.expires => {
+            Some(entry) if now < entry.expires => {
                 entry.used = used;
-                Lookup::Hit(entry.value.clone())
+                if !entry.refreshing && now >= entry.refresh_at {
+                    entry.refreshing = true;
+                    Lookup::Refresh(entry.value.clone(), ticket)
+                } else {
+                    Lookup::Hit(entry.value.clone())
+                }
             }
             Some(_) => {
                 if let Some(old) = shard.entries.remove(key) {
@@ -223,9 +250,10 @@ impl<V: Clone> LocalCache<V> {
         }
     }
 
-    /// Stores what Redis answered for `key` after a [`Lookup::Miss`], unless an
-    /// invalidation or a change of liveness came since `ticket` was taken. `value_bytes`:
-    /// what the value holds (its JSON's length is close enough).
+    /// Stores what Redis answered for `key` after a [`Lookup::Miss`] or a
+    /// [`Lookup::Refresh`], unless an invalidation or a change of liveness came since
+    /// `ticket` was taken. `value_bytes`: what the value holds (its JSON's length is close
+    /// enough). A value equal to the one held keeps the held one (its age starts again).
     pub fn insert(&self, key: &str, value: V, value_bytes: usize, ticket: Ticket) {
         let bytes = key.len() + value_bytes + ENTRY_OVERHEAD;
         let per_shard_entries = self.config.max_entries.div_ceil(SHARDS);
@@ -238,13 +266,24 @@ impl<V: Clone> LocalCache<V> {
         // takes this lock to remove keys, so either this sees the bump, or the removal
         // comes after this insert and removes it.
         if !self.is_live() || self.generation.load(Ordering::SeqCst) != ticket.0 {
+            // A refresh refused: the next read of the entry may take another.
+            if let Some(held) = shard.entries.get_mut(key) {
+                held.refreshing = false;
+            }
             return;
         }
+        let value = match shard.entries.get(key) {
+            Some(held) if held.value == value => held.value.clone(),
+            _ => value,
+        };
         let used = self.clock.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
         let entry = Entry {
             value,
             bytes,
-            expires: Instant::now() + lifetime(self.config.max_age, used),
+            expires: now + lifetime(self.config.max_age, used),
+            refresh_at: now + self.config.refresh_after,
+            refreshing: false,
             used,
         };
         if let Some(old) = shard.entries.insert(key.to_owned(), entry) {
@@ -328,7 +367,7 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(100);
 
 /// Drops the keys a message names.
-pub fn apply_message<V: Clone>(cache: &LocalCache<V>, payload: &str) {
+pub fn apply_message<V: Clone + PartialEq>(cache: &LocalCache<V>, payload: &str) {
     match payload {
         HEARTBEAT => {}
         ALL_KEYS => cache.invalidate_all(),
@@ -347,7 +386,7 @@ pub async fn listen<V, P, F>(
     publish: P,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
-    V: Clone + Send + Sync + 'static,
+    V: Clone + PartialEq + Send + Sync + 'static,
     P: Fn() -> F,
     F: std::future::Future<Output = Result<(), redis::RedisError>>,
 {
@@ -450,6 +489,19 @@ mod tests {
             max_entries,
             max_bytes,
             max_age: Duration::from_secs(60),
+            refresh_after: Duration::from_secs(60),
+        });
+        cache.set_live(true);
+        cache
+    }
+
+    /// A cache whose every hit asks for a refresh (none in flight).
+    fn refreshing<V: Clone + PartialEq>() -> LocalCache<V> {
+        let cache = LocalCache::new(LocalCacheConfig {
+            max_entries: 1000,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+            refresh_after: Duration::ZERO,
         });
         cache.set_live(true);
         cache
@@ -516,6 +568,7 @@ mod tests {
             max_entries: 10,
             max_bytes: 1 << 20,
             max_age: Duration::from_millis(1),
+            refresh_after: Duration::ZERO,
         });
         cache.set_live(true);
         fill(&cache, "k", 1);
@@ -532,6 +585,67 @@ mod tests {
 
     /// Entries stored together expire spread over the last fifth of the age bound, never
     /// past it.
+    #[test]
+    fn a_read_past_refresh_after_is_served_and_takes_the_one_refresh() {
+        let hot = refreshing::<u32>();
+        fill(&hot, "k", 1);
+        let Lookup::Refresh(1, ticket) = hot.get("k") else {
+            panic!()
+        };
+        // One refresh in flight: the next reads are plain hits.
+        assert_eq!(hot.get("k"), Lookup::Hit(1));
+        assert_eq!(hot.get("k"), Lookup::Hit(1));
+        hot.insert("k", 2, 4, ticket);
+        assert!(matches!(hot.get("k"), Lookup::Refresh(2, _)));
+        // A cache whose refresh point is past every lifetime never refreshes.
+        let late = cache(10, 1 << 20);
+        fill(&late, "k", 1);
+        assert_eq!(late.get("k"), Lookup::Hit(1));
+    }
+
+    #[test]
+    fn a_refused_refresh_lets_the_next_read_try_again() {
+        let cache = refreshing::<u32>();
+        fill(&cache, "k", 1);
+        let Lookup::Refresh(1, ticket) = cache.get("k") else {
+            panic!()
+        };
+        // Another key's write voids the ticket: the refreshed value is refused, the held
+        // one stays, and the next read takes a new refresh.
+        cache.invalidate(["other"]);
+        cache.insert("k", 2, 4, ticket);
+        let Lookup::Refresh(1, ticket) = cache.get("k") else {
+            panic!()
+        };
+        // Its own write drops it: the refresh stores nothing.
+        cache.invalidate(["k"]);
+        cache.insert("k", 2, 4, ticket);
+        assert!(matches!(cache.get("k"), Lookup::Miss(_)));
+    }
+
+    #[test]
+    fn a_refresh_that_brings_an_equal_value_keeps_the_one_held() {
+        use std::sync::Arc;
+        let cache = refreshing::<Arc<str>>();
+        let Lookup::Miss(ticket) = cache.get("k") else {
+            panic!()
+        };
+        cache.insert("k", Arc::from("answer"), 6, ticket);
+        let Lookup::Refresh(held, ticket) = cache.get("k") else {
+            panic!()
+        };
+        cache.insert("k", Arc::from("answer"), 6, ticket);
+        let Lookup::Refresh(same, ticket) = cache.get("k") else {
+            panic!()
+        };
+        assert!(Arc::ptr_eq(&held, &same));
+        cache.insert("k", Arc::from("changed"), 7, ticket);
+        let Lookup::Refresh(changed, _) = cache.get("k") else {
+            panic!()
+        };
+        assert_eq!(&*changed, "changed");
+    }
+
     #[test]
     fn lifetimes_are_spread_below_the_age_bound() {
         let max_age = Duration::from_secs(10);

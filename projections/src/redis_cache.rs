@@ -47,7 +47,7 @@ use redis::AsyncCommands;
 
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
-use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup};
+use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup, Ticket};
 use crate::log::{newest_per_aggregate, LoggedEvent};
 pub use crate::redis_conn::LazyConnection;
 use crate::redis_conn::RedisConn;
@@ -280,9 +280,22 @@ impl CacheKeys {
     }
 }
 
+/// Runs an in-process cache entry's refresh (a Redis read that stores what it reads) beside
+/// the read that asked for it. A failure costs nothing but the refresh: the entry is
+/// served until its age bound, then read again like any miss.
+fn refresh_in_background(
+    refresh: impl std::future::Future<Output = Result<(), redis::RedisError>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = refresh.await {
+            tracing::debug!(%error, "in-process cache refresh failed");
+        }
+    });
+}
+
 /// What the in-process cache holds for a key: the answer Redis gave, decoded once, so a
 /// hit costs no parse.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub enum Cached {
     /// A customer key's answer.
     Customer(Arc<SubscriptionInfo>),
@@ -320,6 +333,7 @@ impl RedisCache {
                 max_entries: 0,
                 max_bytes: 0,
                 max_age: Duration::ZERO,
+                refresh_after: Duration::ZERO,
             })),
             unfinished: Arc::default(),
         }
@@ -688,7 +702,8 @@ impl RedisCache {
 
     /// The cached answer for a customer, from memory when the in-process cache holds it,
     /// else from Redis (and then kept in memory, decoded, if no invalidation came
-    /// meanwhile); a value that does not decode counts as a miss.
+    /// meanwhile); a value that does not decode counts as a miss. A held answer due for
+    /// its refresh is served and read again in the background.
     pub async fn customer(
         &self,
         customer_id: &str,
@@ -696,10 +711,31 @@ impl RedisCache {
         let key = self.keys.customer(customer_id);
         let ticket = match self.local.get(&key) {
             Lookup::Hit(Cached::Customer(info)) => return Ok(Some((*info).clone())),
+            Lookup::Refresh(Cached::Customer(info), ticket) => {
+                let (this, customer_id) = (self.clone(), customer_id.to_owned());
+                refresh_in_background(async move {
+                    this.customer_in_redis(&customer_id, key, Some(ticket))
+                        .await
+                        .map(drop)
+                });
+                return Ok(Some((*info).clone()));
+            }
             Lookup::Miss(ticket) => Some(ticket),
             // A key holds one kind of value; anything else is read again.
-            Lookup::Hit(Cached::Owner(_)) | Lookup::Bypass => None,
+            Lookup::Hit(Cached::Owner(_))
+            | Lookup::Refresh(Cached::Owner(_), _)
+            | Lookup::Bypass => None,
         };
+        self.customer_in_redis(customer_id, key, ticket).await
+    }
+
+    /// A customer's answer as Redis holds it, kept in memory with `ticket`.
+    async fn customer_in_redis(
+        &self,
+        customer_id: &str,
+        key: String,
+        ticket: Option<Ticket>,
+    ) -> Result<Option<SubscriptionInfo>, redis::RedisError> {
         let raw: Option<String> = self.conn.get().await?.get(&key).await?;
         let Some(raw) = raw else { return Ok(None) };
         match serde_json::from_str::<SubscriptionInfo>(&raw) {
@@ -740,9 +776,31 @@ impl RedisCache {
         // key (invalidated by every write that touches the hash).
         let ticket = match self.local.get(&key) {
             Lookup::Hit(Cached::Owner(infos)) => return Ok((true, infos)),
+            Lookup::Refresh(Cached::Owner(infos), ticket) => {
+                let (this, id) = (self.clone(), id.to_owned());
+                refresh_in_background(async move {
+                    this.owner_in_redis(owner, &id, key, Some(ticket))
+                        .await
+                        .map(drop)
+                });
+                return Ok((true, infos));
+            }
             Lookup::Miss(ticket) => Some(ticket),
-            Lookup::Hit(Cached::Customer(_)) | Lookup::Bypass => None,
+            Lookup::Hit(Cached::Customer(_))
+            | Lookup::Refresh(Cached::Customer(_), _)
+            | Lookup::Bypass => None,
         };
+        self.owner_in_redis(owner, id, key, ticket).await
+    }
+
+    /// What an owner's hash holds in Redis, kept in memory with `ticket` when complete.
+    async fn owner_in_redis(
+        &self,
+        owner: Owner,
+        id: &str,
+        key: String,
+        ticket: Option<Ticket>,
+    ) -> Result<(bool, Arc<[SubscriptionInfo]>), redis::RedisError> {
         let fields: Result<Vec<(String, String)>, redis::RedisError> =
             self.conn.get().await?.hgetall(&key).await;
         let fields = match fields {

@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -194,5 +195,89 @@ async fn a_change_on_one_replica_is_read_on_every_replica_soon_after_its_write()
         .filter(|text| text.contains("invalidation channel lost"))
         .count();
     assert_eq!(lost, 3, "each replica noticed its channel was lost");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Refresh ahead (`projections::local_cache`): an answer read past
+/// `SUBLEDGER_LOCAL_CACHE_REFRESH_MS` is served from memory and read again from Redis in
+/// the background, so a hot owner's answer is replaced before it ages out without a read
+/// waiting for Redis. Here every hit takes the refresh (0 ms) and the age bound is a
+/// minute: the owner's hash is edited in Redis behind the cache's back (no invalidation
+/// message, as when one is lost), and the replica answers the edit from memory soon after,
+/// long before the bound, with no read missing the cache on the way.
+#[tokio::test]
+async fn a_hot_answer_is_refreshed_from_redis_before_it_ages_out() {
+    let (settings, db_name, prefix) = test_settings("refresh_ahead");
+    let dir = scratch("refresh_ahead");
+    let mut command = serve_command(&settings);
+    command.env("SUBLEDGER_LOCAL_CACHE_MAX_AGE_MS", "60000");
+    command.env("SUBLEDGER_LOCAL_CACHE_REFRESH_MS", "0");
+    let replica = Served::start(command, &dir.join("serve.log")).await;
+    let address = replica.address.clone();
+    let client = reqwest::Client::new();
+    all_live(&client, std::slice::from_ref(&address)).await;
+
+    // Basil-shaped subscription event: tests/integration/events.rs.
+    let body = sub_event(
+        "evt_refresh1",
+        "customer.subscription.updated",
+        T0,
+        "sub_refresh",
+        "cus_refresh",
+        "active",
+        "org_refresh",
+    );
+    assert_eq!(post_event(&client, &address, &body).await, Some(200));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while org_status(&client, &address, "org_refresh").await != "active" {
+        assert!(Instant::now() < deadline, "the event was never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pool = PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{db_name}"))
+        .await
+        .unwrap();
+    settle(&pool, &SERVED_PROJECTIONS, Duration::from_secs(60)).await;
+    for _ in 0..3 {
+        assert_eq!(org_status(&client, &address, "org_refresh").await, "active");
+    }
+
+    // The hash's answer for the customer, edited without a message.
+    let mut redis = redis::Client::open(settings.redis_url.expose_secret())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{prefix}stripe:org:org_refresh");
+    let raw: String = redis.hget(&key, "cus_refresh").await.unwrap();
+    let mut answer: Value = serde_json::from_str(&raw).unwrap();
+    // The customer's status and its one subscription's (which the answer is judged from):
+    // projections/src/info.rs `SubscriptionInfo`.
+    answer["status"] = "past_due".into();
+    answer["subscriptions"][0]["status"] = "past_due".into();
+    let () = redis
+        .hset(&key, "cus_refresh", answer.to_string())
+        .await
+        .unwrap();
+    let series =
+        |result: &str| format!(r#"subledger_local_cache_reads_total{{result="{result}"}}"#);
+    let (misses, bypasses) = (
+        metric(&client, &address, &series("miss")).await,
+        metric(&client, &address, &series("bypass")).await,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while org_status(&client, &address, "org_refresh").await != "past_due" {
+        assert!(
+            Instant::now() < deadline,
+            "the edit was not read within 10 s (the age bound is 60 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every read on the way was answered from memory (unless the channel dropped
+    // meanwhile, when reads bypass the cache and it starts over empty).
+    if metric(&client, &address, &series("bypass")).await == bypasses {
+        assert_eq!(metric(&client, &address, &series("miss")).await, misses);
+    }
+    all_answered_from_memory(&client, std::slice::from_ref(&address)).await;
+    drop(replica);
     std::fs::remove_dir_all(&dir).ok();
 }
