@@ -47,9 +47,14 @@ impl<K: Eq + Hash + Clone, V> HandOver<K, V> {
     }
 
     /// Holds each value under its key, in order, pushing out the oldest past the capacity.
+    /// A key already held keeps its place and takes the new value.
     pub fn put(&self, values: impl IntoIterator<Item = (K, V)>) {
         let mut held = self.inner.lock().expect("never poisoned: no panics inside");
         for (key, value) in values {
+            if let Some(slot) = held.by_key.get_mut(&key) {
+                *slot = value;
+                continue;
+            }
             while held.order.len() >= self.capacity {
                 let Some(oldest) = held.order.pop_front() else {
                     break;
@@ -99,5 +104,32 @@ impl<K: Eq + Hash + Clone, V> HandOver<K, V> {
             .lock()
             .expect("never poisoned: no panics inside")
             .taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_put_again_keeps_its_place_and_takes_the_new_value() {
+        let hand_over = HandOver::new(3);
+        hand_over.put([("a", 1), ("a", 2), ("b", 3), ("c", 4)]);
+        // Had "a" been queued twice, the fourth put would have pushed its first place out,
+        // and its value with it.
+        assert_eq!(hand_over.len(), 3);
+        assert_eq!(hand_over.take("a"), Some(2));
+        // "d" pushes out the place "a" kept (taken already), "e" the oldest held.
+        hand_over.put([("d", 5), ("e", 6)]);
+        assert_eq!(hand_over.take("b"), None);
+        assert_eq!(
+            [
+                hand_over.take("c"),
+                hand_over.take("d"),
+                hand_over.take("e")
+            ],
+            [Some(4), Some(5), Some(6)]
+        );
+        assert_eq!(hand_over.taken(), 4);
     }
 }

@@ -46,6 +46,11 @@ impl RecentEvents {
     /// The event at `sequence` of `aggregate_id`, if this process committed it and it is
     /// still held; it is held no longer.
     pub fn take(&self, aggregate_id: &str, sequence: i64) -> Option<SubscriptionEvent> {
+        // Checked first so that a reader with nothing handed over (a replay, another
+        // replica's events) builds no key for each event it reads.
+        if self.0.is_empty() {
+            return None;
+        }
         self.0.take(&(aggregate_id.to_owned(), sequence))
     }
 
