@@ -407,6 +407,25 @@ async fn hammer(
     (all, errors)
 }
 
+/// The server's `/metrics` page.
+async fn metrics_page(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one series (name and labels, as written) on a `/metrics` page; 0 if absent.
+fn series(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// What one `wrk` run measured.
 struct WrkRun {
     rate: f64,
@@ -874,9 +893,15 @@ async fn main() {
         .collect();
     let health = wrk_reads(&base, &["/healthz".to_owned()], options.read_secs, 50);
     hammer(&client, vec![Arc::new(Mutex::new(warm))], 1, 50).await;
+    let before = metrics_page(&client, &base).await;
     let rss = RssSampler::start(server.id());
     let reads = wrk_reads(&base, &org_paths, options.read_secs, 50);
     let read_rss = rss.finish();
+    let after = metrics_page(&client, &base).await;
+    let local_reads = |result: &str| {
+        let name = format!(r#"subledger_local_cache_reads_total{{result="{result}"}}"#);
+        series(&after, &name) - series(&before, &name)
+    };
     let redis_max = redis_ceiling();
     figures.add(
         "reads: entitlements req/s (50 connections, wrk)",
@@ -904,6 +929,15 @@ async fn main() {
     figures.add(
         "reads: req/s / /healthz (goal >= 0.6, p99 <= 2 ms)",
         format!("{:.2}", reads.rate / health.rate),
+    );
+    figures.add(
+        "reads: in-process cache during the phase, hits / misses / bypasses",
+        format!(
+            "{:.0} / {:.0} / {:.0}",
+            local_reads("hit"),
+            local_reads("miss"),
+            local_reads("bypass")
+        ),
     );
     figures.add("reads: peak RSS", format!("{read_rss:.1} MiB"));
 
@@ -980,20 +1014,8 @@ async fn main() {
     }
     let (soak_read_latencies, soak_read_errors) = soak_reads.await.unwrap();
     wait_caught_up(&pool).await;
-    let scrape = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let gauge = |series: &str| -> f64 {
-        scrape
-            .lines()
-            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
+    let scrape = metrics_page(&client, &base).await;
+    let gauge = |name: &str| series(&scrape, name);
     figures.add(
         "soak: reads during the soak (1 connection)",
         format!(
