@@ -1,5 +1,6 @@
 //! subledger's benchmark harness: ingestion (driven by `wrk`), entitlement reads (measured
-//! with `wrk`, beside the server's own `/healthz` rate and tail), cross-replica freshness, storage per event before and after
+//! with `wrk`, beside the server's own `/healthz` rate and tail, then again from a server on one
+//! thread), cross-replica freshness, storage per event before and after
 //! retention, replay, memory and a
 //! peer, measured in one run on this machine, each beside its hardware ceiling.
 //!
@@ -224,8 +225,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_server(port: u16, prefix: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_subledger"))
+/// `subledger serve` on `port`; `threads` sets `SUBLEDGER_THREADS` (unset: one per core).
+fn start_server(port: u16, prefix: &str, threads: Option<usize>) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_subledger"));
+    if let Some(threads) = threads {
+        command.env("SUBLEDGER_THREADS", threads.to_string());
+    }
+    command
         .arg("serve")
         .env("DATABASE_URL", format!("{PG_BASE}/{DB}"))
         .env("SUBLEDGER_REDIS_PREFIX", prefix)
@@ -820,7 +826,7 @@ async fn main() {
     let prefix = format!("bench:{}:", chrono::Utc::now().timestamp());
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut server = start_server(port, &prefix);
+    let mut server = start_server(port, &prefix, None);
     wait_until_up(&client, &base).await;
     let rss = RssSampler::start(server.id());
     let cpu = CpuSample::take(server.id());
@@ -940,6 +946,42 @@ async fn main() {
         ),
     );
     figures.add("reads: peak RSS", format!("{read_rss:.1} MiB"));
+
+    // 3. The same reads from a second server on the same database and Redis, on one
+    // thread (`SUBLEDGER_THREADS=1`), so that it and wrk each have a core instead of
+    // three threads sharing two, as a sidecar beside a busy app would be sized
+    // (docs/operations.md, "Threads on shared cores"). The first server stays up, idle.
+    let sized_port = free_port();
+    let sized_base = format!("http://127.0.0.1:{sized_port}");
+    let mut sized = start_server(sized_port, &prefix, Some(1));
+    wait_until_up(&client, &sized_base).await;
+    let sized_health = wrk_reads(&sized_base, &["/healthz".to_owned()], options.read_secs, 50);
+    let warm = org_paths
+        .iter()
+        .map(|path| format!("{sized_base}{path}"))
+        .collect();
+    hammer(&client, vec![Arc::new(Mutex::new(warm))], 1, 50).await;
+    let sized_reads = wrk_reads(&sized_base, &org_paths, options.read_secs, 50);
+    let _ = sized.kill();
+    let _ = sized.wait();
+    figures.add(
+        "reads, server on 1 thread: entitlements req/s, p50 / p99; /healthz req/s, p50 / p99",
+        format!(
+            "{:.0} ({} errors), {:.2} ms / {:.2} ms; {:.0} ({} errors), {:.2} ms / {:.2} ms",
+            sized_reads.rate,
+            sized_reads.errors,
+            sized_reads.p50_ms,
+            sized_reads.p99_ms,
+            sized_health.rate,
+            sized_health.errors,
+            sized_health.p50_ms,
+            sized_health.p99_ms
+        ),
+    );
+    figures.add(
+        "reads, server on 1 thread: req/s / /healthz (goal >= 0.6, p99 <= 2 ms)",
+        format!("{:.2}", sized_reads.rate / sized_health.rate),
+    );
 
     // 4. Soak at half the measured ingest rate (memory steady, not growing).
     let soak_rate = (e2e_rate / 2.0).max(1.0);
@@ -1089,7 +1131,7 @@ async fn main() {
     for _ in 0..2 {
         let port = free_port();
         others.push((
-            start_server(port, &prefix),
+            start_server(port, &prefix, None),
             format!("http://127.0.0.1:{port}"),
         ));
     }
@@ -1146,7 +1188,7 @@ async fn main() {
     let _ = server.kill();
     let _ = server.wait();
 
-    // 3. Replay: grow the log to the target size by copying customers, then rebuild.
+    // 5. Replay: grow the log to the target size by copying customers, then rebuild.
     let have: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&pool)
         .await
@@ -1217,7 +1259,7 @@ async fn main() {
             .unwrap();
     }
 
-    // 5. The peer, same signed events, same concurrency.
+    // 6. The peer, same signed events, same concurrency.
     if options.peer {
         let peer_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peer");
         recreate_database(PEER_DB).await;

@@ -266,6 +266,26 @@ pub fn default_workers() -> usize {
         .clamp(2, 4)
 }
 
+/// `SUBLEDGER_THREADS`: the threads that run the service's tasks (HTTP, inbox workers,
+/// projections); unset, one per CPU the process may use. Read before anything else
+/// starts, since the runtime those tasks run on is built from it. On cores shared with
+/// something busy (a sidecar beside its app, a load generator), fewer threads than cores
+/// keep a thread from being descheduled with requests in hand: on 2 cores shared with
+/// `wrk`, 1 thread answered more reads than 2, with a shorter tail (docs/operations.md).
+pub fn runtime_threads() -> Result<Option<std::num::NonZeroUsize>, ConfigError> {
+    threads_setting(var("SUBLEDGER_THREADS").as_deref())
+}
+
+fn threads_setting(raw: Option<&str>) -> Result<Option<std::num::NonZeroUsize>, ConfigError> {
+    raw.map(|raw| {
+        raw.trim().parse().map_err(|_| ConfigError::Invalid {
+            name: "SUBLEDGER_THREADS",
+            reason: format!("must be a whole number of at least 1, not {:?}", raw.trim()),
+        })
+    })
+    .transpose()
+}
+
 fn parsed<T: std::str::FromStr>(name: &'static str, default: T) -> Result<T, ConfigError>
 where
     T::Err: std::fmt::Display,
@@ -432,6 +452,22 @@ mod tests {
     use secrecy::ExposeSecret;
 
     use super::*;
+
+    #[test]
+    fn threads_are_a_positive_count_or_the_runtime_default() {
+        assert_eq!(threads_setting(None).unwrap(), None);
+        assert_eq!(
+            threads_setting(Some(" 3 ")).unwrap().map(|n| n.get()),
+            Some(3)
+        );
+        for bad in ["0", "-1", "two", ""] {
+            let error = threads_setting(Some(bad)).unwrap_err().to_string();
+            assert!(
+                error.starts_with("SUBLEDGER_THREADS is not valid"),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn org_tokens_parse_and_bad_entries_are_named_without_their_token() {

@@ -189,8 +189,20 @@ enum NotifyAction {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    let threads = subledger::config::runtime_threads().context("reading configuration")?;
+    if let Some(threads) = threads {
+        runtime.worker_threads(threads.get());
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     telemetry::init();
     let cli = Cli::parse();
     if let Command::Transitions { format } = cli.command {
