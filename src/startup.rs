@@ -433,7 +433,11 @@ impl Application {
             }),
             sync,
         });
-        tracing::info!(address = %listener.local_addr()?, "subledger serving");
+        tracing::info!(
+            address = %listener.local_addr()?,
+            threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            "subledger serving"
+        );
         let served = serve(listener, http::router(state), limits, shutdown).await;
         stop_tx.send_replace(true);
         for task in tasks {

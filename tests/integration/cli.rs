@@ -1,4 +1,5 @@
-//! The `subledger` binary itself: import, replay, migrate, and a clean stop on SIGTERM.
+//! The `subledger` binary itself: import, replay, migrate, the threads it serves on, and a
+//! clean stop on SIGTERM.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -7,6 +8,7 @@ use serde_json::json;
 
 use crate::events::{envelope, subscription, T0};
 use crate::support::helpers::{spawn_app, test_settings};
+use crate::support::procs::{scratch, serve_command, Served};
 
 /// Runs a command to completion off the test's runtime thread, so the in-process app keeps
 /// serving while the binary works against its database.
@@ -273,4 +275,43 @@ async fn serve_migrates_serves_and_stops_cleanly_on_sigterm() {
     let status = status.expect("serve stopped after SIGTERM");
     assert!(status.success(), "exit status {status:?}");
     let _ = prefix;
+}
+
+/// `SUBLEDGER_THREADS` sizes the runtime `serve` runs on (its "subledger serving" line
+/// says how many threads it has); unset, one per CPU; a count that is not at least 1
+/// stops the binary before it starts anything, naming the variable.
+#[tokio::test]
+async fn serve_runs_on_the_threads_it_is_given() {
+    let (settings, _, _) = test_settings("threads");
+    let dir = scratch("threads");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    for (threads, expected) in [(Some("1"), 1), (Some("3"), 3), (None, cpus)] {
+        let mut command = serve_command(&settings);
+        if let Some(threads) = threads {
+            command.env("SUBLEDGER_THREADS", threads);
+        }
+        let log = dir.join(format!("serve-{expected}.log"));
+        let mut served = Served::start(command, &log).await;
+        served.kill();
+        let said: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .filter(|line: &serde_json::Value| line["fields"]["message"] == "subledger serving")
+            .collect();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert_eq!(said[0]["fields"]["threads"], expected, "{threads:?}");
+    }
+    for bad in ["0", "two"] {
+        let mut command = serve_command(&settings);
+        command.env("SUBLEDGER_THREADS", bad);
+        let out = run(command).await;
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("SUBLEDGER_THREADS is not valid"),
+            "{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
