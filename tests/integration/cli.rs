@@ -285,12 +285,16 @@ async fn serve_runs_on_the_threads_it_is_given() {
     let (settings, _, _) = test_settings("threads");
     let dir = scratch("threads");
     let cpus = std::thread::available_parallelism().unwrap().get();
-    for (threads, expected) in [(Some("1"), 1), (Some("3"), 3), (None, cpus)] {
+    for (i, (threads, expected)) in [(Some("1"), 1), (Some("3"), 3), (None, cpus)]
+        .into_iter()
+        .enumerate()
+    {
         let mut command = serve_command(&settings);
-        if let Some(threads) = threads {
-            command.env("SUBLEDGER_THREADS", threads);
-        }
-        let log = dir.join(format!("serve-{expected}.log"));
+        match threads {
+            Some(threads) => command.env("SUBLEDGER_THREADS", threads),
+            None => command.env_remove("SUBLEDGER_THREADS"),
+        };
+        let log = dir.join(format!("serve-{i}.log"));
         let mut served = Served::start(command, &log).await;
         served.kill();
         let said: Vec<serde_json::Value> = std::fs::read_to_string(&log)
