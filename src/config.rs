@@ -40,7 +40,8 @@ pub struct Settings {
     /// off), `SUBLEDGER_LOCAL_CACHE_REFRESH_MS` (default half the age): the in-process
     /// cache in front of Redis. Invalidated by every replica's writes; the age is only the
     /// backstop for a message that never came (docs/operations.md says why 10 s); an answer
-    /// read past the refresh point is served and read again from Redis in the background.
+    /// read past its refresh point (from four fifths of the refresh setting on) is served
+    /// and read again from Redis in the background.
     pub local_cache: projections::LocalCacheConfig,
     /// `STRIPE_WEBHOOK_SECRET`: one or more signing secrets, comma-separated.
     pub webhook_secrets: Vec<SecretString>,
