@@ -74,6 +74,10 @@ pub enum StoreError {
     },
     #[error("the history of {0} has a gap at #{1}")]
     Gap(String, i64),
+    /// This process holds {0} at version {1}, which the log no longer holds (see
+    /// `batch::load_many`): nothing was written.
+    #[error("the log no longer holds {0}#{1}, which this process held: it lost its newest events (a restore or a failover)")]
+    Behind(String, i64),
     #[error("the log returned a malformed transaction id {0:?}")]
     TxId(String),
 }

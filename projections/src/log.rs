@@ -51,9 +51,10 @@ impl From<StoreError> for LogError {
             },
             // Reading never conflicts, nor goes through postgres-es, nor checks for gaps;
             // should the store say so anyway, it is a failure to read the log.
-            other @ (StoreError::Conflict | StoreError::Repository(_) | StoreError::Gap(..)) => {
-                LogError::Store(other)
-            }
+            other @ (StoreError::Conflict
+            | StoreError::Repository(_)
+            | StoreError::Gap(..)
+            | StoreError::Behind(..)) => LogError::Store(other),
         }
     }
 }

@@ -225,6 +225,63 @@ async fn remembered_aggregates_equal_the_log_folded_from_scratch() {
     assert_log_matches(&services, &sim).await;
 }
 
+/// A log that lost its newest events under a running process (a database restored to an
+/// earlier point, or a failover to a replica that had not received them) while the
+/// process still remembers the aggregates it wrote: the next batches must decide against
+/// what the log holds and append right after it, never past a version it no longer holds
+/// (which left a gap: the sequences after it written, the ones before missing).
+#[tokio::test]
+async fn a_remembered_version_the_log_lost_is_not_written_past() {
+    let services = services("aggahead").await;
+    let sim = simulate(47, 4, 1_760_000_000);
+    let (early, late) = sim.events.split_at(sim.events.len() / 2);
+    let mut seen = HashSet::new();
+    store_all(&services, early, &mut seen).await;
+    drain_in_small_batches(&services).await;
+    let remembered = services.ledger.cache.entries();
+    assert_eq!(remembered.len(), sim.truth.len());
+    // Every customer's newest event is gone from the log; the process still holds it.
+    let lost = sqlx::query(
+        "DELETE FROM events e WHERE sequence = \
+            (SELECT max(sequence) FROM events WHERE aggregate_id = e.aggregate_id)",
+    )
+    .execute(&services.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(lost as usize, sim.truth.len());
+    store_all(&services, late, &mut seen).await;
+    drain_in_small_batches(&services).await;
+    for truth in &sim.truth {
+        let sequences: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(&truth.customer_id)
+        .fetch_all(&services.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            sequences,
+            (1..=sequences.len() as i64).collect::<Vec<_>>(),
+            "{}: the log has a gap",
+            truth.customer_id
+        );
+    }
+    // What the process remembers of the customers written since is what the log holds.
+    let written: HashSet<&str> = late.iter().map(|e| e.customer_id.as_str()).collect();
+    assert!(!written.is_empty());
+    let store = PersistedEventStore::<PostgresEventRepository, Subscription>::new_event_store(
+        PostgresEventRepository::new(services.pool.clone()),
+    );
+    for (customer_id, version, _) in services.ledger.cache.entries() {
+        if !written.contains(customer_id.as_str()) {
+            continue;
+        }
+        let context = store.load_aggregate(&customer_id).await.unwrap();
+        assert_eq!(version as usize, context.current_sequence, "{customer_id}");
+    }
+}
+
 /// `subledger replay` rebuilds both projections from the whole log compacted at once
 /// (`Projections::replay`): it must build what live, batch-by-batch catching up built.
 #[tokio::test]
