@@ -69,17 +69,25 @@ async fn count(services: &Services, sql: &str) -> i64 {
         .unwrap()
 }
 
+/// A customer's log is gap-free: its sequences are 1..=n.
+async fn assert_gap_free(services: &Services, customer_id: &str) {
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(customer_id)
+            .fetch_all(&services.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        sequences,
+        (1..=sequences.len() as i64).collect::<Vec<_>>(),
+        "{customer_id}: the log has a gap"
+    );
+}
+
 /// Every customer's log is gap-free (1..=n) and its newest event holds Stripe's newest facts.
 async fn assert_log_matches(services: &Services, sim: &Simulation) {
     for truth in &sim.truth {
-        let sequences: Vec<i64> = sqlx::query_scalar(
-            "SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-        )
-        .bind(&truth.customer_id)
-        .fetch_all(&services.pool)
-        .await
-        .unwrap();
-        assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>());
+        assert_gap_free(services, &truth.customer_id).await;
         let last: sqlx::types::Json<SubscriptionEvent> = sqlx::query_scalar(
             "SELECT payload FROM events WHERE aggregate_id = $1 ORDER BY sequence DESC LIMIT 1",
         )
@@ -253,19 +261,7 @@ async fn a_remembered_version_the_log_lost_is_not_written_past() {
     store_all(&services, late, &mut seen).await;
     drain_in_small_batches(&services).await;
     for truth in &sim.truth {
-        let sequences: Vec<i64> = sqlx::query_scalar(
-            "SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-        )
-        .bind(&truth.customer_id)
-        .fetch_all(&services.pool)
-        .await
-        .unwrap();
-        assert_eq!(
-            sequences,
-            (1..=sequences.len() as i64).collect::<Vec<_>>(),
-            "{}: the log has a gap",
-            truth.customer_id
-        );
+        assert_gap_free(&services, &truth.customer_id).await;
     }
     // What the process remembers of the customers written since is what the log holds.
     let written: HashSet<&str> = late.iter().map(|e| e.customer_id.as_str()).collect();
