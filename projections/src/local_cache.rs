@@ -652,9 +652,9 @@ mod tests {
     }
 
     /// Entries stored together (a warm start) are read again from Redis spread over the
-    /// last fifth before `refresh_after`, not all at once: in one run of the harness's
-    /// reads on one thread (3 000 orgs warmed together), the refreshes of a whole cache in
-    /// one burst put p99 at 1.5 ms where the spread gave 1.3 (BENCHMARKS.md).
+    /// last fifth before `refresh_after`, not all at once: in the harness's reads on one
+    /// thread (3 000 orgs warmed together, ten runs each), the refreshes of a whole cache
+    /// in one burst put the median p99 at 1.5 ms where the spread gave 1.3 (BENCHMARKS.md).
     #[test]
     fn entries_stored_together_refresh_spread_below_refresh_after() {
         let refresh_after = Duration::from_secs(10);
