@@ -15,6 +15,7 @@ pub struct FactSource {
     pub stripe_event_id: String,
     pub stripe_event_type: String,
     /// Stripe's `created` for the event (one-second resolution).
+    #[serde(with = "crate::time::utc")]
     pub created: DateTime<Utc>,
 }
 
@@ -25,18 +26,26 @@ pub struct SubscriptionFacts {
     pub status: SubscriptionStatus,
     /// When Stripe created the subscription (not the event): orders a customer's
     /// subscriptions, newest first.
+    #[serde(default, with = "crate::time::utc_option")]
     pub created: Option<DateTime<Utc>>,
     pub price_id: Option<String>,
     pub product_id: Option<String>,
     pub lookup_key: Option<String>,
     pub quantity: Option<u64>,
+    #[serde(default, with = "crate::time::utc_option")]
     pub current_period_start: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::utc_option")]
     pub current_period_end: Option<DateTime<Utc>>,
     pub cancel_at_period_end: bool,
+    #[serde(default, with = "crate::time::utc_option")]
     pub cancel_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::utc_option")]
     pub canceled_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::utc_option")]
     pub ended_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::utc_option")]
     pub trial_start: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::utc_option")]
     pub trial_end: Option<DateTime<Utc>>,
     pub latest_invoice_id: Option<String>,
     pub currency: Option<String>,
@@ -97,7 +106,9 @@ pub struct ItemFacts {
     /// `None` when the payload does not say (a one-off price, an old shape): licensed.
     pub usage_type: Option<UsageType>,
     /// Since basil (2025-03-31) the period is per item.
+    #[serde(default, with = "crate::time::utc_option")]
     pub current_period_start: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::utc_option")]
     pub current_period_end: Option<DateTime<Utc>>,
 }
 
@@ -135,6 +146,7 @@ pub struct ApiSnapshot {
     /// The time the answer is true as of, truncated to the second: Stripe's clock when it
     /// answered (the response's `Date` header), or the caller's when the request was sent
     /// if Stripe gave none.
+    #[serde(with = "crate::time::utc")]
     pub fetched_at: DateTime<Utc>,
     /// Ownership the listed objects carry (their metadata).
     pub owner: OwnerFacts,
@@ -154,8 +166,10 @@ pub struct InvoiceFacts {
     pub id: String,
     pub status: Option<String>,
     pub attempt_count: u32,
+    #[serde(default, with = "crate::time::utc_option")]
     pub next_payment_attempt: Option<DateTime<Utc>>,
     /// When Stripe created the invoice: the newest invoice is a subscription's latest.
+    #[serde(default, with = "crate::time::utc_option")]
     pub created: Option<DateTime<Utc>>,
     pub amount_due: Option<i64>,
     pub currency: Option<String>,

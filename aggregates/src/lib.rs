@@ -8,6 +8,7 @@
 pub mod facts;
 pub mod status;
 pub mod subscription;
+pub mod time;
 
 pub use facts::{
     ApiSnapshot, Fact, FactSource, InvoiceFacts, ItemFacts, OwnerFacts, PaymentFacts,

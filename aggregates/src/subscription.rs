@@ -57,6 +57,7 @@ pub struct CustomerView {
     pub latest_invoice: Option<InvoiceFacts>,
     /// Stripe's time for the newest fact in this view (so it does not depend on the
     /// order in which facts arrived).
+    #[serde(default, with = "crate::time::utc_option")]
     pub as_of: Option<DateTime<Utc>>,
     /// The current subscription's default payment method, as the last sync saw it.
     /// Absent from events written before syncs existed (and skipped when empty, so those
@@ -239,7 +240,9 @@ pub enum Rejection {
     #[error("stale: {subscription_id} was already updated by a fact from {applied} (this one is from {created})")]
     Stale {
         subscription_id: String,
+        #[serde(with = "crate::time::utc")]
         created: DateTime<Utc>,
+        #[serde(with = "crate::time::utc")]
         applied: DateTime<Utc>,
     },
     #[error("stale: same second as the applied fact for {subscription_id}, which the table orders after this one ({from} -> {to} not taken)")]
@@ -260,7 +263,9 @@ pub enum Rejection {
     StalePayment { payment_id: String },
     #[error("stale: an entitlements summary from {applied} is already held (this one is from {created})")]
     StaleEntitlements {
+        #[serde(with = "crate::time::utc")]
         created: DateTime<Utc>,
+        #[serde(with = "crate::time::utc")]
         applied: DateTime<Utc>,
     },
 }
@@ -312,6 +317,7 @@ pub struct Decision {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed<T> {
     pub value: T,
+    #[serde(with = "crate::time::utc")]
     pub observed_at: DateTime<Utc>,
     pub stripe_event_id: String,
 }

@@ -124,6 +124,7 @@ pub struct OwnedSubscription {
     pub plan: Option<String>,
     pub seats: Option<u64>,
     pub access: bool,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub access_until: Option<DateTime<Utc>>,
     pub pause_reason: Option<String>,
 }
@@ -160,6 +161,7 @@ pub struct Entitlement {
     pub features: Vec<String>,
     pub access: bool,
     /// The latest end among the granting subscriptions (`null`: no end known).
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub access_until: Option<DateTime<Utc>>,
     /// The seats of `plan`: the quantities of the granting licensed items naming it.
     pub seats: Option<u64>,

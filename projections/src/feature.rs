@@ -24,6 +24,7 @@ pub struct FeatureAccess {
     /// subscription.
     pub plan: Option<String>,
     /// Until when access lasts unless Stripe says otherwise; `None` without access.
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub access_until: Option<DateTime<Utc>>,
 }
 

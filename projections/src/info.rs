@@ -35,10 +35,11 @@ pub struct LatestInvoice {
     pub id: String,
     pub status: Option<String>,
     pub attempt_count: u32,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub next_payment_attempt: Option<DateTime<Utc>>,
     /// When Stripe created the invoice: the start of a `past_due` stretch (see the
     /// catalogue's `past_due_max_days`). Absent from answers stored before it was kept.
-    #[serde(default)]
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub created: Option<DateTime<Utc>>,
 }
 
@@ -69,6 +70,7 @@ pub struct ItemInfo {
     /// product); always `null` for a metered item. Filled at read time.
     #[serde(default)]
     pub plan: Option<String>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub current_period_end: Option<DateTime<Utc>>,
 }
 
@@ -94,20 +96,28 @@ pub struct SubscriptionEntry {
     pub subscription_id: String,
     pub status: String,
     /// When Stripe created the subscription.
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub created: Option<DateTime<Utc>>,
     pub plan: Option<String>,
     /// The quantity of the licensed items naming `plan`.
     pub seats: Option<u64>,
     pub features: Vec<String>,
     pub access: bool,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub access_until: Option<DateTime<Utc>>,
     pub items: Vec<ItemInfo>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub current_period_start: Option<DateTime<Utc>>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub current_period_end: Option<DateTime<Utc>>,
     pub cancel_at_period_end: bool,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub cancel_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub canceled_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub ended_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub trial_end: Option<DateTime<Utc>>,
     /// `status_details.paused.subscription.type` of a paused subscription.
     pub pause_reason: Option<String>,
@@ -201,12 +211,18 @@ pub struct SubscriptionInfo {
     pub lookup_key: Option<String>,
     pub plan: Option<String>,
     pub quantity: Option<u64>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub current_period_start: Option<DateTime<Utc>>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub current_period_end: Option<DateTime<Utc>>,
     pub cancel_at_period_end: bool,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub cancel_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub canceled_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub ended_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub trial_end: Option<DateTime<Utc>>,
     pub org_id: Option<String>,
     pub user_id: Option<String>,
@@ -219,11 +235,12 @@ pub struct SubscriptionInfo {
     /// The aggregate version (event sequence) this answer reflects.
     pub version: u64,
     /// Stripe's time for the newest fact behind this answer.
+    #[serde(with = "aggregates::time::utc")]
     pub updated_at: DateTime<Utc>,
     /// Whether the primary subscription grants access now (judged at read time).
     #[serde(default)]
     pub access: bool,
-    #[serde(default)]
+    #[serde(default, with = "aggregates::time::utc_option")]
     pub access_until: Option<DateTime<Utc>>,
     /// The primary subscription's seats: the quantity of its licensed items naming `plan`.
     #[serde(default)]
