@@ -2,9 +2,9 @@
 //! reads, with the common shape written and read directly rather than through chrono's
 //! general formatter and parser.
 //!
-//! Every timestamp the log, the read models and the API hold goes through here (fields
-//! say `#[serde(with = "aggregates::time::utc")]`, or `utc_option` with `default` for an
-//! `Option`). Written: what chrono writes (`SecondsFormat::AutoSi` with `Z`: no fraction,
+//! Every timestamp of this crate's and `projections`' types goes through here (the log's
+//! events, the read models and the answers built from them; fields say `#[serde(with =
+//! "aggregates::time::utc")]`, or `utc_option` with `default` for an `Option`). Written: what chrono writes (`SecondsFormat::AutoSi` with `Z`: no fraction,
 //! or 3, 6 or 9 digits), byte for byte; a year outside 0..=9999 is left to chrono. Read:
 //! `YYYY-MM-DDTHH:MM:SS[.1 to 9 digits]Z` directly; anything else (an offset, a leap
 //! second, a lower-case `t`, …) goes to chrono's parser, as before, with its errors. A
