@@ -170,9 +170,9 @@ pub mod utc_option {
     use super::*;
 
     /// A present timestamp, through [`utc`].
-    struct Some<'a>(&'a DateTime<Utc>);
+    struct Present<'a>(&'a DateTime<Utc>);
 
-    impl Serialize for Some<'_> {
+    impl Serialize for Present<'_> {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
             utc::serialize(self.0, serializer)
         }
@@ -183,7 +183,7 @@ pub mod utc_option {
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         match at {
-            Option::Some(at) => serializer.serialize_some(&Some(at)),
+            Some(at) => serializer.serialize_some(&Present(at)),
             None => serializer.serialize_none(),
         }
     }
@@ -209,7 +209,7 @@ pub mod utc_option {
             self,
             deserializer: D,
         ) -> Result<Self::Value, D::Error> {
-            utc::deserialize(deserializer).map(Option::Some)
+            utc::deserialize(deserializer).map(Some)
         }
     }
 
