@@ -299,9 +299,14 @@ impl TransactionalProjection for PlatformTables {
         Ok(())
     }
 
+    /// A `DELETE`, not a `TRUNCATE`: the replay clears the tables in the transaction that
+    /// rebuilds them, and a `TRUNCATE` would lock every reader out until it commits.
     async fn clear(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
-        sqlx::query("TRUNCATE subscriptions, merchant_subscriptions")
-            .execute(tx)
+        sqlx::query("DELETE FROM subscriptions")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM merchant_subscriptions")
+            .execute(&mut *tx)
             .await?;
         Ok(())
     }

@@ -111,35 +111,43 @@ local function owners_of(raw)
 end
 "#;
 
-/// Sets the customer key unless it holds a newer version. Returns `{1, org, user}` when
-/// written, with the owners the replaced value was linked to ('' for none; none when it
-/// was deleted), or `{0, '', ''}` when the held value was newer (its TTL is then renewed,
-/// so that it lives as long as any hash field written beside it).
+/// Sets the customer key unless it holds a newer version (or, for a read-through, the
+/// same one: see [`Writer`]). Returns `{1, org, user}` when written, with the owners the
+/// replaced value was linked to ('' for none; none when it was deleted), `{0, '', ''}`
+/// when the held value was newer, or `{2, '', ''}` when a read-through found the same
+/// version (the TTL of a value left is renewed, so that it lives as long as any hash field
+/// written beside it).
 ///
-/// KEYS[1]: the customer key. ARGV: the answer's JSON, its version, the TTL.
+/// KEYS[1]: the customer key. ARGV: the answer's JSON, its version, the TTL, '1' for a
+/// read-through.
 const CUSTOMER_SCRIPT: &str = r#"
 local raw = redis.call('GET', KEYS[1])
 local old_version = version_of(raw)
-if old_version and old_version > tonumber(ARGV[2]) then
+local version = tonumber(ARGV[2])
+if old_version and old_version >= version and (old_version > version or ARGV[4] == '1') then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-  return {0, '', ''}
+  if old_version > version then return {0, '', ''} end
+  return {2, '', ''}
 end
 local org, user = owners_of(raw)
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return {1, org, user}
 "#;
 
-/// Sets a customer's field in an owner's hash unless the field holds a newer version,
-/// whether or not the value links the customer to this owner (readers judge that); gives
-/// the hash the TTL when it has none. Returns 1 when written.
+/// Sets a customer's field in an owner's hash unless the field holds a newer version (or,
+/// for a read-through, the same one), whether or not the value links the customer to this
+/// owner (readers judge that); gives the hash the TTL when it has none. Returns 1 when
+/// written.
 ///
-/// KEYS[1]: the owner's hash. ARGV: the customer id, the answer's JSON, its version, the TTL.
+/// KEYS[1]: the owner's hash. ARGV: the customer id, the answer's JSON, its version, the
+/// TTL, '1' for a read-through.
 const OWNER_SCRIPT: &str = r#"
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 local held = version_of(redis.call('HGET', KEYS[1], ARGV[1]))
+local version = tonumber(ARGV[3])
 local written = 0
-if not held or held <= tonumber(ARGV[3]) then
+if not held or held < version or (held == version and ARGV[5] ~= '1') then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   written = 1
 end
@@ -149,7 +157,8 @@ return written
 
 /// Fills an owner's hash from what Postgres holds (a read that found it missing or
 /// incomplete), then marks it complete: each member's field as `OWNER_SCRIPT` would set
-/// it (unless it holds a newer version), so a fill racing the projection never brings
+/// it for a read-through (unless it holds the same version or a newer one), so a fill
+/// racing the projection never brings
 /// back a customer that moved away nor drops one that just arrived. The members' own
 /// keys, and the hashes of owners they left, are written before it like any answer.
 ///
@@ -159,7 +168,7 @@ local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 for i = 2, #ARGV, 3 do
   local held = version_of(redis.call('HGET', KEYS[1], ARGV[i]))
-  if not held or held <= tonumber(ARGV[i + 2]) then
+  if not held or held < tonumber(ARGV[i + 2]) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
@@ -167,6 +176,27 @@ redis.call('HSET', KEYS[1], '~complete', '1')
 if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return 1
 "#;
+
+/// Who writes an answer. The projection writes what the log says, replacing a value of
+/// the same version (a replay rewrites every answer at the version it had, in the shape
+/// and with the catalogue of now). A read-through writes what Postgres held when it read,
+/// which a replay may have rebuilt since (it keeps the old rows readable until it
+/// commits): it never replaces a value of the same version, so what a replay wrote stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    Projection,
+    ReadThrough,
+}
+
+impl Writer {
+    /// The scripts' last argument.
+    fn flag(self) -> &'static str {
+        match self {
+            Writer::Projection => "0",
+            Writer::ReadThrough => "1",
+        }
+    }
+}
 
 /// The cache's scripts, each with the shared decoder in front.
 struct Scripts {
@@ -402,14 +432,15 @@ impl RedisCache {
     /// Writes answers as the module header says: their customer keys, then the fields of
     /// the owners' hashes (with `fill`, one more command on an owner's hash, and its key),
     /// then the invalidation of every key written. Returns, for each answer, whether its
-    /// customer key was written (false: it held a newer version).
+    /// customer key now holds its version (false: it held a newer one).
     async fn write(
         &self,
         infos: &[SubscriptionInfo],
         fill: Option<(redis::Cmd, String)>,
+        writer: Writer,
     ) -> Result<Vec<bool>, ProjectionError> {
         let mut conn = self.conn.get().await?;
-        let mut rest = self.write_customers(&mut conn, infos).await?;
+        let mut rest = self.write_customers(&mut conn, infos, writer).await?;
         if let Some((cmd, key)) = fill {
             rest.cmds.push(cmd);
             rest.keys.push(key);
@@ -424,6 +455,7 @@ impl RedisCache {
         &self,
         conn: &mut RedisConn,
         infos: &[SubscriptionInfo],
+        writer: Writer,
     ) -> Result<OwnerWrites, ProjectionError> {
         let scripts = scripts();
         let mut values = Vec::with_capacity(infos.len());
@@ -436,7 +468,8 @@ impl RedisCache {
                 .arg(self.keys.customer(&info.customer_id))
                 .arg(&value)
                 .arg(info.version)
-                .arg(self.ttl_secs);
+                .arg(self.ttl_secs)
+                .arg(writer.flag());
             customer_writes.push(cmd);
             values.push(value);
         }
@@ -459,9 +492,10 @@ impl RedisCache {
             let (done, old_org, old_user): (i64, String, String) =
                 redis::from_owned_redis_value(answer)?;
             rest.keys.push(self.keys.customer(&info.customer_id));
-            rest.written.push(done == 1);
+            rest.written.push(done != 0);
             if done != 1 {
-                // A newer answer is held; its writer writes (or wrote) the hashes.
+                // A newer answer is held (or, for a read-through, this version); its
+                // writer writes (or wrote) the hashes.
                 continue;
             }
             let (org, user) = info.linked_owners();
@@ -475,7 +509,8 @@ impl RedisCache {
                 owners.push(self.keys.user(&old_user));
             }
             for owner in owners {
-                rest.cmds.push(self.owner_script(&owner, info, value));
+                rest.cmds
+                    .push(self.owner_script(&owner, info, value, writer));
                 rest.keys.push(owner);
             }
         }
@@ -490,7 +525,13 @@ impl RedisCache {
     }
 
     /// `OWNER_SCRIPT` on `owner`'s hash for `info` (its JSON: `value`).
-    fn owner_script(&self, owner: &str, info: &SubscriptionInfo, value: &str) -> redis::Cmd {
+    fn owner_script(
+        &self,
+        owner: &str,
+        info: &SubscriptionInfo,
+        value: &str,
+        writer: Writer,
+    ) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(scripts().owner.get_hash())
             .arg(1)
@@ -498,7 +539,8 @@ impl RedisCache {
             .arg(&info.customer_id)
             .arg(value)
             .arg(info.version)
-            .arg(self.ttl_secs);
+            .arg(self.ttl_secs)
+            .arg(writer.flag());
         cmd
     }
 
@@ -557,8 +599,12 @@ impl RedisCache {
         }
         let as_scripts = |rest: &mut OwnerWrites, fields: &[(String, usize)]| {
             for (owner, i) in fields {
-                rest.cmds
-                    .push(self.owner_script(owner, &infos[*i], &values[*i]));
+                rest.cmds.push(self.owner_script(
+                    owner,
+                    &infos[*i],
+                    &values[*i],
+                    Writer::Projection,
+                ));
                 rest.keys.push(owner.clone());
             }
         };
@@ -570,7 +616,10 @@ impl RedisCache {
         }
         if !present.is_empty() {
             let others: Vec<SubscriptionInfo> = present.iter().map(|&i| infos[i].clone()).collect();
-            match self.write_customers(&mut conn, &others).await {
+            match self
+                .write_customers(&mut conn, &others, Writer::Projection)
+                .await
+            {
                 Ok(more) => {
                     for (&i, written) in present.iter().zip(more.written) {
                         rest.written[i] = written;
@@ -880,7 +929,9 @@ impl RedisCache {
                 .arg(serde_json::to_string(info)?)
                 .arg(info.version);
         }
-        let written = self.write(infos, Some((cmd, key))).await?;
+        let written = self
+            .write(infos, Some((cmd, key)), Writer::ReadThrough)
+            .await?;
         let refused = written.iter().filter(|written| !**written).count();
         if refused > 0 {
             STALE_WRITES
@@ -890,10 +941,12 @@ impl RedisCache {
         Ok(())
     }
 
-    /// Writes one answer (read-through after a miss). Returns false when the cache
-    /// already held a newer version.
+    /// Writes one answer (read-through after a miss; see [`Writer`]). Returns false when
+    /// the cache already held a newer version.
     pub async fn put(&self, info: &SubscriptionInfo) -> Result<bool, ProjectionError> {
-        let written = self.write(std::slice::from_ref(info), None).await?;
+        let written = self
+            .write(std::slice::from_ref(info), None, Writer::ReadThrough)
+            .await?;
         let written = written.first().copied().unwrap_or(false);
         if !written {
             STALE_WRITES.with_label_values(&["read_through"]).inc();
@@ -995,7 +1048,7 @@ impl EventualProjection for RedisCache {
 
     async fn apply(&self, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
         let infos = self.answers_of(events);
-        let written = self.write(&infos, None).await?;
+        let written = self.write(&infos, None, Writer::Projection).await?;
         count_refused(&written);
         Ok(())
     }
@@ -1115,6 +1168,71 @@ mod tests {
             .map(|info| info.version)
     }
 
+    /// A replay rewrites every answer at the version it had (with the catalogue and shape
+    /// of now), while a read-through may still write what Postgres held before the
+    /// replay's commit: the same version, the old content. The projection's write replaces
+    /// a read-through's of the same version, and never the other way round: not at the
+    /// customer key, not in the owner's hash, not by a fill.
+    #[tokio::test]
+    async fn a_read_through_never_replaces_the_same_version_and_the_projection_does() {
+        let answer = |status: &str| {
+            let mut info = info("cus_r", 4, Some("org_r"), false);
+            info.status = status.to_owned();
+            info
+        };
+        let (old, new) = (answer("past_due"), answer("active"));
+        for (mode, cache) in caches() {
+            let seen = || async {
+                let key = cache.customer("cus_r").await.unwrap().unwrap().status;
+                let (complete, infos) = cache.owner(Owner::Org, "org_r").await.unwrap();
+                let field = infos.iter().map(|i| i.status.clone()).collect::<Vec<_>>();
+                (key, complete, field)
+            };
+            let active = "active".to_owned();
+            assert!(cache.put(&old).await.unwrap(), "{mode}");
+            let written = cache
+                .write(std::slice::from_ref(&new), None, Writer::Projection)
+                .await
+                .unwrap();
+            assert_eq!(written, [true], "{mode}");
+            let (key, _, field) = seen().await;
+            assert_eq!(
+                (key, field),
+                (active.clone(), vec![active.clone()]),
+                "{mode}"
+            );
+
+            // Later read-throughs of the old content leave it (and say the version is held).
+            assert!(cache.put(&old).await.unwrap(), "{mode}");
+            cache
+                .fill_owner(Owner::Org, "org_r", std::slice::from_ref(&old))
+                .await
+                .unwrap();
+            assert_eq!(
+                seen().await,
+                (active.clone(), true, vec![active.clone()]),
+                "{mode}"
+            );
+
+            // The customer key gone (expired), a read-through makes it again but leaves the
+            // owner's field of the same version.
+            let mut conn = cache.conn.get().await.unwrap();
+            let _: i64 = redis::cmd("DEL")
+                .arg(cache.keys.customer("cus_r"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(cache.put(&old).await.unwrap(), "{mode}");
+            let (key, _, field) = seen().await;
+            assert_eq!(
+                (key, field),
+                ("past_due".to_owned(), vec![active.clone()]),
+                "{mode}"
+            );
+            cache.clear_all().await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn an_older_write_never_wins_whatever_the_interleaving() {
         for (mode, cache) in caches() {
@@ -1133,7 +1251,10 @@ mod tests {
             // X (v2: to org_b) writes the customer key; Y (v3: to org_c) then writes
             // everything; X's hash writes come last.
             let x = [info("cus_1", 2, Some("org_b"), false)];
-            let x_rest = cache.write_customers(&mut conn, &x).await.unwrap();
+            let x_rest = cache
+                .write_customers(&mut conn, &x, Writer::Projection)
+                .await
+                .unwrap();
             assert_eq!(x_rest.written, [true], "{mode}");
             assert!(cache
                 .put(&info("cus_1", 3, Some("org_c"), false))
@@ -1168,7 +1289,10 @@ mod tests {
             // An older writer whose customer write came first, and whose hash write comes
             // after a newer writer moved the customer back: its field stays the newer one.
             let old = [info("cus_2", 2, Some("org_d"), false)];
-            let old_rest = cache.write_customers(&mut conn, &old).await.unwrap();
+            let old_rest = cache
+                .write_customers(&mut conn, &old, Writer::Projection)
+                .await
+                .unwrap();
             assert!(cache
                 .put(&info("cus_2", 3, Some("org_a"), false))
                 .await
@@ -1277,20 +1401,24 @@ mod tests {
             // lost (as after a crash).
             let moved = |customer| [info(customer, 2, Some("org_b"), false)];
             let rest = cache
-                .write_customers(&mut conn, &moved("cus_1"))
+                .write_customers(&mut conn, &moved("cus_1"), Writer::Projection)
                 .await
                 .unwrap();
             cache.keep_unfinished(rest);
             drop(
                 cache
-                    .write_customers(&mut conn, &moved("cus_2"))
+                    .write_customers(&mut conn, &moved("cus_2"), Writer::Projection)
                     .await
                     .unwrap(),
             );
             // The projection applies the batch again: the customer keys already hold it,
             // so only what was kept can tell that they left org_a.
             for customer in ["cus_1", "cus_2"] {
-                assert!(cache.put(&moved(customer)[0]).await.unwrap(), "{mode}");
+                let written = cache
+                    .write(&moved(customer), None, Writer::Projection)
+                    .await
+                    .unwrap();
+                assert_eq!(written, [true], "{mode}");
             }
             assert_eq!(members(&cache, "org_b").await, ["cus_1", "cus_2"], "{mode}");
             assert_eq!(
@@ -1607,7 +1735,7 @@ mod tests {
                 let mut written = Vec::new();
                 for batch in &batches {
                     written.push(if std::ptr::eq(cache, &scripted) {
-                        cache.write(batch, None).await.unwrap()
+                        cache.write(batch, None, Writer::Projection).await.unwrap()
                     } else {
                         cache.write_absent(batch).await.unwrap()
                     });

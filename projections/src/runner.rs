@@ -70,7 +70,9 @@ pub trait TransactionalProjection: Send + Sync + 'static {
         events: &[LoggedEvent],
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
-    /// Deletes everything this projection owns, before a replay from position 0.
+    /// Deletes everything this projection owns, in the transaction of a replay that
+    /// rebuilds it from position 0 (readers must still find the old rows until it
+    /// commits: no `TRUNCATE`).
     fn clear(
         &self,
         tx: &mut PgConnection,
@@ -617,36 +619,43 @@ impl Projections {
         Ok(done)
     }
 
-    /// Clears what every projection owns and rewinds every checkpoint to position 0, in
-    /// one transaction, waiting for any process that is applying them right now.
+    /// Clears what every eventual projection owns and rewinds their checkpoints to
+    /// position 0, waiting for any process that is applying the projections right now. The
+    /// transactional ones are cleared by the rebuild itself, in its own transaction
+    /// ([`Projections::rebuild`]), so that until it commits readers find them as they were.
     async fn clear(&self) -> Result<(), ProjectionError> {
         let names: Vec<&str> = self.names().collect();
         ensure_checkpoints(&self.inner.pool, &names).await?;
+        let eventual: Vec<usize> = (0..names.len())
+            .filter(|&i| !self.is_transactional(i))
+            .collect();
         let mut tx = self.inner.pool.begin().await?;
         let cleared = async {
             lock_checkpoints(&mut tx, &names, true).await?;
-            // The eventual ones first, so that the tables' locks are held only briefly.
-            for member in &self.inner.members {
-                if let Kind::Eventual(projection) = &member.kind {
+            for &i in &eventual {
+                if let Kind::Eventual(projection) = &self.inner.members[i].kind {
                     projection.clear().await?;
                 }
             }
-            for member in &self.inner.members {
-                if let Kind::Transactional(projection) = &member.kind {
-                    projection.clear(&mut tx).await?;
-                }
-            }
-            save_checkpoints(&mut tx, &names, Position::default()).await
+            save_checkpoints(&mut tx, &self.names_of(&eventual), Position::default()).await
         }
         .await;
         commit_or_roll_back(tx, cleared).await?;
-        let all: Vec<usize> = (0..self.inner.members.len()).collect();
-        self.publish(&all, Position::default());
+        self.publish(&eventual, Position::default());
         Ok(())
     }
 
-    /// Rebuilds the projections that [`Projections::clear`] has just cleared, reading the
-    /// whole log once for all: a first pass (`newest`, made beside the clear) found, from
+    fn is_transactional(&self, i: usize) -> bool {
+        matches!(self.inner.members[i].kind, Kind::Transactional(_))
+    }
+
+    /// Rebuilds every transactional projection, and every eventual one that
+    /// [`Projections::clear`] has just cleared, reading the whole log once for all. The
+    /// transactional ones are cleared first in the rebuild's transaction (a `DELETE`,
+    /// which leaves readers the rows as they were until it commits, where a `TRUNCATE`
+    /// would lock them out), so a read of the tables never finds them empty meanwhile:
+    /// it finds the old rows, then the rebuilt ones. A first pass (`newest`, made beside
+    /// the clear) found, from
     /// keys alone, each aggregate's newest event and each subscription's newest snapshot
     /// below a horizon (what compacting the whole log as one batch keeps,
     /// [`log::newest_below`]); now only those are read, decoded and applied, grouped by
@@ -670,17 +679,23 @@ impl Projections {
             let held = lock_checkpoints(&mut tx, &names, true).await?;
             let mut group: Vec<usize> = (0..names.len())
                 .filter(|&i| {
-                    held.iter()
-                        .any(|(name, at)| name == names[i] && *at == Position::default())
+                    self.is_transactional(i)
+                        || held
+                            .iter()
+                            .any(|(name, at)| name == names[i] && *at == Position::default())
                 })
                 .collect();
             if group.is_empty() {
                 return Ok(None);
             }
+            for &i in &group {
+                if let Kind::Transactional(projection) = &self.inner.members[i].kind {
+                    projection.clear(&mut tx).await?;
+                }
+            }
             let started = Instant::now();
-            let Some(last) = newest.last else {
-                return Ok(None);
-            };
+            // An empty log rebuilds empty read models, at position 0.
+            let last = newest.last.unwrap_or_default();
             let read_chunk = |chunk: &[i64]| {
                 let (pool, chunk) = (pool.clone(), chunk.to_vec());
                 tokio::spawn(async move {

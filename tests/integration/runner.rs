@@ -61,6 +61,14 @@ impl EventualProjection for Flaky {
 /// A service whose log holds a simulated account's events (nothing projected yet), the
 /// runner over its tables and `flaky`, and each customer's version in the log.
 async fn logged(tag: &str, flaky: &Flaky) -> (Services, Projections, BTreeMap<String, u64>) {
+    logged_beside(tag, |_| flaky.clone()).await
+}
+
+/// [`logged`], with the eventual projection `beside` makes (given the service's pool).
+async fn logged_beside<P: EventualProjection>(
+    tag: &str,
+    beside: impl FnOnce(&sqlx::PgPool) -> P,
+) -> (Services, Projections, BTreeMap<String, u64>) {
     let (settings, _, _) = test_settings(tag);
     let services = Services::connect(settings).await.unwrap();
     let sim = simulate(53, 9, 1_760_000_000);
@@ -76,7 +84,7 @@ async fn logged(tag: &str, flaky: &Flaky) -> (Services, Projections, BTreeMap<St
         services.pool.clone(),
         [
             Member::transactional(PlatformTables::new(services.catalog.clone())),
-            Member::eventual(flaky.clone()),
+            Member::eventual(beside(&services.pool)),
         ],
     );
     let versions: Vec<(String, i64)> =
@@ -142,14 +150,7 @@ async fn a_replay_rebuilds_every_projection_and_one_that_fails_is_caught_up_afte
     let (services, runner, versions) = logged("runnerreplay", &flaky).await;
     let tables = PlatformTables::NAME;
     catch_up(&runner).await.unwrap();
-    let read_tables = || async {
-        sqlx::query_scalar::<_, serde_json::Value>(
-            "SELECT to_jsonb(s) - 'updated_at' FROM subscriptions s ORDER BY customer_id",
-        )
-        .fetch_all(&services.pool)
-        .await
-        .unwrap()
-    };
+    let read_tables = || read_tables(&services.pool);
     let live = read_tables().await;
 
     // Unreachable: nothing is cleared, the replay fails.
@@ -190,6 +191,75 @@ async fn a_replay_rebuilds_every_projection_and_one_that_fails_is_caught_up_afte
     catch_up(&runner).await.unwrap();
     assert_eq!(*flaky.versions.lock().unwrap(), versions);
     assert_eq!(read_tables().await, live);
+}
+
+/// The platform tables as a reader finds them (all but `updated_at`), in a stable order.
+async fn read_tables(pool: &sqlx::PgPool) -> Vec<serde_json::Value> {
+    let mut rows: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT to_jsonb(s) - 'updated_at' FROM subscriptions s ORDER BY customer_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.extend(
+        sqlx::query_scalar::<_, serde_json::Value>(
+            "SELECT to_jsonb(m) - 'updated_at' FROM merchant_subscriptions m \
+             ORDER BY subscription_id",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap(),
+    );
+    rows
+}
+
+/// An eventual projection that writes nothing: each chunk a rebuild gives it, it reads the
+/// platform tables on a connection of its own, as a reader would meanwhile.
+#[derive(Clone)]
+struct Reader {
+    pool: sqlx::PgPool,
+    seen: Arc<Mutex<Vec<Vec<serde_json::Value>>>>,
+}
+
+impl EventualProjection for Reader {
+    const NAME: &'static str = "test_reader";
+
+    async fn apply(&self, _: &[LoggedEvent]) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+
+    async fn apply_rebuilding(&self, _: &[LoggedEvent]) -> Result<(), ProjectionError> {
+        let tables = read_tables(&self.pool).await;
+        self.seen.lock().unwrap().push(tables);
+        Ok(())
+    }
+
+    async fn clear(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+/// A replay clears the tables in the transaction that rebuilds them: a reader meanwhile
+/// finds every row as it was (never an empty table, which reads as a customer never
+/// seen), then the rebuilt ones.
+#[tokio::test]
+async fn while_a_replay_rebuilds_the_tables_readers_find_them_as_they_were() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (services, runner, _) = logged_beside("runnerreaders", |pool| Reader {
+        pool: pool.clone(),
+        seen: seen.clone(),
+    })
+    .await;
+    catch_up(&runner).await.unwrap();
+    let live = read_tables(&services.pool).await;
+    assert!(!live.is_empty());
+    runner.replay(7, |_| {}, |_, _| {}).await.unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(!seen.is_empty(), "the rebuild gave the reader its chunks");
+    for tables in &seen {
+        assert_eq!(tables, &live, "a reader during the rebuild");
+    }
+    assert_eq!(read_tables(&services.pool).await, live, "after it");
 }
 
 /// Records that `customer_id` belongs to `org_id` (as the checkout does) and returns the
