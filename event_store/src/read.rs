@@ -246,6 +246,27 @@ pub async fn position_of_version(
     row.as_ref().map(position_of).transpose()
 }
 
+/// Which of `ids` the log holds any event of: one probe of the primary key for each (for
+/// a replay, which keeps only what the log names).
+pub async fn logged_among(
+    conn: &mut PgConnection,
+    ids: &[String],
+) -> Result<Vec<String>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let logged = sqlx::query_scalar(
+        "SELECT i.id FROM unnest($2::text[]) AS i(id) \
+         WHERE (SELECT e.sequence FROM events e \
+                WHERE e.aggregate_type = $1 AND e.aggregate_id = i.id LIMIT 1) IS NOT NULL",
+    )
+    .bind(Subscription::TYPE)
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(logged)
+}
+
 /// One event of an aggregate's history, with when it was stored.
 #[derive(Debug, Clone)]
 pub struct Recorded {

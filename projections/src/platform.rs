@@ -8,7 +8,7 @@
 //! customer's answer, an owner's, the operators' search) are here too, beside the writes
 //! they must agree with.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use aggregates::{FactSource, SubscriptionEvent, SubscriptionFacts};
@@ -17,7 +17,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
-use crate::log::{newest_per_aggregate, LoggedEvent};
+use crate::log::{newest_per_aggregate, LogError, LoggedEvent};
 use crate::redis_cache::Owner;
 use crate::runner::{ProjectionError, TransactionalProjection};
 
@@ -168,13 +168,16 @@ impl PlatformTables {
     }
 }
 
-impl TransactionalProjection for PlatformTables {
-    const NAME: &'static str = "platform_tables";
-
-    async fn apply(
+impl PlatformTables {
+    /// Upserts each customer's newest answer in `events` and each subscription's newest
+    /// snapshot, each replacing a row of an older version; `rebuilding`, also a row of the
+    /// same version that differs (a replay writes every answer again, in the shape and
+    /// with the catalogue of now, over the rows it finds).
+    async fn upsert(
         &self,
         tx: &mut PgConnection,
         events: &[LoggedEvent],
+        rebuilding: bool,
     ) -> Result<(), ProjectionError> {
         // One multi-row upsert per table and batch (arrays unnested server-side): a replay
         // of a million events is a few hundred statements, not a million.
@@ -200,7 +203,14 @@ impl TransactionalProjection for PlatformTables {
                     subscription_id = EXCLUDED.subscription_id, status = EXCLUDED.status, price_id = EXCLUDED.price_id, \
                     current_period_end = EXCLUDED.current_period_end, info = EXCLUDED.info, \
                     version = EXCLUDED.version, updated_at = EXCLUDED.updated_at \
-                 WHERE subscriptions.version < EXCLUDED.version",
+                 WHERE subscriptions.version < EXCLUDED.version \
+                    OR ($11 AND subscriptions.version = EXCLUDED.version \
+                        AND (subscriptions.org_id, subscriptions.user_id, subscriptions.subscription_id, \
+                            subscriptions.status, subscriptions.price_id, subscriptions.current_period_end, \
+                            subscriptions.info::text, subscriptions.updated_at) \
+                        IS DISTINCT FROM (EXCLUDED.org_id, EXCLUDED.user_id, EXCLUDED.subscription_id, \
+                            EXCLUDED.status, EXCLUDED.price_id, EXCLUDED.current_period_end, \
+                            EXCLUDED.info::text, EXCLUDED.updated_at))",
             )
             .bind(infos.iter().map(|i| i.customer_id.clone()).collect::<Vec<_>>())
             .bind(infos.iter().map(|i| i.org_id.clone()).collect::<Vec<_>>())
@@ -212,6 +222,7 @@ impl TransactionalProjection for PlatformTables {
             .bind(json)
             .bind(infos.iter().map(|i| i.version as i64).collect::<Vec<_>>())
             .bind(infos.iter().map(|i| i.updated_at).collect::<Vec<_>>())
+            .bind(rebuilding)
             .execute(&mut *tx)
             .await?;
         }
@@ -271,7 +282,9 @@ impl TransactionalProjection for PlatformTables {
                 trial_start = EXCLUDED.trial_start, trial_end = EXCLUDED.trial_end, \
                 latest_invoice_id = EXCLUDED.latest_invoice_id, stripe_event_id = EXCLUDED.stripe_event_id, \
                 stripe_created = EXCLUDED.stripe_created, version = EXCLUDED.version \
-             WHERE merchant_subscriptions.version < EXCLUDED.version",
+             WHERE merchant_subscriptions.version < EXCLUDED.version \
+                OR ($22 AND merchant_subscriptions.version = EXCLUDED.version \
+                    AND ROW(merchant_subscriptions.*) IS DISTINCT FROM ROW(EXCLUDED.*))",
         )
         .bind(text(|s| Some(s.id.clone())))
         .bind(rows.iter().map(|(l, _, _)| l.aggregate_id.clone()).collect::<Vec<_>>())
@@ -294,20 +307,63 @@ impl TransactionalProjection for PlatformTables {
         .bind(rows.iter().map(|(_, _, src)| src.stripe_event_id.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|(_, _, src)| src.created).collect::<Vec<_>>())
         .bind(rows.iter().map(|(l, _, _)| l.sequence as i64).collect::<Vec<_>>())
+        .bind(rebuilding)
         .execute(&mut *tx)
         .await?;
         Ok(())
     }
+}
 
-    /// A `DELETE`, not a `TRUNCATE`: the replay clears the tables in the transaction that
-    /// rebuilds them, and a `TRUNCATE` would lock every reader out until it commits.
-    async fn clear(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
-        sqlx::query("DELETE FROM subscriptions")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM merchant_subscriptions")
-            .execute(&mut *tx)
-            .await?;
+impl TransactionalProjection for PlatformTables {
+    const NAME: &'static str = "platform_tables";
+
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[LoggedEvent],
+    ) -> Result<(), ProjectionError> {
+        self.upsert(tx, events, false).await
+    }
+
+    async fn apply_rebuilding(
+        &self,
+        tx: &mut PgConnection,
+        events: &[LoggedEvent],
+    ) -> Result<(), ProjectionError> {
+        self.upsert(tx, events, true).await
+    }
+
+    /// The rows of customers other than `rebuilt` that the log holds no event of
+    /// (usually none: only rows written by hand, or a log restored to an earlier point,
+    /// leave any).
+    async fn retain(
+        &self,
+        tx: &mut PgConnection,
+        rebuilt: &[String],
+    ) -> Result<(), ProjectionError> {
+        let others: Vec<String> = sqlx::query_scalar(
+            "SELECT customer_id FROM subscriptions WHERE NOT (customer_id = ANY($1)) \
+             UNION SELECT customer_id FROM merchant_subscriptions WHERE NOT (customer_id = ANY($1))",
+        )
+        .bind(rebuilt)
+        .fetch_all(&mut *tx)
+        .await?;
+        let logged: HashSet<String> = event_store::read::logged_among(&mut *tx, &others)
+            .await
+            .map_err(LogError::from)?
+            .into_iter()
+            .collect();
+        let unlogged: Vec<&String> = others.iter().filter(|id| !logged.contains(*id)).collect();
+        if !unlogged.is_empty() {
+            sqlx::query("DELETE FROM subscriptions WHERE customer_id = ANY($1)")
+                .bind(&unlogged)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM merchant_subscriptions WHERE customer_id = ANY($1)")
+                .bind(&unlogged)
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(())
     }
 }

@@ -23,7 +23,7 @@
 //! where the projections stand, and [`Projections::wait_until_applied`] waits on that
 //! (bounded by a deadline) instead of polling.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -70,12 +70,26 @@ pub trait TransactionalProjection: Send + Sync + 'static {
         events: &[LoggedEvent],
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
-    /// Deletes everything this projection owns, in the transaction of a replay that
-    /// rebuilds it from position 0 (readers must still find the old rows until it
-    /// commits: no `TRUNCATE`).
-    fn clear(
+    /// Applies a chunk of a rebuild ([`Projections::replay`]) over what the projection
+    /// holds (a rebuild does not clear it first, so that readers find the old rows until
+    /// it commits): it must leave what `apply` would leave in an empty projection, so it
+    /// also replaces what it holds of the same version when that differs (the answer in
+    /// the shape and with the catalogue of now). By default, `apply`.
+    fn apply_rebuilding(
         &self,
         tx: &mut PgConnection,
+        events: &[LoggedEvent],
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        self.apply(tx, events)
+    }
+
+    /// Ends a rebuild: deletes what the projection holds of aggregates other than
+    /// `rebuilt` (those the rebuild applied) that the log holds no event of, so that it
+    /// holds what a rebuild into an empty projection would.
+    fn retain(
+        &self,
+        tx: &mut PgConnection,
+        rebuilt: &[String],
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
 
@@ -112,15 +126,27 @@ type Boxed<'a> = Pin<Box<dyn Future<Output = Result<(), ProjectionError>> + Send
 /// A [`TransactionalProjection`] with its type erased, so that one runner holds any.
 trait InTransaction: Send + Sync {
     fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [LoggedEvent]) -> Boxed<'a>;
-    fn clear<'a>(&'a self, tx: &'a mut PgConnection) -> Boxed<'a>;
+    fn apply_rebuilding<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [LoggedEvent],
+    ) -> Boxed<'a>;
+    fn retain<'a>(&'a self, tx: &'a mut PgConnection, rebuilt: &'a [String]) -> Boxed<'a>;
 }
 
 impl<P: TransactionalProjection> InTransaction for P {
     fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [LoggedEvent]) -> Boxed<'a> {
         Box::pin(TransactionalProjection::apply(self, tx, events))
     }
-    fn clear<'a>(&'a self, tx: &'a mut PgConnection) -> Boxed<'a> {
-        Box::pin(TransactionalProjection::clear(self, tx))
+    fn apply_rebuilding<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [LoggedEvent],
+    ) -> Boxed<'a> {
+        Box::pin(TransactionalProjection::apply_rebuilding(self, tx, events))
+    }
+    fn retain<'a>(&'a self, tx: &'a mut PgConnection, rebuilt: &'a [String]) -> Boxed<'a> {
+        Box::pin(TransactionalProjection::retain(self, tx, rebuilt))
     }
 }
 
@@ -510,7 +536,11 @@ impl Projections {
         let in_transaction = async {
             for &i in group {
                 if let Kind::Transactional(projection) = &members[i].kind {
-                    projection.apply(tx, events).await?;
+                    if rebuilding {
+                        projection.apply_rebuilding(tx, events).await?;
+                    } else {
+                        projection.apply(tx, events).await?;
+                    }
                 }
             }
             Ok::<_, ProjectionError>(())
@@ -621,7 +651,7 @@ impl Projections {
 
     /// Clears what every eventual projection owns and rewinds their checkpoints to
     /// position 0, waiting for any process that is applying the projections right now. The
-    /// transactional ones are cleared by the rebuild itself, in its own transaction
+    /// transactional ones are not cleared: the rebuild writes over them in one transaction
     /// ([`Projections::rebuild`]), so that until it commits readers find them as they were.
     async fn clear(&self) -> Result<(), ProjectionError> {
         let names: Vec<&str> = self.names().collect();
@@ -651,11 +681,11 @@ impl Projections {
 
     /// Rebuilds every transactional projection, and every eventual one that
     /// [`Projections::clear`] has just cleared, reading the whole log once for all. The
-    /// transactional ones are cleared first in the rebuild's transaction (a `DELETE`,
-    /// which leaves readers the rows as they were until it commits, where a `TRUNCATE`
-    /// would lock them out), so a read of the tables never finds them empty meanwhile:
-    /// it finds the old rows, then the rebuilt ones. A first pass (`newest`, made beside
-    /// the clear) found, from
+    /// transactional ones are rebuilt over what they hold, in the rebuild's transaction
+    /// (`apply_rebuilding`, then `retain` of what the log still names), so a read of the
+    /// tables never finds them empty meanwhile: it finds the old rows, then the rebuilt
+    /// ones; and a row the rebuild finds as it would write it is not written again. A
+    /// first pass (`newest`, made beside the clear) found, from
     /// keys alone, each aggregate's newest event and each subscription's newest snapshot
     /// below a horizon (what compacting the whole log as one batch keeps,
     /// [`log::newest_below`]); now only those are read, decoded and applied, grouped by
@@ -688,11 +718,8 @@ impl Projections {
             if group.is_empty() {
                 return Ok(None);
             }
-            for &i in &group {
-                if let Kind::Transactional(projection) = &self.inner.members[i].kind {
-                    projection.clear(&mut tx).await?;
-                }
-            }
+            // The aggregates the chunks hold: what the transactional ones keep at the end.
+            let mut rebuilt: HashSet<String> = HashSet::new();
             let started = Instant::now();
             // An empty log rebuilds empty read models, at position 0.
             let last = newest.last.unwrap_or_default();
@@ -709,6 +736,11 @@ impl Projections {
             while let Some(reading) = next.take() {
                 let events = reading.await.map_err(|_| ProjectionError::Stopped)??;
                 next = chunks.next().map(read_chunk);
+                for event in &events {
+                    if !rebuilt.contains(&event.aggregate_id) {
+                        rebuilt.insert(event.aggregate_id.clone());
+                    }
+                }
                 for (i, error) in self.apply(&mut tx, &group, &events, true).await? {
                     group.retain(|&g| g != i);
                     if group.is_empty() {
@@ -721,6 +753,12 @@ impl Projections {
                 let covered = (newest.read as u128 * applied / needed.max(1)) as u64;
                 for &i in &group {
                     progress(names[i], covered);
+                }
+            }
+            let rebuilt: Vec<String> = rebuilt.into_iter().collect();
+            for &i in &group {
+                if let Kind::Transactional(projection) = &self.inner.members[i].kind {
+                    projection.retain(&mut tx, &rebuilt).await?;
                 }
             }
             save_checkpoints(&mut tx, &self.names_of(&group), last).await?;

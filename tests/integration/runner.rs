@@ -262,6 +262,61 @@ async fn while_a_replay_rebuilds_the_tables_readers_find_them_as_they_were() {
     assert_eq!(read_tables(&services.pool).await, live, "after it");
 }
 
+/// A replay rebuilds the tables over the rows it finds: a row it finds as it would write
+/// it is not written again, one of the same version that differs (an answer of another
+/// catalogue or shape) is written again, and the rows of a customer the log holds nothing
+/// of are deleted, from both tables.
+#[tokio::test]
+async fn a_replay_rewrites_what_differs_and_forgets_what_the_log_does_not_hold() {
+    let flaky = Flaky::default();
+    let (services, runner, _) = logged("runnerrewrite", &flaky).await;
+    let pool = &services.pool;
+    catch_up(&runner).await.unwrap();
+    let live = read_tables(pool).await;
+    let customers: Vec<String> =
+        sqlx::query_scalar("SELECT customer_id FROM subscriptions ORDER BY customer_id LIMIT 2")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let (changed, untouched) = (&customers[0], &customers[1]);
+    let xmin = |customer: String| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT xmin::text FROM subscriptions WHERE customer_id = $1",
+        )
+        .bind(customer)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let untouched_at = xmin(untouched.clone()).await;
+    for statement in [
+        "UPDATE subscriptions SET status = 'other', \
+            info = json_build_object('customer_id', customer_id, 'status', 'other') \
+         WHERE customer_id = $1",
+        "UPDATE merchant_subscriptions SET status = 'other' WHERE customer_id = $1",
+        "INSERT INTO subscriptions (customer_id, status, info, version, updated_at) \
+         VALUES ($1 || '_unlogged', 'active', '{}', 1, now())",
+        "INSERT INTO merchant_subscriptions (subscription_id, customer_id, status, \
+            cancel_at_period_end, stripe_event_id, stripe_created, version) \
+         VALUES ('sub_unlogged', $1 || '_unlogged', 'active', false, 'evt_unlogged', now(), 1)",
+    ] {
+        sqlx::query(statement)
+            .bind(changed)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    assert_ne!(read_tables(pool).await, live);
+
+    runner.replay(7, |_| {}, |_, _| {}).await.unwrap();
+    assert_eq!(read_tables(pool).await, live);
+    assert_eq!(
+        xmin(untouched.clone()).await,
+        untouched_at,
+        "not written again"
+    );
+}
+
 /// Records that `customer_id` belongs to `org_id` (as the checkout does) and returns the
 /// customer's version after it.
 async fn record_owner(services: &Services, customer_id: &str, org_id: &str) -> u64 {
