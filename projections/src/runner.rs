@@ -595,8 +595,9 @@ impl Projections {
         });
     }
 
-    /// Clears every projection and rebuilds them together from the whole log compacted
-    /// (see [`Projections::rebuild`]), then catches up with what was committed meanwhile,
+    /// Clears the eventual projections, then rebuilds every projection together from the
+    /// whole log compacted, the transactional ones over what they hold (see
+    /// [`Projections::rebuild`]), then catches up with what was committed meanwhile,
     /// in batches of `batch`. `counted` is told, once the rebuild's first pass has read
     /// the whole log, how many events it holds; `progress` is called as for
     /// [`Projections::catch_up`].
