@@ -333,9 +333,9 @@ impl TransactionalProjection for PlatformTables {
         self.upsert(tx, events, true).await
     }
 
-    /// The rows of customers other than `rebuilt` that the log holds no event of
-    /// (usually none: only rows written by hand, or a log restored to an earlier point,
-    /// leave any).
+    /// Deletes the rows of customers other than `rebuilt` that the log holds no event of
+    /// (usually there are none: only rows written by hand, or a log restored to an
+    /// earlier point, leave any).
     async fn retain(
         &self,
         tx: &mut PgConnection,
