@@ -799,6 +799,28 @@ async fn freshness_lag(
     lag
 }
 
+/// Deletes the run's keys from the standalone Redis (they would otherwise stay until
+/// their TTL, a day, in a Redis the benchmark shares).
+async fn delete_keys(prefix: &str) {
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo test --all-targets` (the test command) builds and runs bench targets without
@@ -882,6 +904,7 @@ async fn main() {
     if options.only_ingest {
         let _ = server.kill();
         let _ = server.wait();
+        delete_keys(&prefix).await;
         if options.write {
             write_benchmarks_md(
                 &figures,
@@ -1240,23 +1263,7 @@ async fn main() {
         ),
     );
     figures.add("replay: peak RSS", format!("{replay_rss:.1} MiB"));
-    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    for chunk in keys.chunks(1000) {
-        let _: () = redis::cmd("DEL")
-            .arg(chunk)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-    }
+    delete_keys(&prefix).await;
 
     // 6. The peer, same signed events, same concurrency.
     if options.peer {
