@@ -166,9 +166,7 @@ impl PlatformTables {
             .await?;
         Ok(info.map(|json| json.0))
     }
-}
 
-impl PlatformTables {
     /// Upserts each customer's newest answer in `events` and each subscription's newest
     /// snapshot, each replacing a row of an older version; `rebuilding`, also a row of the
     /// same version that differs (a replay writes every answer again, in the shape and
