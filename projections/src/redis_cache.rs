@@ -124,7 +124,7 @@ const CUSTOMER_SCRIPT: &str = r#"
 local raw = redis.call('GET', KEYS[1])
 local old_version = version_of(raw)
 local version = tonumber(ARGV[2])
-if old_version and old_version >= version and (old_version > version or ARGV[4] == '1') then
+if old_version and (old_version > version or (old_version == version and ARGV[4] == '1')) then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   if old_version > version then return {0, '', ''} end
   return {2, '', ''}
