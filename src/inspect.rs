@@ -13,7 +13,6 @@ use std::fmt::Write as _;
 
 use aggregates::{Move, Subscription, SubscriptionEvent, SubscriptionStatus};
 use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
 use event_store::{read, StoreError};
 use projections::{Catalog, Entitlement, PlatformTables, RedisCache, SubscriptionInfo};
 use serde_json::Value;
@@ -248,7 +247,7 @@ pub async fn inspect(
             },
             change: describe(event),
         });
-        state.apply(event.clone());
+        state.apply_event(event);
         last = Some(logged);
     }
     // The same construction the projections use, so equal inputs give equal answers.

@@ -7,6 +7,7 @@
 //! infallible and only folds an already-decided event into state. This module must never
 //! do IO, read a clock, or look at Stripe's JSON.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
@@ -98,9 +99,10 @@ pub struct SubscriptionView {
 impl CustomerView {
     /// Every subscription of the customer. A view stored before `subscriptions` existed
     /// (an old log replayed) gives its one current subscription: the upcast of that shape.
-    pub fn all_subscriptions(&self) -> Vec<SubscriptionView> {
+    /// Borrowed when the view holds `subscriptions` (every view written now).
+    pub fn all_subscriptions(&self) -> Cow<'_, [SubscriptionView]> {
         if !self.subscriptions.is_empty() {
-            return self.subscriptions.clone();
+            return Cow::Borrowed(&self.subscriptions);
         }
         self.subscription
             .iter()
@@ -840,8 +842,9 @@ fn judge_snapshot(
 
 impl Subscription {
     /// Folds one decided event into state. Infallible: every judgement was made in
-    /// [`decide`].
-    fn apply_event(&mut self, event: &SubscriptionEvent) {
+    /// [`decide`]. What `Aggregate::apply` does, without taking the event: a caller that
+    /// keeps its events (to store them) folds them without copying each.
+    pub fn apply_event(&mut self, event: &SubscriptionEvent) {
         if self.customer_id.is_none() && !event.view().customer_id.is_empty() {
             self.customer_id = Some(event.view().customer_id.clone());
         }

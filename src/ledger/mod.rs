@@ -29,7 +29,6 @@ use std::time::Duration;
 use aggregates::{
     decide, Decision, Subscription, SubscriptionCommand, SubscriptionError, SubscriptionEvent,
 };
-use cqrs_es::Aggregate;
 use event_store::batch::{self, NewEvents};
 use event_store::recent::RecentEvents;
 use event_store::{EventStore, Metadata, StoreError};
@@ -422,7 +421,7 @@ fn decide_all(
     for command in commands {
         let decision = decide(&state, command)?;
         for event in &decision.events {
-            state.apply(event.clone());
+            state.apply_event(event);
         }
         events.extend(decision.events.iter().cloned());
         decisions.push(decision);
@@ -470,7 +469,7 @@ async fn decide_and_write(
                 // The remembered aggregate folds what the log will hold (`NewEvents::push`).
                 new.push(customer_id, version, &events, &metadata)?;
                 for event in &events {
-                    state.apply(event.clone());
+                    state.apply_event(event);
                 }
                 let first = version + 1;
                 let version = version + events.len() as i64;
