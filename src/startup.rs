@@ -33,14 +33,15 @@ use crate::stripe::client::{StripeApi, StripeApiError};
 use crate::sync::Syncer;
 use crate::worker::{InboxWorker, Partition, WorkerWake};
 
-/// Inbox inserts in flight at once (each stores every webhook that queued meanwhile):
-/// two, so that one is built while the other commits. Fewer inserts in flight make each
-/// store more webhooks, and every insert costs the same statement, commit and WAL flush
-/// whatever it holds: in the benchmark's ingestion (32 connections, 2 cores), 4 inserts
-/// in flight stored 4.5 webhooks each, 2 stored 8, and the machine spent about 10 % less
-/// CPU per delivery (BENCHMARKS.md). One alone stored 14 each but gained no more: a slow
-/// insert would then hold up every webhook behind it.
-const INBOX_WRITERS: usize = 2;
+/// Inbox inserts in flight at once (each stores every webhook that queued meanwhile): one.
+/// Fewer inserts in flight make each store more webhooks, and every insert costs much the
+/// same statement, commit and WAL flush whatever it holds: in the benchmark's ingestion
+/// (32 connections, 2 cores), 4 inserts in flight stored 4.5 webhooks each and 2 stored 8,
+/// for about 10 % less of the machine per delivery; one, against two, took 10 % less of
+/// Postgres's CPU per delivery in each of eight alternating runs and 6.7 % less of the
+/// machine (BENCHMARKS.md). What it costs: a webhook that arrives while the insert commits
+/// waits for that commit and then its own, as it did whenever both of two were busy.
+const INBOX_WRITERS: usize = 1;
 
 /// How often the server checks the account's webhook endpoints (`/readyz` shows the last
 /// result). Endpoints change by hand, rarely; each check is one list request.
