@@ -10,6 +10,7 @@
 // The OpenAPI examples are large `json!` literals.
 #![recursion_limit = "256"]
 
+pub mod batch;
 pub mod catalog;
 pub mod feature;
 pub mod info;
@@ -20,6 +21,7 @@ pub mod redis_cache;
 pub mod redis_conn;
 pub mod runner;
 
+pub use batch::{Answer, Events};
 pub use catalog::{AccessPolicy, Catalog, CatalogError, Entitlement, OwnedSubscription, Plan};
 pub use feature::FeatureAccess;
 pub use info::{ItemInfo, LatestInvoice, PaymentMethod, SubscriptionEntry, SubscriptionInfo};

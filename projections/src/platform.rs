@@ -15,9 +15,10 @@ use aggregates::{FactSource, SubscriptionEvent, SubscriptionFacts};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
+use crate::batch::Events;
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
-use crate::log::{newest_per_aggregate, LogError, LoggedEvent};
+use crate::log::{LogError, LoggedEvent};
 use crate::redis_cache::Owner;
 use crate::runner::{ProjectionError, TransactionalProjection};
 
@@ -174,20 +175,15 @@ impl PlatformTables {
     async fn upsert(
         &self,
         tx: &mut PgConnection,
-        events: &[LoggedEvent],
+        events: &Events<'_>,
         rebuilding: bool,
     ) -> Result<(), ProjectionError> {
         // One multi-row upsert per table and batch (arrays unnested server-side): a replay
         // of a million events is a few hundred statements, not a million.
-        let infos: Vec<SubscriptionInfo> = newest_per_aggregate(events)
-            .into_iter()
-            .map(|logged| SubscriptionInfo::from_logged(logged, &self.catalog))
-            .collect();
-        if !infos.is_empty() {
-            let mut json = Vec::with_capacity(infos.len());
-            for info in &infos {
-                json.push(serde_json::to_string(info)?);
-            }
+        let answers = events.answers(&self.catalog)?;
+        if !answers.is_empty() {
+            let infos: Vec<&SubscriptionInfo> = answers.iter().map(|a| &a.info).collect();
+            let json: Vec<&str> = answers.iter().map(|a| a.json.as_str()).collect();
             sqlx::query(
                 "INSERT INTO subscriptions (customer_id, org_id, user_id, subscription_id, status, price_id, \
                     current_period_end, info, version, updated_at) \
@@ -228,7 +224,7 @@ impl PlatformTables {
         // The mirror: the newest snapshot of each subscription in the batch.
         let mut newest: HashMap<&str, (&LoggedEvent, &SubscriptionFacts, &FactSource)> =
             HashMap::new();
-        for logged in events {
+        for logged in events.iter() {
             // A reconciled snapshot (from Stripe's API) is a snapshot like any other here.
             if let SubscriptionEvent::SubscriptionChanged {
                 subscription,
@@ -318,7 +314,7 @@ impl TransactionalProjection for PlatformTables {
     async fn apply(
         &self,
         tx: &mut PgConnection,
-        events: &[LoggedEvent],
+        events: &Events<'_>,
     ) -> Result<(), ProjectionError> {
         self.upsert(tx, events, false).await
     }
@@ -326,7 +322,7 @@ impl TransactionalProjection for PlatformTables {
     async fn apply_rebuilding(
         &self,
         tx: &mut PgConnection,
-        events: &[LoggedEvent],
+        events: &Events<'_>,
     ) -> Result<(), ProjectionError> {
         self.upsert(tx, events, true).await
     }

@@ -45,10 +45,10 @@ use std::time::Duration;
 use prometheus::{register_int_counter_vec, IntCounterVec};
 use redis::AsyncCommands;
 
+use crate::batch::{Answer, Events};
 use crate::catalog::Catalog;
 use crate::info::SubscriptionInfo;
 use crate::local_cache::{self, LocalCache, LocalCacheConfig, Lookup, Ticket};
-use crate::log::{newest_per_aggregate, LoggedEvent};
 pub use crate::redis_conn::LazyConnection;
 use crate::redis_conn::RedisConn;
 use crate::runner::{EventualProjection, ProjectionError};
@@ -435,12 +435,12 @@ impl RedisCache {
     /// customer key now holds its version (false: it held a newer one).
     async fn write(
         &self,
-        infos: &[SubscriptionInfo],
+        answers: &[Answer],
         fill: Option<(redis::Cmd, String)>,
         writer: Writer,
     ) -> Result<Vec<bool>, ProjectionError> {
         let mut conn = self.conn.get().await?;
-        let mut rest = self.write_customers(&mut conn, infos, writer).await?;
+        let mut rest = self.write_customers(&mut conn, answers, writer).await?;
         if let Some((cmd, key)) = fill {
             rest.cmds.push(cmd);
             rest.keys.push(key);
@@ -454,24 +454,21 @@ impl RedisCache {
     async fn write_customers(
         &self,
         conn: &mut RedisConn,
-        infos: &[SubscriptionInfo],
+        infos: &[Answer],
         writer: Writer,
     ) -> Result<OwnerWrites, ProjectionError> {
         let scripts = scripts();
-        let mut values = Vec::with_capacity(infos.len());
         let mut customer_writes = Vec::with_capacity(infos.len());
-        for info in infos {
-            let value = serde_json::to_string(info)?;
+        for Answer { info, json } in infos {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(scripts.customer.get_hash())
                 .arg(1)
                 .arg(self.keys.customer(&info.customer_id))
-                .arg(&value)
+                .arg(json)
                 .arg(info.version)
                 .arg(self.ttl_secs)
                 .arg(writer.flag());
             customer_writes.push(cmd);
-            values.push(value);
         }
         let answers = if infos.is_empty() {
             vec![]
@@ -481,7 +478,7 @@ impl RedisCache {
         };
         let mut rest = OwnerWrites::default();
         let mut failed = None;
-        for ((info, value), answer) in infos.iter().zip(&values).zip(answers) {
+        for (Answer { info, json: value }, answer) in infos.iter().zip(answers) {
             let answer = match answer {
                 Ok(answer) => answer,
                 Err(error) => {
@@ -553,20 +550,17 @@ impl RedisCache {
     /// writer made meanwhile, a field, a value of another type) goes the scripts' way,
     /// as does everything of a phase whose commands failed, so the end state is the one
     /// [`RedisCache::write`] leaves. A script costs Redis about ten times a plain command.
-    async fn write_absent(&self, infos: &[SubscriptionInfo]) -> Result<Vec<bool>, ProjectionError> {
+    async fn write_absent(&self, infos: &[Answer]) -> Result<Vec<bool>, ProjectionError> {
         let mut conn = self.conn.get().await?;
-        let mut values = Vec::with_capacity(infos.len());
         let mut sets = Vec::with_capacity(infos.len());
-        for info in infos {
-            let value = serde_json::to_string(info)?;
+        for Answer { info, json } in infos {
             let mut cmd = redis::cmd("SET");
             cmd.arg(self.keys.customer(&info.customer_id))
-                .arg(&value)
+                .arg(json)
                 .arg("EX")
                 .arg(self.ttl_secs)
                 .arg("NX");
             sets.push(cmd);
-            values.push(value);
         }
         let answers = if infos.is_empty() {
             vec![]
@@ -585,7 +579,7 @@ impl RedisCache {
             match answer {
                 Ok(redis::Value::Nil) => present.push(i),
                 Ok(_) => {
-                    let info = &infos[i];
+                    let info = &infos[i].info;
                     rest.written[i] = true;
                     rest.keys.push(self.keys.customer(&info.customer_id));
                     let (org, user) = info.linked_owners();
@@ -601,8 +595,8 @@ impl RedisCache {
             for (owner, i) in fields {
                 rest.cmds.push(self.owner_script(
                     owner,
-                    &infos[*i],
-                    &values[*i],
+                    &infos[*i].info,
+                    &infos[*i].json,
                     Writer::Projection,
                 ));
                 rest.keys.push(owner.clone());
@@ -615,7 +609,7 @@ impl RedisCache {
             return Err(error.into());
         }
         if !present.is_empty() {
-            let others: Vec<SubscriptionInfo> = present.iter().map(|&i| infos[i].clone()).collect();
+            let others: Vec<Answer> = present.iter().map(|&i| infos[i].clone()).collect();
             match self
                 .write_customers(&mut conn, &others, Writer::Projection)
                 .await
@@ -636,9 +630,9 @@ impl RedisCache {
         }
         let mut plain = Vec::with_capacity(2 * fields.len());
         for (owner, i) in &fields {
-            let info = &infos[*i];
+            let Answer { info, json } = &infos[*i];
             let mut cmd = redis::cmd("HSETNX");
-            cmd.arg(owner).arg(&info.customer_id).arg(&values[*i]);
+            cmd.arg(owner).arg(&info.customer_id).arg(json);
             plain.push(cmd);
             let mut cmd = redis::cmd("EXPIRE");
             cmd.arg(owner).arg(self.ttl_secs).arg("NX");
@@ -924,13 +918,15 @@ impl RedisCache {
             .arg(1)
             .arg(&key)
             .arg(self.ttl_secs);
-        for info in infos {
-            cmd.arg(&info.customer_id)
-                .arg(serde_json::to_string(info)?)
-                .arg(info.version);
+        let answers = infos
+            .iter()
+            .map(|info| Answer::new(info.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for Answer { info, json } in &answers {
+            cmd.arg(&info.customer_id).arg(json).arg(info.version);
         }
         let written = self
-            .write(infos, Some((cmd, key)), Writer::ReadThrough)
+            .write(&answers, Some((cmd, key)), Writer::ReadThrough)
             .await?;
         let refused = written.iter().filter(|written| !**written).count();
         if refused > 0 {
@@ -945,7 +941,7 @@ impl RedisCache {
     /// the cache already held a newer version.
     pub async fn put(&self, info: &SubscriptionInfo) -> Result<bool, ProjectionError> {
         let written = self
-            .write(std::slice::from_ref(info), None, Writer::ReadThrough)
+            .write(&[Answer::new(info.clone())?], None, Writer::ReadThrough)
             .await?;
         let written = written.first().copied().unwrap_or(false);
         if !written {
@@ -1022,16 +1018,6 @@ impl RedisCache {
     }
 }
 
-impl RedisCache {
-    /// The answers a batch of the log writes: each customer's newest.
-    fn answers_of(&self, events: &[LoggedEvent]) -> Vec<SubscriptionInfo> {
-        newest_per_aggregate(events)
-            .into_iter()
-            .map(|logged| SubscriptionInfo::from_logged(logged, &self.catalog))
-            .collect()
-    }
-}
-
 /// Counts the projection's writes the version guard refused (`written` false).
 fn count_refused(written: &[bool]) {
     let refused = written.iter().filter(|written| !**written).count();
@@ -1046,18 +1032,18 @@ fn count_refused(written: &[bool]) {
 impl EventualProjection for RedisCache {
     const NAME: &'static str = "redis_cache";
 
-    async fn apply(&self, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
-        let infos = self.answers_of(events);
-        let written = self.write(&infos, None, Writer::Projection).await?;
+    async fn apply(&self, events: &Events<'_>) -> Result<(), ProjectionError> {
+        let answers = events.answers(&self.catalog)?;
+        let written = self.write(&answers, None, Writer::Projection).await?;
         count_refused(&written);
         Ok(())
     }
 
     /// A rebuild writes into the cache it cleared: the plain commands where keys are
     /// absent ([`RedisCache::write_absent`]).
-    async fn apply_rebuilding(&self, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
-        let infos = self.answers_of(events);
-        let written = self.write_absent(&infos).await?;
+    async fn apply_rebuilding(&self, events: &Events<'_>) -> Result<(), ProjectionError> {
+        let answers = events.answers(&self.catalog)?;
+        let written = self.write_absent(&answers).await?;
         count_refused(&written);
         Ok(())
     }
@@ -1138,6 +1124,11 @@ mod tests {
         ]
     }
 
+    /// [`info`]'s answer with its JSON, as the projection writes it.
+    fn answer(customer: &str, version: u64, org: Option<&str>, deleted: bool) -> Answer {
+        Answer::new(info(customer, version, org, deleted)).unwrap()
+    }
+
     fn info(customer: &str, version: u64, org: Option<&str>, deleted: bool) -> SubscriptionInfo {
         serde_json::from_value(serde_json::json!({
             "customer_id": customer,
@@ -1191,7 +1182,11 @@ mod tests {
             let active = "active".to_owned();
             assert!(cache.put(&old).await.unwrap(), "{mode}");
             let written = cache
-                .write(std::slice::from_ref(&new), None, Writer::Projection)
+                .write(
+                    &[Answer::new(new.clone()).unwrap()],
+                    None,
+                    Writer::Projection,
+                )
                 .await
                 .unwrap();
             assert_eq!(written, [true], "{mode}");
@@ -1250,7 +1245,7 @@ mod tests {
 
             // X (v2: to org_b) writes the customer key; Y (v3: to org_c) then writes
             // everything; X's hash writes come last.
-            let x = [info("cus_1", 2, Some("org_b"), false)];
+            let x = [answer("cus_1", 2, Some("org_b"), false)];
             let x_rest = cache
                 .write_customers(&mut conn, &x, Writer::Projection)
                 .await
@@ -1288,7 +1283,7 @@ mod tests {
 
             // An older writer whose customer write came first, and whose hash write comes
             // after a newer writer moved the customer back: its field stays the newer one.
-            let old = [info("cus_2", 2, Some("org_d"), false)];
+            let old = [answer("cus_2", 2, Some("org_d"), false)];
             let old_rest = cache
                 .write_customers(&mut conn, &old, Writer::Projection)
                 .await
@@ -1399,7 +1394,7 @@ mod tests {
             // Both move to org_b; Redis fails after their customer keys were written.
             // cus_1's owner writes are kept (as a failed write keeps them); cus_2's are
             // lost (as after a crash).
-            let moved = |customer| [info(customer, 2, Some("org_b"), false)];
+            let moved = |customer| [answer(customer, 2, Some("org_b"), false)];
             let rest = cache
                 .write_customers(&mut conn, &moved("cus_1"), Writer::Projection)
                 .await
@@ -1688,22 +1683,22 @@ mod tests {
             let batches = [
                 vec![
                     // Absent everywhere, its owner's hash too.
-                    info("cus_new", 1, Some("org_n"), false),
+                    answer("cus_new", 1, Some("org_n"), false),
                     // Held at v1 in org_a: moves to org_b.
-                    info("cus_moved", 2, Some("org_b"), false),
+                    answer("cus_moved", 2, Some("org_b"), false),
                     // Held at v3: refused.
-                    info("cus_newer", 1, Some("org_a"), false),
+                    answer("cus_newer", 1, Some("org_a"), false),
                     // Its key absent (expired), its field in org_f held at v5.
-                    info("cus_field", 1, Some("org_f"), false),
+                    answer("cus_field", 1, Some("org_f"), false),
                     // Its key absent, its field in org_f held at v1: replaced.
-                    info("cus_stale", 2, Some("org_f"), false),
+                    answer("cus_stale", 2, Some("org_f"), false),
                     // Deleted: linked to no owner.
-                    info("cus_gone", 1, Some("org_a"), true),
+                    answer("cus_gone", 1, Some("org_a"), true),
                 ],
                 // An owner key of another type (`OWNER_SCRIPT` replaces it).
-                vec![info("cus_typed", 1, Some("org_t"), false)],
+                vec![answer("cus_typed", 1, Some("org_t"), false)],
                 // Written twice in one rebuild: the second write finds the first.
-                vec![info("cus_moved", 3, Some("org_b"), false)],
+                vec![answer("cus_moved", 3, Some("org_b"), false)],
             ];
             let mut keys: Vec<(String, bool)> = Vec::new();
             let mut results = Vec::new();

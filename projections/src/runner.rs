@@ -34,6 +34,7 @@ use event_store::recent::RecentEvents;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::{watch, Notify};
 
+use crate::batch::Events;
 use crate::log::{self, LogError, LoggedEvent, Position};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +58,8 @@ pub enum ProjectionError {
 /// again after a crash, and any event may come after a newer one of the same aggregate was
 /// applied. A batch is compacted ([`log::Batch::events`]): of the events read it holds
 /// each aggregate's newest and each subscription's newest snapshot, so a projection must
-/// be last-writer-wins on those keys.
+/// be last-writer-wins on those keys. A projection that writes customers' answers takes
+/// them from [`Events::answers`], built once for every projection applied with it.
 pub trait TransactionalProjection: Send + Sync + 'static {
     /// The projection's one name: its checkpoint row, its `projection` label in the
     /// metrics, what `/readyz` reports. Stored: a new name starts from position 0.
@@ -67,7 +69,7 @@ pub trait TransactionalProjection: Send + Sync + 'static {
     fn apply(
         &self,
         tx: &mut PgConnection,
-        events: &[LoggedEvent],
+        events: &Events<'_>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
     /// Applies a chunk of a rebuild ([`Projections::replay`]) over what the projection
@@ -78,7 +80,7 @@ pub trait TransactionalProjection: Send + Sync + 'static {
     fn apply_rebuilding(
         &self,
         tx: &mut PgConnection,
-        events: &[LoggedEvent],
+        events: &Events<'_>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
         self.apply(tx, events)
     }
@@ -103,7 +105,7 @@ pub trait EventualProjection: Send + Sync + 'static {
     /// Applies a batch (see [`TransactionalProjection`]).
     fn apply(
         &self,
-        events: &[LoggedEvent],
+        events: &Events<'_>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
     /// Applies a chunk of a rebuild ([`Projections::replay`]), into what `clear` has just
@@ -112,7 +114,7 @@ pub trait EventualProjection: Send + Sync + 'static {
     /// there meanwhile). By default, `apply`.
     fn apply_rebuilding(
         &self,
-        events: &[LoggedEvent],
+        events: &Events<'_>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
         self.apply(events)
     }
@@ -125,23 +127,23 @@ type Boxed<'a> = Pin<Box<dyn Future<Output = Result<(), ProjectionError>> + Send
 
 /// A [`TransactionalProjection`] with its type erased, so that one runner holds any.
 trait InTransaction: Send + Sync {
-    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [LoggedEvent]) -> Boxed<'a>;
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a Events<'a>) -> Boxed<'a>;
     fn apply_rebuilding<'a>(
         &'a self,
         tx: &'a mut PgConnection,
-        events: &'a [LoggedEvent],
+        events: &'a Events<'a>,
     ) -> Boxed<'a>;
     fn retain<'a>(&'a self, tx: &'a mut PgConnection, rebuilt: &'a [String]) -> Boxed<'a>;
 }
 
 impl<P: TransactionalProjection> InTransaction for P {
-    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [LoggedEvent]) -> Boxed<'a> {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a Events<'a>) -> Boxed<'a> {
         Box::pin(TransactionalProjection::apply(self, tx, events))
     }
     fn apply_rebuilding<'a>(
         &'a self,
         tx: &'a mut PgConnection,
-        events: &'a [LoggedEvent],
+        events: &'a Events<'a>,
     ) -> Boxed<'a> {
         Box::pin(TransactionalProjection::apply_rebuilding(self, tx, events))
     }
@@ -152,16 +154,16 @@ impl<P: TransactionalProjection> InTransaction for P {
 
 /// An [`EventualProjection`] with its type erased.
 trait Beside: Send + Sync {
-    fn apply<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a>;
-    fn apply_rebuilding<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a>;
+    fn apply<'a>(&'a self, events: &'a Events<'a>) -> Boxed<'a>;
+    fn apply_rebuilding<'a>(&'a self, events: &'a Events<'a>) -> Boxed<'a>;
     fn clear(&self) -> Boxed<'_>;
 }
 
 impl<P: EventualProjection> Beside for P {
-    fn apply<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a> {
+    fn apply<'a>(&'a self, events: &'a Events<'a>) -> Boxed<'a> {
         Box::pin(EventualProjection::apply(self, events))
     }
-    fn apply_rebuilding<'a>(&'a self, events: &'a [LoggedEvent]) -> Boxed<'a> {
+    fn apply_rebuilding<'a>(&'a self, events: &'a Events<'a>) -> Boxed<'a> {
         Box::pin(EventualProjection::apply_rebuilding(self, events))
     }
     fn clear(&self) -> Boxed<'_> {
@@ -533,6 +535,8 @@ impl Projections {
         rebuilding: bool,
     ) -> Result<Vec<(usize, ProjectionError)>, ProjectionError> {
         let members = &self.inner.members;
+        // One batch for all of them: the answers the first builds, the others reuse.
+        let events = &Events::new(events);
         let in_transaction = async {
             for &i in group {
                 if let Kind::Transactional(projection) = &members[i].kind {

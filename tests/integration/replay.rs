@@ -231,10 +231,13 @@ async fn a_compacted_batch_builds_what_every_event_one_at_a_time_builds() {
     assert_eq!(all.len() as i64, events);
     for event in &all {
         platform
-            .apply(&mut conn, std::slice::from_ref(event))
+            .apply(&mut conn, &std::slice::from_ref(event).into())
             .await
             .unwrap();
-        cache.apply(std::slice::from_ref(event)).await.unwrap();
+        cache
+            .apply(&std::slice::from_ref(event).into())
+            .await
+            .unwrap();
     }
     let one_at_a_time = snapshot(&app).await;
 
@@ -260,8 +263,11 @@ async fn a_compacted_batch_builds_what_every_event_one_at_a_time_builds() {
         batch.events.len(),
         all.len()
     );
-    platform.apply(&mut conn, &batch.events).await.unwrap();
-    cache.apply(&batch.events).await.unwrap();
+    platform
+        .apply(&mut conn, &batch.events[..].into())
+        .await
+        .unwrap();
+    cache.apply(&batch.events[..].into()).await.unwrap();
     let compacted = snapshot(&app).await;
 
     assert_eq!(one_at_a_time, live);

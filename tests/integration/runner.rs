@@ -12,7 +12,7 @@ use std::time::Duration;
 use aggregates::{Fact, FactSource, OwnerFacts, StripeFacts, SubscriptionCommand};
 
 use projections::{
-    EventualProjection, LoggedEvent, Member, PlatformTables, ProjectionError, Projections,
+    Events, EventualProjection, Member, PlatformTables, ProjectionError, Projections,
     TransactionalProjection, WhenBusy,
 };
 use subledger::Services;
@@ -37,12 +37,12 @@ fn failure() -> ProjectionError {
 impl EventualProjection for Flaky {
     const NAME: &'static str = "test_flaky";
 
-    async fn apply(&self, events: &[LoggedEvent]) -> Result<(), ProjectionError> {
+    async fn apply(&self, events: &Events<'_>) -> Result<(), ProjectionError> {
         if self.down.load(Ordering::Relaxed) {
             return Err(failure());
         }
         let mut versions = self.versions.lock().unwrap();
-        for event in events {
+        for event in events.iter() {
             let held = versions.entry(event.aggregate_id.clone()).or_default();
             *held = (*held).max(event.sequence);
         }
@@ -224,11 +224,11 @@ struct Reader {
 impl EventualProjection for Reader {
     const NAME: &'static str = "test_reader";
 
-    async fn apply(&self, _: &[LoggedEvent]) -> Result<(), ProjectionError> {
+    async fn apply(&self, _: &Events<'_>) -> Result<(), ProjectionError> {
         Ok(())
     }
 
-    async fn apply_rebuilding(&self, _: &[LoggedEvent]) -> Result<(), ProjectionError> {
+    async fn apply_rebuilding(&self, _: &Events<'_>) -> Result<(), ProjectionError> {
         let tables = read_tables(&self.pool).await;
         self.seen.lock().unwrap().push(tables);
         Ok(())
