@@ -1218,10 +1218,12 @@ async fn main() {
     let copies = (options.replay_events + have - 1) / have.max(1) - 1;
     if copies > 0 {
         sqlx::query(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+                snapshot_of) \
              SELECT aggregate_type, aggregate_id || '_c' || k, sequence, event_type, event_version, \
                     replace(payload::text, '\"customer_id\":\"' || aggregate_id || '\"', \
-                            '\"customer_id\":\"' || aggregate_id || '_c' || k || '\"')::json, metadata \
+                            '\"customer_id\":\"' || aggregate_id || '_c' || k || '\"')::json, metadata, \
+                    snapshot_of \
              FROM events, generate_series(1, $1::int) AS k ORDER BY k, global_seq",
         )
         .bind(copies as i32)

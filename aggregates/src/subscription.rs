@@ -203,6 +203,16 @@ impl SubscriptionEvent {
         }
     }
 
+    /// The subscription a snapshot event (`SubscriptionChanged`, `SubscriptionReconciled`)
+    /// carries; `None` for the other events.
+    pub fn snapshot_of(&self) -> Option<&str> {
+        match self {
+            Self::SubscriptionChanged { subscription, .. }
+            | Self::SubscriptionReconciled { subscription, .. } => Some(&subscription.id),
+            _ => None,
+        }
+    }
+
     fn view_mut(&mut self) -> &mut CustomerView {
         match self {
             Self::OwnerLinked { view, .. }

@@ -99,6 +99,8 @@ pub struct NewEvents {
     event_version: Vec<String>,
     payload: Vec<String>,
     metadata: Vec<String>,
+    /// The subscription each snapshot event carries (`events.snapshot_of`).
+    snapshot_of: Vec<Option<String>>,
 }
 
 impl NewEvents {
@@ -137,6 +139,8 @@ impl NewEvents {
             self.event_version.push(event.event_version());
             self.payload.push(payload);
             self.metadata.push(metadata.clone());
+            self.snapshot_of
+                .push(event.snapshot_of().map(str::to_owned));
         }
         Ok(())
     }
@@ -166,10 +170,13 @@ impl NewEvents {
         permute(&mut self.event_version, &order);
         permute(&mut self.payload, &order);
         permute(&mut self.metadata, &order);
+        permute(&mut self.snapshot_of, &order);
     }
 }
 
-/// Inserts every event of `new` with one statement, in the caller's transaction.
+/// Inserts every event of `new` with one statement, in the caller's transaction, each
+/// snapshot event with the subscription it carries in `snapshot_of` (what a rebuild's key
+/// scan reads, [`crate::read::scan_keys`]).
 /// [`StoreError::Conflict`] when another writer already holds one of their sequences
 /// (the statement then wrote nothing, and the transaction must roll back to before it).
 pub async fn append(conn: &mut PgConnection, mut new: NewEvents) -> Result<(), StoreError> {
@@ -178,10 +185,12 @@ pub async fn append(conn: &mut PgConnection, mut new: NewEvents) -> Result<(), S
     }
     new.sort();
     sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload::json, u.metadata::json \
-         FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[]) \
-            AS u(aggregate_id, sequence, event_type, event_version, payload, metadata)",
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+            snapshot_of) \
+         SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload::json, u.metadata::json, \
+            u.snapshot_of \
+         FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) \
+            AS u(aggregate_id, sequence, event_type, event_version, payload, metadata, snapshot_of)",
     )
     .bind(Subscription::TYPE)
     .bind(&new.aggregate_id)
@@ -190,6 +199,7 @@ pub async fn append(conn: &mut PgConnection, mut new: NewEvents) -> Result<(), S
     .bind(&new.event_version)
     .bind(&new.payload)
     .bind(&new.metadata)
+    .bind(&new.snapshot_of)
     .execute(conn)
     .await
     .map_err(StoreError::from_insert)?;

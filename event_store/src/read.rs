@@ -153,7 +153,10 @@ impl EventKey {
 /// `snapshots` (each holding a `subscription` object and, after it, a `view`), the id of
 /// that subscription: a rebuild chooses what to read from the keys alone.
 ///
-/// The id is read in Postgres from the payload's text where serde writes it: the first
+/// The id is the row's `snapshot_of`, which the batch appender writes
+/// ([`crate::batch::append`]): read from a column, no payload is decompressed. Where that
+/// is NULL (rows written before the column existed, or by postgres-es's own insert), it is
+/// read in Postgres from the payload's text where serde writes it: the first
 /// `"subscription":{"id":"` before the first `"view":` (every payload subledger writes is
 /// serde_json's compact text, with the fields in their declared order, `id` first in a
 /// snapshot). Neither can match inside a string value (its quotes would be escaped). A
@@ -175,8 +178,8 @@ pub fn scan_keys<'c>(
             CASE WHEN NOT read_id THEN payload::text END AS payload \
          FROM (SELECT *, subscription_id <> '' AND strpos(subscription_id, '\\') = 0 AS read_id \
          FROM (SELECT aggregate_id, sequence, tx_id::text AS tx_text, global_seq, payload, \
-                 CASE WHEN event_type = ANY($2) THEN split_part(split_part(split_part( \
-                     payload::text, '\"view\":', 1), '\"subscription\":{\"id\":\"', 2), '\"', 1) \
+                 CASE WHEN event_type = ANY($2) THEN coalesce(snapshot_of, split_part(split_part(split_part( \
+                     payload::text, '\"view\":', 1), '\"subscription\":{\"id\":\"', 2), '\"', 1)) \
                  END AS subscription_id \
                FROM events \
                WHERE aggregate_type = $3 AND tx_id < $1::text::xid8 OFFSET 0) AS scanned) AS keys",

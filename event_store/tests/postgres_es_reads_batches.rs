@@ -518,3 +518,76 @@ async fn the_key_scan_reads_each_snapshots_subscription_id_whatever_its_texts_sh
         "the other events of cus_a come with neither"
     );
 }
+
+/// The batch appender writes beside each snapshot event the subscription it carries
+/// (`snapshot_of`, NULL for the other events), and the key scan reads the id from there,
+/// never from the payload: a row whose payload the scan could not read an id from (jsonb's
+/// text, `view` first) comes with the column's id and no payload.
+#[tokio::test]
+async fn the_appender_writes_each_snapshots_subscription_and_the_key_scan_reads_it() {
+    let pool = fresh_database().await;
+    let mut known = HashMap::new();
+    let commands = vec![snapshot("cus_a", "evt_1", 10, SubscriptionStatus::Active)];
+    write_batch(&pool, &[("cus_a", commands)], &mut known).await;
+    let written: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT event_type, snapshot_of FROM events WHERE aggregate_id = 'cus_a' ORDER BY sequence",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let snapshots: Vec<_> = written
+        .iter()
+        .filter(|(event_type, _)| event_type == "SubscriptionChanged")
+        .collect();
+    assert_eq!(snapshots.len(), 1, "{written:?}");
+    assert_eq!(snapshots[0].1.as_deref(), Some("sub_cus_a"));
+    assert!(
+        written.len() > 1
+            && written
+                .iter()
+                .all(|(event_type, id)| event_type == "SubscriptionChanged" || id.is_none()),
+        "{written:?}"
+    );
+
+    // The same snapshot with its `view` first, naming another subscription (where the
+    // payload search would take that one's id), its column set.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, \
+            metadata, snapshot_of) \
+         SELECT 'Subscription', 'cus_column', 1, event_type, event_version, \
+            json_build_object('SubscriptionChanged', json_build_object('view', \
+                replace((payload->'SubscriptionChanged'->'view')::text, 'sub_cus_a', 'sub_in_view')::json, \
+                'subscription', \
+                payload->'SubscriptionChanged'->'subscription')), metadata, snapshot_of \
+         FROM events WHERE aggregate_id = 'cus_a' AND event_type = 'SubscriptionChanged'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    let types = ["SubscriptionChanged", "SubscriptionReconciled"];
+    let keys: Vec<_> = read::scan_keys(&mut conn, u64::MAX, &types)
+        .try_collect()
+        .await
+        .unwrap();
+    let mut read: Vec<(&str, Option<&str>, bool)> = keys
+        .iter()
+        .filter(|key| key.subscription_id().is_some() || key.payload().is_some())
+        .map(|key| {
+            (
+                key.aggregate_id(),
+                key.subscription_id(),
+                key.payload().is_some(),
+            )
+        })
+        .collect();
+    read.sort();
+    assert_eq!(
+        read,
+        [
+            ("cus_a", Some("sub_cus_a"), false),
+            ("cus_column", Some("sub_cus_a"), false),
+        ]
+    );
+}

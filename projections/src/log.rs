@@ -131,7 +131,7 @@ pub async fn read_batch(
         };
         let for_aggregate = newer(newest_aggregate.get(aggregate_id));
         let subscription = if SNAPSHOT_TYPES.contains(&event_type) {
-            let id = match handed.as_ref().and_then(snapshot_id) {
+            let id = match handed.as_ref().and_then(|event| event.snapshot_of()) {
                 Some(id) => id.to_owned(),
                 None => decode::<SnapshotOf>(payload, aggregate_id, sequence)?.subscription_id(),
             };
@@ -301,15 +301,6 @@ struct Kept {
 enum Held {
     Decided(Box<SubscriptionEvent>),
     Payload(String),
-}
-
-/// The subscription a snapshot event carries (what [`SnapshotOf`] reads from a payload).
-fn snapshot_id(event: &SubscriptionEvent) -> Option<&str> {
-    match event {
-        SubscriptionEvent::SubscriptionChanged { subscription, .. }
-        | SubscriptionEvent::SubscriptionReconciled { subscription, .. } => Some(&subscription.id),
-        _ => None,
-    }
 }
 
 /// Whether `candidate` replaces `held` as the event a projection applies for one key (an
