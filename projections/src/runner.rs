@@ -91,7 +91,7 @@ pub trait TransactionalProjection: Send + Sync + 'static {
     fn retain(
         &self,
         tx: &mut PgConnection,
-        rebuilt: &[String],
+        rebuilt: &HashSet<String>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
 
@@ -133,7 +133,7 @@ trait InTransaction: Send + Sync {
         tx: &'a mut PgConnection,
         events: &'a Events<'a>,
     ) -> Boxed<'a>;
-    fn retain<'a>(&'a self, tx: &'a mut PgConnection, rebuilt: &'a [String]) -> Boxed<'a>;
+    fn retain<'a>(&'a self, tx: &'a mut PgConnection, rebuilt: &'a HashSet<String>) -> Boxed<'a>;
 }
 
 impl<P: TransactionalProjection> InTransaction for P {
@@ -147,7 +147,7 @@ impl<P: TransactionalProjection> InTransaction for P {
     ) -> Boxed<'a> {
         Box::pin(TransactionalProjection::apply_rebuilding(self, tx, events))
     }
-    fn retain<'a>(&'a self, tx: &'a mut PgConnection, rebuilt: &'a [String]) -> Boxed<'a> {
+    fn retain<'a>(&'a self, tx: &'a mut PgConnection, rebuilt: &'a HashSet<String>) -> Boxed<'a> {
         Box::pin(TransactionalProjection::retain(self, tx, rebuilt))
     }
 }
@@ -760,7 +760,6 @@ impl Projections {
                     progress(names[i], covered);
                 }
             }
-            let rebuilt: Vec<String> = rebuilt.into_iter().collect();
             for &i in &group {
                 if let Kind::Transactional(projection) = &self.inner.members[i].kind {
                     projection.retain(&mut tx, &rebuilt).await?;
