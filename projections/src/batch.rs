@@ -4,8 +4,9 @@
 //! Both projections that write answers (the platform `subscriptions` table and the Redis
 //! cache) write, for each customer in a batch, the answer as of its newest event there,
 //! and both store it as JSON. Building it ([`SubscriptionInfo::from_logged`], which judges
-//! it against the catalogue) and encoding it cost as much as the rest of a rebuild's work
-//! in this process, so the first projection to ask builds them and the others reuse them.
+//! it against the catalogue) and encoding it were a fifth of a rebuild's work in this
+//! process, done once per projection; now the first projection to ask builds them and the
+//! others reuse them.
 
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
