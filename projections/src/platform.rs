@@ -53,6 +53,73 @@ pub struct StatusCount {
     pub within_period: i64,
 }
 
+/// The upsert of `subscriptions` rows, from arrays unnested server-side as `u`, with
+/// `$filter` between that and the conflict clause: a rebuild's keeps only the rows that
+/// would change. (`ON CONFLICT … WHERE` locks every row it finds, and a version guard
+/// that then writes nothing still cost the lock; most rows of a replay are found as they
+/// would be written.) `$11`: a row of the same version that differs is replaced too.
+macro_rules! upsert_subscriptions {
+    ($filter:literal) => {
+        concat!(
+            "INSERT INTO subscriptions (customer_id, org_id, user_id, subscription_id, status, price_id, \
+                current_period_end, info, version, updated_at) \
+             SELECT u.customer_id, u.org_id, u.user_id, u.subscription_id, u.status, u.price_id, \
+                u.current_period_end, u.info::json, u.version, u.updated_at \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                $7::timestamptz[], $8::text[], $9::int8[], $10::timestamptz[]) \
+                AS u(customer_id, org_id, user_id, subscription_id, status, price_id, current_period_end, \
+                info, version, updated_at) ",
+            $filter,
+            " ON CONFLICT (customer_id) DO UPDATE SET org_id = EXCLUDED.org_id, user_id = EXCLUDED.user_id, \
+                subscription_id = EXCLUDED.subscription_id, status = EXCLUDED.status, price_id = EXCLUDED.price_id, \
+                current_period_end = EXCLUDED.current_period_end, info = EXCLUDED.info, \
+                version = EXCLUDED.version, updated_at = EXCLUDED.updated_at \
+             WHERE subscriptions.version < EXCLUDED.version \
+                OR ($11 AND subscriptions.version = EXCLUDED.version \
+                    AND (subscriptions.org_id, subscriptions.user_id, subscriptions.subscription_id, \
+                        subscriptions.status, subscriptions.price_id, subscriptions.current_period_end, \
+                        subscriptions.info::text, subscriptions.updated_at) \
+                    IS DISTINCT FROM (EXCLUDED.org_id, EXCLUDED.user_id, EXCLUDED.subscription_id, \
+                        EXCLUDED.status, EXCLUDED.price_id, EXCLUDED.current_period_end, \
+                        EXCLUDED.info::text, EXCLUDED.updated_at))"
+        )
+    };
+}
+
+/// The upsert of `merchant_subscriptions` rows, as [`upsert_subscriptions`] (`$22` as its
+/// `$11`); `u`'s columns are the table's, in its order.
+macro_rules! upsert_merchant_subscriptions {
+    ($filter:literal) => {
+        concat!(
+            "INSERT INTO merchant_subscriptions (subscription_id, customer_id, status, price_id, product_id, \
+                lookup_key, quantity, currency, created, current_period_start, current_period_end, \
+                cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_start, trial_end, \
+                latest_invoice_id, stripe_event_id, stripe_created, version) \
+             SELECT u.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                $7::int8[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::bool[], \
+                $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], \
+                $18::text[], $19::text[], $20::timestamptz[], $21::int8[]) \
+                AS u(subscription_id, customer_id, status, price_id, product_id, lookup_key, quantity, currency, \
+                created, current_period_start, current_period_end, cancel_at_period_end, cancel_at, canceled_at, \
+                ended_at, trial_start, trial_end, latest_invoice_id, stripe_event_id, stripe_created, version) ",
+            $filter,
+            " ON CONFLICT (subscription_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, \
+                status = EXCLUDED.status, price_id = EXCLUDED.price_id, product_id = EXCLUDED.product_id, \
+                lookup_key = EXCLUDED.lookup_key, quantity = EXCLUDED.quantity, currency = EXCLUDED.currency, \
+                created = EXCLUDED.created, current_period_start = EXCLUDED.current_period_start, \
+                current_period_end = EXCLUDED.current_period_end, \
+                cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, \
+                canceled_at = EXCLUDED.canceled_at, ended_at = EXCLUDED.ended_at, \
+                trial_start = EXCLUDED.trial_start, trial_end = EXCLUDED.trial_end, \
+                latest_invoice_id = EXCLUDED.latest_invoice_id, stripe_event_id = EXCLUDED.stripe_event_id, \
+                stripe_created = EXCLUDED.stripe_created, version = EXCLUDED.version \
+             WHERE merchant_subscriptions.version < EXCLUDED.version \
+                OR ($22 AND merchant_subscriptions.version = EXCLUDED.version \
+                    AND ROW(merchant_subscriptions.*) IS DISTINCT FROM ROW(EXCLUDED.*))"
+        )
+    };
+}
+
 impl PlatformTables {
     /// Customers by status at `now`, most numerous first (the admin overview).
     pub async fn status_counts(
@@ -172,7 +239,8 @@ impl PlatformTables {
     /// Upserts each customer's newest answer in `events` and each subscription's newest
     /// snapshot, each replacing a row of an older version; `rebuilding`, also a row of the
     /// same version that differs (a replay writes every answer again, in the shape and
-    /// with the catalogue of now, over the rows it finds).
+    /// with the catalogue of now, over the rows it finds). A rebuild's upsert first leaves
+    /// out, by a lookup of each row, those it would not change, so they are not locked.
     async fn upsert(
         &self,
         tx: &mut PgConnection,
@@ -185,41 +253,49 @@ impl PlatformTables {
         if !answers.is_empty() {
             let infos: Vec<&SubscriptionInfo> = answers.iter().map(|a| &a.info).collect();
             let json: Vec<&str> = answers.iter().map(|a| a.json.as_str()).collect();
-            sqlx::query(
-                "INSERT INTO subscriptions (customer_id, org_id, user_id, subscription_id, status, price_id, \
-                    current_period_end, info, version, updated_at) \
-                 SELECT u.customer_id, u.org_id, u.user_id, u.subscription_id, u.status, u.price_id, \
-                    u.current_period_end, u.info::json, u.version, u.updated_at \
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                    $7::timestamptz[], $8::text[], $9::int8[], $10::timestamptz[]) \
-                    AS u(customer_id, org_id, user_id, subscription_id, status, price_id, current_period_end, \
-                    info, version, updated_at) \
-                 ON CONFLICT (customer_id) DO UPDATE SET org_id = EXCLUDED.org_id, user_id = EXCLUDED.user_id, \
-                    subscription_id = EXCLUDED.subscription_id, status = EXCLUDED.status, price_id = EXCLUDED.price_id, \
-                    current_period_end = EXCLUDED.current_period_end, info = EXCLUDED.info, \
-                    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at \
-                 WHERE subscriptions.version < EXCLUDED.version \
-                    OR ($11 AND subscriptions.version = EXCLUDED.version \
-                        AND (subscriptions.org_id, subscriptions.user_id, subscriptions.subscription_id, \
-                            subscriptions.status, subscriptions.price_id, subscriptions.current_period_end, \
-                            subscriptions.info::text, subscriptions.updated_at) \
-                        IS DISTINCT FROM (EXCLUDED.org_id, EXCLUDED.user_id, EXCLUDED.subscription_id, \
-                            EXCLUDED.status, EXCLUDED.price_id, EXCLUDED.current_period_end, \
-                            EXCLUDED.info::text, EXCLUDED.updated_at))",
-            )
-            .bind(infos.iter().map(|i| i.customer_id.clone()).collect::<Vec<_>>())
-            .bind(infos.iter().map(|i| i.org_id.clone()).collect::<Vec<_>>())
-            .bind(infos.iter().map(|i| i.user_id.clone()).collect::<Vec<_>>())
-            .bind(infos.iter().map(|i| i.subscription_id.clone()).collect::<Vec<_>>())
-            .bind(infos.iter().map(|i| i.status.clone()).collect::<Vec<_>>())
-            .bind(infos.iter().map(|i| i.price_id.clone()).collect::<Vec<_>>())
-            .bind(infos.iter().map(|i| i.current_period_end).collect::<Vec<_>>())
-            .bind(json)
-            .bind(infos.iter().map(|i| i.version as i64).collect::<Vec<_>>())
-            .bind(infos.iter().map(|i| i.updated_at).collect::<Vec<_>>())
-            .bind(rebuilding)
-            .execute(&mut *tx)
-            .await?;
+            let statement = if rebuilding {
+                upsert_subscriptions!(
+                    "LEFT JOIN LATERAL (SELECT s.* FROM subscriptions s WHERE s.customer_id = u.customer_id \
+                        LIMIT 1) s ON true \
+                     WHERE s.customer_id IS NULL OR s.version < u.version \
+                        OR (s.version = u.version \
+                            AND (s.org_id, s.user_id, s.subscription_id, s.status, s.price_id, \
+                                s.current_period_end, s.info::text, s.updated_at) \
+                            IS DISTINCT FROM (u.org_id, u.user_id, u.subscription_id, u.status, u.price_id, \
+                                u.current_period_end, u.info, u.updated_at))"
+                )
+            } else {
+                upsert_subscriptions!("")
+            };
+            sqlx::query(statement)
+                .bind(
+                    infos
+                        .iter()
+                        .map(|i| i.customer_id.clone())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(infos.iter().map(|i| i.org_id.clone()).collect::<Vec<_>>())
+                .bind(infos.iter().map(|i| i.user_id.clone()).collect::<Vec<_>>())
+                .bind(
+                    infos
+                        .iter()
+                        .map(|i| i.subscription_id.clone())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(infos.iter().map(|i| i.status.clone()).collect::<Vec<_>>())
+                .bind(infos.iter().map(|i| i.price_id.clone()).collect::<Vec<_>>())
+                .bind(
+                    infos
+                        .iter()
+                        .map(|i| i.current_period_end)
+                        .collect::<Vec<_>>(),
+                )
+                .bind(json)
+                .bind(infos.iter().map(|i| i.version as i64).collect::<Vec<_>>())
+                .bind(infos.iter().map(|i| i.updated_at).collect::<Vec<_>>())
+                .bind(rebuilding)
+                .execute(&mut *tx)
+                .await?;
         }
 
         // The mirror: the newest snapshot of each subscription in the batch.
@@ -258,53 +334,65 @@ impl PlatformTables {
         let time = |f: fn(&SubscriptionFacts) -> Option<DateTime<Utc>>| {
             rows.iter().map(|(_, s, _)| f(s)).collect::<Vec<_>>()
         };
-        sqlx::query(
-            "INSERT INTO merchant_subscriptions (subscription_id, customer_id, status, price_id, product_id, \
-                lookup_key, quantity, currency, created, current_period_start, current_period_end, \
-                cancel_at_period_end, cancel_at, canceled_at, ended_at, trial_start, trial_end, \
-                latest_invoice_id, stripe_event_id, stripe_created, version) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                $7::int8[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::bool[], \
-                $13::timestamptz[], $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], \
-                $18::text[], $19::text[], $20::timestamptz[], $21::int8[]) \
-             ON CONFLICT (subscription_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, \
-                status = EXCLUDED.status, price_id = EXCLUDED.price_id, product_id = EXCLUDED.product_id, \
-                lookup_key = EXCLUDED.lookup_key, quantity = EXCLUDED.quantity, currency = EXCLUDED.currency, \
-                created = EXCLUDED.created, current_period_start = EXCLUDED.current_period_start, \
-                current_period_end = EXCLUDED.current_period_end, \
-                cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, \
-                canceled_at = EXCLUDED.canceled_at, ended_at = EXCLUDED.ended_at, \
-                trial_start = EXCLUDED.trial_start, trial_end = EXCLUDED.trial_end, \
-                latest_invoice_id = EXCLUDED.latest_invoice_id, stripe_event_id = EXCLUDED.stripe_event_id, \
-                stripe_created = EXCLUDED.stripe_created, version = EXCLUDED.version \
-             WHERE merchant_subscriptions.version < EXCLUDED.version \
-                OR ($22 AND merchant_subscriptions.version = EXCLUDED.version \
-                    AND ROW(merchant_subscriptions.*) IS DISTINCT FROM ROW(EXCLUDED.*))",
-        )
-        .bind(text(|s| Some(s.id.clone())))
-        .bind(rows.iter().map(|(l, _, _)| l.aggregate_id.clone()).collect::<Vec<_>>())
-        .bind(text(|s| Some(s.status.as_str().to_owned())))
-        .bind(text(|s| s.price_id.clone()))
-        .bind(text(|s| s.product_id.clone()))
-        .bind(text(|s| s.lookup_key.clone()))
-        .bind(rows.iter().map(|(_, s, _)| s.quantity.map(|q| q as i64)).collect::<Vec<_>>())
-        .bind(text(|s| s.currency.clone()))
-        .bind(time(|s| s.created))
-        .bind(time(|s| s.current_period_start))
-        .bind(time(|s| s.current_period_end))
-        .bind(rows.iter().map(|(_, s, _)| s.cancel_at_period_end).collect::<Vec<_>>())
-        .bind(time(|s| s.cancel_at))
-        .bind(time(|s| s.canceled_at))
-        .bind(time(|s| s.ended_at))
-        .bind(time(|s| s.trial_start))
-        .bind(time(|s| s.trial_end))
-        .bind(text(|s| s.latest_invoice_id.clone()))
-        .bind(rows.iter().map(|(_, _, src)| src.stripe_event_id.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, _, src)| src.created).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(l, _, _)| l.sequence as i64).collect::<Vec<_>>())
-        .bind(rebuilding)
-        .execute(&mut *tx)
-        .await?;
+        let statement = if rebuilding {
+            upsert_merchant_subscriptions!(
+                "LEFT JOIN LATERAL (SELECT m.* FROM merchant_subscriptions m \
+                    WHERE m.subscription_id = u.subscription_id LIMIT 1) m ON true \
+                 WHERE m.subscription_id IS NULL OR m.version < u.version \
+                    OR (m.version = u.version AND ROW(m.*) IS DISTINCT FROM ROW(u.*))"
+            )
+        } else {
+            upsert_merchant_subscriptions!("")
+        };
+        sqlx::query(statement)
+            .bind(text(|s| Some(s.id.clone())))
+            .bind(
+                rows.iter()
+                    .map(|(l, _, _)| l.aggregate_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(text(|s| Some(s.status.as_str().to_owned())))
+            .bind(text(|s| s.price_id.clone()))
+            .bind(text(|s| s.product_id.clone()))
+            .bind(text(|s| s.lookup_key.clone()))
+            .bind(
+                rows.iter()
+                    .map(|(_, s, _)| s.quantity.map(|q| q as i64))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(text(|s| s.currency.clone()))
+            .bind(time(|s| s.created))
+            .bind(time(|s| s.current_period_start))
+            .bind(time(|s| s.current_period_end))
+            .bind(
+                rows.iter()
+                    .map(|(_, s, _)| s.cancel_at_period_end)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(time(|s| s.cancel_at))
+            .bind(time(|s| s.canceled_at))
+            .bind(time(|s| s.ended_at))
+            .bind(time(|s| s.trial_start))
+            .bind(time(|s| s.trial_end))
+            .bind(text(|s| s.latest_invoice_id.clone()))
+            .bind(
+                rows.iter()
+                    .map(|(_, _, src)| src.stripe_event_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(_, _, src)| src.created)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(l, _, _)| l.sequence as i64)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rebuilding)
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
 }
