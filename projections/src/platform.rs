@@ -267,23 +267,17 @@ impl PlatformTables {
             } else {
                 upsert_subscriptions!("")
             };
+            // Borrowed, not copied: the arrays are encoded from the answers.
+            let text = |f: fn(&SubscriptionInfo) -> Option<&str>| {
+                infos.iter().map(|i| f(i)).collect::<Vec<_>>()
+            };
             sqlx::query(statement)
-                .bind(
-                    infos
-                        .iter()
-                        .map(|i| i.customer_id.clone())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(infos.iter().map(|i| i.org_id.clone()).collect::<Vec<_>>())
-                .bind(infos.iter().map(|i| i.user_id.clone()).collect::<Vec<_>>())
-                .bind(
-                    infos
-                        .iter()
-                        .map(|i| i.subscription_id.clone())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(infos.iter().map(|i| i.status.clone()).collect::<Vec<_>>())
-                .bind(infos.iter().map(|i| i.price_id.clone()).collect::<Vec<_>>())
+                .bind(text(|i| Some(&i.customer_id)))
+                .bind(text(|i| i.org_id.as_deref()))
+                .bind(text(|i| i.user_id.as_deref()))
+                .bind(text(|i| i.subscription_id.as_deref()))
+                .bind(text(|i| Some(&i.status)))
+                .bind(text(|i| i.price_id.as_deref()))
                 .bind(
                     infos
                         .iter()
@@ -328,7 +322,7 @@ impl PlatformTables {
             return Ok(());
         }
         let rows: Vec<_> = newest.into_values().collect();
-        let text = |f: fn(&SubscriptionFacts) -> Option<String>| {
+        let text = |f: fn(&SubscriptionFacts) -> Option<&str>| {
             rows.iter().map(|(_, s, _)| f(s)).collect::<Vec<_>>()
         };
         let time = |f: fn(&SubscriptionFacts) -> Option<DateTime<Utc>>| {
@@ -345,22 +339,22 @@ impl PlatformTables {
             upsert_merchant_subscriptions!("")
         };
         sqlx::query(statement)
-            .bind(text(|s| Some(s.id.clone())))
+            .bind(text(|s| Some(&s.id)))
             .bind(
                 rows.iter()
-                    .map(|(l, _, _)| l.aggregate_id.clone())
+                    .map(|(l, _, _)| l.aggregate_id.as_str())
                     .collect::<Vec<_>>(),
             )
-            .bind(text(|s| Some(s.status.as_str().to_owned())))
-            .bind(text(|s| s.price_id.clone()))
-            .bind(text(|s| s.product_id.clone()))
-            .bind(text(|s| s.lookup_key.clone()))
+            .bind(text(|s| Some(s.status.as_str())))
+            .bind(text(|s| s.price_id.as_deref()))
+            .bind(text(|s| s.product_id.as_deref()))
+            .bind(text(|s| s.lookup_key.as_deref()))
             .bind(
                 rows.iter()
                     .map(|(_, s, _)| s.quantity.map(|q| q as i64))
                     .collect::<Vec<_>>(),
             )
-            .bind(text(|s| s.currency.clone()))
+            .bind(text(|s| s.currency.as_deref()))
             .bind(time(|s| s.created))
             .bind(time(|s| s.current_period_start))
             .bind(time(|s| s.current_period_end))
@@ -374,10 +368,10 @@ impl PlatformTables {
             .bind(time(|s| s.ended_at))
             .bind(time(|s| s.trial_start))
             .bind(time(|s| s.trial_end))
-            .bind(text(|s| s.latest_invoice_id.clone()))
+            .bind(text(|s| s.latest_invoice_id.as_deref()))
             .bind(
                 rows.iter()
-                    .map(|(_, _, src)| src.stripe_event_id.clone())
+                    .map(|(_, _, src)| src.stripe_event_id.as_str())
                     .collect::<Vec<_>>(),
             )
             .bind(
