@@ -767,3 +767,94 @@ fn an_owner_linked_event_without_an_account_replays() {
     assert_eq!(state.view().org_id.as_deref(), Some("org_1"));
     assert_eq!(state.view().account, None);
 }
+
+/// A customer with an active subscription (paid by card, with an invoice) and a newer one
+/// that ended: its view's current subscription is the older, active one.
+fn two_subscription_view() -> CustomerView {
+    let mut active = snapshot(SubscriptionStatus::Active);
+    active.id = "sub_active".to_owned();
+    let mut ended = snapshot(SubscriptionStatus::Canceled);
+    ended.id = "sub_ended".to_owned();
+    ended.created = Some(at(100));
+    let given = decided(
+        &[],
+        &api_snapshot(200, vec![(active, Some(visa())), (ended, None)]),
+    )
+    .events;
+    let mut state = fold(&given);
+    state.customer_id = Some(CUSTOMER.to_owned());
+    let Fact::Invoice { invoice, .. } = invoice("in_1", 300, "paid", 1) else {
+        unreachable!()
+    };
+    let paid = Fact::Invoice {
+        subscription_id: "sub_active".to_owned(),
+        invoice,
+    };
+    let command = record("evt_in", 300, OwnerFacts::default(), paid);
+    for event in decide(&state, &command).unwrap().events {
+        cqrs_es::Aggregate::apply(&mut state, event);
+    }
+    state.view()
+}
+
+/// Every event carries the view, whose `subscription`, `latest_invoice` and
+/// `payment_method` repeat the current entry of `subscriptions`: stored, they are left out
+/// (the subscription appears once, in `subscriptions`) and read back from that entry, by
+/// the aggregate's own rule for the current one (the newest non-terminal, not the
+/// newest).
+#[test]
+fn a_view_stores_its_current_subscription_once_and_reads_it_back() {
+    let view = two_subscription_view();
+    assert_eq!(
+        view.subscription.as_ref().map(|s| s.id.as_str()),
+        Some("sub_active")
+    );
+    assert_eq!(view.payment_method, Some(visa()));
+    assert!(view.latest_invoice.is_some());
+    let stored = serde_json::to_string(&view).unwrap();
+    let object: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    for left_out in ["subscription", "latest_invoice", "payment_method"] {
+        assert!(object.get(left_out).is_none(), "{left_out}: {stored}");
+    }
+    assert_eq!(
+        stored.matches(r#""id":"sub_active""#).count(),
+        1,
+        "{stored}"
+    );
+    let read: CustomerView = serde_json::from_str(&stored).unwrap();
+    assert_eq!(read, view);
+
+    // And inside an event, as the log holds it.
+    let event = SubscriptionEvent::CustomerDeleted {
+        source: source("evt_gone", 400),
+        view: view.clone(),
+    };
+    let stored = serde_json::to_string(&event).unwrap();
+    assert_eq!(
+        serde_json::from_str::<SubscriptionEvent>(&stored).unwrap(),
+        event
+    );
+}
+
+/// A view whose top-level fields are not exactly the current entry's is stored whole, so
+/// that what is read back is what was written, whoever made the view.
+#[test]
+fn a_view_that_differs_from_its_current_entry_is_stored_whole() {
+    let mut views = vec![];
+    for change in 0..3 {
+        let mut view = two_subscription_view();
+        match change {
+            0 => view.payment_method = None,
+            1 => view.latest_invoice = None,
+            _ => view.subscription = Some(view.subscriptions[0].subscription.clone()),
+        }
+        views.push(view);
+    }
+    for view in views {
+        let stored = serde_json::to_string(&view).unwrap();
+        let object: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        assert!(object.get("subscription").is_some(), "{stored}");
+        assert!(object.get("latest_invoice").is_some(), "{stored}");
+        assert_eq!(serde_json::from_str::<CustomerView>(&stored).unwrap(), view);
+    }
+}
