@@ -47,13 +47,7 @@ pub struct StripeFacts {
 
 /// The customer's entitlement-relevant state after an event: what every projection
 /// writes, so that no projection re-derives which subscription is current.
-///
-/// Stored in a compact form when it can be (`StoredViewRef`): `subscription`,
-/// `latest_invoice` and `payment_method` repeat the current entry of `subscriptions`, so
-/// when they are exactly [`CustomerView::current_entry`]'s they are left out and read
-/// back from it. A view they differ from, or one without `subscriptions` (every view
-/// written before that field), is stored whole as before.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustomerView {
     pub customer_id: String,
     pub org_id: Option<String>,
@@ -64,26 +58,32 @@ pub struct CustomerView {
     pub latest_invoice: Option<InvoiceFacts>,
     /// Stripe's time for the newest fact in this view (so it does not depend on the
     /// order in which facts arrived).
+    #[serde(default, with = "crate::time::utc_option")]
     pub as_of: Option<DateTime<Utc>>,
     /// The current subscription's default payment method, as the last sync saw it.
     /// Absent from events written before syncs existed (and skipped when empty, so those
     /// events' JSON is unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_method: Option<PaymentMethodFacts>,
     /// Every subscription the customer has had, newest first (by Stripe's `created`,
     /// then id), each with its latest invoice: the answers are judged over all of them.
     /// Absent from events written before this field (one subscription per customer was
     /// all the answer showed); readers then take `subscription` alone (see
     /// [`CustomerView::all_subscriptions`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<SubscriptionView>,
     /// Stripe deleted the customer (`customer.deleted`): it belongs to no org or user any
     /// more, whatever `org_id`/`user_id` last said.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
     /// The lookup keys of the customer's active Stripe Entitlements features, as the
     /// newest summary (webhook or sync) gave them; `None` when none was ever seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stripe_features: Option<Vec<String>>,
     /// The Connect account the customer lives in, as the newest event that named one said
     /// (see [`OwnerFacts::account`]); absent for the platform's own customers and from
     /// events written before Connect was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
 }
 
@@ -96,142 +96,7 @@ pub struct SubscriptionView {
     pub payment_method: Option<PaymentMethodFacts>,
 }
 
-/// How a [`CustomerView`] is written: its fields in their order, `subscription`,
-/// `latest_invoice` and `payment_method` left out (`None` here) when they are the current
-/// entry's ([`CustomerView::current_entry`]). A view of the whole shape writes
-/// `subscription` and `latest_invoice` always (`null` when empty), so a stored view
-/// without `subscription` is one in the compact form.
-#[derive(Serialize)]
-struct StoredViewRef<'a> {
-    customer_id: &'a str,
-    org_id: &'a Option<String>,
-    user_id: &'a Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    subscription: Option<&'a Option<SubscriptionFacts>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    latest_invoice: Option<&'a Option<InvoiceFacts>>,
-    #[serde(with = "crate::time::utc_option")]
-    as_of: Option<DateTime<Utc>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    payment_method: Option<&'a PaymentMethodFacts>,
-    #[serde(skip_serializing_if = "<[SubscriptionView]>::is_empty")]
-    subscriptions: &'a [SubscriptionView],
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    deleted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stripe_features: &'a Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    account: &'a Option<String>,
-}
-
-/// How a [`CustomerView`] is read: either form, and every older shape (a field written
-/// before it existed decodes empty; that is the upcaster). `subscription`,
-/// `latest_invoice` and `payment_method` say whether they were present, so that the
-/// compact form's are taken from the current entry.
-#[derive(Deserialize)]
-struct StoredView {
-    customer_id: String,
-    org_id: Option<String>,
-    user_id: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    subscription: Option<Option<SubscriptionFacts>>,
-    #[serde(default, deserialize_with = "present")]
-    latest_invoice: Option<Option<InvoiceFacts>>,
-    #[serde(default, with = "crate::time::utc_option")]
-    as_of: Option<DateTime<Utc>>,
-    #[serde(default, deserialize_with = "present")]
-    payment_method: Option<Option<PaymentMethodFacts>>,
-    #[serde(default)]
-    subscriptions: Vec<SubscriptionView>,
-    #[serde(default)]
-    deleted: bool,
-    #[serde(default)]
-    stripe_features: Option<Vec<String>>,
-    #[serde(default)]
-    account: Option<String>,
-}
-
-/// A field that is present (its value, `null` included); an absent one is `None` through
-/// `#[serde(default)]`.
-fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(deserializer).map(Some)
-}
-
-impl Serialize for CustomerView {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let compact = self.is_current_entry();
-        StoredViewRef {
-            customer_id: &self.customer_id,
-            org_id: &self.org_id,
-            user_id: &self.user_id,
-            subscription: (!compact).then_some(&self.subscription),
-            latest_invoice: (!compact).then_some(&self.latest_invoice),
-            as_of: self.as_of,
-            payment_method: self.payment_method.as_ref().filter(|_| !compact),
-            subscriptions: &self.subscriptions,
-            deleted: self.deleted,
-            stripe_features: &self.stripe_features,
-            account: &self.account,
-        }
-        .serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for CustomerView {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let stored = StoredView::deserialize(deserializer)?;
-        // Left out only by the compact form, which leaves out all three: each absent one
-        // is the current entry's (none without `subscriptions`, as an absent field read).
-        let current = match stored.subscription {
-            Some(_) => None,
-            None => CustomerView::current_entry(&stored.subscriptions),
-        };
-        Ok(CustomerView {
-            subscription: stored
-                .subscription
-                .unwrap_or_else(|| current.map(|entry| entry.subscription.clone())),
-            latest_invoice: stored
-                .latest_invoice
-                .unwrap_or_else(|| current.and_then(|entry| entry.latest_invoice.clone())),
-            payment_method: stored
-                .payment_method
-                .unwrap_or_else(|| current.and_then(|entry| entry.payment_method.clone())),
-            customer_id: stored.customer_id,
-            org_id: stored.org_id,
-            user_id: stored.user_id,
-            as_of: stored.as_of,
-            subscriptions: stored.subscriptions,
-            deleted: stored.deleted,
-            stripe_features: stored.stripe_features,
-            account: stored.account,
-        })
-    }
-}
-
 impl CustomerView {
-    /// The entry of `subscriptions` (newest first) that is the current subscription, by
-    /// [`Subscription::current`]'s rule: the newest non-terminal one, else the newest.
-    pub fn current_entry(subscriptions: &[SubscriptionView]) -> Option<&SubscriptionView> {
-        subscriptions
-            .iter()
-            .find(|entry| !entry.subscription.status.is_terminal())
-            .or_else(|| subscriptions.first())
-    }
-
-    /// Whether `subscription`, `latest_invoice` and `payment_method` are exactly the
-    /// current entry's, so that the stored view may leave them out.
-    fn is_current_entry(&self) -> bool {
-        CustomerView::current_entry(&self.subscriptions).is_some_and(|entry| {
-            self.subscription.as_ref() == Some(&entry.subscription)
-                && self.latest_invoice == entry.latest_invoice
-                && self.payment_method == entry.payment_method
-        })
-    }
-
     /// Every subscription of the customer. A view stored before `subscriptions` existed
     /// (an old log replayed) gives its one current subscription: the upcast of that shape.
     /// Borrowed when the view holds `subscriptions` (every view written now).
