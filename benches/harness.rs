@@ -424,7 +424,7 @@ async fn hammer(
 async fn warm(client: &reqwest::Client, base: &str, paths: &[String]) -> u64 {
     const WARM_ROUNDS: u64 = 10;
     let urls: Vec<String> = paths.iter().map(|path| format!("{base}{path}")).collect();
-    let misses = |page: &str| series(page, r#"subledger_local_cache_reads_total{result="miss"}"#);
+    let misses = |page: &str| local_cache_reads(page, "miss");
     let mut before = misses(&metrics_page(client, base).await);
     for round in 1..=WARM_ROUNDS {
         let (served, _) = hammer(client, vec![Arc::new(Mutex::new(urls.clone()))], 1, 50).await;
@@ -449,6 +449,14 @@ async fn metrics_page(client: &reqwest::Client, base: &str) -> String {
         .text()
         .await
         .unwrap()
+}
+
+/// The in-process cache's reads of one result (`hit`, `miss`, `bypass`) so far.
+fn local_cache_reads(page: &str, result: &str) -> f64 {
+    series(
+        page,
+        &format!(r#"subledger_local_cache_reads_total{{result="{result}"}}"#),
+    )
 }
 
 /// The value of one series (name and labels, as written) on a `/metrics` page; 0 if absent.
@@ -949,10 +957,8 @@ async fn main() {
     let reads = wrk_reads(&base, &org_paths, options.read_secs, 50);
     let read_rss = rss.finish();
     let after = metrics_page(&client, &base).await;
-    let local_reads = |result: &str| {
-        let name = format!(r#"subledger_local_cache_reads_total{{result="{result}"}}"#);
-        series(&after, &name) - series(&before, &name)
-    };
+    let local_reads =
+        |result: &str| local_cache_reads(&after, result) - local_cache_reads(&before, result);
     let redis_max = redis_ceiling();
     figures.add(
         "reads: entitlements req/s (50 connections, wrk)",
