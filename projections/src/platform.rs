@@ -56,7 +56,8 @@ pub struct StatusCount {
 /// The upsert of `subscriptions` rows, from arrays unnested server-side as `u`, with
 /// `$filter` between that and the conflict clause: a rebuild's keeps only the rows that
 /// would change. (`ON CONFLICT … WHERE` locks every row it finds, even one its version
-/// guard then leaves; most rows of a replay are found as they would be written.) `$11`: a row of the same version that differs is replaced too.
+/// guard then leaves; most rows of a replay are found as they would be written.)
+/// `$11`: a row of the same version that differs is replaced too.
 macro_rules! upsert_subscriptions {
     ($filter:literal) => {
         concat!(
