@@ -16,6 +16,7 @@ use aggregates::{Subscription, SubscriptionEvent};
 use cqrs_es::{Aggregate, DomainEvent};
 use sqlx::{PgConnection, Row};
 
+use crate::arguments::{fixed_array, presized, text_array};
 use crate::{decode_payload, Metadata, StoreError};
 
 /// The histories of many aggregates after given versions. Each aggregate's events are
@@ -184,13 +185,24 @@ pub async fn append(conn: &mut PgConnection, mut new: NewEvents) -> Result<(), S
         return Ok(());
     }
     new.sort();
-    sqlx::query(
+    let texts = |column: &[String]| text_array(column.iter().map(|v| Some(v.as_str())));
+    let bytes = 4
+        + Subscription::TYPE.len()
+        + texts(&new.aggregate_id)
+        + fixed_array(new.sequence.len(), 8)
+        + texts(&new.event_type)
+        + texts(&new.event_version)
+        + texts(&new.payload)
+        + texts(&new.metadata)
+        + text_array(new.snapshot_of.iter().map(Option::as_deref));
+    sqlx::query_with(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
             snapshot_of) \
          SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload::json, u.metadata::json, \
             u.snapshot_of \
          FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) \
             AS u(aggregate_id, sequence, event_type, event_version, payload, metadata, snapshot_of)",
+        presized(8, bytes),
     )
     .bind(Subscription::TYPE)
     .bind(&new.aggregate_id)

@@ -20,6 +20,7 @@
 //! the aggregate's `decide`), never update or delete an event, and never hold a position
 //! that could skip an event committed late (see [`read`]).
 
+pub mod arguments;
 pub mod batch;
 pub mod hand_over;
 pub mod read;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use aggregates::{FactSource, SubscriptionEvent, SubscriptionFacts};
 use chrono::{DateTime, Utc};
+use event_store::arguments::{fixed_array, presized, text_array};
 use futures_util::TryStreamExt;
 use sqlx::{PgConnection, PgPool};
 
@@ -271,7 +272,10 @@ impl PlatformTables {
             let text = |f: fn(&SubscriptionInfo) -> Option<&str>| {
                 infos.iter().map(|i| f(i)).collect::<Vec<_>>()
             };
-            sqlx::query(statement)
+            // The answers' JSON is most of the arguments; the other columns are ids.
+            let rows = infos.len();
+            let bytes = text_array(json.iter().map(|j| Some(*j))) + 9 * fixed_array(rows, 40);
+            sqlx::query_with(statement, presized(11, bytes))
                 .bind(text(|i| Some(&i.customer_id)))
                 .bind(text(|i| i.org_id.as_deref()))
                 .bind(text(|i| i.user_id.as_deref()))
