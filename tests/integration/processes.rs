@@ -227,3 +227,34 @@ mod rand_like {
         }
     }
 }
+
+/// Whether transparent huge pages are on for the process `pid` (`THP_enabled` in its
+/// `/proc` status: 0 once `prctl(PR_SET_THP_DISABLE)` turned them off).
+fn huge_pages_enabled(pid: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// The service turns transparent huge pages off for itself (mimalloc's purged spans were
+/// faulted back in as whole zeroed 2 MiB pages, `main.rs`), unless `MIMALLOC_ALLOW_THP`
+/// is set, which mimalloc obeys: 1 leaves them as the process found them.
+#[tokio::test]
+async fn the_service_runs_without_transparent_huge_pages_unless_told() {
+    let (settings, _) = process_settings("hugepages");
+    let log = scratch("hugepages").join("serve.log");
+    let served = Served::start(serve_command(&settings), &log).await;
+    assert_eq!(huge_pages_enabled(&served.pid().to_string()), "0");
+    drop(served);
+    let mut command = serve_command(&settings);
+    command.env("MIMALLOC_ALLOW_THP", "1");
+    let served = Served::start(command, &log).await;
+    assert_eq!(
+        huge_pages_enabled(&served.pid().to_string()),
+        huge_pages_enabled("self")
+    );
+}

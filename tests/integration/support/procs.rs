@@ -115,6 +115,11 @@ impl Served {
         );
     }
 
+    /// The process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no clean-up of any kind.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
