@@ -16,7 +16,7 @@ use aggregates::{Subscription, SubscriptionEvent};
 use cqrs_es::{Aggregate, DomainEvent};
 use sqlx::{PgConnection, Row};
 
-use crate::arguments::{fixed_array, presized, text_array};
+use crate::arguments::{fixed_array, presized, strings, text_array};
 use crate::{decode_payload, Metadata, StoreError};
 
 /// The histories of many aggregates after given versions. Each aggregate's events are
@@ -185,15 +185,14 @@ pub async fn append(conn: &mut PgConnection, mut new: NewEvents) -> Result<(), S
         return Ok(());
     }
     new.sort();
-    let texts = |column: &[String]| text_array(column.iter().map(|v| Some(v.as_str())));
     let bytes = 4
         + Subscription::TYPE.len()
-        + texts(&new.aggregate_id)
+        + strings(&new.aggregate_id)
         + fixed_array(new.sequence.len(), 8)
-        + texts(&new.event_type)
-        + texts(&new.event_version)
-        + texts(&new.payload)
-        + texts(&new.metadata)
+        + strings(&new.event_type)
+        + strings(&new.event_version)
+        + strings(&new.payload)
+        + strings(&new.metadata)
         + text_array(new.snapshot_of.iter().map(Option::as_deref));
     sqlx::query_with(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use event_store::arguments::{fixed_array, presized, text_array};
+use event_store::arguments::{fixed_array, presized, strings, text_array};
 use event_store::hand_over::HandOver;
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
@@ -259,16 +259,15 @@ impl Columns {
     /// About the bytes these columns take as the insert's arguments (the enums' names are
     /// short words: 24 bytes each is more than any takes).
     fn encoded_size(&self) -> usize {
-        let texts = |column: &[String]| text_array(column.iter().map(|v| Some(v.as_str())));
         let optional = |column: &[Option<String>]| text_array(column.iter().map(Option::as_deref));
         let rows = self.event_id.len();
-        texts(&self.event_id)
-            + texts(&self.event_type)
+        strings(&self.event_id)
+            + strings(&self.event_type)
             + optional(&self.api_version)
             + fixed_array(rows, 1)
             + fixed_array(rows, 8)
             + optional(&self.customer_id)
-            + texts(&self.payload)
+            + strings(&self.payload)
             + 3 * fixed_array(rows, 24)
             + optional(&self.detail)
             + 4
