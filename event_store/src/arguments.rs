@@ -24,13 +24,18 @@ pub fn presized(values: usize, bytes: usize) -> PgArguments {
     arguments
 }
 
+/// The bytes one `text` value takes: its length and its bytes.
+pub fn text(value: &str) -> usize {
+    4 + value.len()
+}
+
 /// The bytes a `text[]` (or `json[]`) of `values` takes encoded: each element its length
 /// and its bytes (a NULL only its length).
 pub fn text_array<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> usize {
     ARRAY_HEADER
         + values
             .into_iter()
-            .map(|value| 4 + value.map_or(0, str::len))
+            .map(|value| value.map_or(4, text))
             .sum::<usize>()
 }
 
@@ -83,6 +88,7 @@ mod tests {
         assert_eq!(encoded(&longs), fixed_array(longs.len(), 8));
         let flags = vec![true, false];
         assert_eq!(encoded(&flags), fixed_array(flags.len(), 1));
+        assert_eq!(encoded("état"), text("état"));
         let times = vec![chrono::Utc::now()];
         assert_eq!(encoded(&times), fixed_array(times.len(), 8));
     }

@@ -16,7 +16,7 @@ use aggregates::{Subscription, SubscriptionEvent};
 use cqrs_es::{Aggregate, DomainEvent};
 use sqlx::{PgConnection, Row};
 
-use crate::arguments::{fixed_array, presized, strings, text_array};
+use crate::arguments::{fixed_array, presized, strings, text, text_array};
 use crate::{decode_payload, Metadata, StoreError};
 
 /// The histories of many aggregates after given versions. Each aggregate's events are
@@ -185,8 +185,7 @@ pub async fn append(conn: &mut PgConnection, mut new: NewEvents) -> Result<(), S
         return Ok(());
     }
     new.sort();
-    let bytes = 4
-        + Subscription::TYPE.len()
+    let bytes = text(Subscription::TYPE)
         + strings(&new.aggregate_id)
         + fixed_array(new.sequence.len(), 8)
         + strings(&new.event_type)

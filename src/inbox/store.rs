@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use event_store::arguments::{fixed_array, presized, strings, text_array};
+use event_store::arguments::{fixed_array, presized, strings, text, text_array};
 use event_store::hand_over::HandOver;
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
@@ -270,8 +270,7 @@ impl Columns {
             + strings(&self.payload)
             + 3 * fixed_array(rows, 24)
             + optional(&self.detail)
-            + 4
-            + InboxState::Done.as_str().len()
+            + text(InboxState::Done.as_str())
     }
 
     /// Into event-id order: the order concurrent inserts lock keys in.
