@@ -413,3 +413,49 @@ async fn read_models(
     }
     (subscriptions, mirror, cache)
 }
+
+/// The page (block number) of each inbox row.
+async fn inbox_pages(services: &Services) -> std::collections::HashMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>("SELECT event_id, ((ctid::text)::point)[0]::int8 FROM inbox")
+        .fetch_all(&services.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Marking a row done writes its new version on the row's own page, so that Postgres logs
+/// only the columns that changed rather than the whole row and its payload again
+/// (migrations/20261205000001_inbox_fillfactor.sql). The events are the simulation's
+/// (tests/integration/support/stripe_sim.rs, shapes from stripe/openapi spec3), stored
+/// with the real insert and processed by the real worker, a batch at a time as under load.
+#[tokio::test]
+async fn a_processed_inbox_row_stays_on_its_page() {
+    let services = services("inboxpage").await;
+    let sim = simulate(41, 40, 1_700_000_000);
+    store_all(&services, &sim.events, &mut HashSet::new()).await;
+    let before = inbox_pages(&services).await;
+    while !services
+        .worker
+        .process_batch(64, None)
+        .await
+        .unwrap()
+        .is_empty()
+    {}
+    assert_eq!(
+        count(&services, "SELECT count(*) FROM inbox WHERE state = 'done'").await,
+        before.len() as i64
+    );
+    let after = inbox_pages(&services).await;
+    let moved = before
+        .iter()
+        .filter(|(id, page)| after[*id] != **page)
+        .count();
+    let pages: HashSet<i64> = before.values().copied().collect();
+    assert!(pages.len() > 10, "the rows fill {} pages", pages.len());
+    assert!(
+        moved * 10 <= before.len(),
+        "{moved} of {} rows moved to another page when marked done",
+        before.len()
+    );
+}

@@ -1,0 +1,14 @@
+-- Marking an inbox row done writes its new version beside the old one (issue 13, faster
+-- ingestion). Every row is inserted once, then updated once when processed, a few
+-- milliseconds later and usually in the same batch as the rows inserted beside it. On full
+-- pages each new version went to another page, and Postgres logged the whole row, raw
+-- payload included: 1 330 bytes of WAL per processed event in the ingest benchmark, as
+-- much as the insert that stored it. With half of each page left free at insert, the new
+-- version fits on the same page, and Postgres logs only the bytes that changed (the state,
+-- outcome and times after the payload): 430 bytes per event, and the update took 52 µs
+-- per row instead of 62 (pg_stat_statements, four alternating runs). The update is still
+-- not HOT (`state` and `processed_at` are in the partial indexes), so it still adds index
+-- entries. The cost: before retention the heap is about a fifth larger (131 MB against
+-- 108 MB for 49 776 events, vacuumed); once retention prunes payloads the freed space is
+-- reused by new rows. Only pages written from now on are affected.
+ALTER TABLE inbox SET (fillfactor = 50);
