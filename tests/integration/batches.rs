@@ -428,20 +428,14 @@ async fn inbox_pages(services: &Services) -> std::collections::HashMap<String, i
 /// only the columns that changed rather than the whole row and its payload again
 /// (migrations/20261205000001_inbox_fillfactor.sql). The events are the simulation's
 /// (tests/integration/support/stripe_sim.rs, shapes from stripe/openapi spec3), stored
-/// with the real insert and processed by the real worker, a batch at a time as under load.
+/// with the real insert and processed by the real worker, a batch at a time.
 #[tokio::test]
 async fn a_processed_inbox_row_stays_on_its_page() {
     let services = services("inboxpage").await;
     let sim = simulate(41, 40, 1_700_000_000);
     store_all(&services, &sim.events, &mut HashSet::new()).await;
     let before = inbox_pages(&services).await;
-    while !services
-        .worker
-        .process_batch(64, None)
-        .await
-        .unwrap()
-        .is_empty()
-    {}
+    drain_in_small_batches(&services).await;
     assert_eq!(
         count(&services, "SELECT count(*) FROM inbox WHERE state = 'done'").await,
         before.len() as i64
