@@ -2,7 +2,7 @@
 //! insert, a batch's events written in one statement and commit, and the aggregates
 //! workers remember between batches. Real Postgres; no HTTP here.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -415,7 +415,7 @@ async fn read_models(
 }
 
 /// The page (block number) of each inbox row.
-async fn inbox_pages(services: &Services) -> std::collections::HashMap<String, i64> {
+async fn inbox_pages(services: &Services) -> HashMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>("SELECT event_id, ((ctid::text)::point)[0]::int8 FROM inbox")
         .fetch_all(&services.pool)
         .await
