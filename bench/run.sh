@@ -4,9 +4,13 @@
 #   ./bench/run.sh --quick    a short smoke run
 # Options pass through: --customers N --read-secs N --replay-events N --soak-secs N
 # --no-peer --no-write --only ingest (the ingestion phase alone). Figures are printed and
-# appended to BENCHMARKS.md.
+# appended to BENCHMARKS.md. An option the harness does not know is refused (exit 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
+  sed -n '2,7s/^# \{0,1\}//p' bench/run.sh
+  exit 0
+fi
 source scripts/services.sh
 ensure_services
 command -v pgbench >/dev/null || apt_install postgresql-client

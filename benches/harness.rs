@@ -50,28 +50,52 @@ struct Options {
     only_ingest: bool,
 }
 
+/// The options, as bench/run.sh's header lists them.
+const USAGE: &str = "usage: ./bench/run.sh [--quick] [--customers N] [--read-secs N] \
+    [--replay-events N] [--soak-secs N] [--no-peer] [--no-write] [--only ingest]";
+
 impl Options {
-    fn from_args() -> Self {
-        let args: Vec<String> = std::env::args().collect();
-        let value = |name: &str, default: u64| -> u64 {
-            args.iter()
-                .position(|a| a == name)
-                .and_then(|i| args.get(i + 1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
+    /// The options `./bench/run.sh` passes on, or why they are not ones this harness
+    /// knows: a misspelt option would otherwise run the full benchmark.
+    fn parse(args: &[String]) -> Result<Self, String> {
         let quick = args.iter().any(|a| a == "--quick");
-        Self {
-            customers: value("--customers", if quick { 300 } else { 3000 }) as usize,
-            read_secs: value("--read-secs", if quick { 3 } else { 10 }),
-            replay_events: value("--replay-events", if quick { 100_000 } else { 1_000_000 }) as i64,
-            soak_secs: value("--soak-secs", if quick { 20 } else { 600 }),
-            peer: !args.iter().any(|a| a == "--no-peer"),
-            write: !args.iter().any(|a| a == "--no-write"),
-            only_ingest: args
-                .windows(2)
-                .any(|pair| pair[0] == "--only" && pair[1] == "ingest"),
+        let mut options = Self {
+            customers: if quick { 300 } else { 3000 },
+            read_secs: if quick { 3 } else { 10 },
+            replay_events: if quick { 100_000 } else { 1_000_000 },
+            soak_secs: if quick { 20 } else { 600 },
+            peer: true,
+            write: true,
+            only_ingest: false,
+        };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut number = || -> Result<u64, String> {
+                args.next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| format!("{arg} needs a whole number"))
+            };
+            match arg.as_str() {
+                "--quick" => {}
+                "--customers" => options.customers = number()? as usize,
+                "--read-secs" => options.read_secs = number()?,
+                "--replay-events" => options.replay_events = number()? as i64,
+                "--soak-secs" => options.soak_secs = number()?,
+                "--no-peer" => options.peer = false,
+                "--no-write" => options.write = false,
+                "--only" => match args.next().map(String::as_str) {
+                    Some("ingest") => options.only_ingest = true,
+                    other => {
+                        return Err(format!(
+                            "--only takes ingest, not {}",
+                            other.unwrap_or("nothing")
+                        ))
+                    }
+                },
+                other => return Err(format!("unknown option {other}")),
+            }
         }
+        Ok(options)
     }
 }
 
@@ -856,7 +880,15 @@ async fn main() {
         println!("the benchmark runs with ./bench/run.sh (cargo bench --bench harness)");
         return;
     }
-    let options = Options::from_args();
+    // `cargo bench` adds `--bench` after the options.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let options = Options::parse(&args).unwrap_or_else(|why| {
+        eprintln!("{why}\n{USAGE}");
+        std::process::exit(2)
+    });
     let mut figures = Figures::default();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
