@@ -6,7 +6,7 @@
 //! its values through a dozen growing buffers, each one's memory freshly faulted in:
 //! encoding the arguments took 5.3 % of the server's samples under ingestion, and 2.4 %
 //! with the buffer sized once (BENCHMARKS.md). [`presized`] starts the buffer at the size
-//! the values take, which [`strings`], [`text_array`] and [`fixed_array`] add up (an
+//! the values take, which [`strings`], [`optional_strings`], [`text_array`] and [`fixed_array`] add up (an
 //! estimate too small only means one more growth, as before).
 
 use sqlx::postgres::PgArguments;
@@ -44,6 +44,11 @@ pub fn strings(column: &[String]) -> usize {
     text_array(column.iter().map(|value| Some(value.as_str())))
 }
 
+/// [`text_array`] of a column of strings that may be NULL.
+pub fn optional_strings(column: &[Option<String>]) -> usize {
+    text_array(column.iter().map(Option::as_deref))
+}
+
 /// The bytes an array of `count` fixed-width elements of `width` bytes each takes encoded
 /// (`bool` 1, `int8` and `timestamptz` 8).
 pub fn fixed_array(count: usize, width: usize) -> usize {
@@ -76,10 +81,7 @@ mod tests {
             Some(String::new()),
             Some("é".to_owned()),
         ];
-        assert_eq!(
-            encoded(&texts),
-            text_array(texts.iter().map(Option::as_deref))
-        );
+        assert_eq!(encoded(&texts), optional_strings(&texts));
         let empty: Vec<String> = Vec::new();
         assert_eq!(encoded(&empty), strings(&empty));
         let present = vec!["a".to_owned(), "bcd".to_owned()];

@@ -16,7 +16,7 @@ use aggregates::{Subscription, SubscriptionEvent};
 use cqrs_es::{Aggregate, DomainEvent};
 use sqlx::{PgConnection, Row};
 
-use crate::arguments::{fixed_array, presized, strings, text, text_array};
+use crate::arguments::{fixed_array, optional_strings, presized, strings, text};
 use crate::{decode_payload, Metadata, StoreError};
 
 /// The histories of many aggregates after given versions. Each aggregate's events are
@@ -192,7 +192,7 @@ pub async fn append(conn: &mut PgConnection, mut new: NewEvents) -> Result<(), S
         + strings(&new.event_version)
         + strings(&new.payload)
         + strings(&new.metadata)
-        + text_array(new.snapshot_of.iter().map(Option::as_deref));
+        + optional_strings(&new.snapshot_of);
     sqlx::query_with(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
             snapshot_of) \

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use event_store::arguments::{fixed_array, presized, strings, text, text_array};
+use event_store::arguments::{fixed_array, optional_strings, presized, strings, text};
 use event_store::hand_over::HandOver;
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
@@ -259,17 +259,16 @@ impl Columns {
     /// About the bytes these columns take as the insert's arguments (the enums' names are
     /// short words: 24 bytes each is more than any takes).
     fn encoded_size(&self) -> usize {
-        let optional = |column: &[Option<String>]| text_array(column.iter().map(Option::as_deref));
         let rows = self.event_id.len();
         strings(&self.event_id)
             + strings(&self.event_type)
-            + optional(&self.api_version)
+            + optional_strings(&self.api_version)
             + fixed_array(rows, 1)
             + fixed_array(rows, 8)
-            + optional(&self.customer_id)
+            + optional_strings(&self.customer_id)
             + strings(&self.payload)
             + 3 * fixed_array(rows, 24)
-            + optional(&self.detail)
+            + optional_strings(&self.detail)
             + text(InboxState::Done.as_str())
     }
 
