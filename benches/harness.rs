@@ -10,7 +10,8 @@
 //! appends a row to BENCHMARKS.md. It reports numbers; it asserts nothing.
 //!
 //! `--only ingest` runs the ingestion phase alone (its pgbench ceiling, the figures, the
-//! CPU per delivery of the server, of Postgres and of the machine) and stops: for
+//! CPU per delivery of the server, of Postgres, of Redis and of the machine, and how busy
+//! the machine's cores were) and stops: for
 //! measuring a change to the ingest path without the reads, soak, replay and peer.
 
 #[path = "../tests/integration/support/stripe_sim.rs"]
@@ -193,6 +194,7 @@ struct CpuSample {
     server: u64,
     postgres: u64,
     machine: u64,
+    at: Instant,
 }
 
 impl CpuSample {
@@ -201,7 +203,17 @@ impl CpuSample {
             server: cpu_ticks(server_pid),
             postgres: postgres_ticks(),
             machine: machine_busy_ticks(),
+            at: Instant::now(),
         }
+    }
+
+    /// The share of the machine's cores that were busy since `self`: below 100 %, the
+    /// phase was waiting (on a commit's flush, say) rather than short of CPU.
+    fn machine_busy_since(&self) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ticks = machine_busy_ticks().saturating_sub(self.machine) as f64;
+        // Clock ticks are 1/100 s on Linux (`getconf CLK_TCK`).
+        ticks / (self.at.elapsed().as_secs_f64() * 100.0 * cores as f64)
     }
 
     /// Microseconds of CPU per item since `self`: server / Postgres / machine.
@@ -852,6 +864,26 @@ async fn freshness_lag(
 
 /// Deletes the run's keys from the standalone Redis (they would otherwise stay until
 /// their TTL, a day, in a Redis the benchmark shares).
+/// Seconds of CPU the bench's Redis has used since it started (`INFO cpu`: its
+/// `used_cpu_sys` plus `used_cpu_user`).
+async fn redis_cpu_secs() -> f64 {
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(name, _)| *name == "used_cpu_sys" || *name == "used_cpu_user")
+        .filter_map(|(_, secs)| secs.trim().parse::<f64>().ok())
+        .sum()
+}
+
 async fn delete_keys(prefix: &str) {
     let mut redis = redis::Client::open("redis://127.0.0.1:6379")
         .unwrap()
@@ -917,6 +949,7 @@ async fn main() {
     let mut server = start_server(port, &prefix, None);
     wait_until_up(&client, &base).await;
     let rss = RssSampler::start(server.id());
+    let redis_cpu = redis_cpu_secs().await;
     let cpu = CpuSample::take(server.id());
     let sent = wrk_ingest(&base, &bodies, 32);
     let acked_in = sent.ran;
@@ -924,6 +957,8 @@ async fn main() {
     wait_caught_up(&pool).await;
     let end_to_end = acked_in + answered.elapsed();
     let ingest_cpu = cpu.per_item_since(server.id(), bodies.len());
+    let ingest_busy = cpu.machine_busy_since();
+    let ingest_redis = (redis_cpu_secs().await - redis_cpu) * 1e6 / bodies.len() as f64;
     let ingest_rss = rss.finish();
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
         .fetch_one(&pool)
@@ -958,6 +993,14 @@ async fn main() {
     figures.add(
         "ingest: CPU per delivery, server / its Postgres backends / machine",
         ingest_cpu,
+    );
+    figures.add(
+        "ingest: Redis CPU per delivery (INFO cpu)",
+        format!("{ingest_redis:.0} µs"),
+    );
+    figures.add(
+        "ingest: machine busy (share of its cores, acks and catch-up)",
+        format!("{:.0} %", ingest_busy * 100.0),
     );
     figures.add("ingest: peak RSS", format!("{ingest_rss:.1} MiB"));
     // The ceiling again, right after: a machine's speed can drift within minutes (one
