@@ -862,16 +862,19 @@ async fn freshness_lag(
     lag
 }
 
-/// Deletes the run's keys from the standalone Redis (they would otherwise stay until
-/// their TTL, a day, in a Redis the benchmark shares).
-/// Seconds of CPU the bench's Redis has used since it started (`INFO cpu`: its
-/// `used_cpu_sys` plus `used_cpu_user`).
-async fn redis_cpu_secs() -> f64 {
-    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+/// A connection to the standalone Redis the server under test uses.
+async fn bench_redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open("redis://127.0.0.1:6379")
         .unwrap()
         .get_multiplexed_async_connection()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Seconds of CPU the bench's Redis has used since it started (`INFO cpu`: its
+/// `used_cpu_sys` plus `used_cpu_user`).
+async fn redis_cpu_secs() -> f64 {
+    let mut redis = bench_redis().await;
     let info: String = redis::cmd("INFO")
         .arg("cpu")
         .query_async(&mut redis)
@@ -884,12 +887,10 @@ async fn redis_cpu_secs() -> f64 {
         .sum()
 }
 
+/// Deletes the run's keys from the standalone Redis (they would otherwise stay until
+/// their TTL, a day, in a Redis the benchmark shares).
 async fn delete_keys(prefix: &str) {
-    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = bench_redis().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
         .query_async(&mut redis)
@@ -1270,11 +1271,7 @@ async fn main() {
     }
     // Let their invalidation listeners subscribe (they bypass their caches until then).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = bench_redis().await;
     // 20 changes with the invalidation channel up, then 10 more from the moment every
     // replica's channel is killed (`CLIENT KILL TYPE pubsub`): they bypass their caches
     // until subscribed again, then start over empty.
