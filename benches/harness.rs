@@ -189,6 +189,9 @@ fn machine_busy_ticks() -> u64 {
         .unwrap_or(0)
 }
 
+/// Clock ticks a second, the unit of `/proc`'s CPU times (`getconf CLK_TCK`: 100 on Linux).
+const TICKS_PER_SEC: f64 = 100.0;
+
 /// CPU used during a phase, by the server, by Postgres and by the whole machine.
 struct CpuSample {
     server: u64,
@@ -212,15 +215,13 @@ impl CpuSample {
     fn machine_busy_since(&self) -> f64 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let ticks = machine_busy_ticks().saturating_sub(self.machine) as f64;
-        // Clock ticks are 1/100 s on Linux (`getconf CLK_TCK`).
-        ticks / (self.at.elapsed().as_secs_f64() * 100.0 * cores as f64)
+        ticks / (self.at.elapsed().as_secs_f64() * TICKS_PER_SEC * cores as f64)
     }
 
     /// Microseconds of CPU per item since `self`: server / Postgres / machine.
     fn per_item_since(&self, server_pid: u32, items: usize) -> String {
         let now = Self::take(server_pid);
-        // Clock ticks are 1/100 s on Linux (`getconf CLK_TCK`).
-        let micros = |ticks: u64| ticks as f64 * 10_000.0 / items.max(1) as f64;
+        let micros = |ticks: u64| ticks as f64 * 1e6 / TICKS_PER_SEC / items.max(1) as f64;
         format!(
             "{:.0} / {:.0} / {:.0} µs",
             micros(now.server.saturating_sub(self.server)),
