@@ -51,9 +51,9 @@ struct Options {
     only_ingest: bool,
 }
 
-/// The options, as bench/run.sh's header lists them.
-const USAGE: &str = "usage: ./bench/run.sh [--quick] [--customers N] [--read-secs N] \
-    [--replay-events N] [--soak-secs N] [--no-peer] [--no-write] [--only ingest]";
+/// Where the options are listed (bench/run.sh's header, which `--help` prints), rather
+/// than a second list here.
+const USAGE: &str = "the options: ./bench/run.sh --help";
 
 impl Options {
     /// The options `./bench/run.sh` passes on, or why they are not ones this harness
