@@ -67,7 +67,7 @@ const HTTP_HANDLERS: &[&str] = &[
 ];
 
 /// The modules of `src/http/` that the handlers share (they name no handler either).
-const HTTP_SUPPORT: &[&str] = &["auth", "error", "params", "serve"];
+const HTTP_SUPPORT: &[&str] = &["auth", "error", "layers", "params", "serve"];
 
 #[test]
 fn src_follows_the_layers() {

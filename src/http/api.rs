@@ -3,7 +3,7 @@
 //!
 //! The handlers check the id and answer what [`crate::reads`] finds (Redis first, then
 //! Postgres). Who may call which route is decided before they run
-//! (`auth::require_reader`); they must never read a table or the cache themselves.
+//! (`auth::reader`, in a `layers::Guard`); they must never read a table or the cache themselves.
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};

@@ -17,9 +17,12 @@
 //! allowed (deny by default), so a route added to `/v1` later is closed to it until
 //! someone opens it here.
 
-use axum::extract::{MatchedPath, RawPathParams, Request, State};
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
+
+use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Uri};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use cookie::{Cookie, SameSite};
 use secrecy::{ExposeSecret, SecretString};
@@ -27,6 +30,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use url::form_urlencoded;
 
+use super::layers::Verdict;
 use super::{ApiError, AppState};
 use crate::config::Settings;
 use crate::metrics::TokenKind;
@@ -96,45 +100,56 @@ fn reader_for(state: &AppState, presented: &str) -> Option<Reader> {
     })
 }
 
-/// `/v1`: requires the API token or an org-scoped token, and lets an org-scoped token
-/// through only to its own org's entitlements (403 elsewhere). The reader is left in the
-/// request's extensions.
-pub async fn require_reader(
-    State(state): State<AppState>,
-    matched: Option<MatchedPath>,
-    params: Option<RawPathParams>,
-    mut request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let reader = bearer(request.headers())
-        .and_then(|token| reader_for(&state, token))
-        .ok_or(ApiError::Unauthorized)?;
-    if let Reader::Org(own) = &reader {
-        let route = matched.as_ref().map(MatchedPath::as_str);
-        let asked = params
-            .as_ref()
-            .and_then(|p| p.iter().find(|(key, _)| *key == "org_id"))
-            .map(|(_, value)| value);
-        if !route.is_some_and(|route| ORG_ROUTES.contains(&route)) || asked != Some(own.as_str()) {
-            return Err(ApiError::Forbidden);
-        }
-    }
-    request.extensions_mut().insert(reader);
-    Ok(next.run(request).await)
+/// `/v1`'s check (`layers::Guard`): requires the API token or an org-scoped token, and
+/// lets an org-scoped token through only to its own org's entitlements (403 elsewhere).
+pub fn reader(state: &AppState, request: Request) -> Verdict {
+    reader_check(state, request).into()
 }
 
-/// The operator endpoints (`/ops`): require `SUBLEDGER_ADMIN_TOKEN` as a bearer token.
-/// Unset, they refuse everyone. (The `/admin` page also takes a cookie: [`admin_access`].)
-pub async fn require_admin_token(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let position = bearer(request.headers())
-        .and_then(|presented| position_of(&state.settings.admin_tokens, presented))
+fn reader_check(state: &AppState, request: Request) -> Result<Request, ApiError> {
+    let reader = bearer(request.headers())
+        .and_then(|token| reader_for(state, token))
         .ok_or(ApiError::Unauthorized)?;
+    let Reader::Org(own) = &reader else {
+        return Ok(request);
+    };
+    let route = request.extensions().get::<MatchedPath>();
+    if !route.is_some_and(|route| ORG_ROUTES.contains(&route.as_str())) {
+        return Err(ApiError::Forbidden);
+    }
+    let (mut parts, body) = request.into_parts();
+    if org_asked(&mut parts).as_deref() != Some(own.as_str()) {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The `org_id` the matched route's path names, decoded as the handler's `Path` sees it.
+/// `RawPathParams` reads what the router left in the request's extensions, so it is ready
+/// at once: it is polled a single time, and one that were not ready would find nothing
+/// (and so refuse).
+fn org_asked(parts: &mut Parts) -> Option<String> {
+    let extract = RawPathParams::from_request_parts(parts, &());
+    let mut context = Context::from_waker(Waker::noop());
+    match std::pin::pin!(extract).poll(&mut context) {
+        Poll::Ready(Ok(params)) => params
+            .iter()
+            .find(|(key, _)| *key == "org_id")
+            .map(|(_, value)| value.to_owned()),
+        Poll::Ready(Err(_)) | Poll::Pending => None,
+    }
+}
+
+/// `/ops`' check (`layers::Guard`): requires `SUBLEDGER_ADMIN_TOKEN` as a bearer token.
+/// Unset, it refuses everyone. (The `/admin` page also takes a cookie: [`admin_access`].)
+pub fn admin(state: &AppState, request: Request) -> Verdict {
+    let Some(position) = bearer(request.headers())
+        .and_then(|presented| position_of(&state.settings.admin_tokens, presented))
+    else {
+        return Verdict::Answer(ApiError::Unauthorized.into_response());
+    };
     crate::metrics::token_used(TokenKind::Admin, position);
-    Ok(next.run(request).await)
+    Verdict::Pass(request)
 }
 
 /// What a request to the admin page presents.

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod checkout;
 pub mod error;
 pub mod health;
+pub mod layers;
 pub mod metrics;
 pub mod ops;
 pub mod params;
@@ -230,18 +231,12 @@ pub fn router(state: AppState) -> Router {
             post(checkout::sync_checkout_session),
         )
         .route("/v1/portal/sessions", post(checkout::create_portal_session))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_reader,
-        ));
+        .route_layer(layers::GuardLayer::new(state.clone(), auth::reader));
     let ops = Router::new()
         .route("/ops/dead-letters", get(ops::dead_letters))
         .route("/ops/dead-letters/retry", post(ops::retry_all))
         .route("/ops/dead-letters/:event_id/retry", post(ops::retry_one))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_admin_token,
-        ));
+        .route_layer(layers::GuardLayer::new(state.clone(), auth::admin));
     Router::new()
         .route(
             "/webhooks/stripe",
@@ -261,10 +256,6 @@ pub fn router(state: AppState) -> Router {
         .merge(v1)
         .merge(ops)
         .fallback(|| async { ApiError::NotFound("route".to_owned()) })
-        .layer(axum::middleware::from_fn_with_state(
-            body_timeout,
-            serve::body_deadline,
-        ))
-        .layer(axum::middleware::from_fn(metrics::track_http))
+        .layer(layers::ObserveLayer { body_timeout })
         .with_state(state)
 }

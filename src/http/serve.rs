@@ -5,7 +5,8 @@
 //!   has not sent a whole request head in time. hyper also runs it while a kept-alive
 //!   connection waits for its next request, so it bounds idle connections too.
 //! - **Body read timeout** ([`Limits::body_timeout`]): a request body must have arrived
-//!   whole within it of the head ([`body_deadline`]); a body trickled byte by byte is cut
+//!   whole within it of the head ([`DeadlineBody`], which `layers::Observe` puts
+//!   around every request body); a body trickled byte by byte is cut
 //!   and answered 408, and the connection closed. (tower-http's body timeout resets at
 //!   each chunk, which a trickle defeats.)
 //! - **A bound on connections** ([`Limits::max_connections`]), below the open-file limit
@@ -29,9 +30,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -42,7 +40,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-use super::ApiError;
 use crate::metrics::{self, ConnectionState};
 
 /// File descriptors kept out of the connection budget: Postgres's pool, Redis, the log,
@@ -259,47 +256,26 @@ async fn shed(mut stream: TcpStream, budget: OwnedSemaphorePermit) {
     drop(budget);
 }
 
-/// Middleware: the request body must arrive whole within `body_timeout` of the request
-/// head. A body that does not is cut (the handler sees an error reading it) and the
-/// request is answered 408 with `Connection: close`. A request without a body is not
-/// wrapped (reads, the common case, pay nothing).
-pub async fn body_deadline(
-    axum::extract::State(body_timeout): axum::extract::State<Duration>,
-    request: Request,
-    next: Next,
-) -> Response {
-    use http_body::Body as _;
-    if request.body().is_end_stream() {
-        return next.run(request).await;
-    }
-    let timed_out = Arc::new(AtomicBool::new(false));
-    let (parts, body) = request.into_parts();
-    let body = Body::new(DeadlineBody {
-        inner: body,
-        deadline: Instant::now() + body_timeout,
-        sleep: None,
-        timed_out: timed_out.clone(),
-    });
-    let response = next.run(Request::from_parts(parts, body)).await;
-    if timed_out.load(Ordering::Relaxed) {
-        metrics::http_read_timeout(metrics::ReadTimeout::Body);
-        let mut response = ApiError::BodyTimeout(body_timeout).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        debug_assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
-        return response;
-    }
-    response
-}
-
-/// A request body that fails once its deadline passes.
-struct DeadlineBody {
+/// A request body that fails once its deadline passes (`layers::Observe` wraps every
+/// request body in one).
+pub(super) struct DeadlineBody {
     inner: Body,
     deadline: Instant,
     /// Made on the first poll that has to wait.
     sleep: Option<std::pin::Pin<Box<Sleep>>>,
     timed_out: Arc<AtomicBool>,
+}
+
+impl DeadlineBody {
+    /// `inner`, cut at `deadline`; `timed_out` is set when it is.
+    pub(super) fn new(inner: Body, deadline: Instant, timed_out: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            deadline,
+            sleep: None,
+            timed_out,
+        }
+    }
 }
 
 /// The request body did not arrive within `SUBLEDGER_BODY_TIMEOUT_MS`.

@@ -22,8 +22,7 @@ mod pages;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Redirect};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::DurationRound;
@@ -31,6 +30,7 @@ use maud::{html, Markup};
 
 use super::auth::{self, AdminAccess};
 use super::error::ErrorBody;
+use super::layers::{GuardLayer, Verdict};
 use super::params::valid_id;
 use super::{ApiError, AppState};
 use crate::inbox::{self, Redrive};
@@ -49,19 +49,19 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin", get(home))
         .route("/admin/customers/:customer_id", get(customer))
         .route("/admin/inbox/:event_id/redrive", post(redrive))
-        .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
+        .route_layer(GuardLayer::new(state, guard))
 }
 
 /// Requires the admin token (see [`auth::admin_access`]); shows the login page otherwise.
-async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+fn guard(state: &AppState, request: Request) -> Verdict {
     let problem = match auth::admin_access(&state.settings, request.uri(), request.headers()) {
-        AdminAccess::Granted => return next.run(request).await,
-        AdminAccess::Traded(redirect) => return redirect,
+        AdminAccess::Granted => return Verdict::Pass(request),
+        AdminAccess::Traded(redirect) => return Verdict::Answer(redirect),
         AdminAccess::WrongToken => Some("That is not the admin token."),
         AdminAccess::Missing => None,
     };
     let login = pages::login(!state.settings.admin_tokens.is_empty(), problem);
-    (StatusCode::UNAUTHORIZED, html_page(login)).into_response()
+    Verdict::Answer((StatusCode::UNAUTHORIZED, html_page(login)).into_response())
 }
 
 fn html_page(markup: Markup) -> Html<String> {
