@@ -1,6 +1,8 @@
 //! subledger's benchmark harness: ingestion (driven by `wrk`), entitlement reads (measured
 //! with `wrk`, beside the server's own `/healthz` rate and tail, then again from a server on one
-//! thread), cross-replica freshness, storage per event before and after
+//! thread; with how many reads the server itself took over 1 ms to answer and how often the
+//! kernel preempted its threads, which together say whether a tail is the read's or the
+//! wait for a core), cross-replica freshness, storage per event before and after
 //! retention, replay, memory and a
 //! peer, measured in one run on this machine, each beside its hardware ceiling.
 //!
@@ -493,6 +495,55 @@ fn local_cache_reads(page: &str, result: &str) -> f64 {
     series(
         page,
         &format!(r#"subledger_local_cache_reads_total{{result="{result}"}}"#),
+    )
+}
+
+/// The reads of orgs' entitlements (200) the server took longer than 1 ms over, from its
+/// route to its answer (`subledger_http_request_duration_seconds`, whose first bucket is
+/// 1 ms), and all of them, so far: what of a read's latency is the read itself, and what is
+/// its wait for a turn on a core.
+fn reads_over_1ms(page: &str) -> (f64, f64) {
+    let labels = r#"method="GET",route="/v1/orgs/:org_id/entitlements",status="200""#;
+    let within = series(
+        page,
+        &format!(r#"subledger_http_request_duration_seconds_bucket{{{labels},le="0.001"}}"#),
+    );
+    let all = series(
+        page,
+        &format!("subledger_http_request_duration_seconds_count{{{labels}}}"),
+    );
+    (all - within, all)
+}
+
+/// How many times so far the kernel took a core from one of the process's threads while it
+/// could still run (`nonvoluntary_ctxt_switches`, summed over its threads).
+fn preemptions(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                .and_then(|count| count.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// What the server did during a read phase, between two `/metrics` pages and two counts of
+/// [`preemptions`]: the reads it took over 1 ms to answer, of all, and how often per
+/// second its threads were preempted.
+fn read_turns(before: &str, after: &str, preempted: u64, ran: Duration) -> String {
+    let (slow_before, all_before) = reads_over_1ms(before);
+    let (slow_after, all_after) = reads_over_1ms(after);
+    format!(
+        "{:.0} of {:.0}; preempted {:.0} times/s",
+        slow_after - slow_before,
+        all_after - all_before,
+        preempted as f64 / ran.as_secs_f64().max(f64::EPSILON)
     )
 }
 
@@ -1039,7 +1090,9 @@ async fn main() {
     let warmed = warm(&client, &base, &org_paths).await;
     let before = metrics_page(&client, &base).await;
     let rss = RssSampler::start(server.id());
+    let preempted = preemptions(server.id());
     let reads = wrk_reads(&base, &org_paths, options.read_secs, 50);
+    let preempted = preemptions(server.id()).saturating_sub(preempted);
     let read_rss = rss.finish();
     let after = metrics_page(&client, &base).await;
     let local_reads =
@@ -1081,6 +1134,10 @@ async fn main() {
             local_reads("bypass")
         ),
     );
+    figures.add(
+        "reads: answered in over 1 ms by the server itself (route to answer), of all; its threads preempted",
+        read_turns(&before, &after, preempted, reads.ran),
+    );
     figures.add("reads: peak RSS", format!("{read_rss:.1} MiB"));
 
     // 3. The same reads from a second server on the same database and Redis, on one
@@ -1093,7 +1150,11 @@ async fn main() {
     wait_until_up(&client, &sized_base).await;
     let sized_health = wrk_reads(&sized_base, &["/healthz".to_owned()], options.read_secs, 50);
     warm(&client, &sized_base, &org_paths).await;
+    let sized_before = metrics_page(&client, &sized_base).await;
+    let sized_preempted = preemptions(sized.id());
     let sized_reads = wrk_reads(&sized_base, &org_paths, options.read_secs, 50);
+    let sized_preempted = preemptions(sized.id()).saturating_sub(sized_preempted);
+    let sized_after = metrics_page(&client, &sized_base).await;
     let _ = sized.kill();
     let _ = sized.wait();
     figures.add(
@@ -1113,6 +1174,15 @@ async fn main() {
     figures.add(
         "reads, server on 1 thread: req/s / /healthz (goal >= 0.6, p99 <= 2 ms)",
         format!("{:.2}", sized_reads.rate / sized_health.rate),
+    );
+    figures.add(
+        "reads, server on 1 thread: answered in over 1 ms by the server itself, of all; its thread preempted",
+        read_turns(
+            &sized_before,
+            &sized_after,
+            sized_preempted,
+            sized_reads.ran,
+        ),
     );
 
     // 4. Soak at half the measured ingest rate (memory steady, not growing).
