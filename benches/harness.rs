@@ -108,16 +108,24 @@ struct RssSampler {
     stop: Arc<AtomicBool>,
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// The number a `/proc/…/status` file gives for `field` (`VmRSS`, …): the first word after
+/// `field:`.
+fn status_number(status: &std::path::Path, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(status).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_number(
+        std::path::Path::new(&format!("/proc/{pid}/status")),
+        "VmRSS",
+    )
+    .unwrap_or(0)
 }
 
 impl RssSampler {
@@ -523,13 +531,7 @@ fn preemptions(pid: u32) -> u64 {
     };
     tasks
         .filter_map(Result::ok)
-        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-                .and_then(|count| count.trim().parse::<u64>().ok())
-        })
+        .filter_map(|task| status_number(&task.path().join("status"), "nonvoluntary_ctxt_switches"))
         .sum()
 }
 
