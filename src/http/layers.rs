@@ -39,7 +39,7 @@ use crate::metrics;
 
 /// The route label of requests that matched no route, so that a scan of random paths
 /// cannot create unbounded series.
-pub const UNMATCHED: &str = "unmatched";
+const UNMATCHED: &str = "unmatched";
 
 /// [`Observe`] for every route of a router.
 #[derive(Clone, Copy)]
