@@ -1,16 +1,78 @@
 //! Typed settings, read from the environment. Defaults work against a local Postgres and
 //! Redis, so `subledger serve` needs nothing else to start.
 //!
-//! Secrets are `SecretString`s: they print as `[REDACTED]` and must never be logged.
+//! Secrets are `SecretString`s, or [`Token`]s (a token's SHA-256 alone): they print as
+//! `[REDACTED]` and must never be logged.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
 
 /// Stripe's own API base: `STRIPE_API_BASE` unless set (a local fake in tests).
 pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
+
+/// A configured bearer token or shared secret that callers present (the API, admin and
+/// org-scoped tokens, the EventBridge secret), kept as its SHA-256 alone: taken when the
+/// settings are read, so a check hashes only what was presented, once, and compares the
+/// digests in constant time (equal-length digests, so not even a token's length leaks
+/// through timing). The digest is what the admin page's cookie holds, so it is as secret as
+/// the token: it prints as `[REDACTED]` and is zeroed when dropped.
+#[derive(Clone)]
+pub struct Token([u8; 32]);
+
+impl Token {
+    /// The SHA-256 of what a caller presented, to compare with configured tokens.
+    pub fn digest_of(presented: &str) -> [u8; 32] {
+        Sha256::digest(presented.as_bytes()).into()
+    }
+
+    /// Whether `presented` (a [`Token::digest_of`]) is this token, in constant time.
+    pub fn is(&self, presented: &[u8; 32]) -> bool {
+        bool::from(self.0.ct_eq(presented))
+    }
+
+    /// The token's SHA-256.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl From<&str> for Token {
+    fn from(token: &str) -> Self {
+        Self(Self::digest_of(token))
+    }
+}
+
+impl From<String> for Token {
+    fn from(mut token: String) -> Self {
+        let digested = Self::from(token.as_str());
+        token.zeroize();
+        digested
+    }
+}
+
+impl From<SecretString> for Token {
+    fn from(token: SecretString) -> Self {
+        Self::from(token.expose_secret())
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token([REDACTED])")
+    }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -48,7 +110,7 @@ pub struct Settings {
     /// `SUBLEDGER_EVENTBRIDGE_SECRET`: the secrets an EventBridge API destination sends in
     /// its header (comma-separated, each accepted, for rotation). Unset:
     /// `POST /webhooks/eventbridge` refuses everything.
-    pub eventbridge_secrets: Vec<SecretString>,
+    pub eventbridge_secrets: Vec<Token>,
     /// `SUBLEDGER_EVENTBRIDGE_HEADER`: the header that carries it (default
     /// `x-subledger-eventbridge-secret`), as configured on the API destination's
     /// connection (API key authorization: a header name and value of the operator's choice).
@@ -58,10 +120,10 @@ pub struct Settings {
     /// `SUBLEDGER_API_TOKEN`: the bearer tokens for `/v1`, comma-separated; any of them
     /// is accepted, so a token is rotated by adding the new one before removing the old.
     /// Unset: `/v1` refuses everyone.
-    pub api_tokens: Vec<SecretString>,
+    pub api_tokens: Vec<Token>,
     /// `SUBLEDGER_ADMIN_TOKEN`: the bearer tokens for `/admin` and the operator endpoints,
     /// comma-separated, as `api_tokens`. Unset: they refuse everyone.
-    pub admin_tokens: Vec<SecretString>,
+    pub admin_tokens: Vec<Token>,
     /// `SUBLEDGER_ORG_TOKENS`: org-scoped bearer tokens, `token=org_id` pairs separated by
     /// commas. Each may read only `/v1/orgs/{its org}/entitlements`; an org may have
     /// several (to rotate one).
@@ -225,7 +287,7 @@ impl StripeMode {
 /// One org-scoped token: whoever presents `token` may read `org_id`'s entitlements only.
 #[derive(Debug, Clone)]
 pub struct OrgToken {
-    pub token: SecretString,
+    pub token: Token,
     pub org_id: String,
 }
 
@@ -238,7 +300,7 @@ fn org_tokens(raw: &str) -> Result<Vec<OrgToken>, ConfigError> {
         .map(|(i, pair)| match pair.split_once('=') {
             Some((token, org)) if !token.trim().is_empty() && !org.trim().is_empty() => {
                 Ok(OrgToken {
-                    token: SecretString::from(token.trim().to_owned()),
+                    token: Token::from(token.trim()),
                     org_id: org.trim().to_owned(),
                 })
             }
@@ -305,13 +367,13 @@ where
 
 /// Secrets separated by commas (blank entries dropped): every one is accepted, which is
 /// how a secret is rotated without a moment where neither works.
-fn secrets(name: &'static str) -> Vec<SecretString> {
+fn secrets<T: for<'a> From<&'a str>>(name: &'static str) -> Vec<T> {
     var(name)
         .map(|raw| {
             raw.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(|s| SecretString::from(s.to_owned()))
+                .map(T::from)
                 .collect()
         })
         .unwrap_or_default()
@@ -450,8 +512,6 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
-    use secrecy::ExposeSecret;
-
     use super::*;
 
     #[test]
@@ -474,7 +534,7 @@ mod tests {
     fn org_tokens_parse_and_bad_entries_are_named_without_their_token() {
         let tokens = org_tokens(" tok_a=org_a, tok_b = org_b ,").unwrap();
         assert_eq!(tokens.len(), 2);
-        assert_eq!(tokens[1].token.expose_secret(), "tok_b");
+        assert!(tokens[1].token.is(&Token::digest_of("tok_b")));
         assert_eq!(tokens[1].org_id, "org_b");
         let error = org_tokens("tok_a=org_a,sekrit_without_org").unwrap_err();
         assert!(error.to_string().contains("entry 2"), "{error}");

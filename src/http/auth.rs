@@ -10,12 +10,13 @@
 //! is rotated by adding the new one, moving callers to it, then removing the old one
 //! (docs/reliability.md). Tokens are compared in constant time, as SHA-256 digests so that
 //! not even their length leaks through timing, and every configured token is compared
-//! (no early exit), so the time taken does not say which one nearly matched. Which one
-//! matched is counted by its position (`subledger_token_uses_total`), so an operator sees
-//! when an old token is no longer used. This module must never log, echo or store a
-//! presented token; and an org-scoped token is refused every route it is not explicitly
-//! allowed (deny by default), so a route added to `/v1` later is closed to it until
-//! someone opens it here.
+//! (no early exit), so the time taken does not say which one nearly matched. The configured
+//! ones are hashed once, when the settings are read (`config::Token`), and a presented one
+//! once per request. Which one matched is counted by its position
+//! (`subledger_token_uses_total`), so an operator sees when an old token is no longer used.
+//! This module must never log, echo or store a presented token; and an org-scoped token is
+//! refused every route it is not explicitly allowed (deny by default), so a route added to
+//! `/v1` later is closed to it until someone opens it here.
 
 use std::future::Future;
 use std::task::{Context, Poll, Waker};
@@ -25,14 +26,12 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
 use cookie::{Cookie, SameSite};
-use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use url::form_urlencoded;
 
 use super::layers::Verdict;
 use super::{ApiError, AppState};
-use crate::config::Settings;
+use crate::config::{Settings, Token};
 use crate::metrics::TokenKind;
 
 /// The cookie the admin page trades its token for.
@@ -56,19 +55,17 @@ pub enum Reader {
     Org(String),
 }
 
-/// Constant-time equality of a configured secret and a presented token.
-pub fn token_matches(expected: &SecretString, presented: &str) -> bool {
-    let expected = Sha256::digest(expected.expose_secret().as_bytes());
-    let presented = Sha256::digest(presented.as_bytes());
-    bool::from(expected.ct_eq(&presented))
+/// The position of the first of `tokens` that `presented` is, comparing every one in
+/// constant time (no early exit). `presented` is hashed once ([`Token`]).
+pub fn position_of(tokens: &[Token], presented: &str) -> Option<usize> {
+    first_of(tokens, &Token::digest_of(presented))
 }
 
-/// The position of the first of `tokens` that `presented` is, comparing every one in
-/// constant time (no early exit).
-pub fn position_of(tokens: &[SecretString], presented: &str) -> Option<usize> {
+/// [`position_of`] for a presented token already hashed.
+fn first_of(tokens: &[Token], presented: &[u8; 32]) -> Option<usize> {
     let mut found = None;
     for (position, expected) in tokens.iter().enumerate() {
-        if token_matches(expected, presented) && found.is_none() {
+        if expected.is(presented) && found.is_none() {
             found = Some(position);
         }
     }
@@ -87,10 +84,11 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// The reader a presented token stands for. Every configured token is compared (no early
 /// exit), so the time taken does not say which one nearly matched.
 fn reader_for(state: &AppState, presented: &str) -> Option<Reader> {
-    let mut found = position_of(&state.settings.api_tokens, presented)
+    let presented = Token::digest_of(presented);
+    let mut found = first_of(&state.settings.api_tokens, &presented)
         .map(|position| (Reader::Everything, TokenKind::Api, position));
     for (position, org) in state.settings.org_tokens.iter().enumerate() {
-        if token_matches(&org.token, presented) && found.is_none() {
+        if org.token.is(&presented) && found.is_none() {
             found = Some((Reader::Org(org.org_id.clone()), TokenKind::Org, position));
         }
     }
@@ -176,7 +174,7 @@ fn admin_token_matches(settings: &Settings, presented: &str) -> bool {
 
 /// What the cookie holds: the token's SHA-256, so the token itself is never stored.
 fn cookie_value(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
+    hex::encode(Token::digest_of(token))
 }
 
 /// Whether a cookie holds what one of the admin tokens was traded for (so a session made
@@ -185,7 +183,7 @@ fn admin_cookie_matches(settings: &Settings, headers: &HeaderMap) -> bool {
     let expected: Vec<String> = settings
         .admin_tokens
         .iter()
-        .map(|token| cookie_value(token.expose_secret()))
+        .map(|token| hex::encode(token.digest()))
         .collect();
     if expected.is_empty() {
         return false;
@@ -275,10 +273,7 @@ mod tests {
 
     #[test]
     fn any_configured_token_matches_and_its_position_is_told() {
-        let tokens: Vec<SecretString> = ["old-token", "new-token"]
-            .into_iter()
-            .map(|t| SecretString::from(t.to_owned()))
-            .collect();
+        let tokens: Vec<Token> = ["old-token", "new-token"].map(Token::from).into();
         assert_eq!(position_of(&tokens, "old-token"), Some(0));
         assert_eq!(position_of(&tokens, "new-token"), Some(1));
         assert_eq!(position_of(&tokens, "new-toke"), None);
@@ -287,8 +282,8 @@ mod tests {
 
     #[test]
     fn tokens_match_only_exactly() {
-        let expected = SecretString::from("s3cret-token".to_owned());
-        assert!(token_matches(&expected, "s3cret-token"));
+        let expected = [Token::from("s3cret-token")];
+        assert_eq!(position_of(&expected, "s3cret-token"), Some(0));
         for wrong in [
             "",
             "s3cret-toke",
@@ -296,7 +291,19 @@ mod tests {
             "S3cret-token",
             "s3cret-tokenx",
         ] {
-            assert!(!token_matches(&expected, wrong), "{wrong:?}");
+            assert_eq!(position_of(&expected, wrong), None, "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn a_token_is_never_printed() {
+        let printed = format!("{:?}", Token::from("s3cret-token"));
+        assert_eq!(printed, "Token([REDACTED])");
+    }
+
+    #[test]
+    fn the_cookie_of_a_configured_token_is_its_digest() {
+        let token = Token::from(String::from("t0k"));
+        assert_eq!(hex::encode(token.digest()), cookie_value("t0k"));
     }
 }

@@ -267,10 +267,7 @@ async fn eventbridge_app(
 ) -> (TestApp, crate::support::fake_stripe::FakeStripe) {
     let fake = crate::support::fake_stripe::FakeStripe::start().await;
     let (mut settings, db, prefix) = crate::support::helpers::test_settings(tag);
-    settings.eventbridge_secrets = secrets
-        .iter()
-        .map(|s| secrecy::SecretString::from(s.to_string()))
-        .collect();
+    settings.eventbridge_secrets = secrets.iter().map(|s| (*s).into()).collect();
     settings.stripe_secret_key = Some(secrecy::SecretString::from("sk_test_fake".to_owned()));
     settings.stripe_api_base = fake.base_url.clone();
     settings.reconcile_interval = None;

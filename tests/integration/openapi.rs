@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use serde_json::Value;
+use subledger::config::Token;
 
 use crate::events::{sub_event, T0};
 use crate::support::fake_stripe::FakeStripe;
@@ -184,10 +185,10 @@ async fn schemathesis_finds_no_server_error_and_every_answer_conforms() {
     settings.stripe_backoff = Duration::from_millis(5);
     settings.reconcile_interval = None;
     settings.redirect_origins = vec!["https://app.example.com".to_owned()];
-    settings.admin_tokens = vec![SecretString::from(ADMIN_TOKEN.to_owned())];
+    settings.admin_tokens = vec![Token::from(ADMIN_TOKEN)];
     // The documented example of the EventBridge header is a configured secret, so the
     // examples reach past authentication.
-    settings.eventbridge_secrets = vec![SecretString::from("eb-secret".to_owned())];
+    settings.eventbridge_secrets = vec![Token::from("eb-secret")];
     let app = spawn_with(settings, db_name, prefix).await;
     // The documented examples name org_123 and cus_123: let them exist.
     let body = sub_event(

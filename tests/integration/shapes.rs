@@ -12,7 +12,6 @@
 //! `entitlements.active_entitlement` with `lookup_key`) for the summary event.
 
 use chrono::Utc;
-use secrecy::SecretString;
 use serde_json::{json, Value};
 use subledger::config::OrgToken;
 
@@ -133,7 +132,7 @@ async fn an_older_active_subscription_outweighs_a_newer_incomplete_one() {
 async fn an_org_and_a_user_are_the_union_of_their_customers_in_any_order_and_on_a_cache_miss() {
     let (mut settings, db, prefix) = test_settings("union");
     settings.org_tokens = vec![OrgToken {
-        token: SecretString::from("tok_org_u".to_owned()),
+        token: "tok_org_u".into(),
         org_id: "org_u".to_owned(),
     }];
     let app = spawn_with(settings, db, prefix).await;

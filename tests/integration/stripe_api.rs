@@ -8,6 +8,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use sqlx::Row;
+use subledger::config::Token;
 
 use crate::ops::ADMIN;
 use crate::support::fake_stripe::{FakeStripe, Injection};
@@ -30,7 +31,7 @@ pub(crate) async fn spawn_with_stripe(tag: &str) -> (TestApp, FakeStripe) {
     settings.recovery_interval = None;
     settings.public_url = Some("https://billing.example.test".to_owned());
     settings.redirect_origins = vec!["https://app.example.test".to_owned()];
-    settings.admin_tokens = vec![SecretString::from(ADMIN.to_owned())];
+    settings.admin_tokens = vec![Token::from(ADMIN)];
     (spawn_with(settings, db_name, prefix).await, fake)
 }
 

@@ -14,6 +14,7 @@ use redis::AsyncCommands;
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::{PgPool, Row};
+use subledger::config::Token;
 use subledger::stripe::signature::sign;
 use subledger::{Application, Services, Settings};
 use tokio::sync::oneshot;
@@ -123,7 +124,7 @@ pub fn test_settings(tag: &str) -> (Settings, String, String) {
         SecretString::from(OLD_SECRET.to_owned()),
         SecretString::from(SECRET.to_owned()),
     ];
-    settings.api_tokens = vec![SecretString::from(TOKEN.to_owned())];
+    settings.api_tokens = vec![Token::from(TOKEN)];
     settings.listen = "127.0.0.1:0".parse().unwrap();
     settings.catalog_path =
         Some(concat!(env!("CARGO_MANIFEST_DIR"), "/catalog.example.toml").into());
