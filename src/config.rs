@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
@@ -53,12 +53,6 @@ impl From<String> for Token {
         let digested = Self::from(token.as_str());
         token.zeroize();
         digested
-    }
-}
-
-impl From<SecretString> for Token {
-    fn from(token: SecretString) -> Self {
-        Self::from(token.expose_secret())
     }
 }
 
