@@ -172,9 +172,9 @@ fn admin_token_matches(settings: &Settings, presented: &str) -> bool {
     position.is_some()
 }
 
-/// What the cookie holds: the token's SHA-256, so the token itself is never stored.
-fn cookie_value(token: &str) -> String {
-    hex::encode(Token::digest_of(token))
+/// What the cookie holds: a token's SHA-256 (`digest`), so the token itself is never stored.
+fn cookie_value(digest: &[u8; 32]) -> String {
+    hex::encode(digest)
 }
 
 /// Whether a cookie holds what one of the admin tokens was traded for (so a session made
@@ -183,7 +183,7 @@ fn admin_cookie_matches(settings: &Settings, headers: &HeaderMap) -> bool {
     let expected: Vec<String> = settings
         .admin_tokens
         .iter()
-        .map(|token| hex::encode(token.digest()))
+        .map(|token| cookie_value(token.digest()))
         .collect();
     if expected.is_empty() {
         return false;
@@ -236,7 +236,7 @@ fn trade_for_cookie(path: &str, query: &str, token: &str) -> Response {
     } else {
         format!("{path}?{rest}")
     };
-    let cookie = Cookie::build((ADMIN_COOKIE, cookie_value(token)))
+    let cookie = Cookie::build((ADMIN_COOKIE, cookie_value(&Token::digest_of(token))))
         .path(ADMIN_PATH)
         .http_only(true)
         .same_site(SameSite::Strict)
@@ -260,7 +260,7 @@ mod tests {
         let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap();
         let cookie = Cookie::parse(cookie).unwrap();
         assert_eq!(cookie.name(), ADMIN_COOKIE);
-        assert_eq!(cookie.value(), cookie_value("t0k"));
+        assert_eq!(cookie.value(), hex::encode(Token::digest_of("t0k")));
         assert_eq!(cookie.http_only(), Some(true));
         assert_eq!(cookie.same_site(), Some(SameSite::Strict));
         assert_eq!(cookie.path(), Some("/admin"));
@@ -304,6 +304,9 @@ mod tests {
     #[test]
     fn the_cookie_of_a_configured_token_is_its_digest() {
         let token = Token::from(String::from("t0k"));
-        assert_eq!(hex::encode(token.digest()), cookie_value("t0k"));
+        // `printf t0k | sha256sum`
+        let expected = "98e4e27695754ae0d421e3a5a48b69d8fab2b3af4383a5c318201f8a92eb9fd0";
+        assert_eq!(cookie_value(token.digest()), expected);
+        assert_eq!(cookie_value(&Token::digest_of("t0k")), expected);
     }
 }
