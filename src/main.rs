@@ -212,6 +212,15 @@ enum NotifyAction {
     },
 }
 
+/// Task polls between two looks at the sockets and timers (tokio's `event_interval`,
+/// 61 unless set). A webhook is answered once its inbox insert commits, and while the HTTP
+/// tasks and the inbox workers keep the run queues full, the insert's answer from Postgres
+/// waited for the next look: sampled in `pg_stat_activity`, the inserting connection
+/// spent a third of the benchmark's ingestion waiting for the server's next insert. At 7,
+/// ingestion did more in 5 of 7 alternating pairs, at a lower CPU per delivery in 5; at 2,
+/// the CPU per delivery rose again (BENCHMARKS.md, 2026-12-02).
+const EVENT_INTERVAL: u32 = 7;
+
 fn main() -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]
     no_transparent_huge_pages();
@@ -220,6 +229,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(threads) = threads {
         runtime.worker_threads(threads.get());
     }
+    runtime.event_interval(EVENT_INTERVAL);
     runtime
         .enable_all()
         .build()
