@@ -41,6 +41,8 @@ use crate::worker::{InboxWorker, Partition, WorkerWake};
 /// Postgres's CPU per delivery in each of eight alternating runs and 6.7 % less of the
 /// machine (BENCHMARKS.md). What it costs: a webhook that arrives while the insert commits
 /// waits for that commit and then its own, as it did whenever both of two were busy.
+/// The writer runs on a thread of its own with its own connection (`InboxWriter`); with
+/// that, two inserts in flight were still no faster than one (three alternating runs).
 const INBOX_WRITERS: usize = 1;
 
 /// How often the server checks the account's webhook endpoints (`/readyz` shows the last

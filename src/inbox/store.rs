@@ -504,63 +504,34 @@ impl InboxWriter {
     /// As [`InboxWriter::start`], putting each event it stored for processing into
     /// `parsed` once its insert committed (before it is answered), for the workers.
     pub fn handing_over(pool: PgPool, concurrent: usize, parsed: ParsedEvents) -> Self {
-        let (queue, mut incoming) = mpsc::channel::<Queued>(WRITE_BATCH * concurrent.max(1));
-        // The inserts that may be in flight, each with the connection it keeps, unless
-        // keeping them would take more than a quarter of the pool from the workers, the
-        // projections and the reads.
-        let keep = pool.options().get_max_connections() as usize >= 4 * concurrent.max(1);
-        let (free, mut slots) = mpsc::unbounded_channel::<HeldConnection>();
-        for _ in 0..concurrent.max(1) {
-            let _ = free.send(HeldConnection::default());
-        }
-        tokio::spawn(async move {
-            while let Some(first) = incoming.recv().await {
-                // Wait for a free slot first: what queues meanwhile joins this batch.
-                let Some(slot) = slots.recv().await else {
-                    return;
-                };
-                let mut batch = vec![first];
-                while batch.len() < WRITE_BATCH {
-                    match incoming.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
-                let (pool, parsed) = (pool.clone(), parsed.clone());
-                let mut lease = Lease {
-                    slot: Some(slot),
-                    free: free.clone(),
-                };
-                tokio::spawn(async move {
-                    let mut routes: Vec<Route> = batch.iter().map(|q| route(&q.event)).collect();
-                    let events: Vec<NewEvent> = batch
-                        .iter()
-                        .map(|q| NewEvent {
-                            event: &q.event,
-                            raw: &q.raw,
-                            source: q.source,
-                        })
-                        .collect();
-                    let held = lease.slot.as_mut().expect("a lease holds its slot");
-                    let answers = store_batch(&pool, held, &events, &routes).await;
-                    if !keep {
-                        held.conn = None;
-                    }
-                    drop(events);
-                    for ((queued, answer), routed) in
-                        batch.iter().zip(&answers).zip(routes.drain(..))
-                    {
-                        if matches!(answer, Ok(Received::Stored)) {
-                            parsed.put(queued.event.clone(), routed);
-                        }
-                    }
-                    for (queued, answer) in batch.into_iter().zip(answers) {
-                        let _ = queued.reply.send(answer);
-                    }
-                    drop(lease);
-                });
-            }
-        });
+        let concurrent = concurrent.max(1);
+        let (queue, incoming) = mpsc::channel::<Queued>(WRITE_BATCH * concurrent);
+        // The writer runs on a thread of its own, with a runtime and connections of its
+        // own (`concurrent` of them, beside `pool`'s): every webhook waits for the insert
+        // that stores it, so the next insert should go out as soon as the last one
+        // commits. On the server's runtime it went out when a thread busy with requests,
+        // workers and projections got round to the writer's socket and task; on its own
+        // thread the kernel wakes it when Postgres answers. In the ingestion benchmark
+        // (2 cores, 32 connections) that acknowledged 2 to 16 % more webhooks a second in
+        // each of nine alternating runs (BENCHMARKS.md, 2026-12-03).
+        let options = pool.connect_options().as_ref().clone();
+        let acquire_timeout = pool.options().get_acquire_timeout();
+        std::thread::Builder::new()
+            .name("inbox-writer".to_owned())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("the inbox writer's runtime starts");
+                runtime.block_on(async move {
+                    let pool = sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(concurrent as u32)
+                        .acquire_timeout(acquire_timeout)
+                        .connect_lazy_with(options);
+                    write(pool, concurrent, parsed, incoming).await
+                })
+            })
+            .expect("the inbox writer's thread starts");
         Self { queue }
     }
 
@@ -591,6 +562,69 @@ impl InboxWriter {
             .await
             .map_err(|_| InboxError::Closed)?;
         answer.await.map_err(|_| InboxError::Closed)?
+    }
+}
+
+/// The writer's loop: each insert stores every event queued while the one before it ran,
+/// with at most `concurrent` in flight, each on a connection it keeps. Returns once every
+/// sender is dropped and the queued events are stored and answered.
+async fn write(
+    pool: PgPool,
+    concurrent: usize,
+    parsed: ParsedEvents,
+    mut incoming: mpsc::Receiver<Queued>,
+) {
+    let (free, mut slots) = mpsc::unbounded_channel::<HeldConnection>();
+    for _ in 0..concurrent {
+        let _ = free.send(HeldConnection::default());
+    }
+    while let Some(first) = incoming.recv().await {
+        // Wait for a free slot first: what queues meanwhile joins this batch.
+        let Some(slot) = slots.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < WRITE_BATCH {
+            match incoming.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (pool, parsed) = (pool.clone(), parsed.clone());
+        let mut lease = Lease {
+            slot: Some(slot),
+            free: free.clone(),
+        };
+        tokio::spawn(async move {
+            let mut routes: Vec<Route> = batch.iter().map(|q| route(&q.event)).collect();
+            let events: Vec<NewEvent> = batch
+                .iter()
+                .map(|q| NewEvent {
+                    event: &q.event,
+                    raw: &q.raw,
+                    source: q.source,
+                })
+                .collect();
+            let held = lease.slot.as_mut().expect("a lease holds its slot");
+            let answers = store_batch(&pool, held, &events, &routes).await;
+            drop(events);
+            for ((queued, answer), routed) in batch.iter().zip(&answers).zip(routes.drain(..)) {
+                if matches!(answer, Ok(Received::Stored)) {
+                    parsed.put(queued.event.clone(), routed);
+                }
+            }
+            for (queued, answer) in batch.into_iter().zip(answers) {
+                let _ = queued.reply.send(answer);
+            }
+            drop(lease);
+        });
+    }
+    // The inserts still in flight run on this thread's runtime, which ends with this
+    // function: wait until each has given its slot back (it has answered its events).
+    for _ in 0..concurrent {
+        if slots.recv().await.is_none() {
+            break;
+        }
     }
 }
 
