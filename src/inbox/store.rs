@@ -507,13 +507,12 @@ impl InboxWriter {
         let concurrent = concurrent.max(1);
         let (queue, incoming) = mpsc::channel::<Queued>(WRITE_BATCH * concurrent);
         // The writer runs on a thread of its own, with a runtime and connections of its
-        // own (`concurrent` of them, beside `pool`'s): every webhook waits for the insert
-        // that stores it, so the next insert should go out as soon as the last one
-        // commits. On the server's runtime it went out when a thread busy with requests,
-        // workers and projections got round to the writer's socket and task; on its own
-        // thread the kernel wakes it when Postgres answers. In the ingestion benchmark
-        // (2 cores, 32 connections) that acknowledged 2 to 16 % more webhooks a second in
-        // each of nine alternating runs (BENCHMARKS.md, 2026-12-03).
+        // own (`concurrent` of them, beside `pool`'s), so that its next insert does not
+        // queue behind the requests, workers and projections that share the server's
+        // runtime: every webhook waits for the insert that stores it. In the ingestion
+        // benchmark (2 cores, 32 connections) that acknowledged 2 to 16 % more webhooks a
+        // second in each of nine alternating runs; the insert's connection still waited
+        // for the next insert about a third of the time (BENCHMARKS.md, 2026-12-03).
         let options = pool.connect_options().as_ref().clone();
         let acquire_timeout = pool.options().get_acquire_timeout();
         std::thread::Builder::new()
