@@ -782,33 +782,59 @@ fn probe_event(step: usize, status: &str) -> Vec<u8> {
 }
 
 /// Sizes of the stored data, in bytes: (log, inbox, platform tables).
-/// The replay's two stages as its log tells them (JSON lines from `projections::runner`):
-/// the key scan (`rebuild: found each key's newest event`: events read, events needed,
-/// `took_ms`) and the apply (`rebuild: applied`: `took_ms`).
-fn replay_stages(log: &str) -> String {
+/// The replay's steps as its log tells them (JSON lines from `projections::runner`), each
+/// as the time from `spawned` at which it ended: the clear of the eventual projections,
+/// the key scan (`rebuild: found each key's newest event`: events read below the horizon,
+/// events needed), the apply of those (`rebuild: applied`) and the catch-up after it
+/// (events applied), then the process's exit (`exited`).
+fn replay_steps(log: &str, spawned: chrono::DateTime<chrono::Utc>, exited: Duration) -> String {
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect();
-    let field = |message: &str, name: &str| {
+    let line = |message: &str| {
         lines
             .iter()
             .find(|line| line["fields"]["message"] == message)
-            .and_then(|line| line["fields"][name].as_u64())
     };
-    let scan = "rebuild: found each key's newest event";
-    match (
-        field(scan, "took_ms"),
-        field(scan, "needed"),
-        field("rebuild: applied", "took_ms"),
-    ) {
-        (Some(scan_ms), Some(needed), Some(apply_ms)) => format!(
-            "{:.1} s / {:.1} s ({needed} events needed)",
-            scan_ms as f64 / 1000.0,
-            apply_ms as f64 / 1000.0
+    let at = |line: &serde_json::Value| {
+        let ended: chrono::DateTime<chrono::Utc> = line["timestamp"].as_str()?.parse().ok()?;
+        Some((ended - spawned).num_milliseconds() as f64 / 1000.0)
+    };
+    let count = |line: &serde_json::Value, name: &str| line["fields"][name].as_u64();
+    let step = |message: &str, label: &str, counts: &[(&str, &str)]| {
+        let Some(line) = line(message) else {
+            return format!("{label} not in its log");
+        };
+        let mut text = match at(line) {
+            Some(seconds) => format!("{label} at {seconds:.1} s"),
+            None => format!("{label} at ?"),
+        };
+        let counted: Vec<String> = counts
+            .iter()
+            .filter_map(|(field, what)| count(line, field).map(|n| format!("{n} {what}")))
+            .collect();
+        if !counted.is_empty() {
+            let _ = write!(text, " ({})", counted.join(", "));
+        }
+        text
+    };
+    [
+        step("rebuild: cleared the eventual projections", "cleared", &[]),
+        step(
+            "rebuild: found each key's newest event",
+            "keys scanned",
+            &[("read", "events read"), ("needed", "needed")],
         ),
-        _ => "not in its log".to_owned(),
-    }
+        step("rebuild: applied", "applied", &[]),
+        step(
+            "replay: caught up after the rebuild",
+            "caught up",
+            &[("applied", "events")],
+        ),
+        format!("exited at {:.1} s", exited.as_secs_f64()),
+    ]
+    .join(", ")
 }
 
 async fn storage(pool: &PgPool) -> (i64, i64, i64) {
@@ -935,7 +961,7 @@ async fn freshness_lag(
     others: &[(Child, String)],
     prefix: &str,
     step: usize,
-) -> u64 {
+) -> (u64, u64) {
     let status = if step.is_multiple_of(2) {
         "active"
     } else {
@@ -960,6 +986,23 @@ async fn freshness_lag(
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
     };
+    // The org's answer is its hash's field for the customer, which the writer's second
+    // phase writes after the customer key: how long after.
+    let owner_written = loop {
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(format!("{prefix}stripe:org:org_probe"))
+            .arg("cus_probe")
+            .query_async(redis)
+            .await
+            .unwrap_or(None);
+        if raw.is_some_and(|raw| raw.contains(&format!("\"status\":\"{status}\""))) {
+            break written.elapsed().as_micros() as u64;
+        }
+        if written.elapsed() > Duration::from_secs(5) {
+            break u64::MAX;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    };
     for (_, other) in others {
         loop {
             let answer: serde_json::Value = client
@@ -976,7 +1019,7 @@ async fn freshness_lag(
             }
         }
     }
-    let lag = written.elapsed().as_micros() as u64;
+    let lag = (written.elapsed().as_micros() as u64, owner_written);
     for _ in 0..3 {
         for (_, other) in others {
             let _ = client
@@ -1404,18 +1447,30 @@ async fn main() {
         )
     };
     figures.add("storage after the soak", per_event(storage(&pool).await));
-    let pruned = run_capture(
+    let pruning = Instant::now();
+    let printed = run_capture(
         Command::new(env!("CARGO_BIN_EXE_subledger"))
             .args(["prune", "--older-than-hours", "0"])
             .env("DATABASE_URL", format!("{PG_BASE}/{DB}"))
             .env("RUST_LOG", "warn"),
+    );
+    let prune_time = pruning.elapsed();
+    // Its count, not the warnings it may log before it (slow statements).
+    let pruned = printed
+        .lines()
+        .find(|line| line.ends_with("inbox payloads dropped"))
+        .unwrap_or("prune printed no count")
+        .to_owned();
+    figures.add(
+        "retention: `subledger prune --older-than-hours 0` took",
+        format!("{:.1} s", prune_time.as_secs_f64()),
     );
     sqlx::query("VACUUM FULL inbox")
         .execute(&pool)
         .await
         .unwrap();
     figures.add(
-        &format!("storage after retention ({})", pruned.trim()),
+        &format!("storage after retention ({pruned})"),
         per_event(storage(&pool).await),
     );
 
@@ -1453,6 +1508,35 @@ async fn main() {
     for step in 20..30 {
         killed_lags.push(freshness_lag(&client, &mut redis, &base, &others, &prefix, step).await);
     }
+    // Each change over 50 ms: its step, its lag, and how much of that the org's hash
+    // took to follow the customer key in Redis (the writer's second phase; the rest is
+    // the replicas').
+    let slow: Vec<String> = lags
+        .iter()
+        .chain(&killed_lags)
+        .enumerate()
+        .filter(|(_, (lag, _))| *lag > 50_000)
+        .map(|(step, (lag, owner))| {
+            let owner = match owner {
+                &u64::MAX => "not within 5 s".to_owned(),
+                micros => format!("{:.1} ms", *micros as f64 / 1000.0),
+            };
+            format!(
+                "step {step}: {:.1} ms, org's hash {owner}",
+                *lag as f64 / 1000.0
+            )
+        })
+        .collect();
+    figures.add(
+        "freshness: changes over 50 ms (step: lag, of which the org's hash after the customer key)",
+        if slow.is_empty() {
+            "none".to_owned()
+        } else {
+            slow.join("; ")
+        },
+    );
+    let mut lags: Vec<u64> = lags.into_iter().map(|(lag, _)| lag).collect();
+    let mut killed_lags: Vec<u64> = killed_lags.into_iter().map(|(lag, _)| lag).collect();
     lags.sort_unstable();
     killed_lags.sort_unstable();
     figures.add(
@@ -1523,7 +1607,7 @@ async fn main() {
             "SUBLEDGER_CATALOG",
             concat!(env!("CARGO_MANIFEST_DIR"), "/catalog.example.toml"),
         )
-        // Its two stages' timings, as JSON lines (`replay_stages`).
+        // Its steps' timings, as JSON lines (`replay_steps`).
         .env("RUST_LOG", "warn,projections::runner=info")
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())
@@ -1543,7 +1627,7 @@ async fn main() {
         .map(|(table, n)| format!("{table} {n}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let started = Instant::now();
+    let (started, spawned) = (Instant::now(), chrono::Utc::now());
     let child = replay.spawn().unwrap();
     let rss = RssSampler::start(child.id());
     let output = child.wait_with_output().unwrap();
@@ -1559,8 +1643,12 @@ async fn main() {
         ),
     );
     figures.add(
-        "replay: key scan / apply of the events needed (the replay's own log)",
-        replay_stages(&String::from_utf8_lossy(&output.stderr)),
+        "replay: its steps, each ended at (from its start; its own log)",
+        replay_steps(
+            &String::from_utf8_lossy(&output.stderr),
+            spawned,
+            replay_time,
+        ),
     );
     figures.add(
         "replay: dead rows in the tables it writes, before it (autovacuum off here)",

@@ -630,14 +630,20 @@ impl Projections {
                 Ok::<_, ProjectionError>(newest)
             })
         };
+        let clearing = Instant::now();
         if let Err(error) = self.clear().await {
             scanning.abort();
             return Err(error);
         }
+        tracing::info!(
+            took_ms = clearing.elapsed().as_millis() as u64,
+            "rebuild: cleared the eventual projections"
+        );
         let newest = scanning.await.map_err(|_| ProjectionError::Stopped)??;
         counted(newest.read as u64);
         let mut done = self.reports();
         self.rebuild(newest, &mut done, &mut progress).await?;
+        let catching_up = Instant::now();
         let rest = self
             .catch_up(batch, WhenBusy::Wait, |name, n| {
                 let before = done
@@ -647,6 +653,11 @@ impl Projections {
                 progress(name, before + n)
             })
             .await?;
+        tracing::info!(
+            applied = rest.iter().map(|more| more.applied).max().unwrap_or(0),
+            took_ms = catching_up.elapsed().as_millis() as u64,
+            "replay: caught up after the rebuild"
+        );
         for (total, more) in done.iter_mut().zip(rest) {
             total.applied += more.applied;
             total.position = more.position;
