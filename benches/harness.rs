@@ -781,7 +781,6 @@ fn probe_event(step: usize, status: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// Sizes of the stored data, in bytes: (log, inbox, platform tables).
 /// The replay's steps as its log tells them (JSON lines from `projections::runner`), each
 /// as the time from `spawned` at which it ended: the clear of the eventual projections,
 /// the key scan (`rebuild: found each key's newest event`: events read below the horizon,
@@ -837,6 +836,7 @@ fn replay_steps(log: &str, spawned: chrono::DateTime<chrono::Utc>, exited: Durat
     .join(", ")
 }
 
+/// Sizes of the stored data, in bytes: (log, inbox, platform tables).
 async fn storage(pool: &PgPool) -> (i64, i64, i64) {
     sqlx::query_as(
         "SELECT pg_total_relation_size('events'), pg_total_relation_size('inbox'), \
