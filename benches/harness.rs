@@ -975,33 +975,19 @@ async fn freshness_lag(
         .body(body)
         .send()
         .await;
-    let written = loop {
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(format!("{prefix}stripe:customer:cus_probe"))
-            .query_async(redis)
-            .await
-            .unwrap();
-        if raw.is_some_and(|raw| raw.contains(&format!("\"status\":\"{status}\""))) {
-            break Instant::now();
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    };
+    let mut read = redis::cmd("GET");
+    read.arg(format!("{prefix}stripe:customer:cus_probe"));
+    until_holds(redis, &read, status, None).await;
+    let written = Instant::now();
     // The org's answer is its hash's field for the customer, which the writer's second
     // phase writes after the customer key: how long after.
-    let owner_written = loop {
-        let raw: Option<String> = redis::cmd("HGET")
-            .arg(format!("{prefix}stripe:org:org_probe"))
-            .arg("cus_probe")
-            .query_async(redis)
-            .await
-            .unwrap_or(None);
-        if raw.is_some_and(|raw| raw.contains(&format!("\"status\":\"{status}\""))) {
-            break written.elapsed().as_micros() as u64;
-        }
-        if written.elapsed() > Duration::from_secs(5) {
-            break u64::MAX;
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
+    let mut read = redis::cmd("HGET");
+    read.arg(format!("{prefix}stripe:org:org_probe"))
+        .arg("cus_probe");
+    let owner_written = if until_holds(redis, &read, status, Some(Duration::from_secs(5))).await {
+        written.elapsed().as_micros() as u64
+    } else {
+        u64::MAX
     };
     for (_, other) in others {
         loop {
@@ -1030,6 +1016,27 @@ async fn freshness_lag(
         }
     }
     lag
+}
+
+/// Reads an answer from Redis with `read` every 200 µs until it holds `status`, for at
+/// most `within` (without one, until it does); whether it did.
+async fn until_holds(
+    redis: &mut redis::aio::MultiplexedConnection,
+    read: &redis::Cmd,
+    status: &str,
+    within: Option<Duration>,
+) -> bool {
+    let (started, wanted) = (Instant::now(), format!("\"status\":\"{status}\""));
+    loop {
+        let raw: Option<String> = read.query_async(redis).await.unwrap();
+        if raw.is_some_and(|raw| raw.contains(&wanted)) {
+            return true;
+        }
+        if within.is_some_and(|within| started.elapsed() > within) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
 }
 
 /// A connection to the standalone Redis the server under test uses.
