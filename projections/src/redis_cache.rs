@@ -39,6 +39,7 @@
 //! turned on and its invalidation channel is up; every write here publishes the keys it
 //! wrote on that channel, after writing them.
 
+use std::collections::HashSet;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -345,6 +346,9 @@ pub struct RedisCache {
     /// Owner writes a failed write left undone, made by the next one (see
     /// `keep_unfinished`).
     unfinished: Arc<Mutex<OwnerWrites>>,
+    /// During a rebuild, the keys this cache held when it began that the rebuild has not
+    /// written yet (see `begin_rebuild`).
+    rebuilding: Arc<Mutex<Option<HashSet<String>>>>,
 }
 
 impl RedisCache {
@@ -366,6 +370,7 @@ impl RedisCache {
                 refresh_after: Duration::ZERO,
             })),
             unfinished: Arc::default(),
+            rebuilding: Arc::default(),
         }
     }
 
@@ -541,32 +546,66 @@ impl RedisCache {
         cmd
     }
 
-    /// [`RedisCache::write`] for keys that are most likely absent (a rebuild writes into
-    /// the cache it has just cleared), without scripts where they are: each customer key
-    /// is set with `SET … NX` (which, on an absent key, does what `CUSTOMER_SCRIPT`
-    /// would: there is no newer version and no owner it was linked to), then each
-    /// owner's field with `HSETNX` and the hash's TTL with `EXPIRE … NX` (what
-    /// `OWNER_SCRIPT` does on an absent field). Whatever was present (a key another
-    /// writer made meanwhile, a field, a value of another type) goes the scripts' way,
-    /// as does everything of a phase whose commands failed, so the end state is the one
-    /// [`RedisCache::write`] leaves. A script costs Redis about ten times a plain command.
-    async fn write_absent(&self, infos: &[Answer]) -> Result<Vec<bool>, ProjectionError> {
+    /// [`RedisCache::write`] for a rebuild, without scripts where it knows what it finds
+    /// (`begin_rebuild` noted every key the cache held; none are noted outside a rebuild).
+    /// A customer key it noted is replaced with a plain `SET` (the log is the truth, and
+    /// the catch-up after the rebuild writes any newer answer over it); one it did not is
+    /// most likely absent and is set with `SET … NX` (which, on an absent key, does what
+    /// `CUSTOMER_SCRIPT` would: there is no newer version and no owner it was linked to).
+    /// An owner's hash it noted is deleted before its first field is written, so that it
+    /// ends holding the customers the log links to it, not a stale field or the
+    /// `~complete` mark of before; then each owner's field is set with `HSETNX` and the
+    /// hash's TTL with `EXPIRE … NX` (what `OWNER_SCRIPT` does on an absent field).
+    /// Whatever was present unexpectedly (a key another writer made meanwhile, a field,
+    /// a value of another type) goes the scripts' way, as does everything of a phase
+    /// whose commands failed, so the end state is the one [`RedisCache::write`] leaves
+    /// into an empty cache. A script costs Redis about ten times a plain command.
+    async fn write_rebuilding(&self, infos: &[Answer]) -> Result<Vec<bool>, ProjectionError> {
+        // Which customer keys to replace, and which owners' hashes to delete first: those
+        // noted and not written yet (each is taken off the note as it is written).
+        let mut replace = vec![false; infos.len()];
+        let mut resets: Vec<String> = Vec::new();
+        if let Some(held) = self
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_mut()
+        {
+            for (i, Answer { info, .. }) in infos.iter().enumerate() {
+                replace[i] = held.remove(&self.keys.customer(&info.customer_id));
+                let (org, user) = info.linked_owners();
+                let owners = org
+                    .map(|org| self.keys.org(org))
+                    .into_iter()
+                    .chain(user.map(|user| self.keys.user(user)));
+                resets.extend(owners.filter(|owner| held.remove(owner)));
+            }
+        }
         let mut conn = self.conn.get().await?;
-        let mut sets = Vec::with_capacity(infos.len());
-        for Answer { info, json } in infos {
+        let mut sets = Vec::with_capacity(resets.len() + infos.len());
+        for owner in &resets {
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(owner);
+            sets.push(cmd);
+        }
+        for (Answer { info, json }, &replace) in infos.iter().zip(&replace) {
             let mut cmd = redis::cmd("SET");
             cmd.arg(self.keys.customer(&info.customer_id))
                 .arg(json)
                 .arg("EX")
-                .arg(self.ttl_secs)
-                .arg("NX");
+                .arg(self.ttl_secs);
+            if !replace {
+                cmd.arg("NX");
+            }
             sets.push(cmd);
         }
-        let answers = if infos.is_empty() {
+        let mut answers = if sets.is_empty() {
             vec![]
         } else {
             conn.run_each(&[], sets, vec![]).await?
         };
+        // A hash whose `DEL` failed fails the chunk, as a failed `SET` does below.
+        let mut failed = answers.drain(..resets.len()).find_map(Result::err);
         let mut rest = OwnerWrites {
             written: vec![false; infos.len()],
             ..OwnerWrites::default()
@@ -574,7 +613,6 @@ impl RedisCache {
         // Owner writes of the customers set here: (owner's hash, answer's index).
         let mut fields: Vec<(String, usize)> = Vec::new();
         let mut present: Vec<usize> = Vec::new();
-        let mut failed = None;
         for (i, answer) in answers.into_iter().enumerate() {
             match answer {
                 Ok(redis::Value::Nil) => present.push(i),
@@ -978,14 +1016,16 @@ impl RedisCache {
         Ok((value, ttl))
     }
 
-    /// Deletes every key this cache owns: `SCAN`s each master node of a cluster (the
-    /// standalone server) once, for every key under `stripe:`, and deletes those that are
-    /// its own (the cluster client splits a `DEL` by slot). One pass, not one per kind of
-    /// key: each pass walks the node's whole keyspace (three passes were 879 `SCAN`s for
-    /// 425 000 keys in the benchmark's replay).
-    pub async fn clear_all(&self) -> Result<u64, redis::RedisError> {
-        let mut conn = self.conn.get().await?;
-        let mut deleted = 0;
+    /// Every key this cache owns: one `SCAN` of each master node of a cluster (the
+    /// standalone server) for every key under `stripe:`, keeping those of its own kinds.
+    /// One pass, not one per kind of key: each pass walks the node's whole keyspace
+    /// (three passes were 879 `SCAN`s for 425 000 keys in the benchmark's replay). `page`
+    /// is given each page's keys.
+    async fn scan_own<F, Fut>(&self, conn: &mut RedisConn, mut page: F) -> redis::RedisResult<()>
+    where
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<()>>,
+    {
         let (pattern, kinds) = (self.keys.scan_pattern(), self.keys.kinds());
         for mut node in conn.masters().await? {
             let mut cursor: u64 = 0;
@@ -995,13 +1035,12 @@ impl RedisCache {
                     .arg("MATCH")
                     .arg(&pattern)
                     .arg("COUNT")
-                    .arg(1000)
+                    .arg(SCAN_PAGE)
                     .query_async(&mut node)
                     .await?;
                 keys.retain(|key| kinds.iter().any(|kind| key.starts_with(kind.as_str())));
                 if !keys.is_empty() {
-                    deleted += keys.len() as u64;
-                    let _: () = conn.del(keys).await?;
+                    page(keys).await?;
                 }
                 if next == 0 {
                     break;
@@ -1009,14 +1048,50 @@ impl RedisCache {
                 cursor = next;
             }
         }
+        Ok(())
+    }
+
+    /// Every key this cache owns ([`RedisCache::scan_own`]).
+    pub async fn held_keys(&self) -> Result<HashSet<String>, redis::RedisError> {
+        let mut conn = self.conn.get().await?;
+        let mut held = HashSet::new();
+        self.scan_own(&mut conn, |keys| {
+            held.extend(keys);
+            std::future::ready(Ok(()))
+        })
+        .await?;
+        Ok(held)
+    }
+
+    /// Deletes every key this cache owns ([`RedisCache::scan_own`]; the cluster client
+    /// splits a `DEL` by slot), then tells every replica's in-process cache.
+    pub async fn clear_all(&self) -> Result<u64, redis::RedisError> {
+        let mut conn = self.conn.get().await?;
+        let mut deleted = 0;
+        let deleting = conn.clone();
+        self.scan_own(&mut conn, |keys| {
+            deleted += keys.len() as u64;
+            let mut conn = deleting.clone();
+            async move { conn.del(keys).await }
+        })
+        .await?;
+        self.publish_all(&mut conn).await?;
+        Ok(deleted)
+    }
+
+    /// Tells every replica's in-process cache that every key may have changed.
+    async fn publish_all(&self, conn: &mut RedisConn) -> Result<(), redis::RedisError> {
         let _: i64 = redis::cmd("PUBLISH")
             .arg(self.channel())
             .arg(local_cache::ALL_KEYS)
-            .query_async(&mut conn)
+            .query_async(conn)
             .await?;
-        Ok(deleted)
+        Ok(())
     }
 }
+
+/// Keys asked for by each `SCAN` of the cache's keys, and deleted by each `DEL` of them.
+const SCAN_PAGE: usize = 1000;
 
 /// Counts the projection's writes the version guard refused (`written` false).
 fn count_refused(written: &[bool]) {
@@ -1040,16 +1115,48 @@ impl EventualProjection for RedisCache {
     }
 
     /// A rebuild writes into the cache it cleared: the plain commands where keys are
-    /// absent ([`RedisCache::write_absent`]).
+    /// noted ([`RedisCache::write_rebuilding`]).
     async fn apply_rebuilding(&self, events: &Events<'_>) -> Result<(), ProjectionError> {
         let answers = events.answers(&self.catalog)?;
-        let written = self.write_absent(&answers).await?;
+        let written = self.write_rebuilding(&answers).await?;
         count_refused(&written);
         Ok(())
     }
 
-    async fn clear(&self) -> Result<(), ProjectionError> {
-        self.clear_all().await?;
+    /// Notes every key this cache holds ([`RedisCache::held_keys`]); deletes nothing, so
+    /// that readers find the old answers until the rebuild writes the new ones.
+    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
+        let held = self.held_keys().await?;
+        tracing::info!(keys = held.len(), "rebuild: noted the keys the cache holds");
+        *self
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(held);
+        Ok(())
+    }
+
+    /// Deletes the keys noted that the rebuild did not write again (those of customers and
+    /// owners the log no longer gives an answer), then tells every replica's in-process
+    /// cache to drop what it holds.
+    async fn end_rebuild(&self, rebuilt: bool) -> Result<(), ProjectionError> {
+        let held = self
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(held) = held.filter(|_| rebuilt) else {
+            return Ok(());
+        };
+        let mut conn = self.conn.get().await?;
+        let stale: Vec<String> = held.into_iter().collect();
+        for keys in stale.chunks(SCAN_PAGE) {
+            let _: () = conn.del(keys).await?;
+        }
+        tracing::info!(
+            keys = stale.len(),
+            "rebuild: deleted the keys noted that it did not write again"
+        );
+        self.publish_all(&mut conn).await?;
         Ok(())
     }
 }
@@ -1670,9 +1777,10 @@ mod tests {
         out
     }
 
-    /// A rebuild's write into absent keys (`write_absent`, no scripts where the keys are
-    /// absent) leaves what the scripted write leaves, whatever it finds: for each mode, two
-    /// caches under their own prefixes start alike, one writes one way, one the other.
+    /// A rebuild's write into keys it did not note (`write_rebuilding` outside a rebuild:
+    /// no scripts where the keys are absent) leaves what the scripted write leaves,
+    /// whatever it finds: for each mode, two caches under their own prefixes start alike,
+    /// one writes one way, one the other.
     #[tokio::test]
     async fn a_write_into_absent_keys_leaves_what_the_scripts_leave() {
         for (mode, scripted) in caches() {
@@ -1732,7 +1840,7 @@ mod tests {
                     written.push(if std::ptr::eq(cache, &scripted) {
                         cache.write(batch, None, Writer::Projection).await.unwrap()
                     } else {
-                        cache.write_absent(batch).await.unwrap()
+                        cache.write_rebuilding(batch).await.unwrap()
                     });
                 }
                 keys = [
@@ -1774,6 +1882,105 @@ mod tests {
             assert_eq!(keys.len(), 12);
             scripted.clear_all().await.unwrap();
             plain.clear_all().await.unwrap();
+        }
+    }
+
+    /// A rebuild over a full cache (`begin_rebuild` notes its keys, `write_rebuilding`
+    /// writes the log's answers, `end_rebuild` deletes what it did not write again) leaves
+    /// what the scripted write leaves in an empty cache, whatever the cache held: an answer
+    /// of a newer version, a key of another type, a field of a customer that moved away, a
+    /// hash marked complete, the keys of a customer and an owner the log no longer gives,
+    /// while a key of the app's own under `stripe:` stays. An owner written by two chunks
+    /// keeps both customers.
+    #[tokio::test]
+    async fn a_rebuild_over_what_the_cache_holds_leaves_what_one_into_an_empty_cache_leaves() {
+        for (mode, empty) in caches() {
+            let mut full = empty.clone();
+            full.keys = CacheKeys {
+                prefix: format!("{}full:", empty.keys.prefix),
+            };
+            full.rebuilding = Arc::default();
+            let batches = [
+                vec![
+                    answer("cus_moved", 2, Some("org_b"), false),
+                    answer("cus_stay", 1, Some("org_a"), false),
+                    answer("cus_newer", 1, Some("org_c"), false),
+                    answer("cus_typed", 1, Some("org_t"), false),
+                    answer("cus_new", 1, Some("org_n"), false),
+                ],
+                vec![answer("cus_other", 1, Some("org_a"), false)],
+            ];
+            for (customer, version, org) in [
+                ("cus_moved", 1, "org_a"),
+                ("cus_stay", 1, "org_a"),
+                ("cus_newer", 3, "org_c"),
+                ("cus_unlogged", 1, "org_x"),
+            ] {
+                full.put(&info(customer, version, Some(org), false))
+                    .await
+                    .unwrap();
+            }
+            let mut conn = full.conn.get().await.unwrap();
+            let _: () = conn
+                .hset(full.keys.org("org_a"), COMPLETE_FIELD, "1")
+                .await
+                .unwrap();
+            let _: () = conn
+                .hset(full.keys.customer("cus_typed"), "a", "hash")
+                .await
+                .unwrap();
+            let _: () = conn
+                .set(full.keys.org("org_t"), "not a hash")
+                .await
+                .unwrap();
+            let app_key = format!("{}stripe:app_own", full.keys.prefix);
+            let _: () = conn.set(&app_key, "the app's").await.unwrap();
+
+            full.begin_rebuild().await.unwrap();
+            for batch in &batches {
+                empty.write(batch, None, Writer::Projection).await.unwrap();
+                full.write_rebuilding(batch).await.unwrap();
+            }
+            full.end_rebuild(true).await.unwrap();
+
+            let customers = [
+                "cus_moved",
+                "cus_stay",
+                "cus_newer",
+                "cus_typed",
+                "cus_new",
+                "cus_other",
+                "cus_unlogged",
+            ];
+            let owners = ["org_a", "org_b", "org_c", "org_n", "org_t", "org_x"];
+            let keys = |cache: &RedisCache| -> Vec<(String, bool)> {
+                customers
+                    .iter()
+                    .map(|c| (cache.keys.customer(c), false))
+                    .chain(owners.iter().map(|o| (cache.keys.org(o), true)))
+                    .collect()
+            };
+            let rebuilt = dump(&full, &keys(&full)).await;
+            assert_eq!(rebuilt, dump(&empty, &keys(&empty)).await, "{mode}");
+            assert!(
+                rebuilt.iter().any(|(key, value, _)| key.ends_with("org_a")
+                    && value.contains("cus_other")
+                    && value.contains("cus_stay")
+                    && !value.contains("cus_moved")),
+                "{mode}: {rebuilt:?}"
+            );
+            assert_eq!(
+                members(&full, "org_a").await,
+                ["cus_other", "cus_stay"],
+                "{mode}"
+            );
+            // Six customers and five owners: the unlogged customer and its org are gone.
+            assert_eq!(full.held_keys().await.unwrap().len(), 11, "{mode}");
+            let kept: Option<String> = conn.get(&app_key).await.unwrap();
+            assert_eq!(kept.as_deref(), Some("the app's"), "{mode}");
+            let _: () = conn.del(&app_key).await.unwrap();
+            empty.clear_all().await.unwrap();
+            full.clear_all().await.unwrap();
         }
     }
 }

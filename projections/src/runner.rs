@@ -108,10 +108,10 @@ pub trait EventualProjection: Send + Sync + 'static {
         events: &Events<'_>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
-    /// Applies a chunk of a rebuild ([`Projections::replay`]), into what `clear` has just
-    /// cleared: it may take a way that is cheaper where what it writes is absent, and
-    /// must leave what `apply` would whatever it finds (another writer may have been
-    /// there meanwhile). By default, `apply`.
+    /// Applies a chunk of a rebuild ([`Projections::replay`]), after `begin_rebuild`: it
+    /// may take a way that is cheaper where it knows what it finds (what it deleted or
+    /// noted there), and must leave what `apply` into an empty projection would, whatever
+    /// another writer did meanwhile. By default, `apply`.
     fn apply_rebuilding(
         &self,
         events: &Events<'_>,
@@ -119,8 +119,23 @@ pub trait EventualProjection: Send + Sync + 'static {
         self.apply(events)
     }
 
-    /// Deletes everything this projection owns, before a replay from position 0.
-    fn clear(&self) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+    /// Before a rebuild from position 0: either deletes everything this projection owns,
+    /// or notes what it holds, for `end_rebuild` to delete what the rebuild did not write
+    /// again.
+    fn begin_rebuild(&self) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// After a rebuild: with `rebuilt` (it applied every chunk, or another process caught
+    /// the projection up meanwhile), deletes what `begin_rebuild` noted and the rebuild
+    /// did not write again; without (the rebuild failed for it), forgets the note, and
+    /// what the log no longer gives stays until it expires or the next replay. By
+    /// default, nothing.
+    fn end_rebuild(
+        &self,
+        rebuilt: bool,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        let _ = rebuilt;
+        async { Ok(()) }
+    }
 }
 
 type Boxed<'a> = Pin<Box<dyn Future<Output = Result<(), ProjectionError>> + Send + 'a>>;
@@ -156,7 +171,8 @@ impl<P: TransactionalProjection> InTransaction for P {
 trait Beside: Send + Sync {
     fn apply<'a>(&'a self, events: &'a Events<'a>) -> Boxed<'a>;
     fn apply_rebuilding<'a>(&'a self, events: &'a Events<'a>) -> Boxed<'a>;
-    fn clear(&self) -> Boxed<'_>;
+    fn begin_rebuild(&self) -> Boxed<'_>;
+    fn end_rebuild(&self, rebuilt: bool) -> Boxed<'_>;
 }
 
 impl<P: EventualProjection> Beside for P {
@@ -166,8 +182,11 @@ impl<P: EventualProjection> Beside for P {
     fn apply_rebuilding<'a>(&'a self, events: &'a Events<'a>) -> Boxed<'a> {
         Box::pin(EventualProjection::apply_rebuilding(self, events))
     }
-    fn clear(&self) -> Boxed<'_> {
-        Box::pin(EventualProjection::clear(self))
+    fn begin_rebuild(&self) -> Boxed<'_> {
+        Box::pin(EventualProjection::begin_rebuild(self))
+    }
+    fn end_rebuild(&self, rebuilt: bool) -> Boxed<'_> {
+        Box::pin(EventualProjection::end_rebuild(self, rebuilt))
     }
 }
 
@@ -599,10 +618,10 @@ impl Projections {
         });
     }
 
-    /// Clears the eventual projections, then rebuilds every projection together from the
-    /// whole log compacted, the transactional ones over what they hold (see
-    /// [`Projections::rebuild`]), then catches up with what was committed meanwhile,
-    /// in batches of `batch`. `counted` is told, once the rebuild's first pass has read
+    /// Makes the eventual projections ready for a rebuild
+    /// ([`Projections::begin_rebuild`]), then rebuilds every projection together from the
+    /// whole log compacted, each over what it holds (see [`Projections::rebuild`]), then
+    /// catches up with what was committed meanwhile, in batches of `batch`. `counted` is told, once the rebuild's first pass has read
     /// the whole log, how many events it holds; `progress` is called as for
     /// [`Projections::catch_up`].
     pub async fn replay(
@@ -611,8 +630,8 @@ impl Projections {
         counted: impl FnOnce(u64) + Send,
         mut progress: impl FnMut(&str, u64) + Send,
     ) -> Result<Vec<CatchUp>, ProjectionError> {
-        // The rebuild's first pass reads only the log, so it runs beside the clear (whose
-        // `SCAN` and `DEL` of a large cache take Redis as long as the pass takes Postgres).
+        // The rebuild's first pass reads only the log, so it runs beside the eventual
+        // projections' preparation (Redis's `SCAN` of a large cache takes about as long).
         let scanning = {
             let pool = self.inner.pool.clone();
             tokio::spawn(async move {
@@ -630,19 +649,29 @@ impl Projections {
                 Ok::<_, ProjectionError>(newest)
             })
         };
-        let clearing = Instant::now();
-        if let Err(error) = self.clear().await {
+        let beginning = Instant::now();
+        if let Err(error) = self.begin_rebuild().await {
             scanning.abort();
+            self.forget_rebuild().await;
             return Err(error);
         }
         tracing::info!(
-            took_ms = clearing.elapsed().as_millis() as u64,
-            "rebuild: cleared the eventual projections"
+            took_ms = beginning.elapsed().as_millis() as u64,
+            "rebuild: noted what the eventual projections hold"
         );
-        let newest = scanning.await.map_err(|_| ProjectionError::Stopped)??;
+        let newest = match scanning.await.map_err(|_| ProjectionError::Stopped) {
+            Ok(Ok(newest)) => newest,
+            Ok(Err(error)) | Err(error) => {
+                self.forget_rebuild().await;
+                return Err(error);
+            }
+        };
         counted(newest.read as u64);
         let mut done = self.reports();
-        self.rebuild(newest, &mut done, &mut progress).await?;
+        let rebuilt = self.rebuild(newest, &mut done, &mut progress).await;
+        // What a failed rebuild did not end is forgotten.
+        self.forget_rebuild().await;
+        rebuilt?;
         let catching_up = Instant::now();
         let rest = self
             .catch_up(batch, WhenBusy::Wait, |name, n| {
@@ -665,30 +694,44 @@ impl Projections {
         Ok(done)
     }
 
-    /// Clears what every eventual projection owns and rewinds their checkpoints to
-    /// position 0, waiting for any process that is applying the projections right now. The
-    /// transactional ones are not cleared: the rebuild writes over them in one transaction
-    /// ([`Projections::rebuild`]), so that until it commits readers find them as they were.
-    async fn clear(&self) -> Result<(), ProjectionError> {
+    /// Makes every eventual projection ready for a rebuild (`begin_rebuild`: `RedisCache`
+    /// notes the keys it holds, to delete after the rebuild those it did not write again)
+    /// and rewinds their checkpoints to position 0, waiting for any process that is
+    /// applying the projections right now. The transactional ones are left as they are:
+    /// the rebuild writes over them in one transaction ([`Projections::rebuild`]), so that
+    /// until it commits readers find them as they were.
+    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
         let names: Vec<&str> = self.names().collect();
         ensure_checkpoints(&self.inner.pool, &names).await?;
         let eventual: Vec<usize> = (0..names.len())
             .filter(|&i| !self.is_transactional(i))
             .collect();
         let mut tx = self.inner.pool.begin().await?;
-        let cleared = async {
+        let begun = async {
             lock_checkpoints(&mut tx, &names, true).await?;
             for &i in &eventual {
                 if let Kind::Eventual(projection) = &self.inner.members[i].kind {
-                    projection.clear().await?;
+                    projection.begin_rebuild().await?;
                 }
             }
             save_checkpoints(&mut tx, &self.names_of(&eventual), Position::default()).await
         }
         .await;
-        commit_or_roll_back(tx, cleared).await?;
+        commit_or_roll_back(tx, begun).await?;
         self.publish(&eventual, Position::default());
         Ok(())
+    }
+
+    /// Tells every eventual projection to forget what `begin_rebuild` noted and the
+    /// rebuild did not end (`end_rebuild` without `rebuilt`).
+    async fn forget_rebuild(&self) {
+        for member in &self.inner.members {
+            if let Kind::Eventual(projection) = &member.kind {
+                if let Err(error) = projection.end_rebuild(false).await {
+                    tracing::warn!(projection = member.name, %error, "a rebuild's note was not forgotten");
+                }
+            }
+        }
     }
 
     fn is_transactional(&self, i: usize) -> bool {
@@ -696,12 +739,14 @@ impl Projections {
     }
 
     /// Rebuilds every transactional projection, and every eventual one that
-    /// [`Projections::clear`] has just cleared, reading the whole log once for all. The
+    /// [`Projections::begin_rebuild`] has just made ready, reading the whole log once for
+    /// all; each eventual one then ends its rebuild (`end_rebuild`: `RedisCache` deletes
+    /// the keys it held that the rebuild did not write again). The
     /// transactional ones are rebuilt over what they hold, in the rebuild's transaction
     /// (`apply_rebuilding`, then `retain` of what the log still names), so a read of the
     /// tables never finds them empty meanwhile: it finds the old rows, then the rebuilt
     /// ones; and a row the rebuild finds as it would write it is not written again. A
-    /// first pass (`newest`, made beside the clear) found, from
+    /// first pass (`newest`, made beside `begin_rebuild`) found, from
     /// keys alone, each aggregate's newest event and each subscription's newest snapshot
     /// below a horizon (what compacting the whole log as one batch keeps,
     /// [`log::newest_below`]); now only those are read, decoded and applied, grouped by
@@ -709,7 +754,7 @@ impl Projections {
     /// while the one before is applied), and the checkpoints are saved at the last of
     /// them, in one transaction (the catch-up after reads on from there). Each customer is
     /// written once however long its history, and memory holds keys, not payloads. A
-    /// projection another process caught up since it was cleared is left to the catch-up
+    /// projection another process caught up since it was made ready is left to the catch-up
     /// that follows; an eventual one that fails drops out (and is caught up from position
     /// 0 after).
     async fn rebuild(
@@ -731,6 +776,18 @@ impl Projections {
                             .any(|(name, at)| name == names[i] && *at == Position::default())
                 })
                 .collect();
+            // One another process caught up since it was made ready wrote the log over
+            // what it held, but not over what the log no longer gives: what it noted goes
+            // (a key it wrote again is only read again, from the tables, on its next read).
+            for (i, member) in self.inner.members.iter().enumerate() {
+                if let Kind::Eventual(projection) = &member.kind {
+                    if !group.contains(&i) {
+                        if let Err(error) = projection.end_rebuild(true).await {
+                            tracing::warn!(projection = member.name, %error, "what a rebuild noted was not deleted");
+                        }
+                    }
+                }
+            }
             if group.is_empty() {
                 return Ok(None);
             }
@@ -771,9 +828,23 @@ impl Projections {
                     progress(names[i], covered);
                 }
             }
-            for &i in &group {
-                if let Kind::Transactional(projection) = &self.inner.members[i].kind {
-                    projection.retain(&mut tx, &rebuilt).await?;
+            for i in group.clone() {
+                match &self.inner.members[i].kind {
+                    Kind::Transactional(projection) => {
+                        projection.retain(&mut tx, &rebuilt).await?;
+                    }
+                    Kind::Eventual(projection) => {
+                        if let Err(error) = projection.end_rebuild(true).await {
+                            // As a chunk that failed: it drops out, and is caught up
+                            // from position 0 after.
+                            self.inner.failing[i].store(true, Ordering::Relaxed);
+                            tracing::info!(projection = names[i], %error, "projection failed; it goes on alone");
+                            group.retain(|&g| g != i);
+                            if group.is_empty() {
+                                return Err(error);
+                            }
+                        }
+                    }
                 }
             }
             save_checkpoints(&mut tx, &self.names_of(&group), last).await?;

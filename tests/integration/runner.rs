@@ -22,7 +22,7 @@ use crate::support::stripe_sim::{shuffle_with_duplicates, simulate};
 
 /// An eventual projection in memory (each customer's newest version) that fails on demand,
 /// as the Redis cache does when Redis is down: `down` fails its batches, `unreachable` its
-/// clearing too.
+/// preparation for a rebuild too (which clears it).
 #[derive(Clone, Default)]
 struct Flaky {
     down: Arc<AtomicBool>,
@@ -49,7 +49,7 @@ impl EventualProjection for Flaky {
         Ok(())
     }
 
-    async fn clear(&self) -> Result<(), ProjectionError> {
+    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
         if self.unreachable.load(Ordering::Relaxed) {
             return Err(failure());
         }
@@ -234,7 +234,7 @@ impl EventualProjection for Reader {
         Ok(())
     }
 
-    async fn clear(&self) -> Result<(), ProjectionError> {
+    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
         Ok(())
     }
 }
