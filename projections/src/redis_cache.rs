@@ -1777,6 +1777,17 @@ mod tests {
         out
     }
 
+    /// Another cache on the same connection, under `cache`'s prefix followed by `name`,
+    /// with a rebuild's note of its own.
+    fn beside(cache: &RedisCache, name: &str) -> RedisCache {
+        let mut other = cache.clone();
+        other.keys = CacheKeys {
+            prefix: format!("{}{name}:", cache.keys.prefix),
+        };
+        other.rebuilding = Arc::default();
+        other
+    }
+
     /// A rebuild's write into keys it did not note (`write_rebuilding` outside a rebuild:
     /// no scripts where the keys are absent) leaves what the scripted write leaves,
     /// whatever it finds: for each mode, two caches under their own prefixes start alike,
@@ -1784,10 +1795,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_into_absent_keys_leaves_what_the_scripts_leave() {
         for (mode, scripted) in caches() {
-            let mut plain = scripted.clone();
-            plain.keys = CacheKeys {
-                prefix: format!("{}plain:", scripted.keys.prefix),
-            };
+            let plain = beside(&scripted, "plain");
             let batches = [
                 vec![
                     // Absent everywhere, its owner's hash too.
@@ -1895,11 +1903,7 @@ mod tests {
     #[tokio::test]
     async fn a_rebuild_over_what_the_cache_holds_leaves_what_one_into_an_empty_cache_leaves() {
         for (mode, empty) in caches() {
-            let mut full = empty.clone();
-            full.keys = CacheKeys {
-                prefix: format!("{}full:", empty.keys.prefix),
-            };
-            full.rebuilding = Arc::default();
+            let full = beside(&empty, "full");
             let batches = [
                 vec![
                     answer("cus_moved", 2, Some("org_b"), false),
