@@ -783,8 +783,7 @@ fn probe_event(step: usize, status: &str) -> Vec<u8> {
 
 /// The replay's steps as its log tells them (JSON lines from `projections::runner`), each
 /// as the time from `spawned` at which it ended: the note of what the eventual projections
-/// hold,
-/// the key scan (`rebuild: found each key's newest event`: events read below the horizon,
+/// hold, the key scan (`rebuild: found each key's newest event`: events read below the horizon,
 /// events needed), the apply of those (`rebuild: applied`) and the catch-up after it
 /// (events applied), then the process's exit (`exited`).
 fn replay_steps(log: &str, spawned: chrono::DateTime<chrono::Utc>, exited: Duration) -> String {

@@ -1052,7 +1052,7 @@ impl RedisCache {
     }
 
     /// Every key this cache owns ([`RedisCache::scan_own`]).
-    pub async fn held_keys(&self) -> Result<HashSet<String>, redis::RedisError> {
+    async fn held_keys(&self) -> Result<HashSet<String>, redis::RedisError> {
         let mut conn = self.conn.get().await?;
         let mut held = HashSet::new();
         self.scan_own(&mut conn, |keys| {

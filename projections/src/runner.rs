@@ -587,11 +587,17 @@ impl Projections {
             .filter_map(|(i, applied)| applied.err().map(|error| (i, error)))
             .collect();
         for (i, error) in &failed {
-            if !self.inner.failing[*i].swap(true, Ordering::Relaxed) {
-                tracing::info!(projection = self.name(*i), %error, "projection failed; it goes on alone");
-            }
+            self.mark_failing(*i, error);
         }
         Ok(failed)
+    }
+
+    /// Marks member `i` failing (an eventual one dropped out: it goes on alone), and says
+    /// so once.
+    fn mark_failing(&self, i: usize, error: &ProjectionError) {
+        if !self.inner.failing[i].swap(true, Ordering::Relaxed) {
+            tracing::info!(projection = self.name(i), %error, "projection failed; it goes on alone");
+        }
     }
 
     fn is_failing(&self, i: usize) -> bool {
@@ -837,8 +843,7 @@ impl Projections {
                         if let Err(error) = projection.end_rebuild(true).await {
                             // As a chunk that failed: it drops out, and is caught up
                             // from position 0 after.
-                            self.inner.failing[i].store(true, Ordering::Relaxed);
-                            tracing::info!(projection = names[i], %error, "projection failed; it goes on alone");
+                            self.mark_failing(i, &error);
                             group.retain(|&g| g != i);
                             if group.is_empty() {
                                 return Err(error);
